@@ -1,0 +1,38 @@
+"""Shared test settings: offline, CPU, deterministic, and the `gpu` marker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+FLICKR8K_DIR = SHARED_DIR / "data" / "flickr8k-800"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def flickr8k_dir() -> Path:
+    if not (FLICKR8K_DIR / "dataset_flickr8k.json").is_file():
+        pytest.fail(f"the shared Flickr8k sample is missing at {FLICKR8K_DIR}; clone the project beside shared/")
+    return FLICKR8K_DIR
