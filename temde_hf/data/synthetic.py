@@ -85,8 +85,8 @@ def make_synthetic_karpathy(
     image_dir = root / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    n_train = max(1, int(round(n_images * split_fractions[0]))) if n_images >= 3 else n_images
-    n_val = max(1, int(round(n_images * split_fractions[1]))) if n_images >= 3 else 0
+    n_train = max(1, round(n_images * split_fractions[0])) if n_images >= 3 else n_images
+    n_val = max(1, round(n_images * split_fractions[1])) if n_images >= 3 else 0
     n_train = min(n_train, n_images - n_val - (1 if n_images >= 3 else 0))
     entries = []
     sentid = 0
