@@ -1,0 +1,101 @@
+"""The official COCO captions JSON (``captions_train2017.json``, ``captions_val2014.json``, ...).
+
+Format: ``{"images": [{"id", "file_name", ...}], "annotations": [{"image_id", "caption", "id"}]}``.
+Captions are kept in annotation order; the whole file is one split (named after the file by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from .common import ImageRecord, build_dataset
+from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry
+from .karpathy import read_json
+
+
+def _captions_by_image(data: dict[str, Any], json_path: Path) -> dict[int, list[str]]:
+    known = {image["id"] for image in data["images"]}
+    by_image: dict[int, list[str]] = {image_id: [] for image_id in known}
+    for index, annotation in enumerate(data["annotations"]):
+        try:
+            image_id, caption = annotation["image_id"], str(annotation["caption"])
+        except (TypeError, KeyError) as exc:
+            raise DataError(
+                f"{json_path.name}: annotations[{index}] lacks 'image_id' or 'caption'; fix the entry"
+            ) from exc
+        if image_id not in by_image:
+            # A caption of an unknown image would be silently lost; treat the file as inconsistent.
+            raise DataError(
+                f"{json_path.name}: annotations[{index}] refers to image_id {image_id}, which is not in "
+                "'images'; the file is inconsistent (use the matching captions and images files)"
+            )
+        by_image[image_id].append(caption)
+    return by_image
+
+
+def _records(
+    data: dict[str, Any], json_path: Path, image_root: Path, split: str, on_error: OnError, report: LoadReport
+) -> Iterator[ImageRecord]:
+    by_image = _captions_by_image(data, json_path)
+    for index, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "file_name" not in image or "id" not in image:
+            handle_bad_entry(
+                f"{json_path.name}: images[{index}]",
+                "lacks 'id' or 'file_name'",
+                "fix the entry",
+                on_error,
+                report,
+            )
+            continue
+        yield ImageRecord(
+            path=image_root / image["file_name"],
+            image_id=str(image["id"]),
+            captions=by_image[image["id"]],
+            split=split,
+            entry=f"{json_path.name}: images[{index}] ({image['file_name']})",
+        )
+
+
+def load_coco_captions(
+    json_path: str | Path,
+    image_root: str | Path,
+    split: str | None = None,
+    n_captions: int | None = 5,
+    verify_images: bool = False,
+    on_error: OnError = "raise",
+    report: LoadReport | None = None,
+) -> datasets.Dataset:
+    """Load an official COCO captions file and its image folder, one row per image.
+
+    Args:
+        json_path: E.g. ``annotations/captions_val2017.json``.
+        image_root: The folder with the images named in ``images[].file_name`` (e.g. ``val2017/``).
+        split: Value of the ``split`` column; default: the file name after ``captions_`` (``val2017``).
+        n_captions: Captions kept per image (first 5; fewer is bad data); ``None`` keeps all.
+        verify_images: Check each image decodes now.
+        on_error: ``"raise"`` or ``"skip"`` bad entries.
+        report: A `LoadReport` to fill.
+
+    Returns:
+        Columns ``image``, ``image_id`` (the COCO id), ``captions``, ``split``.
+    """
+    check_on_error(on_error)
+    json_path = Path(json_path)
+    data = read_json(json_path)
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+    ):
+        raise DataError(
+            f"{json_path}: expected 'images' and 'annotations' lists (a COCO captions_*.json); "
+            "for a Karpathy split JSON use load_karpathy"
+        )
+    split = split if split is not None else json_path.stem.removeprefix("captions_")
+    report = report if report is not None else LoadReport()
+    records = _records(data, json_path, Path(image_root), split, on_error, report)
+    return build_dataset(records, str(json_path), n_captions, verify_images, on_error, report)

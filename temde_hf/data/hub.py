@@ -1,0 +1,144 @@
+"""Hub dataset repos and local parquet / JSON files through `datasets.load_dataset`, any column names.
+
+Handles the common layouts: one row per image with a list of captions (strings, or dicts such as
+Karpathy ``sentences`` with a ``raw`` key), or one row per caption with an image id to group by; the
+image column either holds images (`datasets.Image`) or file paths relative to ``image_root``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import datasets
+from PIL import Image
+
+from .common import FEATURES, ImageRecord, build_dataset, select_captions
+from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry, logger
+
+
+def _as_captions(value: Any, caption_key: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [str(item[caption_key]) if isinstance(item, dict) else str(item) for item in value or []]
+
+
+def _group(
+    table: datasets.Dataset, captions_column: str, id_column: str | None, caption_key: str
+) -> tuple[list[int], list[str], list[list[str]]]:
+    """Rows per image: ``(first row index, image id, captions)``, grouping one-caption rows by id."""
+    raw_captions = table[captions_column]
+    ids = [str(i) for i in table[id_column]] if id_column else [str(i) for i in range(len(table))]
+    first: dict[str, int] = {}
+    captions: dict[str, list[str]] = {}
+    for index, (image_id, value) in enumerate(zip(ids, raw_captions)):
+        if image_id not in first:
+            first[image_id] = index
+            captions[image_id] = []
+        elif not isinstance(value, str):
+            raise DataError(
+                f"image id {image_id!r} appears in rows {first[image_id]} and {index} with caption lists; "
+                "pass the right image_id_column (ids must be unique when captions are lists)"
+            )
+        captions[image_id].extend(_as_captions(value, caption_key))
+    return list(first.values()), list(first), list(captions.values())
+
+
+def _check_image(value: Any, verify: bool) -> str | None:
+    """Reason the image value is unusable, or ``None``."""
+    if value is None or (isinstance(value, dict) and value.get("bytes") is None and not value.get("path")):
+        return "has no image"
+    if isinstance(value, str):
+        return None  # a path: checked by build_dataset
+    if verify and value.get("bytes") is not None:
+        try:
+            with Image.open(io.BytesIO(value["bytes"])) as image:
+                image.verify()
+        except Exception as exc:  # any decoder failure means the same thing here
+            return f"image cannot be decoded ({type(exc).__name__}: {exc})"
+    return None
+
+
+def load_hub_dataset(
+    path: str | Path,
+    hf_split: str = "train",
+    *,
+    data_files: Any = None,
+    image_column: str = "image",
+    captions_column: str = "captions",
+    image_id_column: str | None = None,
+    split_column: str | None = None,
+    caption_key: str = "raw",
+    image_root: str | Path | None = None,
+    n_captions: int | None = 5,
+    verify_images: bool = False,
+    on_error: OnError = "raise",
+    report: LoadReport | None = None,
+    **load_kwargs: Any,
+) -> datasets.Dataset:
+    """Load a Hub repo / local files with `datasets.load_dataset` into the image-level schema.
+
+    Args:
+        path: A Hub repo id, a local folder, or a builder name (``"parquet"`` with `data_files`).
+        hf_split: The `datasets` split to read (also the ``split`` value when `split_column` is None).
+        data_files: Passed to `datasets.load_dataset`.
+        image_column: Column with the images (`datasets.Image`) or with file paths.
+        captions_column: Column with a caption list, a list of dicts (see `caption_key`), or one caption
+            per row (rows then grouped by `image_id_column`).
+        image_id_column: Column with the image id; default: the row number.
+        split_column: Column with the Karpathy split (e.g. ``"split"``), if any.
+        caption_key: Key of the caption text when captions are dicts.
+        image_root: Folder the paths in `image_column` are relative to (path columns only).
+        n_captions: Captions kept per image (first 5; fewer is bad data); ``None`` keeps all.
+        verify_images: Check each image decodes now.
+        on_error: ``"raise"`` or ``"skip"`` bad entries.
+        report: A `LoadReport` to fill.
+        **load_kwargs: More `datasets.load_dataset` arguments (``revision``, ``cache_dir``, ...).
+
+    Returns:
+        Columns ``image``, ``image_id``, ``captions``, ``split``, one row per image.
+    """
+    check_on_error(on_error)
+    table = datasets.load_dataset(str(path), data_files=data_files, split=hf_split, **load_kwargs)
+    wanted = [c for c in (image_column, captions_column, image_id_column, split_column) if c]
+    missing = [c for c in wanted if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"{path}: no column(s) {missing}; the dataset has {table.column_names}. Pass the right "
+            "image_column / captions_column / image_id_column / split_column"
+        )
+    report = report if report is not None else LoadReport()
+    rows, ids, captions = _group(table, captions_column, image_id_column, caption_key)
+    splits = table[split_column] if split_column else [hf_split] * len(table)
+    is_path = isinstance(table.features[image_column], datasets.Value)
+    if is_path:
+        root = Path(image_root) if image_root is not None else Path(".")
+        paths = table[image_column]
+        records = (
+            ImageRecord(root / paths[r], i, c, str(splits[r]), f"{path}: row {r} (id {i})")
+            for r, i, c in zip(rows, ids, captions)
+        )
+        return build_dataset(records, str(path), n_captions, verify_images, on_error, report)
+    raw_images = table.cast_column(image_column, datasets.Image(decode=False))
+    keep, kept = [], {"image_id": [], "captions": [], "split": []}
+    for r, image_id, caps in zip(rows, ids, captions):
+        entry = f"{path}: row {r} (id {image_id})"
+        selected = select_captions(caps, n_captions, entry, on_error, report)
+        if selected is None:
+            continue
+        reason = _check_image(raw_images[r][image_column], verify_images)
+        if reason is not None:
+            handle_bad_entry(entry, reason, "fix or remove the row", on_error, report)
+            continue
+        keep.append(r)
+        kept["image_id"].append(image_id)
+        kept["captions"].append(selected)
+        kept["split"].append(str(splits[r]))
+    report.source, report.n_loaded = str(path), len(keep)
+    if report.n_skipped or report.n_captions_truncated:
+        logger.warning(report.summary())
+    images = table.select_columns([image_column]).select(keep).rename_column(image_column, "image")
+    images = images.cast_column("image", datasets.Image())
+    others = datasets.Dataset.from_dict(kept, features=datasets.Features({k: FEATURES[k] for k in kept}))
+    return datasets.concatenate_datasets([images, others], axis=1)

@@ -1,0 +1,101 @@
+"""An image folder with ``metadata.jsonl`` (the `datasets` imagefolder layout, also a Hub repo layout).
+
+Each line: ``{"file_name": "images/x.jpg", "image_id": "x", "captions": [...], "split": "test"}``.
+``file_name`` is relative to the folder holding ``metadata.jsonl``. A line may instead carry one
+``"caption"`` string; lines of the same ``file_name`` are then grouped in file order. ``image_id``
+defaults to the file stem and ``split`` to ``default_split``. The folder written by
+`temde_hf.data.export.export_imagefolder` is also loadable with
+``datasets.load_dataset("imagefolder", data_dir=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from .common import ImageRecord, build_dataset
+from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry
+
+METADATA = "metadata.jsonl"
+
+
+def _read_metadata(path: Path, on_error: OnError, report: LoadReport) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            entry = f"{path.name}: line {line_no}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{entry}: not valid JSON ({exc.msg}); the file may be truncated: write it again"
+                ) from exc
+            if not isinstance(item, dict) or "file_name" not in item:
+                handle_bad_entry(
+                    entry, "has no 'file_name'", "add the image's relative path", on_error, report
+                )
+                continue
+            captions = item.get("captions", [item["caption"]] if "caption" in item else None)
+            if not isinstance(captions, list):
+                handle_bad_entry(
+                    entry,
+                    "has no 'captions' list (or 'caption' string)",
+                    "add the captions",
+                    on_error,
+                    report,
+                )
+                continue
+            row = rows.setdefault(item["file_name"], {**item, "captions": [], "entry": entry})
+            row["captions"].extend(str(c) for c in captions)
+    return rows
+
+
+def load_imagefolder(
+    folder: str | Path,
+    split: str | Sequence[str] | None = None,
+    default_split: str = "train",
+    n_captions: int | None = 5,
+    verify_images: bool = False,
+    on_error: OnError = "raise",
+    report: LoadReport | None = None,
+) -> datasets.Dataset:
+    """Load an image folder with ``metadata.jsonl``, one row per image.
+
+    Args:
+        folder: The folder holding ``metadata.jsonl``.
+        split: Keep only this split (or these); ``None`` keeps all.
+        default_split: Split of lines without a ``split`` field.
+        n_captions: Captions kept per image (first 5; fewer is bad data); ``None`` keeps all.
+        verify_images: Check each image decodes now.
+        on_error: ``"raise"`` or ``"skip"`` bad entries.
+        report: A `LoadReport` to fill.
+
+    Returns:
+        Columns ``image``, ``image_id``, ``captions``, ``split``.
+    """
+    check_on_error(on_error)
+    folder = Path(folder)
+    metadata = folder / METADATA
+    if not metadata.is_file():
+        raise DataError(f"{metadata}: file not found; an image folder needs a {METADATA} beside its images")
+    report = report if report is not None else LoadReport()
+    wanted = None if split is None else {split} if isinstance(split, str) else set(split)
+    rows = _read_metadata(metadata, on_error, report)
+    records = (
+        ImageRecord(
+            path=folder / name,
+            image_id=str(row.get("image_id", Path(name).stem)),
+            captions=row["captions"],
+            split=str(row.get("split", default_split)),
+            entry=row["entry"] + f" ({name})",
+        )
+        for name, row in rows.items()
+        if wanted is None or str(row.get("split", default_split)) in wanted
+    )
+    return build_dataset(records, str(folder), n_captions, verify_images, on_error, report)

@@ -1,0 +1,138 @@
+"""Retrieval metrics against a naive reference, hand-computed values, and the COCO fold slicing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from temde_hf.evaluation.folds import evaluate_embeddings, fold_indices
+from temde_hf.evaluation.metrics import (
+    captions_per_image_map,
+    metrics_from_ranks,
+    retrieval_metrics,
+    retrieval_ranks,
+    topk_chunked,
+)
+
+
+def naive_metrics(sim: np.ndarray, owner: np.ndarray) -> dict[str, float]:
+    """Loop reference: sort every row, look up the true item(s) by position (VSE++ style)."""
+    n_images, n_captions = sim.shape
+    i2t_ranks = []
+    for i in range(n_images):
+        order = list(np.argsort(-sim[i], kind="stable"))
+        i2t_ranks.append(min(order.index(c) for c in range(n_captions) if owner[c] == i))
+    t2i_ranks = []
+    for c in range(n_captions):
+        order = list(np.argsort(-sim[:, c], kind="stable"))
+        t2i_ranks.append(order.index(owner[c]))
+    out = {}
+    for name, ranks in (("i2t", np.array(i2t_ranks)), ("t2i", np.array(t2i_ranks))):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * len(np.where(ranks < k)[0]) / len(ranks)
+        out[f"{name}_medr"] = np.floor(np.median(ranks)) + 1
+        out[f"{name}_meanr"] = ranks.mean() + 1
+    out["rsum"] = sum(out[f"{n}_r{k}"] for n in ("i2t", "t2i") for k in (1, 5, 10))
+    return out
+
+
+@pytest.mark.parametrize("n_images,per_image,chunk", [(37, 5, 8), (20, 5, 1024), (30, None, 7)])
+def test_metrics_match_naive_reference(n_images: int, per_image: int | None, chunk: int) -> None:
+    gen = torch.Generator().manual_seed(n_images)
+    if per_image is None:  # variable caption counts, shuffled order
+        counts = torch.randint(1, 8, (n_images,), generator=gen)
+        owner = torch.repeat_interleave(torch.arange(n_images), counts)
+        owner = owner[torch.randperm(len(owner), generator=gen)]
+    else:
+        owner = captions_per_image_map(n_images, per_image)
+    # correlated scores, so recalls are neither 0 nor 100
+    images = torch.randn(n_images, 16, generator=gen)
+    texts = images[owner] + 1.5 * torch.randn(len(owner), 16, generator=gen)
+    sim = images @ texts.T
+    expected = naive_metrics(sim.numpy(), owner.numpy())
+    from_sim = retrieval_metrics(sim, owner, chunk_size=chunk)
+    from_embeds = retrieval_metrics(
+        caption_to_image=owner, image_embeds=images, text_embeds=texts, chunk_size=chunk
+    )
+    assert 0 < expected["i2t_r1"] < 100 and 0 < expected["t2i_r5"] < 100
+    for key, value in expected.items():
+        assert from_sim[key] == pytest.approx(value, abs=1e-9), key
+        assert from_embeds[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_hand_computed_small_case() -> None:
+    # 3 images; image 0 has captions 0,1 ; image 1 has caption 2 ; image 2 has captions 3,4,5
+    owner = torch.tensor([0, 0, 1, 2, 2, 2])
+    sim = torch.tensor(
+        [
+            [0.1, 0.9, 0.8, 0.0, 0.2, 0.3],  # best own caption (1) is first -> rank 0
+            [0.7, 0.1, 0.2, 0.9, 0.8, 0.6],  # own caption 2 (0.2) beaten by 0.7,0.9,0.8,0.6 -> rank 4
+            [0.5, 0.6, 0.4, 0.3, 0.1, 0.2],  # best own (0.3) beaten by 0.5,0.6,0.4 -> rank 3
+        ]
+    )
+    i2t, t2i = retrieval_ranks(sim, owner)
+    assert i2t.tolist() == [0, 4, 3]
+    # caption columns: c0 [0.1,0.7,0.5] true 0 -> 2; c1 [0.9,.1,.6] -> 0; c2 [.8,.2,.4] true 1 -> 2;
+    # c3 [0,.9,.3] true 2 -> 1; c4 [.2,.8,.1] true 2 -> 2; c5 [.3,.6,.2] true 2 -> 2
+    assert t2i.tolist() == [2, 0, 2, 1, 2, 2]
+    m = metrics_from_ranks(i2t, t2i)
+    assert m["i2t_r1"] == pytest.approx(100 / 3)
+    assert m["i2t_r5"] == pytest.approx(100.0)
+    assert m["t2i_r1"] == pytest.approx(100 / 6)
+    assert m["t2i_r5"] == pytest.approx(100.0)
+    assert m["i2t_medr"] == 4.0  # median of [0,4,3] = 3 -> 4 (1-based)
+    assert m["t2i_medr"] == 3.0  # median of [0,1,2,2,2,2] = 2 -> 3
+    assert m["i2t_meanr"] == pytest.approx(7 / 3 + 1)
+    assert m["t2i_meanr"] == pytest.approx(9 / 6 + 1)
+    assert m["rsum"] == pytest.approx(100 / 3 + 100 + 100 + 100 / 6 + 100 + 100)
+
+
+def test_bad_caption_map_is_rejected() -> None:
+    sim = torch.randn(3, 6)
+    with pytest.raises(ValueError, match="at least one caption"):
+        retrieval_ranks(sim, torch.tensor([0, 0, 1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        retrieval_ranks(sim, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="pass caption_to_image"):
+        retrieval_ranks(torch.randn(3, 7))
+
+
+def test_fold_slicing_matches_coco_protocol() -> None:
+    owner = captions_per_image_map(5000, 5)
+    folds = fold_indices(owner, 5000, 1000)
+    assert len(folds) == 5
+    for k, (images, captions) in enumerate(folds):
+        assert images.tolist() == list(range(1000 * k, 1000 * k + 1000))
+        assert captions.tolist() == list(range(5000 * k, 5000 * k + 5000))
+
+
+def test_folds_mean_equals_per_fold_reference() -> None:
+    gen = torch.Generator().manual_seed(1)
+    n, fold = 60, 20
+    owner = captions_per_image_map(n, 5)
+    images = torch.randn(n, 8, generator=gen)
+    texts = images[owner] + torch.randn(5 * n, 8, generator=gen)
+    result = evaluate_embeddings(images, texts, owner, fold_size=fold, chunk_size=16)
+    assert len(result["folds"]) == 3
+    refs = [
+        naive_metrics(
+            (images[k * fold : (k + 1) * fold] @ texts[5 * k * fold : 5 * (k + 1) * fold].T).numpy(),
+            captions_per_image_map(fold, 5).numpy(),
+        )
+        for k in range(3)
+    ]
+    for key in result["full"]:
+        assert result["folds_mean"][key] == pytest.approx(sum(r[key] for r in refs) / 3, abs=1e-4)
+    full_ref = naive_metrics((images @ texts.T).numpy(), owner.numpy())
+    assert result["full"]["rsum"] == pytest.approx(full_ref["rsum"], abs=1e-4)
+    # fewer images than two folds: no fold entries
+    assert "folds" not in evaluate_embeddings(images[:20], texts[:100], owner[:100], fold_size=20)
+
+
+def test_topk_chunked_matches_full_topk() -> None:
+    q, g = torch.randn(50, 8), torch.randn(300, 8)
+    scores, indices = topk_chunked(q, g, k=7, chunk_size=13)
+    full = (q @ g.T).topk(7, dim=1)
+    assert torch.equal(indices, full.indices)
+    assert torch.allclose(scores, full.values)
