@@ -1,0 +1,221 @@
+"""Configuration of the T-EMDE vision-text dual encoder.
+
+The config is the whole architecture: two tower sub-configs of any registered transformers
+architecture, the joint projection, the global pooling head and the T-EMDE sketch. Training settings
+(learning rates, schedules, batch sizes) live in the training arguments, not here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+# Choices validated below. The registries holding the implementations (pooling_temde.POOLING_HEADS,
+# sketch_temde.SKETCH_CODERS, loss_temde.LOSSES) are checked against these names by the tests, so a new
+# entry is added in both places.
+POOLING_CHOICES = ("pooler", "cls", "mean", "attention")
+FUSION_CHOICES = ("concat", "replace", "none")
+CODER_CHOICES = ("soft_dlsh", "anchor")
+KERNEL_CHOICES = ("auto", "torch", "triton")
+LOSS_CHOICES = ("info_nce", "vse_hinge")
+
+
+def _local_config_classes() -> dict[str, type[PreTrainedConfig]]:
+    """Tower configs that ship inside this folder (so remote code resolves them without registration)."""
+    try:
+        from .configuration_efficientnet_lite import EfficientNetLiteConfig
+    except ImportError:  # the port is optional for the core model
+        return {}
+    return {EfficientNetLiteConfig.model_type: EfficientNetLiteConfig}
+
+
+def _resolve_tower_config(name: str, value: Any) -> PreTrainedConfig | None:
+    """Turn a sub-config given as a dict (as read from `config.json`) into its config class."""
+    if value is None or isinstance(value, PreTrainedConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"TemdeConfig.{name} must be a PreTrainedConfig or a dict with a 'model_type', got {type(value).__name__}."
+        )
+    model_type = value.get("model_type")
+    if not model_type:
+        raise ValueError(
+            f"TemdeConfig.{name} has no 'model_type': pass e.g. {{'model_type': 'vit', ...}} or a config object "
+            "such as ViTConfig(...) / BertConfig(...)."
+        )
+    local = _local_config_classes()
+    if model_type in local:
+        return local[model_type](**value)
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"TemdeConfig.{name} has model_type={model_type!r}, which transformers does not know. Register its "
+            "config with AutoConfig.register(...) or use a built-in architecture (vit, clip_vision_model, "
+            "convnext, bert, clip_text_model, ...)."
+        )
+    return CONFIG_MAPPING[model_type](**value)
+
+
+def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"TemdeConfig.{field}={value!r} is not supported; choose one of {', '.join(allowed)}."
+        )
+
+
+def _check_positive(field: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
+    kind = int if integer else (int, float)
+    bad = isinstance(value, bool) or not isinstance(value, kind) or (value < 0 if allow_zero else value <= 0)
+    if bad:
+        what = "an integer" if integer else "a number"
+        sign = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"TemdeConfig.{field}={value!r} must be {what} {sign}.")
+
+
+class TemdeConfig(PreTrainedConfig):
+    r"""Configuration of a [`TemdeModel`]: two towers, a joint space, a pooling head and a T-EMDE sketch.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`):
+            Config of the image tower: any registered architecture (ViT, CLIP vision, ConvNeXt,
+            EfficientNet-Lite, ...). Its `last_hidden_state` provides the image tokens.
+        text_config (`dict` or `PreTrainedConfig`):
+            Config of the text tower (BERT, MiniLM, CLIP text, ...).
+        projection_dim (`int`, defaults to 256):
+            D, the joint space both towers' tokens are projected into.
+        pooling (`str`, defaults to `"mean"`):
+            Global head on the projected tokens: `"pooler"` (the tower's pooled output, projected),
+            `"cls"` (the first token), `"mean"` (masked mean) or `"attention"` (one transformer layer, then
+            masked mean: the self-attention pooling that T-EMDE replaces).
+        attention_pooling_heads (`int`, defaults to 4): heads of the `"attention"` pooling layer.
+        sketch_fusion (`str`, defaults to `"concat"`):
+            `"concat"`: the embedding is `[ê ; sqrt(λ/N)·vec(Ŝ)]` so that the inner product is
+            `<ê_I, ê_T> + λ·s_sketch`; `"replace"`: a linear map of `vec(Ŝ)` replaces the pooled vector;
+            `"none"`: plain pooling, no sketch.
+        sketch_coder (`str`, defaults to `"soft_dlsh"`): `"soft_dlsh"` (H learned hyperplanes per sketch,
+            product of sigmoids) or `"anchor"` (softmax over K learned anchors).
+        n_sketches (`int`, defaults to 32): N, independent partitions of the joint space.
+        n_hyperplanes (`int`, *optional*): H hyperplanes per sketch, so K = 2^H (default 6 when
+            `sketch_width` is not given either).
+        sketch_width (`int`, *optional*): K, buckets per sketch. For `soft_dlsh` it must equal 2^H.
+        sketch_temperature (`float`, defaults to 1.0): τ of the soft bucket assignment; as τ → 0
+            `soft_dlsh` becomes hard DLSH bucketing.
+        learn_sketch_temperature (`bool`, defaults to `True`): learn log τ, or keep τ fixed.
+        sketch_weight (`float`, defaults to 1.0): λ, the weight of the sketch similarity in `concat`.
+        sketch_chunk_size (`int`, defaults to 64): tokens per chunk when accumulating the histograms, which
+            bounds memory at `batch × chunk × N × K` instead of `batch × tokens × N × K`.
+        sketch_kernel (`str`, defaults to `"auto"`): `"auto"` uses the fused Triton kernel on CUDA when
+            available and PyTorch elsewhere; `"torch"` / `"triton"` force one.
+        loss_type (`str`, defaults to `"info_nce"`): `"info_nce"` (symmetric, learned temperature) or
+            `"vse_hinge"` (VSE++ hinge with `margin`, hardest negative when `max_violation`).
+        margin (`float`, defaults to 0.2), max_violation (`bool`, defaults to `True`): hinge settings.
+        logit_scale_init_value (`float`, defaults to 2.6592): initial log of the logit scale (ln(1/0.07)).
+        initializer_range (`float`, defaults to 0.02): std of the head's linear layers at init.
+
+    Example:
+        ```python
+        >>> from transformers import BertConfig, ViTConfig
+        >>> from temde_hf import TemdeConfig, TemdeModel
+        >>> config = TemdeConfig(vision_config=ViTConfig(), text_config=BertConfig(), n_sketches=32)
+        >>> model = TemdeModel(config)
+        ```
+    """
+
+    model_type = "temde"
+    # optional=True: a missing tower stays None here and TemdeModel raises a clear error, while
+    # transformers can still build a default TemdeConfig() internally (e.g. to diff configs on save).
+    sub_configs_defaults: ClassVar = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", optional=True),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
+    }
+
+    vision_config: PreTrainedConfig | dict | None = None
+    text_config: PreTrainedConfig | dict | None = None
+    projection_dim: int = 256
+    pooling: str = "mean"
+    attention_pooling_heads: int = 4
+    sketch_fusion: str = "concat"
+    sketch_coder: str = "soft_dlsh"
+    n_sketches: int = 32
+    n_hyperplanes: int | None = None
+    sketch_width: int | None = None
+    sketch_temperature: float = 1.0
+    learn_sketch_temperature: bool = True
+    sketch_weight: float = 1.0
+    sketch_chunk_size: int = 64
+    sketch_kernel: str = "auto"
+    loss_type: str = "info_nce"
+    margin: float = 0.2
+    max_violation: bool = True
+    logit_scale_init_value: float = 2.6592
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.vision_config = _resolve_tower_config("vision_config", self.vision_config)
+        self.text_config = _resolve_tower_config("text_config", self.text_config)
+        self._resolve_sketch_shape()
+        super().__post_init__(**kwargs)
+        self._validate_temde()
+
+    def _resolve_sketch_shape(self) -> None:
+        """Fill in whichever of H and K is missing (K = 2^H for `soft_dlsh`)."""
+        h, k = self.n_hyperplanes, self.sketch_width
+        if h is None and k is None:
+            h = 6
+        if h is not None:
+            _check_positive("n_hyperplanes", h, integer=True)
+        if k is not None:
+            _check_positive("sketch_width", k, integer=True)
+        if k is None:
+            k = 2**h
+        elif h is None and self.sketch_coder == "soft_dlsh":
+            if k & (k - 1):
+                raise ValueError(
+                    f"TemdeConfig.sketch_width={k} must be a power of two for sketch_coder='soft_dlsh' "
+                    "(K = 2^n_hyperplanes); use sketch_coder='anchor' for other widths."
+                )
+            h = int(math.log2(k))
+        if self.sketch_coder == "soft_dlsh" and h is not None and k != 2**h:
+            raise ValueError(
+                f"TemdeConfig: sketch_width={k} does not match n_hyperplanes={h} (soft_dlsh needs K = 2^H = "
+                f"{2**h}); give only one of them."
+            )
+        self.n_hyperplanes, self.sketch_width = h, k
+
+    def _validate_temde(self) -> None:
+        _check_choice("pooling", self.pooling, POOLING_CHOICES)
+        _check_choice("sketch_fusion", self.sketch_fusion, FUSION_CHOICES)
+        _check_choice("sketch_coder", self.sketch_coder, CODER_CHOICES)
+        _check_choice("sketch_kernel", self.sketch_kernel, KERNEL_CHOICES)
+        _check_choice("loss_type", self.loss_type, LOSS_CHOICES)
+        for field in ("projection_dim", "n_sketches", "sketch_chunk_size", "attention_pooling_heads"):
+            _check_positive(field, getattr(self, field), integer=True)
+        for field in ("sketch_temperature", "initializer_range"):
+            _check_positive(field, getattr(self, field))
+        _check_positive("sketch_weight", self.sketch_weight, allow_zero=True)
+        _check_positive("margin", self.margin, allow_zero=True)
+        if self.pooling == "attention" and self.projection_dim % self.attention_pooling_heads:
+            raise ValueError(
+                f"TemdeConfig.projection_dim={self.projection_dim} must be divisible by "
+                f"attention_pooling_heads={self.attention_pooling_heads} for pooling='attention'."
+            )
+
+    @property
+    def embed_dim(self) -> int:
+        """E, the size of `image_embeds` / `text_embeds` (what a retrieval index stores)."""
+        if self.sketch_fusion == "concat":
+            return self.projection_dim + self.n_sketches * self.sketch_width
+        return self.projection_dim
+
+    @classmethod
+    def from_vision_text_configs(
+        cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs: Any
+    ) -> TemdeConfig:
+        """Build a config from two tower configs plus any T-EMDE overrides."""
+        return cls(vision_config=vision_config, text_config=text_config, **kwargs)
+
+
+__all__ = ["TemdeConfig"]

@@ -1,0 +1,81 @@
+"""Contrastive losses for paired image/text embeddings, behind the `LOSSES` registry.
+
+Every loss takes row-paired embeddings `image_embeds (n, E)` / `text_embeds (n, E)` (row i of each is a
+positive pair, every other row a negative) and returns a scalar. `pair_ids (n,)` marks rows that share
+an image (several captions of one photo in a batch): those are not used as negatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+
+def _same_pair_mask(pair_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """`(n, n)` bool: True where rows i and j are positives of each other (the diagonal at least)."""
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    if pair_ids is None:
+        return eye
+    return eye | (pair_ids[:, None] == pair_ids[None, :])
+
+
+def info_nce_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    *,
+    logit_scale: torch.Tensor,
+    pair_ids: torch.Tensor | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropies.
+
+    Optimises `logit_scale · <image_i, text_j>` so that each image's own caption wins the softmax over
+    the batch's captions, and vice versa.
+
+    Args:
+        image_embeds: `(n, E)`.
+        text_embeds: `(n, E)`, row-paired with `image_embeds`.
+        logit_scale: scalar, the *exponentiated* scale (e.g. `model.logit_scale.exp()`).
+        pair_ids: optional `(n,)`; off-diagonal rows with the same id are removed from the negatives.
+    """
+    n = image_embeds.shape[0]
+    logits = logit_scale * image_embeds @ text_embeds.T  # (n_image, n_text)
+    positives = _same_pair_mask(pair_ids, n, logits.device)
+    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(positives & ~eye, float("-inf"))
+    labels = torch.arange(n, device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def vse_hinge_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    max_violation: bool = True,
+    pair_ids: torch.Tensor | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """VSE++ bidirectional hinge on the raw similarities (no logit scale).
+
+    For each image, every negative caption should score at least `margin` below its own caption, and
+    likewise for each caption over images. With `max_violation` only the hardest negative of each query
+    counts (VSE++); otherwise all negatives are summed (VSE∞'s warm-up). The per-query costs are averaged
+    over the batch (VSE++ sums them: the same optimum, a learning rate `n` times smaller).
+    """
+    n = image_embeds.shape[0]
+    scores = image_embeds @ text_embeds.T  # (n_image, n_text)
+    diagonal = scores.diagonal()
+    cost_text = (margin + scores - diagonal[:, None]).clamp(min=0)  # image i vs caption j
+    cost_image = (margin + scores - diagonal[None, :]).clamp(min=0)  # caption j vs image i
+    positives = _same_pair_mask(pair_ids, n, scores.device)
+    cost_text = cost_text.masked_fill(positives, 0.0)
+    cost_image = cost_image.masked_fill(positives, 0.0)
+    if max_violation:
+        return (cost_text.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()) / n
+    return (cost_text.sum() + cost_image.sum()) / n
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {"info_nce": info_nce_loss, "vse_hinge": vse_hinge_loss}

@@ -1,0 +1,538 @@
+"""The T-EMDE vision-text dual encoder.
+
+Data flow, per modality: tower -> `last_hidden_state` tokens `(B, L, H_tower)` -> per-token projection
+to the joint space `(B, L, D)` -> global head ê `(B, D)` and the shared T-EMDE sketch Ŝ `(B, N, K)` ->
+fused embedding `(B, E)`. `forward` is built from `get_image_features` / `get_text_features`, so the
+embeddings used for retrieval are by construction the trained ones.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .configuration_temde import TemdeConfig
+from .loss_temde import LOSSES
+from .pooling_temde import POOLING_HEADS
+from .sketch_temde import AnchorCoder, SoftDLSHCoder, TemdeSketch
+
+# What `save_pretrained` writes into `config.json` so the checkpoint loads as remote code.
+AUTO_MAP = {
+    "AutoConfig": "configuration_temde.TemdeConfig",
+    "AutoModel": "modeling_temde.TemdeModel",
+    "AutoModelForZeroShotImageClassification": "modeling_temde.TemdeModel",
+}
+
+
+@dataclass
+class TemdeEncoderOutput(BaseModelOutputWithPooling):
+    r"""Output of `get_image_features` / `get_text_features`.
+
+    pooler_output (`(batch, embed_dim)`): the final fused, normalised embedding (what an index stores).
+    last_hidden_state, hidden_states, attentions: the tower's own outputs.
+    token_embeds (`(batch, tokens, projection_dim)`): tokens projected to the joint space.
+    token_mask (`(batch, tokens)`): 1 for real tokens, 0 for padding.
+    global_embeds (`(batch, projection_dim)`): the unit-norm global vector ê (before fusion).
+    sketch (`(batch, n_sketches, sketch_width)`): the row-normalised sketch Ŝ, or None without one.
+    """
+
+    token_embeds: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    global_embeds: torch.Tensor | None = None
+    sketch: torch.Tensor | None = None
+
+
+@dataclass
+class TemdeOutput(ModelOutput):
+    r"""Output of [`TemdeModel.forward`] (CLIP-shaped, plus the sketches).
+
+    loss (`()`, when `return_loss`): the configured contrastive loss.
+    logits_per_image (`(n_images, n_texts)`): `logit_scale · <image_embeds, text_embeds>`.
+    logits_per_text (`(n_texts, n_images)`): its transpose.
+    text_embeds / image_embeds (`(n, embed_dim)`): the fused embeddings.
+    text_sketch / image_sketch (`(n, n_sketches, sketch_width)`): the row-normalised sketches, or None.
+    text_model_output / vision_model_output: the towers' outputs.
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_sketch: torch.Tensor | None = None
+    image_sketch: torch.Tensor | None = None
+    text_model_output: TemdeEncoderOutput | None = None
+    vision_model_output: TemdeEncoderOutput | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+def tower_hidden_size(config: PreTrainedConfig) -> int:
+    """Width of a tower's `last_hidden_state`, whatever the architecture calls it."""
+    for name in ("hidden_size", "hidden_dim", "embed_dim"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    sizes = getattr(config, "hidden_sizes", None)  # ConvNeXt, ResNet, ...
+    if sizes:
+        return int(sizes[-1])
+    raise ValueError(
+        f"Cannot tell the output width of a {type(config).__name__} tower (no hidden_size / hidden_sizes); "
+        "set `hidden_size` on its config."
+    )
+
+
+def _as_tokens(hidden: torch.Tensor) -> torch.Tensor:
+    """Tower output -> token sequence `(B, L, C)`; convolutional maps `(B, C, h, w)` become `h·w` tokens."""
+    if hidden.ndim == 4:
+        return hidden.flatten(2).transpose(1, 2)
+    if hidden.ndim != 3:
+        raise ValueError(
+            f"Expected tower hidden states of shape (B, L, C) or (B, C, h, w), got {tuple(hidden.shape)}."
+        )
+    return hidden
+
+
+def _build_tower(config: PreTrainedConfig) -> PreTrainedModel:
+    """A tower from its config: local architectures first (they ship with this folder), then the Auto map."""
+    try:
+        from .modeling_efficientnet_lite import EfficientNetLiteModel
+    except ImportError:
+        EfficientNetLiteModel = None
+    if (
+        EfficientNetLiteModel is not None
+        and config.model_type == EfficientNetLiteModel.config_class.model_type
+    ):
+        return EfficientNetLiteModel(config)
+    if config.model_type == "clip":  # a full CLIP config: take the matching tower
+        raise ValueError(
+            "Pass CLIP's `vision_config` / `text_config`, not the full CLIPConfig, as a tower config."
+        )
+    return AutoModel.from_config(config)
+
+
+class TemdePreTrainedModel(PreTrainedModel):
+    config: TemdeConfig
+    config_class = TemdeConfig
+    base_model_prefix = "temde"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, SoftDLSHCoder):
+            init.normal_(module.weight, std=1.0 / math.sqrt(module.weight.shape[0]))
+            init.zeros_(module.threshold)
+        elif isinstance(module, AnchorCoder):
+            init.normal_(module.weight, std=1.0 / math.sqrt(module.weight.shape[0]))
+            init.zeros_(module.bias)
+        elif isinstance(module, TemdeSketch):
+            init.constant_(module.log_temperature, math.log(self.config.sketch_temperature))
+            init.zeros_(module.initialized)
+        elif isinstance(module, TemdeModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        else:
+            super()._init_weights(module)
+
+
+class TemdeModel(TemdePreTrainedModel):
+    """A vision-text dual encoder whose embeddings fuse a pooled vector with a shared T-EMDE sketch.
+
+    Args:
+        config: the architecture; `vision_config` and `text_config` are required.
+        vision_model, text_model: optional ready-made towers (e.g. pretrained), used instead of
+            building them from the sub-configs.
+    """
+
+    def __init__(
+        self,
+        config: TemdeConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+    ) -> None:
+        for name, tower in (("vision_config", vision_model), ("text_config", text_model)):
+            if getattr(config, name) is None and tower is None:
+                raise ValueError(
+                    f"TemdeConfig.{name} is missing: pass {name}=... (a tower config or dict with model_type), "
+                    "or build the model with TemdeModel.from_vision_text_pretrained(vision_dir, text_dir)."
+                )
+        if vision_model is not None:
+            config.vision_config = vision_model.config
+        if text_model is not None:
+            config.text_config = text_model.config
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else _build_tower(config.vision_config)
+        self.text_model = text_model if text_model is not None else _build_tower(config.text_config)
+        # One config object per tower, shared by the tower and this model (saved once, in config.json).
+        self.vision_model.config = config.vision_config
+        self.text_model.config = config.text_config
+
+        d = config.projection_dim
+        self.visual_projection = nn.Linear(tower_hidden_size(config.vision_config), d, bias=False)
+        self.text_projection = nn.Linear(tower_hidden_size(config.text_config), d, bias=False)
+        self.pooling = POOLING_HEADS[config.pooling](config) if config.sketch_fusion != "replace" else None
+        self.sketch = TemdeSketch(config) if config.sketch_fusion != "none" else None
+        # `replace`: the flattened sketch, mapped to D, is the global vector (the drop-in for attention pooling).
+        self.sketch_projection = (
+            nn.Linear(config.n_sketches * config.sketch_width, d)
+            if config.sketch_fusion == "replace"
+            else None
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------
+    # The head: projected tokens -> fused embedding
+    # ----------------------------------------------------------------------------------------------
+    def embed_tokens(
+        self, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Fuse projected tokens into the final embedding.
+
+        Args:
+            tokens: `(B, L, D)` tokens in the joint space.
+            mask: `(B, L)`, 1 for real tokens.
+            pooled: `(B, D)` the tower's projected pooled output (used by the `"pooler"` head).
+
+        Returns:
+            `(embeds (B, E), global_embeds (B, D), sketch (B, N, K) or None)`.
+        """
+        sketch = self.sketch(tokens, mask) if self.sketch is not None else None
+        if self.config.sketch_fusion == "replace":
+            global_embeds = self.sketch_projection(sketch.flatten(1).to(tokens.dtype))
+        else:
+            global_embeds = self.pooling(tokens, mask, pooled)
+        global_embeds = F.normalize(global_embeds, dim=-1)
+        if self.config.sketch_fusion != "concat":
+            return global_embeds, global_embeds, sketch
+        # sqrt(λ/N) makes <e_I, e_T> = <ê_I, ê_T> + λ·(1/N)·Σ_n <Ŝ_n(I), Ŝ_n(T)>.
+        weight = math.sqrt(self.config.sketch_weight / self.config.n_sketches)
+        embeds = torch.cat([global_embeds, weight * sketch.flatten(1).to(global_embeds.dtype)], dim=-1)
+        return embeds, global_embeds, sketch
+
+    def _head_output(
+        self, tower_output: ModelOutput, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None
+    ) -> TemdeEncoderOutput:
+        embeds, global_embeds, sketch = self.embed_tokens(tokens, mask, pooled)
+        return TemdeEncoderOutput(
+            last_hidden_state=getattr(tower_output, "last_hidden_state", None),
+            pooler_output=embeds,
+            hidden_states=getattr(tower_output, "hidden_states", None),
+            attentions=getattr(tower_output, "attentions", None),
+            token_embeds=tokens,
+            token_mask=mask,
+            global_embeds=global_embeds,
+            sketch=sketch,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Towers -> projected tokens
+    # ----------------------------------------------------------------------------------------------
+    def project_image_hidden_states(
+        self, hidden: torch.Tensor, pooled: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Vision tower outputs -> `(tokens (B, L, D), mask (B, L), pooled (B, D) or None)`.
+
+        Split out of `get_image_features` so frozen-tower training can cache the tower's outputs.
+        """
+        tokens = self.visual_projection(_as_tokens(hidden))
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        if pooled is not None:
+            pooled = self.visual_projection(pooled.flatten(1))
+        return tokens, mask, pooled
+
+    def project_text_hidden_states(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Text tower outputs -> `(tokens (B, L, D), mask (B, L), pooled (B, D) or None)`."""
+        tokens = self.text_projection(hidden)
+        if attention_mask is None:
+            attention_mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        if pooled is not None:
+            pooled = self.text_projection(pooled)
+        return tokens, attention_mask, pooled
+
+    def _vision_tower(self, pixel_values: torch.Tensor, **kwargs: Any) -> ModelOutput:
+        return self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+
+    def _text_tower(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any
+    ) -> ModelOutput:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # not every tower takes token_type_ids
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+
+    def get_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pixel_values (B, C, H, W)` -> projected tokens `(B, L, D)` and their mask `(B, L)`."""
+        out = self._vision_tower(pixel_values)
+        tokens, mask, _ = self.project_image_hidden_states(out.last_hidden_state)
+        return tokens, mask
+
+    def get_text_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids (B, L)` -> projected tokens `(B, L, D)` and their mask `(B, L)`."""
+        out = self._text_tower(input_ids, attention_mask, **kwargs)
+        tokens, mask, _ = self.project_text_hidden_states(out.last_hidden_state, attention_mask)
+        return tokens, mask
+
+    # ----------------------------------------------------------------------------------------------
+    # Public features (transformers v5 convention) and plain-tensor helpers
+    # ----------------------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> TemdeEncoderOutput:
+        """Image embeddings.
+
+        Args:
+            pixel_values: `(batch, channels, height, width)` from the processor.
+            **kwargs: passed to the vision tower (e.g. `output_hidden_states`).
+
+        Returns:
+            [`TemdeEncoderOutput`] with the final embedding `(batch, embed_dim)` in `pooler_output`.
+        """
+        out = self._vision_tower(pixel_values, **kwargs)
+        tokens, mask, pooled = self.project_image_hidden_states(
+            out.last_hidden_state, getattr(out, "pooler_output", None)
+        )
+        return self._head_output(out, tokens, mask, pooled)
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> TemdeEncoderOutput:
+        """Text embeddings.
+
+        Args:
+            input_ids: `(batch, seq_len)`.
+            attention_mask: `(batch, seq_len)`, 1 for real tokens; padding adds nothing to the sketch.
+
+        Returns:
+            [`TemdeEncoderOutput`] with the final embedding `(batch, embed_dim)` in `pooler_output`.
+        """
+        out = self._text_tower(
+            input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids, **kwargs
+        )
+        tokens, mask, pooled = self.project_text_hidden_states(
+            out.last_hidden_state, attention_mask, getattr(out, "pooler_output", None)
+        )
+        return self._head_output(out, tokens, mask, pooled)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(batch, C, H, W)` -> embeddings `(batch, embed_dim)`."""
+        return self.get_image_features(pixel_values=pixel_values).pooler_output
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """`(batch, seq_len)` token ids -> embeddings `(batch, embed_dim)`."""
+        return self.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        ).pooler_output
+
+    # ----------------------------------------------------------------------------------------------
+    # Training helpers
+    # ----------------------------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        *,
+        max_violation: bool | None = None,
+        pair_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The configured loss on row-paired embeddings `(n, E)` (row i of each is a positive pair).
+
+        Args:
+            max_violation: overrides `config.max_violation` (VSE∞ uses all negatives for a warm-up).
+            pair_ids: `(n,)`; rows with equal ids (captions of one image) are not negatives of each other.
+        """
+        return LOSSES[self.config.loss_type](
+            image_embeds,
+            text_embeds,
+            logit_scale=self.logit_scale.exp(),
+            margin=self.config.margin,
+            max_violation=self.config.max_violation if max_violation is None else max_violation,
+            pair_ids=pair_ids,
+        )
+
+    @torch.no_grad()
+    def initialize_sketch(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """DLSH initialisation of the sketch from valid projected tokens `(M, D)` of both modalities."""
+        if self.sketch is None:
+            raise ValueError("This model has no sketch (sketch_fusion='none'); nothing to initialise.")
+        self.sketch.initialize(tokens, generator=generator)
+
+    @torch.no_grad()
+    def initialize_sketch_from_batch(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **text_kwargs: Any,
+    ) -> None:
+        """Convenience: run both towers on a batch and initialise the sketch from all valid tokens."""
+        image_tokens, image_mask = self.get_image_tokens(pixel_values)
+        text_tokens, text_mask = self.get_text_tokens(input_ids, attention_mask, **text_kwargs)
+        tokens = torch.cat([image_tokens[image_mask.bool()], text_tokens[text_mask.bool()]])
+        self.initialize_sketch(tokens, generator=generator)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> TemdeOutput | tuple[Any, ...]:
+        """Embed images and captions, score every pair and (optionally) compute the loss.
+
+        Args:
+            input_ids: `(n_texts, seq_len)`; attention_mask likewise.
+            pixel_values: `(n_images, C, H, W)`.
+            return_loss: compute `config.loss_type` on the row-paired batch (needs n_images == n_texts).
+
+        Returns:
+            [`TemdeOutput`] with `logits_per_image` `(n_images, n_texts)`.
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError(
+                "TemdeModel.forward needs both `input_ids` and `pixel_values` (use the processor)."
+            )
+        tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        tower_kwargs = {k: v for k, v in tower_kwargs.items() if v}
+        vision = self.get_image_features(pixel_values=pixel_values, **tower_kwargs)
+        text = self.get_text_features(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            **tower_kwargs,
+        )
+        image_embeds, text_embeds = vision.pooler_output, text.pooler_output
+        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.T  # (n_texts, n_images)
+        loss = None
+        if return_loss:
+            if image_embeds.shape[0] != text_embeds.shape[0]:
+                raise ValueError(
+                    f"return_loss needs paired batches, got {image_embeds.shape[0]} images and "
+                    f"{text_embeds.shape[0]} texts."
+                )
+            loss = self.compute_loss(image_embeds, text_embeds)
+        output = TemdeOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.T,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_sketch=text.sketch,
+            image_sketch=vision.sketch,
+            text_model_output=text,
+            vision_model_output=vision,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    # ----------------------------------------------------------------------------------------------
+    # Composition and serialisation
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model_name_or_path: str | Path, text_model_name_or_path: str | Path, **kwargs: Any
+    ) -> TemdeModel:
+        """Compose a T-EMDE model from two pretrained towers; the head and sketch start fresh.
+
+        Args:
+            vision_model_name_or_path: a folder (or Hub id) of the image tower, e.g. a ViT or the converted
+                EfficientNet-Lite0. A CLIP checkpoint contributes its vision tower.
+            text_model_name_or_path: likewise for the text tower (BERT, MiniLM, CLIP text, ...).
+            **kwargs: `vision_*` / `text_*` keyword arguments go to that tower's `from_pretrained`
+                (e.g. `text_dtype`); everything else overrides [`TemdeConfig`] fields.
+        """
+        vision_kwargs = {k[len("vision_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("vision_")}
+        text_kwargs = {k[len("text_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_")}
+        vision_model = _load_tower(vision_model_name_or_path, "vision", **vision_kwargs)
+        text_model = _load_tower(text_model_name_or_path, "text", **text_kwargs)
+        config = TemdeConfig.from_vision_text_configs(vision_model.config, text_model.config, **kwargs)
+        return cls(config, vision_model=vision_model, text_model=text_model)
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, plus this folder's code and an `auto_map` (Hub remote code)."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        copy_remote_code(save_directory)
+
+
+def _load_tower(name_or_path: str | Path, kind: str, **kwargs: Any) -> PreTrainedModel:
+    """Load one pretrained tower, with a clear error when the folder is not a transformers model."""
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{kind} tower folder {path} has no config.json: point to a folder written by save_pretrained "
+            "(for EfficientNet-Lite0 run `temde-hf convert-efficientnet-lite OUTPUT_DIR` first)."
+        )
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type == "clip":  # take the matching half of a CLIP checkpoint
+        from transformers import CLIPTextModel, CLIPVisionModel
+
+        tower_cls = CLIPVisionModel if kind == "vision" else CLIPTextModel
+        return tower_cls.from_pretrained(name_or_path, **kwargs)
+    try:
+        from .modeling_efficientnet_lite import EfficientNetLiteModel
+    except ImportError:
+        EfficientNetLiteModel = None
+    if (
+        EfficientNetLiteModel is not None
+        and config.model_type == EfficientNetLiteModel.config_class.model_type
+    ):
+        return EfficientNetLiteModel.from_pretrained(name_or_path, **kwargs)
+    return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+
+
+def copy_remote_code(save_directory: str | Path) -> list[Path]:
+    """Copy this model folder's modules next to a checkpoint, so `trust_remote_code=True` loads it.
+
+    Only the folder's own files travel (they import nothing but torch, transformers and each other).
+    """
+    here = Path(__file__).resolve().parent
+    copied = []
+    for source in sorted(here.glob("*.py")):
+        if source.name == "__init__.py":
+            continue
+        target = Path(save_directory) / source.name
+        shutil.copyfile(source, target)
+        copied.append(target)
+    return copied
+
+
+__all__ = ["TemdeEncoderOutput", "TemdeModel", "TemdeOutput", "TemdePreTrainedModel", "copy_remote_code"]

@@ -1,0 +1,71 @@
+"""Processor of the T-EMDE dual encoder: an image processor and a tokenizer behind one call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+
+class TemdeProcessor(ProcessorMixin):
+    """Wraps the vision tower's image processor and the text tower's tokenizer (CLIPProcessor style).
+
+    `processor(images=..., text=..., return_tensors="pt", padding=True)` returns `pixel_values`,
+    `input_ids` and `attention_mask` (plus `token_type_ids` where the tokenizer makes them).
+    """
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any) -> None:
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        return_tensors: str | None = "pt",
+        padding: bool | str = True,
+        truncation: bool = True,
+        max_length: int | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Encode images and/or text.
+
+        Args:
+            images: a PIL image, array, or a list of them.
+            text: a string or a list of strings.
+            padding, truncation, max_length: passed to the tokenizer (captions are truncated to the
+                tokenizer's maximum length by default, so one long caption never breaks a batch).
+
+        Returns:
+            `BatchFeature` with `pixel_values` `(n_images, C, H, W)` and/or `input_ids`,
+            `attention_mask` `(n_texts, seq_len)`.
+        """
+        if images is None and text is None:
+            raise ValueError("TemdeProcessor needs `images=`, `text=` or both.")
+        data: dict[str, Any] = {}
+        if text is not None:
+            data.update(
+                self.tokenizer(
+                    text,
+                    return_tensors=return_tensors,
+                    padding=padding,
+                    truncation=truncation,
+                    max_length=max_length,
+                    **kwargs,
+                )
+            )
+        if images is not None:
+            data.update(self.image_processor(images, return_tensors=return_tensors))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = list(self.tokenizer.model_input_names) + list(self.image_processor.model_input_names)
+        return list(dict.fromkeys(names))
+
+
+# `save_pretrained` then copies this file next to the checkpoint and writes an `auto_map`, so
+# `AutoProcessor.from_pretrained(dir, trust_remote_code=True)` works without temde_hf installed.
+TemdeProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["TemdeProcessor"]

@@ -1,0 +1,248 @@
+"""The T-EMDE sketch: a set of token features -> N soft histograms over K buckets.
+
+Each coder maps a token `x` (D,) to N bucket distributions `P_n(·|x)` over K buckets; the sketch of a
+token set is the masked sum of those distributions (linear in the number of tokens), each of its N rows
+then L2-normalised as EMDE does for network inputs. One sketch module is shared by both modalities, so
+images and captions land in the same sketch space.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .configuration_temde import TemdeConfig
+
+# τ is kept inside these bounds: below, the sigmoids saturate to exact 0/1 in float32 and gradients die;
+# above, every bucket gets the same mass and the sketch carries no information.
+_MIN_TEMPERATURE, _MAX_TEMPERATURE = 1e-4, 1e2
+
+
+def bucket_bits(n_hyperplanes: int, device: torch.device | None = None) -> torch.Tensor:
+    """The code of every bucket: `bits[k, h] = (k >> h) & 1`, shape `(2**H, H)`, float32."""
+    k = torch.arange(2**n_hyperplanes, device=device)
+    h = torch.arange(n_hyperplanes, device=device)
+    return ((k[:, None] >> h[None, :]) & 1).float()
+
+
+def soft_dlsh_log_probs(z: torch.Tensor) -> torch.Tensor:
+    """Log bucket probabilities from hyperplane logits.
+
+    `log P(k|x) = Σ_h bit_h(k)·log σ(z_h) + (1 − bit_h(k))·log σ(−z_h)`, computed in log space so that
+    small temperatures do not underflow.
+
+    Args:
+        z: `(..., N, H)` tempered hyperplane logits `(w·x − t) / τ`.
+
+    Returns:
+        `(..., N, 2**H)` log-probabilities; `exp` sums to 1 over the last dim.
+    """
+    bits = bucket_bits(z.shape[-1], z.device).to(z.dtype)  # (K, H)
+    # (..., N, H) x (K, H) -> (..., N, K): each bucket picks log σ(z) or log σ(−z) per hyperplane.
+    return F.logsigmoid(z) @ bits.T + F.logsigmoid(-z) @ (1 - bits).T
+
+
+class SoftDLSHCoder(nn.Module):
+    """Coder A: H learned hyperplanes per sketch, `P_n(k|x) = Π_h p_h^bit_h(k) (1 − p_h)^(1 − bit_h(k))`.
+
+    With the data-dependent initialisation (`initialize`) each threshold is the median of its
+    projection, so every hyperplane halves the data, as in density-dependent LSH.
+    """
+
+    def __init__(self, dim: int, n_sketches: int, sketch_width: int, n_hyperplanes: int) -> None:
+        super().__init__()
+        self.n_sketches, self.n_hyperplanes = n_sketches, n_hyperplanes
+        self.weight = nn.Parameter(torch.empty(dim, n_sketches * n_hyperplanes))  # hyperplane normals
+        self.threshold = nn.Parameter(torch.zeros(n_sketches * n_hyperplanes))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Unit-variance projections for unit-variance inputs: (w·x) ~ N(0, 1), so τ = 1 is a soft cut.
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.weight.shape[0]))
+        nn.init.zeros_(self.threshold)
+
+    def hyperplane_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """`(..., D)` -> untempered `w·x − t` of shape `(..., N, H)`."""
+        z = x @ self.weight.to(x.dtype) - self.threshold.to(x.dtype)
+        return z.unflatten(-1, (self.n_sketches, self.n_hyperplanes))
+
+    def log_probs(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """`(..., D)` -> `(..., N, K)` log bucket probabilities."""
+        return soft_dlsh_log_probs(self.hyperplane_logits(x) / temperature)
+
+    def hard_buckets(self, x: torch.Tensor) -> torch.Tensor:
+        """Hard DLSH codes (the τ → 0 limit): `(..., D)` -> bucket ids `(..., N)` in `[0, 2**H)`."""
+        bits = (self.hyperplane_logits(x) > 0).long()  # (..., N, H)
+        return (bits << torch.arange(self.n_hyperplanes, device=x.device)).sum(-1)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """DLSH initialisation from token features `x` of shape `(M, D)`.
+
+        Normals are Gaussian, rescaled so each projection has unit spread over the data (τ then has
+        the same meaning for every hyperplane); thresholds are the medians of the projections.
+        """
+        x = x.float()
+        w = torch.randn(self.weight.shape, generator=generator, device="cpu").to(x.device)
+        proj = x @ w  # (M, N·H)
+        scale = proj.std(dim=0).clamp_min(1e-6)
+        self.weight.copy_(w / scale)
+        self.threshold.copy_(proj.median(dim=0).values / scale)
+
+
+class AnchorCoder(nn.Module):
+    """Coder B: `P_n(k|x) = softmax_k((a_nk·x + c_nk) / τ)` over K learned anchors per sketch.
+
+    Initialised from data as a soft nearest-anchor assignment: anchors are data tokens and
+    `c = −½‖a‖²`, so the logit is `−½‖x − a‖²` up to a term constant in k.
+    """
+
+    def __init__(
+        self, dim: int, n_sketches: int, sketch_width: int, n_hyperplanes: int | None = None
+    ) -> None:
+        super().__init__()
+        self.n_sketches, self.sketch_width = n_sketches, sketch_width
+        self.weight = nn.Parameter(torch.empty(dim, n_sketches * sketch_width))
+        self.bias = nn.Parameter(torch.zeros(n_sketches * sketch_width))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.weight.shape[0]))
+        nn.init.zeros_(self.bias)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """`(..., D)` -> untempered anchor scores `(..., N, K)`."""
+        scores = x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)
+        return scores.unflatten(-1, (self.n_sketches, self.sketch_width))
+
+    def log_probs(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.logits(x) / temperature, dim=-1)
+
+    def hard_buckets(self, x: torch.Tensor) -> torch.Tensor:
+        """The nearest anchor per sketch: `(..., D)` -> `(..., N)`."""
+        return self.logits(x).argmax(-1)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Anchors = random data tokens `x` `(M, D)`, scaled so the logits have unit spread."""
+        x = x.float()
+        n_anchors = self.n_sketches * self.sketch_width
+        idx = torch.randint(0, x.shape[0], (n_anchors,), generator=generator, device="cpu").to(x.device)
+        anchors = x[idx].T  # (D, N·K)
+        bias = -0.5 * anchors.pow(2).sum(0)
+        scale = (x @ anchors + bias).std(dim=0).clamp_min(1e-6)
+        self.weight.copy_(anchors / scale)
+        self.bias.copy_(bias / scale)
+
+
+SKETCH_CODERS: dict[str, type[nn.Module]] = {"soft_dlsh": SoftDLSHCoder, "anchor": AnchorCoder}
+
+
+class TemdeSketch(nn.Module):
+    """Token set -> row-L2-normalised sketch `(batch, n_sketches, sketch_width)`, shared by both modalities."""
+
+    def __init__(self, config: TemdeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.n_sketches, self.sketch_width = config.n_sketches, config.sketch_width
+        self.coder = SKETCH_CODERS[config.sketch_coder](
+            config.projection_dim, config.n_sketches, config.sketch_width, config.n_hyperplanes
+        )
+        log_tau = torch.tensor(math.log(config.sketch_temperature))
+        if config.learn_sketch_temperature:
+            self.log_temperature = nn.Parameter(log_tau)
+        else:  # persistent: v5 builds models on the meta device and only restores saved tensors
+            self.register_buffer("log_temperature", log_tau, persistent=True)
+        # Whether `initialize` ran (saved with the checkpoint, so a loaded model is not re-initialised).
+        self.register_buffer("initialized", torch.tensor(False), persistent=True)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(_MIN_TEMPERATURE, _MAX_TEMPERATURE)
+
+    def _chunk_histogram(
+        self, x: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor
+    ) -> torch.Tensor:
+        """`x` `(B, C, D)`, `mask` `(B, C)` -> this chunk's masked bucket mass `(B, N, K)`."""
+        probs = self.coder.log_probs(x, temperature).float().exp()  # (B, C, N, K)
+        return torch.einsum("bc,bcnk->bnk", mask.float(), probs)
+
+    def histogram(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised soft histograms `S_n(X) = Σ_i m_i · P_n(·|x_i)`.
+
+        Args:
+            tokens: `(batch, tokens, dim)` token features in the joint space.
+            mask: `(batch, tokens)`, 1 for real tokens and 0 for padding (default: all real).
+
+        Returns:
+            `(batch, n_sketches, sketch_width)` float32; each row sums to the number of valid tokens.
+        """
+        if mask is None:
+            mask = tokens.new_ones(tokens.shape[:2])
+        temperature = self.temperature
+        if self._use_triton(tokens):
+            from .triton_sketch_temde import soft_dlsh_histogram
+
+            z = self.coder.hyperplane_logits(tokens) / temperature.to(tokens.dtype)  # (B, L, N, H)
+            return soft_dlsh_histogram(z, mask)
+        chunk = self.config.sketch_chunk_size
+        # Recompute each chunk in backward instead of keeping its (B, C, N, K) probabilities alive:
+        # memory stays O(B·C·N·K) rather than O(B·L·N·K) while training.
+        recompute = torch.is_grad_enabled() and tokens.shape[1] > chunk
+        total = None
+        for start in range(0, tokens.shape[1], chunk):
+            args = (tokens[:, start : start + chunk], mask[:, start : start + chunk], temperature)
+            part = (
+                checkpoint(self._chunk_histogram, *args, use_reentrant=False)
+                if recompute
+                else self._chunk_histogram(*args)
+            )
+            total = part if total is None else total + part
+        return total
+
+    def _use_triton(self, tokens: torch.Tensor) -> bool:
+        kernel = self.config.sketch_kernel
+        if kernel == "torch" or self.config.sketch_coder != "soft_dlsh":
+            return False
+        if kernel == "auto" and not tokens.is_cuda:
+            return False
+        try:
+            from .triton_sketch_temde import HAS_TRITON
+        except ImportError:
+            HAS_TRITON = False
+        if not HAS_TRITON and kernel == "triton":
+            raise RuntimeError("sketch_kernel='triton' needs the `triton` package: pip install triton")
+        return HAS_TRITON
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Row-normalised sketch `Ŝ = S / ‖S‖₂` (per sketch row).
+
+        Args:
+            tokens: `(batch, tokens, dim)`.
+            mask: `(batch, tokens)` of 0/1 (or bool).
+
+        Returns:
+            `(batch, n_sketches, sketch_width)`, every row of unit L2 norm (zero rows stay zero).
+        """
+        return F.normalize(self.histogram(tokens, mask), dim=-1, eps=1e-12)
+
+    @torch.no_grad()
+    def initialize(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent (DLSH) initialisation from valid token features of both modalities.
+
+        Args:
+            tokens: `(M, dim)`, e.g. the unpadded tokens of a batch of images and a batch of captions.
+        """
+        if tokens.ndim != 2 or tokens.shape[-1] != self.config.projection_dim:
+            raise ValueError(
+                f"TemdeSketch.initialize expects token features of shape (M, {self.config.projection_dim}), "
+                f"got {tuple(tokens.shape)}; pass the projected tokens with padding removed."
+            )
+        if tokens.shape[0] < 2:
+            raise ValueError("TemdeSketch.initialize needs at least 2 token features to estimate medians.")
+        self.coder.initialize(tokens, generator=generator)
+        self.initialized.fill_(True)
