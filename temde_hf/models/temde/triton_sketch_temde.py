@@ -100,20 +100,34 @@ def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-# The kernel bodies below are plain functions, decorated by `_kernels()` on first use.
+# The kernel bodies below are plain functions, decorated by `_kernels()` on first use. They use only
+# Triton *builtins* (no `tl.zeros` / `tl.sum` / `tl.sigmoid`, which are themselves JIT functions of
+# the mode triton was imported in, and would refuse to run if the mode is switched afterwards).
 
 
-def _bucket_half_src(zt, offs_h, offs_k, H_START: tl.constexpr, H_COUNT: tl.constexpr, K_COUNT: tl.constexpr):
+def _bucket_half_src(
+    z_ptr,
+    row,
+    in_l,
+    offs_k,
+    H: tl.constexpr,
+    H_START: tl.constexpr,
+    H_COUNT: tl.constexpr,
+    K_COUNT: tl.constexpr,
+):
     """Probabilities of the 2**H_COUNT codes of hyperplanes [H_START, H_START + H_COUNT).
 
-    `zt` is a `(BLOCK_L, H_PAD)` logit tile; returns `(BLOCK_L, K_PAD)` with padded columns 0.
+    `row` `(BLOCK_L,)` indexes (b, l, n) rows of the contiguous `z`; returns `(BLOCK_L, K_PAD)` fp32
+    with the padded columns (code >= K_COUNT) zero.
     """
-    probs = tl.zeros((zt.shape[0], offs_k.shape[0]), dtype=tl.float32) + 1.0
+    probs = tl.full((row.shape[0], offs_k.shape[0]), 1.0, tl.float32)
     for h in tl.static_range(H_COUNT):
-        # Column extraction: registers cannot be indexed, so select-and-reduce over H_PAD.
-        z_h = tl.sum(tl.where(offs_h[None, :] == H_START + h, zt, 0.0), axis=1)
+        # One logit column per load: strided, but the row's H logits share a cache sector.
+        z_h = tl.load(z_ptr + row * H + H_START + h, mask=in_l, other=0.0).to(tl.float32)
+        p_h = 1.0 / (1.0 + tl.exp(-z_h))
+        q_h = 1.0 / (1.0 + tl.exp(z_h))  # 1 - p_h without the cancellation for large z
         bit = (offs_k >> h) & 1
-        probs = probs * tl.where(bit[None, :] == 1, tl.sigmoid(z_h)[:, None], tl.sigmoid(-z_h)[:, None])
+        probs = probs * tl.where(bit[None, :] == 1, p_h[:, None], q_h[:, None])
     return tl.where(offs_k[None, :] < K_COUNT, probs, 0.0)
 
 
@@ -133,26 +147,22 @@ def _fwd_kernel(
     """One program per (batch b, sketch n): loop over token tiles, accumulate `S[b, n]` in registers."""
     b = tl.program_id(0)
     n = tl.program_id(1)
-    offs_h = tl.arange(0, H_PAD)
     offs_j = tl.arange(0, K_LO_PAD)  # low-bit code
     offs_i = tl.arange(0, K_HI_PAD)  # high-bit code
-    acc = tl.zeros((K_LO_PAD, K_HI_PAD), dtype=tl.float32)
+    k_lo: tl.constexpr = 1 << H_LO
+    k_hi: tl.constexpr = 1 << (H - H_LO)
+    acc = tl.full((K_LO_PAD, K_HI_PAD), 0.0, tl.float32)
     for start in range(0, L, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
         in_l = offs_l < L
-        # z is contiguous (B, L, N, H): element (b, l, n, h) at ((b*L + l)*N + n)*H + h.
-        row = (b * L + offs_l) * N + n
-        zt = tl.load(
-            z_ptr + row[:, None] * H + offs_h[None, :], mask=in_l[:, None] & (offs_h[None, :] < H), other=0.0
-        ).to(tl.float32)
+        row = (b * L + offs_l) * N + n  # z is contiguous (B, L, N, H)
         m = tl.load(m_ptr + b * L + offs_l, mask=in_l, other=0.0)
-        p_lo = _bucket_half(zt, offs_h, offs_j, 0, H_LO, 1 << H_LO)
-        p_hi = _bucket_half(zt, offs_h, offs_i, H_LO, H - H_LO, 1 << (H - H_LO))
-        p_lo = p_lo * m[:, None]
+        p_lo = _bucket_half(z_ptr, row, in_l, offs_j, H, 0, H_LO, k_lo) * m[:, None]
+        p_hi = _bucket_half(z_ptr, row, in_l, offs_i, H, H_LO, H - H_LO, k_hi)
+        # S[j, i] += sum_l m_l P_lo[l, j] P_hi[l, i]: the tile's histogram as one small matmul.
         acc += tl.dot(tl.trans(p_lo), p_hi, input_precision="ieee")  # (K_LO_PAD, K_HI_PAD)
-    k_lo = 1 << H_LO
-    out = s_ptr + (b * N + n) * (1 << H) + offs_j[:, None] + k_lo * offs_i[None, :]
-    tl.store(out, acc, mask=(offs_j[:, None] < k_lo) & (offs_i[None, :] < (1 << (H - H_LO))))
+    out = s_ptr + (b * N + n) * (k_lo * k_hi) + offs_j[:, None] + k_lo * offs_i[None, :]
+    tl.store(out, acc, mask=(offs_j[:, None] < k_lo) & (offs_i[None, :] < k_hi))
 
 
 def _bwd_kernel(
@@ -176,38 +186,38 @@ def _bwd_kernel(
     offs_h = tl.arange(0, H_PAD)
     offs_j = tl.arange(0, K_LO_PAD)
     offs_i = tl.arange(0, K_HI_PAD)
-    k_lo = 1 << H_LO
-    k_hi = 1 << (H - H_LO)
+    k_lo: tl.constexpr = 1 << H_LO
+    k_hi: tl.constexpr = 1 << (H - H_LO)
     # G[b, n] as a (K_lo, K_hi) matrix: bucket k = j + K_lo * i; padded entries 0.
     g = tl.load(
-        g_ptr + (b * N + n) * (1 << H) + offs_j[:, None] + k_lo * offs_i[None, :],
+        g_ptr + (b * N + n) * (k_lo * k_hi) + offs_j[:, None] + k_lo * offs_i[None, :],
         mask=(offs_j[:, None] < k_lo) & (offs_i[None, :] < k_hi),
         other=0.0,
     )
     offs_l = tile * BLOCK_L + tl.arange(0, BLOCK_L)
     in_l = offs_l < L
     row = (b * L + offs_l) * N + n
-    tile_mask = in_l[:, None] & (offs_h[None, :] < H)
-    zt = tl.load(z_ptr + row[:, None] * H + offs_h[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + b * L + offs_l, mask=in_l, other=0.0)
-    p_lo = _bucket_half(zt, offs_h, offs_j, 0, H_LO, k_lo)  # (BLOCK_L, K_LO_PAD)
-    p_hi = _bucket_half(zt, offs_h, offs_i, H_LO, H - H_LO, k_hi)  # (BLOCK_L, K_HI_PAD)
-    # x_lo[l, j] = P_lo[l, j] * sum_i G[j, i] P_hi[l, i];  x_hi[l, i] = P_hi[l, i] * sum_j P_lo[l, j] G[j, i]
+    p_lo = _bucket_half(z_ptr, row, in_l, offs_j, H, 0, H_LO, k_lo)  # (BLOCK_L, K_LO_PAD)
+    p_hi = _bucket_half(z_ptr, row, in_l, offs_i, H, H_LO, H - H_LO, k_hi)  # (BLOCK_L, K_HI_PAD)
+    # x_lo[l, j] = P_lo[l, j] sum_i G[j, i] P_hi[l, i], x_hi[l, i] = P_hi[l, i] sum_j P_lo[l, j] G[j, i]:
+    # summing x_lo over the codes j with bit h set gives sum_{k: bit_h(k) = 1} G_k P_k for a low bit h.
     x_lo = p_lo * tl.dot(p_hi, tl.trans(g), input_precision="ieee")
     x_hi = p_hi * tl.dot(p_lo, g, input_precision="ieee")
-    grad = tl.zeros((BLOCK_L, H_PAD), dtype=tl.float32)
-    for h in tl.static_range(H):
-        z_h = tl.sum(tl.where(offs_h[None, :] == h, zt, 0.0), axis=1)
-        if h < H_LO:
-            bit = ((offs_j >> h) & 1)[None, :] == 1
-            on = tl.sum(tl.where(bit, x_lo, 0.0), axis=1)
-            off = tl.sum(tl.where(bit, 0.0, x_lo), axis=1)
-        else:
-            bit = ((offs_i >> (h - H_LO)) & 1)[None, :] == 1
-            on = tl.sum(tl.where(bit, x_hi, 0.0), axis=1)
-            off = tl.sum(tl.where(bit, 0.0, x_hi), axis=1)
-        g_h = m * (tl.sigmoid(-z_h) * on - tl.sigmoid(z_h) * off)
-        grad = tl.where(offs_h[None, :] == h, g_h[:, None], grad)
+    # Those masked sums, for all h at once, are matmuls with 0/1 bit tables (K_PAD, H_PAD):
+    # on_lo[j, h] = bit_h(j) for the low hyperplanes h < H_LO, on_hi[i, h] = bit_{h - H_LO}(i) above.
+    is_lo = offs_h[None, :] < H_LO
+    is_hi = (offs_h[None, :] >= H_LO) & (offs_h[None, :] < H)
+    bit_lo = ((offs_j[:, None] >> offs_h[None, :]) & 1) == 1
+    bit_hi = ((offs_i[:, None] >> tl.maximum(offs_h[None, :] - H_LO, 0)) & 1) == 1
+    on = tl.dot(x_lo, tl.where(is_lo & bit_lo, 1.0, 0.0), input_precision="ieee")
+    on += tl.dot(x_hi, tl.where(is_hi & bit_hi, 1.0, 0.0), input_precision="ieee")
+    off = tl.dot(x_lo, tl.where(is_lo & ~bit_lo, 1.0, 0.0), input_precision="ieee")
+    off += tl.dot(x_hi, tl.where(is_hi & ~bit_hi, 1.0, 0.0), input_precision="ieee")
+    tile_mask = in_l[:, None] & (offs_h[None, :] < H)
+    zt = tl.load(z_ptr + row[:, None] * H + offs_h[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    # dS/dz_h = m (sum_{bit=1} G P - p_h sum_k G P) = m ((1 - p_h) * on - p_h * off): no cancellation.
+    grad = m[:, None] * (on / (1.0 + tl.exp(zt)) - off / (1.0 + tl.exp(-zt)))
     tl.store(dz_ptr + row[:, None] * H + offs_h[None, :], grad.to(dz_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -236,7 +246,7 @@ def _launch_meta(n_hyperplanes: int) -> dict[str, int]:
     h_lo = n_hyperplanes // 2
     return {
         "H": n_hyperplanes,
-        "H_PAD": triton.next_power_of_2(n_hyperplanes),
+        "H_PAD": max(_MIN_DOT, triton.next_power_of_2(n_hyperplanes)),  # an output dim of `tl.dot`
         "H_LO": h_lo,
         "K_LO_PAD": max(_MIN_DOT, 2**h_lo),
         "K_HI_PAD": max(_MIN_DOT, 2 ** (n_hyperplanes - h_lo)),
