@@ -6,6 +6,7 @@ Every loader returns one row per image with columns ``image`` (`datasets.Image`,
 
 from __future__ import annotations
 
+from .auto import FORMATS, detect_format, load_image_captions
 from .coco import load_coco_captions
 from .common import FEATURES, open_image, verify_image
 from .csv_captions import karpathy_split_map, load_caption_csv
@@ -19,16 +20,19 @@ from .synthetic import make_synthetic_karpathy
 
 __all__ = [
     "FEATURES",
+    "FORMATS",
     "CaptionPairs",
     "DataError",
     "LoadReport",
     "caption_to_image",
+    "detect_format",
     "export_imagefolder",
     "flat_captions",
     "karpathy_split_map",
     "load_caption_csv",
     "load_coco_captions",
     "load_hub_dataset",
+    "load_image_captions",
     "load_imagefolder",
     "load_karpathy",
     "make_synthetic_karpathy",

@@ -1,0 +1,91 @@
+"""One entry point over every loader, choosing the format from the path (used by the commands)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from .coco import load_coco_captions
+from .csv_captions import load_caption_csv
+from .errors import DataError, LoadReport, OnError
+from .hub import load_hub_dataset
+from .imagefolder import METADATA, load_imagefolder
+from .karpathy import load_karpathy, read_json
+
+FORMATS = ("auto", "karpathy", "coco", "csv", "imagefolder", "parquet", "hub")
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format: a Karpathy or COCO JSON, a captions CSV, an image folder, parquet or a Hub id."""
+    path = Path(path)
+    if path.is_dir():
+        return "imagefolder" if (path / METADATA).is_file() else "hub"
+    if path.suffix == ".parquet":
+        return "parquet"
+    if path.suffix in (".csv", ".txt"):
+        return "csv"
+    if path.suffix == ".json":
+        data = read_json(path)
+        if isinstance(data, dict) and "annotations" in data:
+            return "coco"
+        return "karpathy"
+    if not path.exists():
+        return "hub"
+    raise DataError(f"{path}: cannot tell the dataset format; pass format= one of {FORMATS[1:]}")
+
+
+def load_image_captions(
+    path: str | Path,
+    format: str = "auto",
+    image_root: str | Path | None = None,
+    split: str | Sequence[str] | None = None,
+    n_captions: int | None = 5,
+    verify_images: bool = False,
+    on_error: OnError = "raise",
+    report: LoadReport | None = None,
+    **kwargs: Any,
+) -> datasets.Dataset:
+    """Load any supported format into the image-level schema, keeping only `split` if given.
+
+    Args:
+        path: A Karpathy JSON, a COCO captions JSON, an ``image,caption`` CSV, an image folder with
+            ``metadata.jsonl``, a parquet file, or a Hub dataset id.
+        format: One of `FORMATS`; ``"auto"`` uses `detect_format`.
+        image_root: Image folder for the JSON / CSV formats (and path columns of parquet / Hub data).
+        split: Keep rows of this split (or these) only.
+        **kwargs: More arguments of the chosen loader (e.g. ``splits`` for a CSV, column names for
+            parquet / Hub data).
+
+    Returns:
+        Columns ``image``, ``image_id``, ``captions``, ``split``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    format = detect_format(path) if format == "auto" else format
+    common = {
+        "n_captions": n_captions,
+        "verify_images": verify_images,
+        "on_error": on_error,
+        "report": report,
+    }
+    if format == "karpathy":
+        return load_karpathy(path, image_root, split=split, **common, **kwargs)
+    if format == "imagefolder":
+        return load_imagefolder(path, split=split, **common, **kwargs)
+    if format == "coco":
+        if image_root is None:
+            raise DataError(f"{path}: a COCO captions file needs image_root (the folder of its images)")
+        dataset = load_coco_captions(path, image_root, **common, **kwargs)
+    elif format == "csv":
+        dataset = load_caption_csv(path, image_root, **common, **kwargs)
+    elif format == "parquet":
+        dataset = load_hub_dataset("parquet", data_files=str(path), image_root=image_root, **common, **kwargs)
+    else:
+        dataset = load_hub_dataset(path, image_root=image_root, **common, **kwargs)
+    if split is not None:
+        wanted = {split} if isinstance(split, str) else set(split)
+        dataset = dataset.filter(lambda s: s in wanted, input_columns="split")
+    return dataset

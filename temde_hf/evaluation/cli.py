@@ -1,0 +1,137 @@
+"""``temde-hf evaluate CHECKPOINT_DIR --data PATH``: retrieval metrics, a JSON, a plot and a table.
+
+Example::
+
+    temde-hf evaluate runs/temde-flickr8k --data ../shared/data/flickr8k-800/dataset_flickr8k.json \\
+        --split test --output-dir runs/temde-flickr8k/eval
+
+On COCO's 5K Karpathy test split the table shows COCO 5K (``full``) and COCO 1K (``folds_mean``, the
+mean over five 1,000-image folds); on Flickr30k's 1,000 test images ``full`` is Flickr 1K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.auto import FORMATS, load_image_captions
+from ..data.errors import LoadReport
+from .encode import encode_dataset
+from .folds import evaluate_embeddings
+from .metrics import retrieval_ranks
+from .plots import plot_recall_at_k
+
+logger = logging.getLogger("temde_hf.evaluation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="temde-hf evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="folder saved with save_pretrained (model + processor)")
+    parser.add_argument(
+        "--data", required=True, help="Karpathy/COCO JSON, captions CSV, image folder, parquet or Hub id"
+    )
+    parser.add_argument("--format", default="auto", choices=FORMATS)
+    parser.add_argument("--image-root", default=None, help="image folder (default: images/ beside the file)")
+    parser.add_argument("--split", default="test", help="split to evaluate ('all' for every row)")
+    parser.add_argument("--output-dir", default=None, help="default: CHECKPOINT/eval-SPLIT")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--n-captions", type=int, default=5, help="captions per image (first ones kept)")
+    parser.add_argument("--fold-size", type=int, default=1000, help="images per fold (COCO 1K); 0: none")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--max-length", type=int, default=None, help="caption token limit")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="queries scored at once")
+    parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad images/entries")
+    parser.add_argument("--trust-remote-code", action="store_true", help="for checkpoints of other packages")
+    return parser
+
+
+def load_checkpoint(path: str | Path, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """`AutoModel` and `AutoProcessor` of a saved checkpoint folder, model in eval mode on `device`."""
+    import transformers
+
+    import temde_hf  # noqa: F401  (registers the "temde" Auto classes)
+
+    model = transformers.AutoModel.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), processor
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of the ``full`` and ``folds_mean`` metrics."""
+    columns = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"]
+    header = f"{'set':<22}" + "".join(f"{c:>9}" for c in columns)
+    lines = [header, "-" * len(header)]
+    rows = [(f"full ({result['n_images']} img)", result["full"])]
+    if "folds_mean" in result:
+        rows.append((f"{len(result['folds'])}-fold mean", result["folds_mean"]))
+    for name, metrics in rows:
+        lines.append(f"{name:<22}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    model: Any, processor: Any, dataset: Any, output_dir: str | Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Encode, score, and write ``metrics.json`` and ``recall_at_k.png`` into `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = args.device or str(next(model.parameters()).device)
+    image_embeds, text_embeds, caption_to_image = encode_dataset(
+        model, processor, dataset, args.batch_size, device, args.max_length
+    )
+    result = evaluate_embeddings(
+        image_embeds, text_embeds, caption_to_image, args.fold_size or None, args.chunk_size
+    )
+    i2t, t2i = retrieval_ranks(
+        caption_to_image=caption_to_image,
+        image_embeds=image_embeds,
+        text_embeds=text_embeds,
+        chunk_size=args.chunk_size,
+    )
+    plot_recall_at_k(
+        i2t, t2i, output_dir / "recall_at_k.png", title=f"{Path(args.checkpoint).name} · {args.split}"
+    )
+    result.update(
+        checkpoint=str(args.checkpoint),
+        data=str(args.data),
+        split=args.split,
+        embed_dim=image_embeds.shape[1],
+    )
+    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the command; returns the metrics written to ``metrics.json``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = device
+    report = LoadReport()
+    dataset = load_image_captions(
+        args.data,
+        format=args.format,
+        image_root=args.image_root,
+        split=None if args.split == "all" else args.split,
+        n_captions=args.n_captions,
+        on_error=args.on_error,
+        report=report,
+    )
+    if len(dataset) == 0:
+        raise SystemExit(f"temde-hf evaluate: no images of split {args.split!r} in {args.data}")
+    if args.max_images is not None:
+        dataset = dataset.select(range(min(args.max_images, len(dataset))))
+    model, processor = load_checkpoint(args.checkpoint, device, args.trust_remote_code)
+    output_dir = args.output_dir or Path(args.checkpoint) / f"eval-{args.split}"
+    result = evaluate_checkpoint(model, processor, dataset, output_dir, args)
+    result["skipped"] = report.n_skipped
+    (Path(output_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    print(f"wrote {Path(output_dir) / 'metrics.json'} and {Path(output_dir) / 'recall_at_k.png'}")
+    return result
