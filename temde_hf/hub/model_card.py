@@ -1,0 +1,286 @@
+"""Model cards rendered from data: a checkpoint's config + an evaluation JSON -> ``README.md``.
+
+The card is never written by hand. Its YAML header (``ModelCardData``) carries the Hub metadata and a
+``model-index`` built from the same evaluation JSON that fills the results table, so the two cannot
+drift apart; the prose comes from ``templates/model_card.md.jinja``.
+
+Evaluation JSON: the ``metrics.json`` of ``temde-hf evaluate``
+(``{"full": {"i2t_r1": .., "t2i_r10": .., "rsum": ..}, "split": "test", "data": .., "n_images": ..}``)
+or the nested form it is converted to::
+
+    {"dataset": "flickr8k", "split": "test", "n_images": 100, "n_captions": 500,
+     "i2t": {"R@1": .., "R@5": .., "R@10": .., "medr": .., "meanr": ..},
+     "t2i": {...}, "rsum": ..}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md.jinja"
+
+DEFAULT_TAGS = ["temde", "emde", "sketch", "image-text-retrieval", "cross-modal-retrieval", "dual-encoder"]
+# Widget of the Hub page: the pipeline tag makes it a zero-shot image classifier.
+DEFAULT_WIDGET = [
+    {
+        "src": "https://huggingface.co/datasets/mishig/sample_images/resolve/main/cat-dog-music.png",
+        "candidate_labels": "a dog playing music, a cat, a bicycle",
+        "example_title": "Dog playing music",
+    }
+]
+RECALL_KEYS = ("R@1", "R@5", "R@10")
+RANK_KEYS = ("medr", "meanr")
+METRIC_NAMES = {"R@1": "R@1", "R@5": "R@5", "R@10": "R@10", "medr": "median rank", "meanr": "mean rank"}
+DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
+TASK_TYPE = "image-text-retrieval"
+
+# Config fields shown in the card's settings table, in this order (absent ones are left out).
+SETTING_KEYS = (
+    "projection_dim",
+    "embed_dim",
+    "pooling",
+    "sketch_fusion",
+    "sketch_coder",
+    "n_sketches",
+    "n_hyperplanes",
+    "sketch_width",
+    "sketch_temperature",
+    "learn_sketch_temperature",
+    "sketch_weight",
+    "loss_type",
+    "margin",
+    "max_violation",
+    "logit_scale_init_value",
+)
+
+
+def _dataset_name(data: str) -> str:
+    """A readable dataset name from the ``data`` path of ``temde-hf evaluate`` (its folder's name)."""
+    path = Path(data)
+    return (path.parent.name if path.suffix else path.name) or path.stem
+
+
+def _from_flat(metrics: Mapping[str, Any], block_name: str, source: str) -> dict[str, Any]:
+    """Convert the ``temde-hf evaluate`` layout (``{"full": {"i2t_r1": ..}, "data": .., ..}``)."""
+    block = metrics.get(block_name)
+    if not isinstance(block, Mapping):
+        raise ValueError(f"{source}: no {block_name!r} metrics block (has {sorted(metrics)})")
+    canonical: dict[str, Any] = {
+        "dataset": metrics.get("dataset") or _dataset_name(str(metrics.get("data", ""))),
+        "split": metrics.get("split"),
+        "n_images": metrics.get("n_images"),
+        "n_captions": metrics.get("n_captions"),
+        "rsum": block.get("rsum"),
+    }
+    for direction in DIRECTIONS:
+        canonical[direction] = {
+            key: block[f"{direction}_{key.lower().replace('@', '')}"]
+            for key in RECALL_KEYS + RANK_KEYS
+            if f"{direction}_{key.lower().replace('@', '')}" in block
+        }
+    if block_name == "folds_mean":
+        canonical["note"] = f"Mean over {len(metrics.get('folds', []))} folds."
+    return canonical
+
+
+def load_eval_results(eval_json: str | Path | Mapping[str, Any], *, block: str = "full") -> dict[str, Any]:
+    """Read and validate an evaluation JSON, in either layout, as the canonical card dict.
+
+    Args:
+        eval_json: path to the ``metrics.json`` written by ``temde-hf evaluate``, or a loaded dict.
+            Both its layout (``{"full": {"i2t_r1": ..}, "split": .., "data": ..}``) and the nested
+            one of the module docstring are accepted.
+        block: which block of the ``temde-hf evaluate`` layout to report: ``"full"`` (the whole
+            split) or ``"folds_mean"`` (e.g. COCO 1K).
+
+    Returns:
+        ``{"dataset", "split", "n_images", "n_captions", "i2t": {"R@1", ..}, "t2i": {..}, "rsum"}``
+        with the numbers exactly as stored.
+
+    Raises:
+        ValueError: a required field is missing or not numeric (the message names the file and field).
+    """
+    source = "<dict>"
+    if isinstance(eval_json, (str, Path)):
+        source = str(eval_json)
+        try:
+            metrics = json.loads(Path(eval_json).read_text())
+        except FileNotFoundError as err:
+            raise ValueError(
+                f"evaluation JSON {source} does not exist; run `temde-hf evaluate` first"
+            ) from err
+    else:
+        metrics = dict(eval_json)
+    if "i2t" not in metrics:
+        metrics = _from_flat(metrics, block, source)
+    for field in ("dataset", "split"):
+        if not isinstance(metrics.get(field), str) or not metrics[field]:
+            raise ValueError(f"{source}: field {field!r} must be a string (e.g. 'flickr8k', 'test')")
+    for direction in DIRECTIONS:
+        values = metrics.get(direction)
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{source}: field {direction!r} must be an object with R@1/R@5/R@10")
+        for key in RECALL_KEYS:
+            if not isinstance(values.get(key), (int, float)):
+                raise ValueError(
+                    f"{source}: field {direction}.{key} (or {direction}_r{key[2:]}) must be a number"
+                )
+    if not isinstance(metrics.get("rsum"), (int, float)):
+        raise ValueError(f"{source}: field 'rsum' must be a number (the sum of the six recalls)")
+    return metrics
+
+
+def build_eval_results(metrics: Mapping[str, Any], *, dataset_name: str | None = None) -> list[EvalResult]:
+    """Turn evaluation metrics into ``model-index`` entries (one task, one dataset, many metrics).
+
+    Args:
+        metrics: a validated evaluation dict (see `load_eval_results`).
+        dataset_name: pretty dataset name; defaults to the dataset id.
+
+    Returns:
+        One `EvalResult` per metric: R@1/5/10 and ranks for both directions, then RSUM.
+    """
+    common = {
+        "task_type": TASK_TYPE,
+        "task_name": "Image-text retrieval",
+        "dataset_type": metrics["dataset"],
+        "dataset_name": dataset_name or metrics["dataset"],
+        "dataset_split": metrics["split"],
+    }
+    results = []
+    for direction, label in DIRECTIONS.items():
+        block = metrics[direction]
+        for key in RECALL_KEYS + RANK_KEYS:
+            if key not in block:
+                continue
+            metric_type = f"{direction}_{key.lower().replace('@', '')}"  # e.g. i2t_r1, t2i_medr
+            name = f"{label} {METRIC_NAMES[key]}"
+            results.append(
+                EvalResult(metric_type=metric_type, metric_name=name, metric_value=block[key], **common)
+            )
+    results.append(EvalResult(metric_type="rsum", metric_name="RSUM", metric_value=metrics["rsum"], **common))
+    return results
+
+
+def read_settings(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """T-EMDE settings of a checkpoint, read from its ``config.json`` (no model is built).
+
+    Raises:
+        ValueError: ``config.json`` is missing or is not a T-EMDE config.
+    """
+    config_path = Path(checkpoint_dir) / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{config_path} not found: pass a folder written by `model.save_pretrained`")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "temde":
+        raise ValueError(f"{config_path}: model_type is {config.get('model_type')!r}, expected 'temde'")
+    settings: dict[str, Any] = {
+        "vision_model_type": (config.get("vision_config") or {}).get("model_type", "?"),
+        "text_model_type": (config.get("text_config") or {}).get("model_type", "?"),
+    }
+    for key in SETTING_KEYS:
+        if key in config:
+            settings[key] = config[key]
+    if "sketch_width" not in settings and "n_hyperplanes" in config:
+        settings["sketch_width"] = 2 ** int(config["n_hyperplanes"])
+    if "embed_dim" not in settings:
+        settings["embed_dim"] = _embed_dim(config)
+    return settings
+
+
+def _embed_dim(config: Mapping[str, Any]) -> int | str:
+    """Final embedding size, for configs that do not store it (D, or D + N*K when concatenated)."""
+    dim = config.get("projection_dim")
+    if dim is None:
+        return "?"
+    if config.get("sketch_fusion", "concat") == "concat":
+        return int(dim) + int(config.get("n_sketches", 0)) * 2 ** int(config.get("n_hyperplanes", 0))
+    return int(dim)
+
+
+def render_model_card(
+    checkpoint_dir: str | Path,
+    eval_json: str | Path | Mapping[str, Any] | None,
+    *,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    base_models: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    training_info: Mapping[str, Any] | None = None,
+    license: str = "apache-2.0",
+    tags: Sequence[str] = (),
+    widget: list[dict[str, Any]] | None = None,
+    dataset_name: str | None = None,
+    eval_block: str = "full",
+    template_path: str | Path = TEMPLATE_PATH,
+) -> ModelCard:
+    """Render the model card of a checkpoint from its config and its measured results.
+
+    Args:
+        checkpoint_dir: folder written by `save_pretrained` (its ``config.json`` gives the settings).
+        eval_json: evaluation JSON path or dict; ``None`` renders a card without results.
+        repo_id: Hub repo id used in the usage snippet (defaults to the folder name).
+        model_name: title and ``model-index`` name (defaults to the repo name).
+        base_models: Hub ids of the pretrained towers (``base_model`` in the metadata).
+        datasets: Hub ids / names of the training data; defaults to the evaluation dataset.
+        training_info: flat training settings (epochs, batch size, loss, ...) shown as a table.
+        license: SPDX-style license id of the weights.
+        tags: extra tags on top of the T-EMDE ones.
+        widget: Hub widget examples; defaults to one zero-shot classification example.
+        dataset_name: the evaluation dataset's name (default: from the JSON).
+        eval_block: ``"full"`` or ``"folds_mean"`` (see `load_eval_results`).
+        template_path: the jinja template.
+
+    Returns:
+        The rendered `ModelCard`; ``card.save(path)`` writes ``README.md``.
+    """
+    settings = read_settings(checkpoint_dir)
+    results = load_eval_results(eval_json, block=eval_block) if eval_json is not None else None
+    if results is not None and dataset_name:
+        results["dataset"] = dataset_name
+    repo_id = repo_id or Path(checkpoint_dir).resolve().name
+    model_name = model_name or repo_id.split("/")[-1]
+    datasets = list(datasets) if datasets else ([results["dataset"]] if results else None)
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        license=license,
+        language="en",
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
+        datasets=datasets,
+        base_model=list(base_models) if base_models else None,
+        metrics=["recall"] if results else None,
+        eval_results=build_eval_results(results) if results else None,
+        widget=DEFAULT_WIDGET if widget is None else widget,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        repo_id=repo_id,
+        settings=settings,
+        results=results,
+        base_models=list(base_models or []),
+        datasets_text=", ".join(datasets) if datasets else "its training data",
+        training_info=dict(training_info or {}),
+    )
+
+
+def write_model_card(
+    checkpoint_dir: str | Path,
+    eval_json: str | Path | Mapping[str, Any] | None,
+    out_path: str | Path,
+    **kwargs: Any,
+) -> Path:
+    """Render the card (see `render_model_card`) and save it; returns the written path."""
+    card = render_model_card(checkpoint_dir, eval_json, **kwargs)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    card.save(out_path)
+    return out_path

@@ -1,0 +1,130 @@
+"""Model cards: rendered from the checkpoint config + an evaluation JSON, never hand-written numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hub_tiny import make_tiny_checkpoint
+from huggingface_hub import ModelCard
+
+from temde_hf.evaluation.metrics import metrics_from_ranks
+from temde_hf.hub.model_card import load_eval_results, render_model_card, write_model_card
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("card") / "tiny-temde")
+
+
+def _evaluate_layout(seed: int = 3) -> dict:
+    """A `temde-hf evaluate`-style metrics.json, from real rank computations on random ranks."""
+    gen = torch.Generator().manual_seed(seed)
+    i2t, t2i = torch.randint(0, 30, (40,), generator=gen), torch.randint(0, 40, (200,), generator=gen)
+    full = metrics_from_ranks(i2t, t2i)
+    folds = [metrics_from_ranks(i2t[:10], t2i[:50]), metrics_from_ranks(i2t[10:], t2i[50:])]  # uneven
+    folds_mean = {key: sum(f[key] for f in folds) / 2 for key in full}
+    return {
+        "n_images": 40,
+        "n_captions": 200,
+        "full": full,
+        "folds": folds,
+        "folds_mean": folds_mean,
+        "checkpoint": "runs/tiny",
+        "data": "../shared/data/flickr8k-800/dataset_flickr8k.json",
+        "split": "test",
+        "embed_dim": 48,
+    }
+
+
+def _model_index_metrics(card_path: Path) -> dict[str, float]:
+    text = card_path.read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    (entry,) = header["model-index"]
+    (result,) = entry["results"]
+    assert result["dataset"]["split"] == "test"
+    return {m["type"]: m["value"] for m in result["metrics"]}
+
+
+def test_card_yaml_parses_and_model_index_equals_eval_json(checkpoint: Path, tmp_path: Path) -> None:
+    metrics = _evaluate_layout()
+    eval_path = tmp_path / "metrics.json"
+    eval_path.write_text(json.dumps(metrics))
+    card_path = write_model_card(
+        checkpoint,
+        eval_path,
+        tmp_path / "README.md",
+        repo_id="someone/tiny-temde",
+        base_models=["google/vit-base-patch16-224-in21k"],
+        training_info={"epochs": 3, "batch_size": 32},
+    )
+    values = _model_index_metrics(card_path)
+    full = metrics["full"]
+    for direction in ("i2t", "t2i"):
+        for key in ("r1", "r5", "r10", "medr", "meanr"):
+            assert values[f"{direction}_{key}"] == full[f"{direction}_{key}"]
+    assert values["rsum"] == full["rsum"]
+
+    card = ModelCard.load(card_path)
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert card.data.base_model == ["google/vit-base-patch16-224-in21k"]
+    assert card.data.datasets == ["flickr8k-800"]
+    assert card.data.widget and card.data.widget[0]["candidate_labels"]
+    assert {r.metric_value for r in card.data.eval_results} >= {full["rsum"], full["i2t_r1"]}
+    # the results table in the prose shows the same numbers, and the settings come from config.json
+    assert f"**RSUM: {full['rsum']}**" in card.text
+    assert "| `n_sketches` | 4 |" in card.text and "| `sketch_width` | 8 |" in card.text
+    assert "| `epochs` | 3 |" in card.text
+    assert "2105.04242" in card.text and "2006.01894" in card.text
+    assert "someone/tiny-temde" in card.text
+
+
+def test_folds_mean_block_and_nested_layout(checkpoint: Path) -> None:
+    metrics = _evaluate_layout(seed=5)
+    card = render_model_card(checkpoint, metrics, eval_block="folds_mean", dataset_name="coco")
+    header = yaml.safe_load(str(card).split("---")[1])
+    values = {m["type"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
+    assert values["rsum"] == metrics["folds_mean"]["rsum"] != metrics["full"]["rsum"]
+    assert header["model-index"][0]["results"][0]["dataset"]["type"] == "coco"
+
+    nested = {
+        "dataset": "flickr8k",
+        "split": "val",
+        "i2t": {"R@1": 10.0, "R@5": 30.0, "R@10": 45.0},
+        "t2i": {"R@1": 8.0, "R@5": 26.0, "R@10": 40.0},
+        "rsum": 159.0,
+    }
+    card = render_model_card(checkpoint, nested)
+    values = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert values == {
+        "i2t_r1": 10.0,
+        "i2t_r5": 30.0,
+        "i2t_r10": 45.0,
+        "t2i_r1": 8.0,
+        "t2i_r5": 26.0,
+        "t2i_r10": 40.0,
+        "rsum": 159.0,
+    }
+
+
+def test_card_without_results_and_bad_inputs(checkpoint: Path, tmp_path: Path) -> None:
+    card = render_model_card(checkpoint, None)
+    assert card.data.eval_results is None and "No evaluation results" in card.text
+    with pytest.raises(ValueError, match=r"t2i\.R@5"):
+        load_eval_results(
+            {
+                "dataset": "x",
+                "split": "test",
+                "i2t": {"R@1": 1, "R@5": 1, "R@10": 1},
+                "t2i": {"R@1": 1, "R@10": 1},
+                "rsum": 3,
+            }
+        )
+    with pytest.raises(ValueError, match="does not exist"):
+        load_eval_results(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match=r"config\.json"):
+        render_model_card(tmp_path, None)

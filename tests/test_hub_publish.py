@@ -1,0 +1,166 @@
+"""Publishing: the exported folder is exactly what is uploaded, and it loads without temde_hf."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from hub_tiny import make_colour_gallery, make_tiny_checkpoint
+from PIL import Image
+from safetensors.torch import load_file
+
+from temde_hf.hub.publish import export_for_hub, main, push_to_hub
+
+TEXTS = ["a red square", "a blue dog on the grass", "this is a photo of a cat"]
+EVAL = {
+    "dataset": "flickr8k",
+    "split": "test",
+    "i2t": {"R@1": 1.0, "R@5": 5.0, "R@10": 10.0},
+    "t2i": {"R@1": 2.0, "R@5": 6.0, "R@10": 11.0},
+    "rsum": 35.0,
+}
+
+# Runs in a fresh interpreter, outside the repository, with temde_hf made unimportable: only the
+# exported folder's remote code can build the model.
+CLEAN_LOAD = textwrap.dedent(
+    """
+    import json, sys
+
+    class BlockTemde:
+        def find_spec(self, name, path=None, target=None):
+            if name == "temde_hf" or name.startswith("temde_hf."):
+                raise ModuleNotFoundError("temde_hf is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, BlockTemde())
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import AutoModel, AutoProcessor, pipeline
+
+    export, image_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    texts = json.loads(sys.argv[4])
+    model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+    batch = processor(images=[Image.open(image_path)], text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        text = model.get_text_features(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).pooler_output
+    classifier = pipeline("zero-shot-image-classification", model=export, trust_remote_code=True)
+    scores = classifier(Image.open(image_path), candidate_labels=["red", "blue", "green"])
+    save_file({"image": image.contiguous(), "text": text.contiguous()}, out)
+    print(json.dumps({
+        "model_module": type(model).__module__,
+        "processor_class": type(processor).__name__,
+        "pipeline_scores": scores,
+        "temde_hf_loaded": any(m.split(".")[0] == "temde_hf" for m in sys.modules),
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("publish") / "tiny-temde")
+    # training leftovers that must never be uploaded
+    torch.save({"step": 1}, folder / "optimizer.pt")
+    (folder / "pytorch_model.bin").write_bytes(b"not really weights")
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "checkpoint-10").mkdir()
+    return folder
+
+
+def test_export_holds_exactly_the_hub_files(checkpoint: Path, tmp_path: Path) -> None:
+    report = export_for_hub(checkpoint, tmp_path / "export", eval_json=EVAL, repo_id="someone/tiny")
+    exported = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert exported == report.files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "README.md",
+        "handler.py",
+        "modeling_temde.py",
+        "configuration_temde.py",
+        "processing_temde.py",
+    } <= set(exported)
+    assert not [n for n in exported if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    assert set(report.skipped) == {"optimizer.pt", "pytorch_model.bin", "trainer_state.json", "checkpoint-10"}
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    for ref in config["auto_map"].values():  # every auto_map module ships
+        assert (tmp_path / "export" / f"{ref.split('.')[0]}.py").is_file()
+    processor_config = json.loads((tmp_path / "export" / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_temde.TemdeProcessor"
+    assert "rsum" in (tmp_path / "export" / "README.md").read_text()
+    with pytest.raises(ValueError, match="not empty"):
+        export_for_hub(checkpoint, tmp_path / "export")
+
+
+def test_export_refuses_pickle_only_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "temde", "auto_map": {}}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
+        export_for_hub(tmp_path, tmp_path / "out")
+
+
+def test_dry_run_uploads_nothing_and_push_uploads_the_export(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: calls.append(("create_repo", k)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **k: calls.append(("upload_folder", k)))
+    report = main(
+        [str(checkpoint), "--repo-id", "someone/tiny", "--out-dir", str(tmp_path / "dry"), "--dry-run"]
+    )
+    assert calls == [] and "model.safetensors" in report.files
+    push_to_hub(checkpoint, "someone/tiny", out_dir=tmp_path / "real", eval_json=EVAL)
+    assert [name for name, _ in calls] == ["create_repo", "upload_folder"]
+    assert calls[1][1]["folder_path"] == str(tmp_path / "real")
+    assert calls[1][1]["repo_id"] == "someone/tiny"
+
+
+@pytest.mark.slow
+def test_export_loads_in_clean_subprocess_with_same_embeddings(checkpoint: Path, tmp_path: Path) -> None:
+    from temde_hf import TemdeModel, TemdeProcessor
+
+    export = tmp_path / "export"
+    export_for_hub(checkpoint, export, eval_json=EVAL)
+    image_path = make_colour_gallery(tmp_path / "images")["orange"]
+    script = tmp_path / "clean_load.py"
+    script.write_text(CLEAN_LOAD)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    out = tmp_path / "embeds.safetensors"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(export), str(image_path), str(out), json.dumps(TEXTS)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["model_module"].startswith("transformers_modules"), info  # remote code, not the package
+    assert info["processor_class"] == "TemdeProcessor" and not info["temde_hf_loaded"]
+
+    model = TemdeModel.from_pretrained(checkpoint).eval()
+    processor = TemdeProcessor.from_pretrained(checkpoint)
+    batch = processor(images=[Image.open(image_path)], text=TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        text = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    remote = load_file(out)
+    torch.testing.assert_close(remote["image"], image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(remote["text"], text.pooler_output, atol=1e-5, rtol=1e-5)
+    scores = [s["score"] for s in info["pipeline_scores"]]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-5
