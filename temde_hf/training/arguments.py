@@ -1,0 +1,249 @@
+"""Training settings as dataclasses, parsed by `transformers.HfArgumentParser`.
+
+A run is configured by an optional YAML/JSON file (``train_temde.py flickr30k.yaml``) whose keys are the
+field names below (flat, or grouped under ``model:`` / ``data:`` / ``training:``), overridden by CLI
+flags (``--learning_rate 1e-4``). The resolved settings are written to the output folder with the run,
+so a checkpoint always says how it was made. The model config holds the architecture only; everything
+about *how* it is trained lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+SECTIONS = ("model", "data", "training")
+
+
+@dataclass
+class ModelArguments:
+    """What to train: the towers (local folders) or a full model config, and the architecture overrides."""
+
+    vision_model_path: str | None = field(
+        default=None, metadata={"help": "local folder of the pretrained vision tower (config + weights)"}
+    )
+    text_model_path: str | None = field(
+        default=None, metadata={"help": "local folder of the pretrained text tower (+ its tokenizer)"}
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "a TemdeConfig JSON (or folder) to build a randomly initialised model from"},
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "a saved TemdeModel folder to continue from (weights + config)"}
+    )
+    image_processor_path: str | None = field(
+        default=None, metadata={"help": "folder of the image processor; defaults to vision_model_path"}
+    )
+    tokenizer_path: str | None = field(
+        default=None, metadata={"help": "folder of the tokenizer; defaults to text_model_path"}
+    )
+    projection_dim: int | None = field(default=None, metadata={"help": "D, the joint token space"})
+    pooling: str | None = field(default=None, metadata={"help": "pooler | cls | mean | attention"})
+    sketch_fusion: str | None = field(default=None, metadata={"help": "concat | replace | none"})
+    sketch_coder: str | None = field(default=None, metadata={"help": "soft_dlsh | anchor"})
+    n_sketches: int | None = field(default=None, metadata={"help": "N, sketch depth"})
+    n_hyperplanes: int | None = field(default=None, metadata={"help": "H; sketch width K = 2**H"})
+    sketch_temperature: float | None = field(default=None, metadata={"help": "tau of the soft coder"})
+    learn_sketch_temperature: bool | None = field(default=None, metadata={"help": "learn log tau"})
+    sketch_weight: float | None = field(default=None, metadata={"help": "lambda of the concat fusion"})
+    loss_type: str | None = field(default=None, metadata={"help": "info_nce | vse_hinge"})
+    margin: float | None = field(default=None, metadata={"help": "hinge margin (vse_hinge)"})
+    max_violation: bool | None = field(default=None, metadata={"help": "hardest negative only (vse_hinge)"})
+
+    def config_overrides(self) -> dict[str, Any]:
+        """The architecture fields that were set, as `TemdeConfig` keyword arguments."""
+        skip = {"vision_model_path", "text_model_path", "model_config", "init_from"}
+        skip |= {"image_processor_path", "tokenizer_path"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and v is not None}
+
+
+@dataclass
+class DataArguments:
+    """Where the image-caption pairs come from (Karpathy split JSON, or generated synthetic data)."""
+
+    karpathy_json: str | None = field(
+        default=None, metadata={"help": "dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json"}
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "image folder; defaults to images/ beside the JSON"}
+    )
+    synthetic_images: int = field(
+        default=0, metadata={"help": "if > 0 and no karpathy_json: generate this many synthetic images"}
+    )
+    train_split: str = field(default="train")
+    eval_split: str = field(default="val")
+    max_train_images: int | None = field(default=None, metadata={"help": "keep the first N train images"})
+    max_eval_images: int | None = field(default=None, metadata={"help": "keep the first N eval images"})
+    max_text_length: int = field(default=64, metadata={"help": "truncate captions to this many tokens"})
+    dataloader_num_workers: int = field(default=0)
+
+
+@dataclass
+class TemdeTrainingArguments:
+    """How to train: schedule, optimisation, negatives, checkpoints, evaluation and logging."""
+
+    output_dir: str = field(default="outputs/temde", metadata={"help": "run folder (created)"})
+    seed: int = field(default=42)
+    num_train_epochs: float = field(default=1.0)
+    max_steps: int = field(default=-1, metadata={"help": "> 0 overrides num_train_epochs"})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "micro-batch per process"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per step; all of their pairs are negatives of each other"}
+    )
+    per_device_eval_batch_size: int = field(default=64)
+    learning_rate: float = field(default=2e-4, metadata={"help": "LR of the heads (projections, sketch)"})
+    vision_lr_multiplier: float = field(default=0.1, metadata={"help": "vision tower LR = this * LR"})
+    text_lr_multiplier: float = field(default=0.1, metadata={"help": "text tower LR = this * LR"})
+    weight_decay: float = field(default=0.05)
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.98)
+    adam_epsilon: float = field(default=1e-6)
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine | step | constant"})
+    warmup_steps: int = field(default=0)
+    warmup_ratio: float = field(default=0.0, metadata={"help": "used when warmup_steps is 0"})
+    lr_step_size: int = field(
+        default=0, metadata={"help": "step schedule: decay every N steps (0: per epoch)"}
+    )
+    lr_step_gamma: float = field(default=0.1, metadata={"help": "step schedule: decay factor"})
+    max_grad_norm: float = field(default=2.0, metadata={"help": "<= 0 disables clipping"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    gradient_checkpointing: bool = field(default=False)
+    freeze_vision_tower: bool = field(default=False)
+    freeze_text_tower: bool = field(default=False)
+    max_logit_scale: float = field(default=100.0, metadata={"help": "clamp exp(logit_scale) to this"})
+    negatives: str = field(
+        default="global", metadata={"help": "global: gather all processes' pairs (with grads) | local"}
+    )
+    vse_warmup_epochs: float = field(
+        default=0.0, metadata={"help": "vse_hinge: epochs of all-negatives loss before max violation"}
+    )
+    sketch_init_batches: int = field(
+        default=4, metadata={"help": "batches of token features for the sketch's median init (0: none)"}
+    )
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    save_total_limit: int = field(default=3, metadata={"help": "keep the last N checkpoints"})
+    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: every epoch)"})
+    metric_for_best_model: str = field(default="rsum")
+    logging_steps: int = field(default=10)
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none"})
+    stop_after_steps: int = field(
+        default=-1, metadata={"help": "simulate a pre-emption: checkpoint and stop after N steps"}
+    )
+    disable_tqdm: bool = field(default=False)
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TemdeTrainingArguments)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML/JSON settings file into a flat dict (sections ``model``/``data``/``training`` merged)."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise FileNotFoundError(f"training config {path} cannot be read: {error}") from error
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of setting -> value at the top level")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check_keys(values: dict[str, Any], source: Path) -> None:
+    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown setting(s) {unknown}; see `train_temde.py --help` for the valid names"
+        )
+
+
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, TemdeTrainingArguments]:
+    """Parse ``[CONFIG.yaml|json] [--flag value ...]``: file values first, CLI flags over them.
+
+    Args:
+        argv: Arguments without the program name (``None``: an empty list, never ``sys.argv``).
+
+    Returns:
+        The three settings dataclasses.
+
+    Raises:
+        ValueError: An unknown key in the config file, or an invalid choice.
+    """
+    argv = list(argv or [])
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
+        path = Path(argv.pop(0))
+        values = _read_config_file(path)
+        _check_keys(values, path)
+        # file values become the parser's defaults, so explicit flags still win
+        parser.set_defaults(**values)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    validate(model_args, data_args, train_args)
+    return model_args, data_args, train_args
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"--{name} {value!r} is not one of {list(allowed)}")
+
+
+def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTrainingArguments) -> None:
+    """Reject inconsistent settings early, naming the flag and the fix."""
+    _choice("mixed_precision", args.mixed_precision, ("no", "fp16", "bf16"))
+    _choice("lr_scheduler_type", args.lr_scheduler_type, ("cosine", "step", "constant"))
+    _choice("negatives", args.negatives, ("global", "local"))
+    _choice("report_to", args.report_to, ("tensorboard", "none"))
+    sources = [model_args.init_from, model_args.model_config, model_args.vision_model_path]
+    if sum(s is not None for s in sources) != 1:
+        raise ValueError(
+            "give exactly one model source: --vision_model_path + --text_model_path (pretrained towers), "
+            "--model_config (random init) or --init_from (a saved TemdeModel)"
+        )
+    if model_args.vision_model_path is not None and model_args.text_model_path is None:
+        raise ValueError("--vision_model_path needs --text_model_path (the text tower folder)")
+    if data_args.karpathy_json is None and data_args.synthetic_images <= 0:
+        raise ValueError("no training data: set --karpathy_json or --synthetic_images N")
+    if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+    if args.max_logit_scale <= 1.0:
+        raise ValueError("--max_logit_scale must be > 1 (it bounds exp(logit_scale); CLIP uses 100)")
+
+
+def save_run_settings(
+    output_dir: str | Path,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TemdeTrainingArguments,
+) -> Path:
+    """Write the resolved settings to ``output_dir/run_settings.yaml`` (re-usable as a config file).
+
+    Returns:
+        The written path.
+    """
+    path = Path(output_dir) / "run_settings.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": dataclasses.asdict(model_args),
+        "data": dataclasses.asdict(data_args),
+        "training": dataclasses.asdict(train_args),
+    }
+    path.write_text(yaml.safe_dump(payload, sort_keys=False))
+    return path

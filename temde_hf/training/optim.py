@@ -1,0 +1,115 @@
+"""Optimizer and learning-rate schedule: per-tower LR multipliers, frozen towers, warm-up + decay.
+
+Pretrained towers usually want a smaller LR than the freshly initialised heads (projections, pooling,
+sketch, ``logit_scale``); a tower can also be frozen entirely. Parameters are grouped by their
+checkpoint name prefix (``vision_model.`` / ``text_model.`` / the rest).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from .arguments import TemdeTrainingArguments
+
+TOWER_PREFIXES = {"vision": "vision_model.", "text": "text_model."}
+
+
+def freeze_towers(model: nn.Module, freeze_vision: bool, freeze_text: bool) -> None:
+    """Turn off gradients of the chosen towers (their parameters then join no optimizer group)."""
+    frozen = [TOWER_PREFIXES[t] for t, f in (("vision", freeze_vision), ("text", freeze_text)) if f]
+    for name, param in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in frozen):
+            param.requires_grad_(False)
+
+
+def _part(name: str) -> str:
+    for part, prefix in TOWER_PREFIXES.items():
+        if name.startswith(prefix):
+            return part
+    return "head"
+
+
+def _decays(name: str, param: nn.Parameter) -> bool:
+    # biases, norms, scalars (logit_scale, temperatures) are not weight-decayed
+    return param.ndim >= 2 and "norm" not in name.lower()
+
+
+def build_param_groups(model: nn.Module, args: TemdeTrainingArguments) -> list[dict]:
+    """Trainable parameters in groups of (part, decay) with their own LR and weight decay.
+
+    Returns:
+        Groups for `torch.optim.AdamW`; each carries ``name`` (e.g. ``"vision/decay"``) for logging.
+    """
+    lr = {
+        "vision": args.learning_rate * args.vision_lr_multiplier,
+        "text": args.learning_rate * args.text_lr_multiplier,
+        "head": args.learning_rate,
+    }
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((_part(name), _decays(name, param)), []).append(param)
+    if not groups:
+        raise ValueError("no trainable parameters: both towers are frozen and the model has no heads")
+    return [
+        {
+            "name": f"{part}/{'decay' if decay else 'no_decay'}",
+            "params": params,
+            "lr": lr[part],
+            "weight_decay": args.weight_decay if decay else 0.0,
+        }
+        for (part, decay), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: nn.Module, args: TemdeTrainingArguments) -> torch.optim.Optimizer:
+    """AdamW over `build_param_groups`."""
+    return torch.optim.AdamW(
+        build_param_groups(model, args),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+
+
+def lr_lambda(
+    kind: str, total_steps: int, warmup_steps: int, step_size: int, gamma: float
+) -> Callable[[int], float]:
+    """The LR multiplier at each step: linear warm-up, then cosine to 0 / step decay / constant.
+
+    Args:
+        kind: ``"cosine"``, ``"step"`` or ``"constant"``.
+        total_steps: Optimizer steps of the whole run.
+        warmup_steps: Steps of linear warm-up from 0.
+        step_size: ``"step"``: multiply by `gamma` every `step_size` steps after warm-up.
+        gamma: ``"step"``: decay factor.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        after = step - warmup_steps
+        if kind == "cosine":
+            progress = after / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "step":
+            return gamma ** (after // max(1, step_size))
+        return 1.0
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, args: TemdeTrainingArguments, total_steps: int, steps_per_epoch: int
+) -> LambdaLR:
+    """The LR schedule of `args` for a run of `total_steps` optimizer steps."""
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    step_size = args.lr_step_size or steps_per_epoch
+    return LambdaLR(
+        optimizer, lr_lambda(args.lr_scheduler_type, total_steps, warmup, step_size, args.lr_step_gamma)
+    )
