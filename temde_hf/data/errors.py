@@ -67,5 +67,6 @@ def handle_bad_entry(entry: str, reason: str, fix: str, on_error: OnError, repor
         report: Where a skip is counted.
     """
     if on_error == "raise":
+        fix = fix[:1].upper() + fix[1:]
         raise DataError(f"{entry}: {reason}. {fix} (or pass on_error='skip' to leave such entries out)")
     report.skipped.append((entry, reason))

@@ -1,0 +1,149 @@
+"""Bad data raises a `DataError` naming the file / entry and the fix, or is skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from temde_hf.data import (
+    CaptionPairs,
+    DataError,
+    LoadReport,
+    load_caption_csv,
+    load_coco_captions,
+    load_imagefolder,
+    load_karpathy,
+    make_synthetic_karpathy,
+)
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> Path:
+    return make_synthetic_karpathy(tmp_path / "syn", n_images=6, seed=1)
+
+
+def _entries(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_missing_image_raises_naming_file_or_is_skipped(
+    synthetic: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (synthetic.parent / "images" / "img_00002.png").unlink()
+    with pytest.raises(DataError, match=r"images\[2\] \(img_00002.png\).*image file not found.*image root"):
+        load_karpathy(synthetic)
+    report = LoadReport()
+    with caplog.at_level(logging.WARNING, logger="temde_hf.data"):
+        dataset = load_karpathy(synthetic, on_error="skip", report=report)
+    assert len(dataset) == 5 and report.n_skipped == 1 and report.n_loaded == 5
+    assert "img_00002" in report.skipped[0][0]
+    assert "img_00002" not in dataset["image_id"]
+    assert "skipped 1" in caplog.text
+    # the remaining rows keep their own captions (no shift after the gap)
+    data = _entries(synthetic)
+    kept = [e for e in data["images"] if e["filename"] != "img_00002.png"]
+    assert dataset["captions"] == [[s["raw"] for s in e["sentences"]] for e in kept]
+
+
+def test_corrupt_image_found_by_verify_and_at_decode_time(synthetic: Path) -> None:
+    bad = synthetic.parent / "images" / "img_00004.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated PNG
+    with pytest.raises(DataError, match=r"img_00004.png.*cannot be decoded.*Replace the file"):
+        load_karpathy(synthetic, verify_images=True)
+    assert len(load_karpathy(synthetic, verify_images=True, on_error="skip")) == 5
+    # without verification the load succeeds, and decoding later names the file
+    pairs = CaptionPairs(load_karpathy(synthetic))
+    with pytest.raises(DataError, match=r"img_00004.png: image cannot be decoded"):
+        pairs[4 * 5 + 1]
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match=r"img_00004\.png"):
+        load_karpathy(synthetic, verify_images=True)
+
+
+def test_malformed_and_truncated_json(synthetic: Path, tmp_path: Path) -> None:
+    text = synthetic.read_text()
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(text[: len(text) // 2])
+    with pytest.raises(
+        DataError, match=r"truncated.json: not valid JSON .*line 1.*download or extract it again"
+    ):
+        load_karpathy(truncated, synthetic.parent / "images")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(DataError, match=r"wrong.json: no 'images' list.*load_coco_captions"):
+        load_karpathy(wrong)
+    with pytest.raises(DataError, match=r"missing.json: file not found"):
+        load_karpathy(tmp_path / "missing.json")
+    data = _entries(synthetic)
+    del data["images"][1]["sentences"]
+    synthetic.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"images\[1\]: is not an object with 'filename' and 'sentences'"):
+        load_karpathy(synthetic)
+    assert len(load_karpathy(synthetic, on_error="skip")) == 5
+
+
+def test_fewer_than_five_captions(synthetic: Path) -> None:
+    data = _entries(synthetic)
+    data["images"][3]["sentences"] = data["images"][3]["sentences"][:3]
+    synthetic.write_text(json.dumps(data))
+    with pytest.raises(
+        DataError, match=r"images\[3\] \(img_00003.png\): has 3 captions, fewer than the 5.*n_captions=3"
+    ):
+        load_karpathy(synthetic)
+    report = LoadReport()
+    assert len(load_karpathy(synthetic, on_error="skip", report=report)) == 5
+    assert "fewer than the 5" in report.summary()
+    variable = load_karpathy(synthetic, n_captions=None)
+    assert [len(c) for c in variable["captions"]] == [5, 5, 5, 3, 5, 5]
+
+
+def test_csv_errors(tmp_path: Path, synthetic: Path) -> None:
+    no_header = tmp_path / "a.csv"
+    no_header.write_text("img_00000.png,a caption\n")
+    with pytest.raises(DataError, match=r"a.csv: the first line must be the header 'image,caption'"):
+        load_caption_csv(no_header, synthetic.parent / "images")
+    truncated = tmp_path / "b.csv"
+    truncated.write_text("image,caption\n" + "img_00000.png,a red thing\n" * 5 + "img_00001.png\n")
+    with pytest.raises(DataError, match=r"b.csv: line 7: has no caption.*truncated"):
+        load_caption_csv(truncated, synthetic.parent / "images")
+    assert load_caption_csv(truncated, synthetic.parent / "images", on_error="skip")["image_id"] == [
+        "img_00000"
+    ]
+
+
+def test_coco_annotation_of_unknown_image(tmp_path: Path, synthetic: Path) -> None:
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "img_00000.png"}],
+                "annotations": [{"id": 5, "image_id": 2, "caption": "x"}],
+            }
+        )
+    )
+    with pytest.raises(DataError, match=r"annotations\[0\] refers to image_id 2, which is not in 'images'"):
+        load_coco_captions(path, synthetic.parent / "images")
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"metadata.jsonl: file not found"):
+        load_imagefolder(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "captions": ["x"]}\n{"file_na')
+    with pytest.raises(DataError, match=r"metadata.jsonl: line 2: not valid JSON"):
+        load_imagefolder(tmp_path)
+
+
+def test_duplicate_image_ids_are_an_error(synthetic: Path) -> None:
+    data = _entries(synthetic)
+    data["images"][2]["filename"] = data["images"][1]["filename"]
+    synthetic.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"image id 'img_00001' already used by .*images\[1\]"):
+        load_karpathy(synthetic)
+
+
+def test_unknown_on_error_mode(synthetic: Path) -> None:
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip'"):
+        load_karpathy(synthetic, on_error="ignore")
