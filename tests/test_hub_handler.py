@@ -1,0 +1,86 @@
+"""The Inference Endpoints handler, run locally on an exported folder."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from hub_tiny import make_colour_gallery, make_tiny_checkpoint
+from PIL import Image
+
+from temde_hf.hub.publish import export_for_hub
+
+LABELS = ["red", "green", "blue", "a dog on the grass"]
+
+
+@pytest.fixture(scope="module")
+def handler_and_model(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("handler")
+    checkpoint = make_tiny_checkpoint(root / "tiny", seed=1)
+    export_for_hub(checkpoint, root / "export")
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    # load the handler.py that ships in the export, as Inference Endpoints would
+    spec = spec_from_file_location("exported_handler", root / "export" / "handler.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler = module.EndpointHandler(str(root / "export"))
+    image = Image.open(make_colour_gallery(root / "images")["green"]).convert("RGB")
+    return handler, handler.model, handler.processor, image
+
+
+def test_candidate_labels_give_sorted_scores_matching_the_model(handler_and_model) -> None:
+    handler, model, processor, image = handler_and_model
+    result = handler({"inputs": image, "parameters": {"candidate_labels": LABELS}})
+    scores = [r["score"] for r in result]
+    assert sorted(r["label"] for r in result) == sorted(LABELS)
+    assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-5)
+    batch = processor(
+        images=[image], text=[f"This is a photo of {label}." for label in LABELS], return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image[0].softmax(-1)
+    by_label = {r["label"]: r["score"] for r in result}
+    assert [by_label[label] for label in LABELS] == pytest.approx(expected.tolist(), abs=1e-5)
+    # comma-separated labels and base64 images (the JSON form of a request) give the same answer
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    again = handler({"inputs": encoded, "parameters": {"candidate_labels": ", ".join(LABELS)}})
+    assert [r["label"] for r in again] == [r["label"] for r in result]
+
+
+def test_image_and_text_embeddings(handler_and_model) -> None:
+    handler, model, processor, image = handler_and_model
+    embed_dim = model.config.embed_dim
+    image_embeds = torch.tensor(handler({"inputs": image})["image_embeds"])
+    assert image_embeds.shape == (1, embed_dim)
+    with torch.no_grad():
+        expected = model.get_image_features(
+            pixel_values=processor(images=[image])["pixel_values"]
+        ).pooler_output
+    torch.testing.assert_close(image_embeds, expected, atol=1e-5, rtol=1e-5)
+
+    text_embeds = torch.tensor(handler({"inputs": ["a red square", "a dog"]})["text_embeds"])
+    assert text_embeds.shape == (2, embed_dim)
+    one = torch.tensor(handler({"inputs": {"text": "a dog"}})["text_embeds"])
+    torch.testing.assert_close(one[0], text_embeds[1], atol=1e-5, rtol=1e-5)
+    assert torch.tensor(handler({"inputs": {"image": image}})["image_embeds"]).shape == (1, embed_dim)
+
+
+def test_bad_requests_are_explained(handler_and_model) -> None:
+    handler = handler_and_model[0]
+    with pytest.raises(ValueError, match="could not be decoded"):
+        handler({"inputs": {"image": b"not an image"}})
+    with pytest.raises(ValueError, match="needs 'inputs'"):
+        handler({"inputs": {"text": []}})
+    with pytest.raises(ValueError, match="unsupported"):
+        handler({"inputs": 3.5})
+
+
+def test_handler_file_does_not_import_the_package() -> None:
+    source = (Path(__file__).parents[1] / "temde_hf" / "hub" / "handler.py").read_text()
+    assert "temde_hf" not in source.split('"""')[2]  # code after the module docstring
