@@ -3,7 +3,7 @@
 A checkpoint ``output_dir/checkpoints/step-00000120/`` holds:
 
 - ``accelerator.save_state`` files: optimizer, LR scheduler, the RNG states of every process;
-- ``model/``: the `TemdeModel` via ``save_pretrained`` (safetensors + config + remote code);
+- ``model.safetensors``: the model's state dict (the final model is saved with ``save_pretrained``);
 - ``trainer_state.json``: step counter, epoch, batches consumed in the epoch, best metric, log history.
 
 It is written to ``.tmp-step-...`` and renamed when complete, so a run killed while saving leaves the
@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
 
 
 @dataclass
@@ -101,7 +101,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        model.save_pretrained(tmp / "model")
+        save_model(model, str(tmp / MODEL_FILE))  # the raw state dict: resume is exact
         state.save(tmp / STATE_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -114,30 +114,22 @@ def save_checkpoint(
     return final
 
 
-def load_model_weights(model: nn.Module, folder: str | Path) -> None:
-    """Load ``save_pretrained`` safetensors weights (single file or sharded) into `model`, strictly."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for name in files:
-            state.update(load_file(folder / name))
-    elif (folder / "model.safetensors").is_file():
-        state = load_file(folder / "model.safetensors")
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors; the checkpoint is incomplete")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied / non-persistent entries may legitimately be absent from the file; new names may not appear
-    if unexpected:
-        raise ValueError(f"{folder}: weights for unknown parameters {unexpected[:5]}; wrong model config?")
-    if missing:
-        raise ValueError(f"{folder}: no weights for {missing[:5]}; the checkpoint is from another model")
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's ``model.safetensors`` (the raw state dict) into `model`, strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete (use an older one)")
+    missing, unexpected = load_model(model, path, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit this model (missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}): resume with the same model settings as the run that wrote it"
+        )
 
 
 def load_checkpoint(accelerator: Any, model: nn.Module, path: str | Path) -> TrainerState:
     """Restore model weights, optimizer, scheduler and RNG states; return the trainer state."""
     path = Path(path)
-    load_model_weights(model, path / "model")
+    load_model_weights(model, path / MODEL_FILE)
     accelerator.load_state(str(path))
     return TrainerState.load(path / STATE_FILE)

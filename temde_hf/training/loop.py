@@ -128,7 +128,7 @@ def _optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():  # CLIP's clamp: exp(logit_scale) <= max_logit_scale
         model.logit_scale.clamp_(max=math.log(args.max_logit_scale))
-    logs["logit_scale"] = float(model.logit_scale.exp())
+    logs["logit_scale"] = float(model.logit_scale.detach().exp())
     return logs
 
 

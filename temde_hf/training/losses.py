@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 
@@ -32,7 +31,30 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return tensor
-    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+    return _GatherWithGrad.apply(tensor)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each process the summed gradient of its rows."""
+
+    @staticmethod
+    def forward(ctx: object, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)  # (world_size * rows, ...)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        # gloo has no reduce-scatter: sum everything, keep this process's rows
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -78,23 +100,40 @@ def contrastive_loss(
     )
 
 
-def sync_gradients(parameters: list[nn.Parameter]) -> None:
-    """Average the gradients of `parameters` over processes (what DDP does), in one flat all-reduce.
+def sync_gradients(parameters: list[nn.Parameter], bucket_numel: int = 2**25) -> None:
+    """Average the gradients of `parameters` over processes (what DDP does), in flat buckets.
 
-    Parameters without a gradient on this process count as zeros, so every process sends the same
-    layout. No-op with one process.
+    Parameters without a gradient on this process count as zeros in the all-reduce, so every process
+    sends the same layout, and keep ``grad=None``. No-op with one process.
+
+    Args:
+        parameters: The trainable parameters, in the same order on every process.
+        bucket_numel: Elements per all-reduce (bounds the extra memory of the flat buffer).
     """
-    n = world_size()
-    if n == 1:
+    if world_size() == 1:
         return
+    bucket: list[nn.Parameter] = []
+    size = 0
+    for param in parameters:
+        bucket.append(param)
+        size += param.numel()
+        if size >= bucket_numel:
+            _average(bucket)
+            bucket, size = [], 0
+    if bucket:
+        _average(bucket)
+
+
+def _average(parameters: list[nn.Parameter]) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
     flat = torch.cat([g.reshape(-1).float() for g in grads])
     dist.all_reduce(flat)
-    flat /= n
+    flat /= world_size()
     offset = 0
     for p, g in zip(parameters, grads):
         numel = g.numel()
-        p.grad = flat[offset : offset + numel].view_as(p).to(p.dtype)
+        if p.grad is not None:  # a parameter the loss never reached keeps no gradient
+            p.grad.copy_(flat[offset : offset + numel].view_as(p))
         offset += numel
 
 

@@ -1,0 +1,118 @@
+"""The real `main([...])` on synthetic data: smoke run + reload, exact resume, NaN stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_training_tiny import make_towers
+from transformers import AutoModel, AutoProcessor
+
+import temde_hf  # noqa: F401  (registers the Auto classes)
+from temde_hf import TemdeModel
+from temde_hf.data import load_karpathy, make_synthetic_karpathy
+from temde_hf.evaluation.encode import encode_dataset
+from temde_hf.evaluation.metrics import retrieval_metrics
+from temde_hf.training.checkpointing import list_checkpoints
+from temde_hf.training.losses import NonFiniteLossError
+from temde_hf.training.train import main
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    vision, text = make_towers(root / "towers", dropout=0.1)  # dropout: resume must replay the RNG
+    data = make_synthetic_karpathy(root / "data", n_images=30, seed=0)  # 18 train / 6 val images
+    return {"root": root, "vision": vision, "text": text, "data": data}
+
+
+def _argv(setup: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--vision_model_path", str(setup["vision"]), "--text_model_path", str(setup["text"]),
+        "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3",
+        "--karpathy_json", str(setup["data"]), "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "2e-3", "--warmup_steps", "2", "--logging_steps", "1",
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", "7", *extra,
+    ]  # fmt: skip
+
+
+def _losses(output_dir: Path) -> dict[int, float]:
+    state = json.loads((list_checkpoints(output_dir)[-1] / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+@pytest.mark.slow
+def test_smoke_run_saves_a_checkpoint_that_reloads_and_evaluates(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    torch.set_num_threads(1)
+    config = tmp_path / "run.yaml"
+    config.write_text("training:\n  num_train_epochs: 2\n  save_steps: 3\n  save_total_limit: 2\n")
+    out = tmp_path / "run"
+    metrics = main([str(config), *_argv(setup, out, "--report_to", "tensorboard")])
+    # 18 images x 5 captions = 90 pairs, 16 per step -> 5 steps per epoch
+    assert metrics["global_step"] == 10 and metrics["train_loss"] > 0
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000009", "step-00000010"]  # keep-last-2
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert (out / "run_settings.yaml").is_file() and (out / "training_curves.png").stat().st_size > 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents*"))
+    final = out / "final"
+    assert (final / "README.md").is_file() and (final / "modeling_temde.py").is_file()
+    # the saved model loads through the Auto classes and reproduces the run's validation metrics
+    model = AutoModel.from_pretrained(final).eval()
+    processor = AutoProcessor.from_pretrained(final)
+    assert isinstance(model, TemdeModel) and bool(model.sketch.initialized)
+    val = load_karpathy(setup["data"], split="val")
+    image_embeds, text_embeds, c2i = encode_dataset(model, processor, val, max_length=64)
+    reloaded = retrieval_metrics(caption_to_image=c2i, image_embeds=image_embeds, text_embeds=text_embeds)
+    assert reloaded["rsum"] == pytest.approx(metrics["eval_rsum"], abs=1e-6)
+    card = json.loads((final / "eval_results.json").read_text())
+    assert card["rsum"] == pytest.approx(metrics["eval_rsum"])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_identical_losses(setup: dict[str, Path], tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    extra = ("--num_train_epochs", "2", "--save_steps", "0", "--max_eval_images", "0")
+    full = tmp_path / "full"
+    main(_argv(setup, full, *extra))
+    cut = tmp_path / "cut"
+    main(_argv(setup, cut, *extra, "--stop_after_steps", "7"))  # pre-empted mid-epoch 2
+    assert [p.name for p in list_checkpoints(cut)] == ["step-00000007"]
+    assert not (cut / "final").exists()
+    main(_argv(setup, cut, *extra, "--resume", "latest"))
+    expected, resumed = _losses(full), _losses(cut)
+    assert sorted(expected) == sorted(resumed) == list(range(1, 11))
+    for step in range(8, 11):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+    # not vacuous: the losses do change from step to step (dropout, data order, updates)
+    assert len({round(v, 6) for v in expected.values()}) == 10
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.set_num_threads(1)
+    calls = {"n": 0}
+    original = TemdeModel.compute_loss
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(TemdeModel, "compute_loss", flaky)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 4 .*step-00000002"):
+        main(_argv(setup, out, "--max_steps", "6", "--save_steps", "2", "--max_eval_images", "0"))
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002"]
+    assert not (out / "final").exists()
+    # the kept checkpoint is usable: resume from it and finish
+    monkeypatch.setattr(TemdeModel, "compute_loss", original)
+    metrics = main(_argv(setup, out, "--max_steps", "6", "--save_steps", "2", "--max_eval_images", "0",
+                         "--resume", "latest"))  # fmt: skip
+    assert metrics["global_step"] == 6 and (out / "final" / "model.safetensors").is_file()
