@@ -175,10 +175,17 @@ class TemdeModel(TemdePreTrainedModel):
                     f"TemdeConfig.{name} is missing: pass {name}=... (a tower config or dict with model_type), "
                     "or build the model with TemdeModel.from_vision_text_pretrained(vision_dir, text_dir)."
                 )
-        if vision_model is not None:
-            config.vision_config = vision_model.config
-        if text_model is not None:
-            config.text_config = text_model.config
+        for name, tower in (("vision_config", vision_model), ("text_config", text_model)):
+            if tower is None:
+                continue
+            declared = getattr(config, name)
+            if declared is not None and tower_hidden_size(declared) != tower_hidden_size(tower.config):
+                raise ValueError(
+                    f"The {name.split('_')[0]} tower outputs {tower_hidden_size(tower.config)} features but "
+                    f"TemdeConfig.{name} declares {tower_hidden_size(declared)}: pass the tower's own config "
+                    "(or leave it out and the tower's config is used)."
+                )
+            setattr(config, name, tower.config)
         super().__init__(config)
         self.vision_model = vision_model if vision_model is not None else _build_tower(config.vision_config)
         self.text_model = text_model if text_model is not None else _build_tower(config.text_config)
@@ -415,7 +422,10 @@ class TemdeModel(TemdePreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> TemdeOutput | tuple[Any, ...]:
-        """Embed images and captions, score every pair and (optionally) compute the loss.
+        """Embed images and/or captions, score every pair and (optionally) compute the loss.
+
+        With only one modality the output holds just its embeddings (this is what transformers'
+        `feature-extraction` / `image-feature-extraction` pipelines call).
 
         Args:
             input_ids: `(n_texts, seq_len)`; attention_mask likewise.
@@ -423,40 +433,46 @@ class TemdeModel(TemdePreTrainedModel):
             return_loss: compute `config.loss_type` on the row-paired batch (needs n_images == n_texts).
 
         Returns:
-            [`TemdeOutput`] with `logits_per_image` `(n_images, n_texts)`.
+            [`TemdeOutput`] with `logits_per_image` `(n_images, n_texts)` when both are given.
         """
-        if input_ids is None or pixel_values is None:
+        if input_ids is None and pixel_values is None:
             raise ValueError(
-                "TemdeModel.forward needs both `input_ids` and `pixel_values` (use the processor)."
+                "TemdeModel.forward needs `input_ids`, `pixel_values` or both (use the processor)."
             )
         tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         tower_kwargs = {k: v for k, v in tower_kwargs.items() if v}
-        vision = self.get_image_features(pixel_values=pixel_values, **tower_kwargs)
-        text = self.get_text_features(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            **tower_kwargs,
-        )
-        image_embeds, text_embeds = vision.pooler_output, text.pooler_output
-        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.T  # (n_texts, n_images)
-        loss = None
+        vision = text = None
+        if pixel_values is not None:
+            vision = self.get_image_features(pixel_values=pixel_values, **tower_kwargs)
+        if input_ids is not None:
+            text = self.get_text_features(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                **tower_kwargs,
+            )
+        image_embeds = vision.pooler_output if vision is not None else None
+        text_embeds = text.pooler_output if text is not None else None
+        logits_per_text = loss = None
+        if vision is not None and text is not None:
+            logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.T  # (n_texts, n_images)
         if return_loss:
-            if image_embeds.shape[0] != text_embeds.shape[0]:
+            if logits_per_text is None or image_embeds.shape[0] != text_embeds.shape[0]:
                 raise ValueError(
-                    f"return_loss needs paired batches, got {image_embeds.shape[0]} images and "
-                    f"{text_embeds.shape[0]} texts."
+                    "return_loss needs paired batches of images and texts, got "
+                    f"{0 if image_embeds is None else image_embeds.shape[0]} images and "
+                    f"{0 if text_embeds is None else text_embeds.shape[0]} texts."
                 )
             loss = self.compute_loss(image_embeds, text_embeds)
         output = TemdeOutput(
             loss=loss,
-            logits_per_image=logits_per_text.T,
+            logits_per_image=logits_per_text.T if logits_per_text is not None else None,
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
-            text_sketch=text.sketch,
-            image_sketch=vision.sketch,
+            text_sketch=text.sketch if text is not None else None,
+            image_sketch=vision.sketch if vision is not None else None,
             text_model_output=text,
             vision_model_output=vision,
         )

@@ -131,7 +131,12 @@ class AnchorCoder(nn.Module):
         """Anchors = random data tokens `x` `(M, D)`, scaled so the logits have unit spread."""
         x = x.float()
         n_anchors = self.n_sketches * self.sketch_width
-        idx = torch.randint(0, x.shape[0], (n_anchors,), generator=generator, device="cpu").to(x.device)
+        # Distinct tokens where there are enough: duplicate anchors would tie and split their bucket mass.
+        if x.shape[0] >= n_anchors:
+            idx = torch.randperm(x.shape[0], generator=generator, device="cpu")[:n_anchors]
+        else:
+            idx = torch.randint(0, x.shape[0], (n_anchors,), generator=generator, device="cpu")
+        idx = idx.to(x.device)
         anchors = x[idx].T  # (D, N·K)
         bias = -0.5 * anchors.pow(2).sum(0)
         scale = (x @ anchors + bias).std(dim=0).clamp_min(1e-6)

@@ -1,0 +1,133 @@
+"""Checkpoints load as Hub remote code without temde_hf, and transformers' pipelines run on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, pipeline
+
+from temde_hf.testing import save_tiny_checkpoint, tiny_processor
+
+# Run in a fresh interpreter, outside the repo, with temde_hf made unimportable.
+BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "temde_hf" or name.startswith("temde_hf."):
+                raise ImportError("temde_hf is blocked in this test")
+    sys.meta_path.insert(0, _Block())
+    """
+)
+
+
+def run_without_temde_hf(code: str, cwd: Path) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    return save_tiny_checkpoint(tmp_path / "ckpt", pooling="attention", sketch_coder="anchor")
+
+
+def inputs(processor) -> dict[str, torch.Tensor]:
+    images = [Image.fromarray(np.full((40, 40, 3), c, dtype=np.uint8)) for c in (30, 200)]
+    return processor(images=images, text=["a red circle", "a blue square on the left"])
+
+
+@pytest.mark.slow
+def test_remote_code_loads_without_the_package(checkpoint: Path, tmp_path) -> None:
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForZeroShotImageClassification"}
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    batch = inputs(processor)
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    from transformers import AutoModel
+
+    with torch.no_grad():
+        expected = AutoModel.from_pretrained(checkpoint).eval()(**batch)
+    out = run_without_temde_hf(
+        f"""
+        import torch
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        batch = torch.load({str(tmp_path / "batch.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            out = model(**batch)
+        torch.save({{"image": out.image_embeds, "text": out.text_embeds}}, {str(tmp_path / "remote.pt")!r})
+        print(type(processor).__name__)
+        """,
+        cwd=tmp_path,
+    )
+    assert "TemdeProcessor" in out
+    remote = torch.load(tmp_path / "remote.pt", weights_only=True)
+    torch.testing.assert_close(remote["image"], expected.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(remote["text"], expected.text_embeds, atol=1e-5, rtol=0)
+
+
+def test_processor_round_trip(checkpoint: Path) -> None:
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    batch = inputs(processor)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].shape == batch["input_ids"].shape
+    reference = tiny_processor()(text=["a red circle"])
+    assert processor(text=["a red circle"])["input_ids"].tolist() == reference["input_ids"].tolist()
+    with pytest.raises(ValueError, match="needs `images=`, `text=` or both"):
+        processor()
+
+
+def test_zero_shot_pipeline_orders_scores_like_the_model(tmp_path) -> None:
+    # A large logit scale so the tiny random model's scores are clearly apart.
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt", logit_scale_init_value=6.0)
+    classifier = pipeline("zero-shot-image-classification", model=str(checkpoint))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    labels = ["dog", "cat", "car", "red circle", "woman"]
+    result = classifier(image, candidate_labels=labels)
+    # Reference: the model's own logits on the pipeline's prompts.
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = classifier.model.eval()
+    prompts = [f"This is a photo of {label}." for label in labels]
+    with torch.no_grad():
+        logits = model(**processor(images=[image], text=prompts)).logits_per_image[0]
+    expected = [labels[i] for i in logits.argsort(descending=True).tolist()]
+    assert [r["label"] for r in result] == expected
+    scores = [r["score"] for r in result]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-5
+    assert scores[0] > scores[-1] + 1e-3
+
+
+def test_feature_extraction_pipelines(checkpoint: Path) -> None:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    image = Image.fromarray(np.full((40, 40, 3), 90, dtype=np.uint8))
+    image_features = pipeline("image-feature-extraction", model=str(checkpoint))(image)
+    text_features = pipeline("feature-extraction", model=str(checkpoint))("a red circle")
+    with torch.no_grad():
+        batch = processor(images=[image], text=["a red circle"])
+        expected_image = model.encode_image(batch["pixel_values"])
+        expected_text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(torch.tensor(image_features), expected_image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(text_features), expected_text, atol=1e-5, rtol=0)
