@@ -1,0 +1,174 @@
+"""Shared pieces of the speed benchmarks: device choice, timing, peak memory, tables and JSON.
+
+Timings are medians over repeats after warm-up. On CUDA they use CUDA events (GPU time between two
+points in the stream) and `torch.cuda.max_memory_allocated`; on CPU, `time.perf_counter` and no memory
+figure (the CPU allocator has no peak counter worth reporting).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`"cuda"` / `"cpu"` / None (CUDA when present) -> a device; asking for absent CUDA is an error."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on, for the JSON and RESULTS.md."""
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall (CPU) or stream (CUDA) milliseconds of `fn()` over `repeats` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak CUDA memory of one `fn()` call above what was allocated before it, in MiB (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def is_oom(error: BaseException) -> bool:
+    """Out of memory on either device (the benchmark records it instead of stopping)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub-markdown table of `rows` restricted to `columns` (floats with 3 significant digits)."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(payload: dict[str, Any], output: str | Path) -> Path:
+    """Write `payload` as indented JSON, creating parent folders; returns the path."""
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+TOWER_PRESETS = ("tiny", "base")
+
+
+def build_model(
+    towers: str, fusion: str, kernel: str, n_sketches: int, n_hyperplanes: int, projection_dim: int
+) -> tuple[Any, dict[str, int]]:
+    """A randomly initialised `TemdeModel` and its input sizes.
+
+    Args:
+        towers: `"tiny"` (1-layer ViT on 32-px images, 1-layer BERT: a CPU smoke size) or `"base"`
+            (ViT-B/16 at 224 px = 197 tokens and BERT-base, random weights: the GPU benchmark size).
+        fusion: `sketch_fusion` (`"none"` is the same towers with plain mean pooling).
+        kernel: `sketch_kernel` (`"auto"`, `"torch"`, `"triton"`).
+
+    Returns:
+        The model (train mode) and `{"image_size", "text_len", "vocab_size"}`.
+    """
+    from transformers import BertConfig, ViTConfig
+
+    from temde_hf.models.temde import TemdeConfig, TemdeModel
+    from temde_hf.testing import TINY_IMAGE_SIZE, tiny_tower_configs
+
+    if towers == "tiny":
+        vision, text = tiny_tower_configs(hidden_size=64)
+        sizes = {"image_size": TINY_IMAGE_SIZE, "text_len": 16, "vocab_size": text.vocab_size}
+    elif towers == "base":
+        vision, text = ViTConfig(image_size=224, patch_size=16), BertConfig()
+        sizes = {"image_size": 224, "text_len": 32, "vocab_size": text.vocab_size}
+    else:
+        raise SystemExit(f"--towers must be one of {TOWER_PRESETS}, got {towers!r}")
+    config = TemdeConfig(
+        vision_config=vision,
+        text_config=text,
+        projection_dim=projection_dim,
+        pooling="mean",
+        sketch_fusion=fusion,
+        n_sketches=n_sketches,
+        n_hyperplanes=n_hyperplanes,
+        sketch_kernel=kernel,
+    )
+    return TemdeModel(config), sizes
+
+
+def make_batch(sizes: dict[str, int], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random pixels and token ids; captions padded to `text_len` with 0-40% padding per row."""
+    generator = torch.Generator().manual_seed(0)
+    size, text_len = sizes["image_size"], sizes["text_len"]
+    pixel_values = torch.randn(batch, 3, size, size, generator=generator)
+    input_ids = torch.randint(5, sizes["vocab_size"], (batch, text_len), generator=generator)
+    lengths = torch.randint((3 * text_len) // 5, text_len + 1, (batch,), generator=generator)
+    attention_mask = (torch.arange(text_len)[None, :] < lengths[:, None]).long()
+    batch_dict = {
+        "pixel_values": pixel_values,
+        "input_ids": input_ids * attention_mask,
+        "attention_mask": attention_mask,
+    }
+    return {k: v.to(device) for k, v in batch_dict.items()}
+
+
+def model_variants(device: torch.device) -> dict[str, tuple[str, str]]:
+    """Name -> (sketch_fusion, sketch_kernel): plain pooling, T-EMDE, and on CUDA T-EMDE's torch path."""
+    variants = {"plain-mean": ("none", "torch"), "temde-concat": ("concat", "auto")}
+    if device.type == "cuda":
+        variants["temde-concat-torch-kernel"] = ("concat", "torch")
+    return variants

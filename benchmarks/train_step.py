@@ -1,0 +1,106 @@
+"""Throughput of one training step (forward with loss, backward, AdamW) of T-EMDE vs plain pooling.
+
+Same towers, same batch of image-caption pairs; variants as in `encode_throughput.py`. Reports median
+step time, pairs/s, the ratio to plain pooling and, on CUDA, the step's peak memory.
+
+    python benchmarks/train_step.py --device cuda --towers base      # ViT-B/16 + BERT-base, bf16 autocast
+    python benchmarks/train_step.py --device cpu --quick             # tiny towers smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
+from common import (
+    TOWER_PRESETS,
+    build_model,
+    device_info,
+    format_table,
+    make_batch,
+    model_variants,
+    peak_memory_mib,
+    resolve_device,
+    time_fn,
+    write_json,
+)
+from encode_throughput import autocast
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "train_step.json"
+
+
+def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, dtype: str):
+    """A closure running one full optimisation step on `batch`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            loss = model(**batch, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if present")
+    parser.add_argument("--towers", choices=TOWER_PRESETS, default="tiny")
+    parser.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 3 repeats")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (cuda) / 16 (cpu)")
+    parser.add_argument("--projection-dim", type=int, default=256)
+    parser.add_argument("--sketch", default="32x6", help="NxH of the sketch")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on cuda")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    batch_size = args.batch_size or (8 if args.quick else 128 if device.type == "cuda" else 16)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 10)
+    n_sketches, n_hyperplanes = (int(v) for v in args.sketch.lower().split("x"))
+    rows = []
+    for name, (fusion, kernel) in model_variants(device).items():
+        model, sizes = build_model(
+            args.towers, fusion, kernel, n_sketches, n_hyperplanes, args.projection_dim
+        )
+        model = model.to(device).train()
+        step = make_step(model, make_batch(sizes, batch_size, device), device, args.dtype)
+        ms = time_fn(step, device, warmup, repeats)
+        rows.append(
+            {
+                "variant": name,
+                "step_ms": ms,
+                "pairs_per_s": batch_size / ms * 1e3,
+                "peak_mib": peak_memory_mib(step, device),
+            }
+        )
+        del model, step
+    for row in rows:
+        row["ratio_vs_plain"] = row["pairs_per_s"] / rows[0]["pairs_per_s"]
+    settings = {
+        "towers": args.towers, "batch_size": batch_size, "projection_dim": args.projection_dim, "sketch": args.sketch,
+        "dtype": args.dtype if device.type == "cuda" else "fp32", "warmup": warmup, "repeats": repeats, **sizes,
+    }  # fmt: skip
+    payload = {"benchmark": "train_step", "env": device_info(device), "settings": settings, "results": rows}
+    path = write_json(payload, args.output)
+    print(format_table(rows, ["variant", "step_ms", "pairs_per_s", "ratio_vs_plain", "peak_mib"]))
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The speed benchmarks run end to end at their smallest sizes and write the JSON they promise.
+
+These check that the scripts work (argument handling, every head/backend/variant, the JSON schema), not
+how fast anything is: timings here are meaningless.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(name: str, argv: list[str], tmp_path: Path) -> dict:
+    output = tmp_path / f"{name}.json"
+    payload = _load(name).main(["--device", "cpu", "--output", str(output), *argv])
+    on_disk = json.loads(output.read_text())
+    assert on_disk["benchmark"] == name == payload["benchmark"]
+    assert {"env", "settings", "results"} <= set(on_disk)
+    assert on_disk["env"]["device"] == "cpu"
+    return on_disk
+
+
+def test_pooling_speed_smoke(tmp_path: Path) -> None:
+    argv = ["--batch-size", "2", "--dim", "16", "--heads", "2", "--tokens", "5", "9", "--sketches", "4x3"]
+    out = _run("pooling_speed", [*argv, "--warmup", "0", "--repeats", "1"], tmp_path)
+    heads = {row["head"] for row in out["results"]}
+    assert heads == {"mean", "attention", "transformer+mean", "mean+matmul N4H3", "temde-torch N4H3"}
+    assert len(out["results"]) == 2 * len(heads)
+    assert all(row["status"] == "ok" and row["ms"] > 0 for row in out["results"])
+    assert (tmp_path / "pooling_speed.png").stat().st_size > 0
+
+
+def test_search_latency_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    out = _run(
+        "search_latency", ["--sizes", "300", "--dims", "8", "--warmup", "0", "--repeats", "1"], tmp_path
+    )
+    by_backend = {row["backend"]: row for row in out["results"]}
+    assert set(by_backend) == {"faiss-flat-ip", "torch-cpu"}
+    # The query sits next to gallery row 123: exact search must return it first.
+    assert all(row["top1_ok"] and row["ms"] > 0 and row["threads"] == 2 for row in by_backend.values())
+
+
+@pytest.mark.parametrize("name", ["encode_throughput", "train_step"])
+def test_model_benchmarks_smoke(name: str, tmp_path: Path) -> None:
+    out = _run(name, ["--quick", "--batch-size", "2", "--warmup", "0", "--repeats", "1"], tmp_path)
+    rows = {row["variant"]: row for row in out["results"]}
+    assert set(rows) == {"plain-mean", "temde-concat"}
+    assert out["settings"]["towers"] == "tiny"
+    ratio = "image_ratio_vs_plain" if name == "encode_throughput" else "ratio_vs_plain"
+    assert rows["plain-mean"][ratio] == 1.0 and rows["temde-concat"][ratio] > 0
+    if name == "encode_throughput":
+        assert rows["temde-concat"]["embed_dim"] > rows["plain-mean"]["embed_dim"]  # concat adds N*K
+
+
+def test_benchmarks_need_cuda_when_asked(tmp_path: Path) -> None:
+    module = _load("search_latency")
+    if "cuda" in sys.argv or module.torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        module.main(["--device", "cuda", "--output", str(tmp_path / "x.json")])
