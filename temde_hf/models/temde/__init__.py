@@ -13,7 +13,7 @@ from .sketch_temde import SKETCH_CODERS, TemdeSketch
 
 
 def register_auto_classes() -> None:
-    """Make `AutoConfig` / `AutoModel` / `AutoModelForZeroShotImageClassification` / `AutoProcessor` know "temde"."""
+    """Make the Auto classes (config, model, zero-shot, processor) know "temde" and "efficientnet_lite"."""
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -21,6 +21,9 @@ def register_auto_classes() -> None:
         AutoProcessor,
     )
 
+    from .modeling_efficientnet_lite import register_efficientnet_lite
+
+    register_efficientnet_lite()  # the EfficientNet-Lite tower that ships in this folder
     AutoConfig.register(TemdeConfig.model_type, TemdeConfig, exist_ok=True)
     AutoModel.register(TemdeConfig, TemdeModel, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(TemdeConfig, TemdeModel, exist_ok=True)
