@@ -157,3 +157,11 @@ def test_param_groups_freeze_and_schedule() -> None:
     assert cosine(0) < cosine(1) < cosine(2) == 1.0 and cosine(10) == pytest.approx(0.0)
     step = lr_lambda("step", total_steps=10, warmup_steps=0, step_size=3, gamma=0.5)
     assert [step(s) for s in (0, 3, 6)] == [1.0, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("name", ["tiny_synthetic", "flickr30k", "coco"])
+def test_example_configs_parse(name: str) -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{name}.yaml"
+    model_args, _, args = parse_args([str(path), "--vision_model_path", "v", "--text_model_path", "t"])
+    assert model_args.config_overrides()["sketch_fusion"] == "concat"
+    assert args.per_device_train_batch_size >= 16 and args.output_dir.startswith("outputs/")

@@ -112,6 +112,9 @@ class TemdeTrainingArguments:
     lr_step_size: int = field(
         default=0, metadata={"help": "step schedule: decay every N steps (0: per epoch)"}
     )
+    lr_step_epochs: float = field(
+        default=0.0, metadata={"help": "step schedule: decay every N epochs (overrides lr_step_size)"}
+    )
     lr_step_gamma: float = field(default=0.1, metadata={"help": "step schedule: decay factor"})
     max_grad_norm: float = field(default=2.0, metadata={"help": "<= 0 disables clipping"})
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})

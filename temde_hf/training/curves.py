@@ -43,7 +43,14 @@ def plot_training_curves(log_history: list[dict[str, Any]], path: str | Path, ti
         ax.grid(alpha=0.3)
         twin = ax.twinx()
         for key, colour in (("eval_i2t_r1", "tab:orange"), ("eval_t2i_r1", "tab:red")):
-            twin.plot(steps, [e.get(key, float("nan")) for e in evals], ls="--", color=colour, label=key[5:])
+            twin.plot(
+                steps,
+                [e.get(key, float("nan")) for e in evals],
+                ls="--",
+                marker=".",
+                color=colour,
+                label=key[5:],
+            )
         twin.set_ylabel("R@1 (%)")
         twin.legend(loc="lower right", fontsize=8)
     if title:

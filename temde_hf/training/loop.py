@@ -120,7 +120,12 @@ def _optimizer_step(
     loss = forward_backward(model, micro, loss_fn, accelerator, where=where)
     trainable = [p for p in model.parameters() if p.requires_grad]
     sync_gradients(trainable)
-    logs = {"loss": float(loss), "lr": scheduler.get_last_lr()[-1]}
+    # the heads' LR (towers run at a multiple of it)
+    lrs = dict(zip((g["name"] for g in optimizer.param_groups), scheduler.get_last_lr()))
+    logs = {
+        "loss": float(loss),
+        "lr": next((v for k, v in lrs.items() if k.startswith("head")), max(lrs.values())),
+    }
     if args.max_grad_norm > 0:
         logs["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm))
     optimizer.step()

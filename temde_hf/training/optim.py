@@ -110,6 +110,8 @@ def build_scheduler(
     """The LR schedule of `args` for a run of `total_steps` optimizer steps."""
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
     step_size = args.lr_step_size or steps_per_epoch
+    if args.lr_step_epochs > 0:
+        step_size = max(1, round(args.lr_step_epochs * steps_per_epoch))
     return LambdaLR(
         optimizer, lr_lambda(args.lr_scheduler_type, total_steps, warmup, step_size, args.lr_step_gamma)
     )

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per saved file otherwise
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with="tensorboard" if args.report_to == "tensorboard" else None,
