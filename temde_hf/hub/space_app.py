@@ -1,0 +1,132 @@
+"""A Space-style Gradio demo: type a caption -> top gallery images; drop an image -> best captions.
+
+    python -m temde_hf.hub.space_app --model CHECKPOINT --index GALLERY_INDEX --captions captions.txt
+
+The gallery is a `GalleryIndex` built by ``temde-hf index`` with the same checkpoint; the captions are a
+list of sentences (or a text file, one per line) encoded once at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from temde_hf.hub.gallery import GalleryIndex, encode_images, encode_texts, load_model_and_processor
+
+TITLE = "T-EMDE cross-modal search"
+
+
+def read_captions(captions: Sequence[str] | str | Path) -> list[str]:
+    """A caption list from a sequence or a text file (one caption per line, blank lines ignored)."""
+    if isinstance(captions, (str, Path)):
+        path = Path(captions)
+        if not path.is_file():
+            raise ValueError(f"captions file {path} does not exist (expected one caption per line)")
+        captions = path.read_text().splitlines()
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise ValueError("the caption list is empty")
+    return captions
+
+
+class SearchApp:
+    """The demo's logic, independent of the UI (so it is testable without a browser).
+
+    Args:
+        checkpoint_dir: the T-EMDE checkpoint (must be the one that built the gallery index).
+        gallery_index_dir: folder written by `GalleryIndex.save` / ``temde-hf index``.
+        captions: sentences searched by the image -> captions tab.
+    """
+
+    def __init__(
+        self, checkpoint_dir: str | Path, gallery_index_dir: str | Path, captions: Sequence[str] | str | Path
+    ) -> None:
+        self.model, self.processor = load_model_and_processor(checkpoint_dir)
+        self.gallery = GalleryIndex.load(gallery_index_dir)
+        self.captions = read_captions(captions)
+        self.caption_embeds = encode_texts(self.model, self.processor, self.captions)  # (n_captions, E)
+        scale = getattr(self.model, "logit_scale", None)
+        # Caption confidences are a softmax of the model's own scaled similarities.
+        self.logit_scale = float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 1.0
+
+    def search_images(self, query: str, k: int = 6) -> tuple[list[tuple[Image.Image, str]], str]:
+        """Top-``k`` gallery images for a caption: `(image, label)` pairs and a ranked Markdown list."""
+        if not query or not query.strip():
+            return [], "Type a caption to search the gallery."
+        hits = self.gallery.search(encode_texts(self.model, self.processor, [query.strip()]), int(k))[0]
+        items = []
+        for hit in hits:
+            if hit.path and Path(hit.path).is_file():
+                with Image.open(hit.path) as image:
+                    items.append((image.convert("RGB"), f"{hit.rank}. {hit.id} ({hit.score:.3f})"))
+        ranking = "\n".join(f"{hit.rank}. `{hit.id}` — {hit.score:.4f}" for hit in hits)
+        return items, ranking
+
+    def rank_captions(self, image: Image.Image | None, k: int = 5) -> dict[str, float]:
+        """Best ``k`` captions for an image, with softmax confidences over the whole caption list."""
+        if image is None:
+            return {}
+        query = encode_images(self.model, self.processor, [image], progress=False)[0]  # (E,)
+        logits = self.logit_scale * (self.caption_embeds @ query)  # (n_captions,)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        top = np.argsort(-logits, kind="stable")[: int(k)]
+        return {self.captions[i]: float(probs[i]) for i in top}
+
+
+def build_demo(
+    checkpoint_dir: str | Path, gallery_index_dir: str | Path, captions: Sequence[str] | str | Path
+) -> Any:
+    """Build the Gradio Blocks app (not launched): `demo.launch()` serves it."""
+    import gradio as gr
+
+    app = SearchApp(checkpoint_dir, gallery_index_dir, captions)
+    n_items = len(app.gallery)
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(
+            f"# {TITLE}\nA T-EMDE dual encoder ranks a gallery of {n_items} images by one inner product "
+            f"of its fused (global + sketch) embeddings."
+        )
+        with gr.Tab("Caption → images"):
+            query = gr.Textbox(label="Caption", placeholder="a dog runs on the beach", elem_id="query")
+            top_k = gr.Slider(1, max(1, min(24, n_items)), value=min(6, n_items), step=1, label="Top k")
+            search_btn = gr.Button("Search images", variant="primary", elem_id="search-images")
+            images_out = gr.Gallery(label="Top images", columns=3, elem_id="image-results", format="png")
+            ranking_out = gr.Markdown(elem_id="image-ranking")
+        with gr.Tab("Image → captions"):
+            image_in = gr.Image(type="pil", label="Image", elem_id="query-image")
+            n_captions = gr.Slider(
+                1, max(1, min(20, len(app.captions))), value=min(5, len(app.captions)), step=1
+            )
+            caption_btn = gr.Button("Find captions", variant="primary", elem_id="search-captions")
+            captions_out = gr.Label(label="Best captions", elem_id="caption-results")
+        search_btn.click(app.search_images, [query, top_k], [images_out, ranking_out])
+        query.submit(app.search_images, [query, top_k], [images_out, ranking_out])
+        caption_btn.click(app.rank_captions, [image_in, n_captions], captions_out)
+    demo.search_app = app  # tests and callers reach the logic behind the UI
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Launch the demo on a local port."""
+    parser = argparse.ArgumentParser(prog="python -m temde_hf.hub.space_app", description=TITLE)
+    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument("--index", required=True, help="gallery index folder (temde-hf index)")
+    parser.add_argument("--captions", required=True, help="text file, one caption per line")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    args = parser.parse_args(argv)
+    build_demo(args.model, args.index, args.captions).launch(
+        server_name=args.host, server_port=args.port, ssr_mode=False
+    )
+
+
+if __name__ == "__main__":
+    main()
