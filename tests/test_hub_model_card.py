@@ -128,3 +128,21 @@ def test_card_without_results_and_bad_inputs(checkpoint: Path, tmp_path: Path) -
         load_eval_results(tmp_path / "missing.json")
     with pytest.raises(ValueError, match=r"config\.json"):
         render_model_card(tmp_path, None)
+
+
+@pytest.mark.slow
+def test_card_from_a_real_evaluate_run(checkpoint: Path, tmp_path: Path) -> None:
+    """`temde-hf evaluate` on synthetic data -> metrics.json -> card: the numbers travel unchanged."""
+    from temde_hf.data.synthetic import make_synthetic_karpathy
+    from temde_hf.evaluation.cli import main as evaluate_main
+
+    data = make_synthetic_karpathy(tmp_path / "synthetic", n_images=20, seed=1)
+    data_json = next(data.glob("dataset_*.json")) if data.is_dir() else data
+    result = evaluate_main(
+        [str(checkpoint), "--data", str(data_json), "--split", "test", "--output-dir", str(tmp_path / "eval")]
+    )
+    card_path = write_model_card(checkpoint, tmp_path / "eval" / "metrics.json", tmp_path / "README.md")
+    values = _model_index_metrics(card_path)
+    assert values["rsum"] == result["full"]["rsum"]
+    assert values["i2t_r1"] == result["full"]["i2t_r1"] and values["t2i_r10"] == result["full"]["t2i_r10"]
+    assert ModelCard.load(card_path).data.datasets == ["synthetic"]

@@ -197,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="write the export, upload nothing")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    parser.add_argument("--card-copy", help="also save the rendered card here (e.g. model_cards/NAME.md)")
     return parser
 
 
@@ -216,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> ExportReport:
         datasets=args.dataset or None,
         training_info=training_info,
     )
+    if args.card_copy:
+        Path(args.card_copy).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report.out_dir / "README.md", args.card_copy)
     action = "would upload" if args.dry_run else f"uploaded to {args.repo_id}"
     print(f"{action} {len(report.files)} files from {report.out_dir}:")
     for name in report.files:
