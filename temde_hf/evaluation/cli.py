@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold-size", type=int, default=1000, help="images per fold (COCO 1K); 0: none")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--max-length", type=int, default=None, help="caption token limit")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="queries scored at once")
+    parser.add_argument(
+        "--chunk-size", type=int, default=256, help="queries scored at once (memory: chunk x gallery scores)"
+    )
     parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad images/entries")
     parser.add_argument("--trust-remote-code", action="store_true", help="for checkpoints of other packages")
     return parser

@@ -43,7 +43,7 @@ def evaluate_embeddings(
     text_embeds: torch.Tensor,
     caption_to_image: torch.Tensor,
     fold_size: int | None = 1000,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     ks: Sequence[int] = KS,
 ) -> dict[str, Any]:
     """Metrics on the whole set and, when it holds several folds, the mean over folds.

@@ -32,7 +32,7 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions: `(n_captions, n_images)` scores, one row per caption.
     references: `(n_captions,)` the true image index of every caption.
-    chunk_size: queries scored at once (memory bound), default 1024.
+    chunk_size: queries scored at once (memory bound), default 256.
 Returns:
     i2t_r1, i2t_r5, i2t_r10, i2t_medr, i2t_meanr, t2i_r1, t2i_r5, t2i_r10, t2i_medr, t2i_meanr, rsum
     (recalls in %, ranks 1-based).
@@ -60,7 +60,7 @@ class RetrievalMetric(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions: list, references: list, chunk_size: int = 1024) -> dict[str, float]:
+    def _compute(self, predictions: list, references: list, chunk_size: int = 256) -> dict[str, float]:
         similarity = torch.as_tensor(predictions, dtype=torch.float32).T  # (n_images, n_captions)
         return retrieval_metrics(
             similarity, torch.as_tensor(references, dtype=torch.long), chunk_size=chunk_size
