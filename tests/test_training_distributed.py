@@ -128,3 +128,48 @@ def test_micro_batches_split_evenly() -> None:
     parts = split_micro_batches(batch, 4)
     assert [len(p["input_ids"]) for p in parts] == [3, 3, 3, 1]
     assert torch.equal(torch.cat([p["pair_ids"] for p in parts]), batch["pair_ids"])
+
+
+def _torchrun(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()), "-m", "temde_hf.cli", "train", *args]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_training_matches_one_process_and_resumes(tmp_path: Path) -> None:
+    """`temde-hf train` under a 2-process launch, pre-empted and resumed, reproduces a 1-process run."""
+    from test_training_tiny import make_towers
+
+    from temde_hf.data import make_synthetic_karpathy
+    from temde_hf.training.checkpointing import list_checkpoints
+    from temde_hf.training.train import main
+
+    torch.set_num_threads(1)
+    vision, text = make_towers(tmp_path / "towers")
+    data = make_synthetic_karpathy(tmp_path / "data", n_images=30, seed=0)
+
+    def argv(out: Path, per_device: int, *extra: str) -> list[str]:
+        return [
+            "--vision_model_path", str(vision), "--text_model_path", str(text), "--projection_dim", "16",
+            "--n_sketches", "4", "--n_hyperplanes", "3", "--karpathy_json", str(data),
+            "--output_dir", str(out), "--per_device_train_batch_size", str(per_device),
+            "--gradient_accumulation_steps", "2", "--max_steps", "4", "--save_steps", "0",
+            "--learning_rate", "2e-3", "--max_eval_images", "0", "--logging_steps", "1",
+            "--report_to", "none", "--disable_tqdm", "true", *extra,
+        ]  # fmt: skip
+
+    main(argv(tmp_path / "one", 8))  # one process, 16 pairs per step
+    two = tmp_path / "two"
+    _torchrun(*argv(two, 4, "--stop_after_steps", "2"))  # two processes x 8 pairs per step
+    _torchrun(*argv(two, 4, "--resume", "latest"))
+
+    def losses(out: Path) -> list[float]:
+        state = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())
+        return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+    assert len(losses(two)) == 4
+    assert losses(two) == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert (two / "final" / "model.safetensors").is_file()

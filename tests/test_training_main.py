@@ -44,7 +44,6 @@ def _losses(output_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
-@pytest.mark.slow
 def test_smoke_run_saves_a_checkpoint_that_reloads_and_evaluates(
     setup: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -73,7 +72,6 @@ def test_smoke_run_saves_a_checkpoint_that_reloads_and_evaluates(
     assert card["rsum"] == pytest.approx(metrics["eval_rsum"])
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(setup: dict[str, Path], tmp_path: Path) -> None:
     torch.set_num_threads(1)
     extra = ("--num_train_epochs", "2", "--save_steps", "0", "--max_eval_images", "0")
@@ -92,7 +90,6 @@ def test_killed_run_resumes_with_identical_losses(setup: dict[str, Path], tmp_pa
     assert len({round(v, 6) for v in expected.values()}) == 10
 
 
-@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

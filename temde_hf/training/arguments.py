@@ -118,6 +118,7 @@ class TemdeTrainingArguments:
     lr_step_gamma: float = field(default=0.1, metadata={"help": "step schedule: decay factor"})
     max_grad_norm: float = field(default=2.0, metadata={"help": "<= 0 disables clipping"})
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    use_cpu: bool = field(default=False, metadata={"help": "train on CPU even if a GPU is visible"})
     gradient_checkpointing: bool = field(default=False)
     freeze_vision_tower: bool = field(default=False)
     freeze_text_tower: bool = field(default=False)

@@ -57,15 +57,20 @@ def broadcast_model(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def initialize_sketch(job: TrainingJob, sampler: EpochBatchSampler, n_batches: int) -> None:
-    """The sketch's data-dependent (DLSH median) init from the first `n_batches` training batches.
+def initialize_sketch(job: TrainingJob, global_batch: int, n_batches: int, max_tokens: int = 2**16) -> None:
+    """The sketch's data-dependent (DLSH median) init from the first `n_batches` global batches.
 
-    Uses a dedicated generator, so the global RNG (and hence the run's dropout) is untouched.
+    Every process reads the same global batches (epoch 0's order), so the init does not depend on
+    the number of processes; at most `max_tokens` tokens are kept (a random subset), which bounds
+    memory. A dedicated generator leaves the global RNG (and hence the run's dropout) untouched.
     """
     model, device = job.model, job.accelerator.device
+    generator = torch.Generator().manual_seed(job.args.seed)
+    sampler = EpochBatchSampler(len(job.train_pairs), global_batch, seed=job.args.seed, epoch=0)
     loader = epoch_loader(
         job.train_pairs, PairCollator(job.processor, job.data_args.max_text_length), sampler
     )
+    per_batch = max_tokens // max(1, n_batches)
     tokens = []
     for i, batch in enumerate(loader):
         if i >= n_batches:
@@ -75,8 +80,10 @@ def initialize_sketch(job: TrainingJob, sampler: EpochBatchSampler, n_batches: i
             text_tokens, text_mask = model.get_text_tokens(
                 batch["input_ids"].to(device), batch["attention_mask"].to(device)
             )
-        tokens += [image_tokens[image_mask.bool()].float(), text_tokens[text_mask.bool()].float()]
-    model.initialize_sketch(torch.cat(tokens), generator=torch.Generator(device).manual_seed(job.args.seed))
+        valid = torch.cat([image_tokens[image_mask.bool()], text_tokens[text_mask.bool()]]).float()
+        keep = torch.randperm(valid.shape[0], generator=generator)[:per_batch]
+        tokens.append(valid[keep.to(valid.device)])
+    model.initialize_sketch(torch.cat(tokens), generator=generator)
 
 
 def evaluate(job: TrainingJob) -> dict[str, float]:
@@ -170,22 +177,22 @@ def _save_best(job: TrainingJob, state: TrainerState, metrics: dict[str, float])
 
 
 def _evaluate_and_track(job: TrainingJob, state: TrainerState) -> dict[str, float]:
+    """Evaluate on the main process, share the metrics, track the best model, log."""
     metrics = evaluate(job) if job.accelerator.is_main_process else {}
-    job.accelerator.wait_for_everyone()
+    if world_size() > 1:  # every process keeps the same trainer state (best metric, history)
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
     if metrics:
         _save_best(job, state, metrics)
         state.log_history.append({"step": state.global_step, "epoch": state.epoch, **metrics})
         job.accelerator.log(metrics, step=state.global_step)
-    # every process needs the same best_metric in its trainer state
-    if world_size() > 1:
-        shared = [state.best_metric, state.best_step]
-        dist.broadcast_object_list(shared, src=0)
-        state.best_metric, state.best_step = shared
+    job.accelerator.wait_for_everyone()
     job.model.train()
     return metrics
 
 
-def _start(job: TrainingJob, sampler: EpochBatchSampler) -> TrainerState:
+def _start(job: TrainingJob, global_batch: int) -> TrainerState:
     """Resume from a checkpoint, or initialise the sketch for a fresh run."""
     resume = resolve_resume(job.args.output_dir, job.args.resume)
     if resume is not None:
@@ -194,7 +201,7 @@ def _start(job: TrainingJob, sampler: EpochBatchSampler) -> TrainerState:
         return state
     sketch = getattr(job.model, "sketch", None)
     if sketch is not None and job.args.sketch_init_batches > 0 and not bool(sketch.initialized):
-        initialize_sketch(job, sampler, job.args.sketch_init_batches)
+        initialize_sketch(job, global_batch, job.args.sketch_init_batches)
     broadcast_model(job.model)
     return TrainerState(sketch_initialized=sketch is not None and bool(sketch.initialized))
 
@@ -215,7 +222,7 @@ def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
     scheduler = build_scheduler(raw_optimizer, args, total, spe)
     optimizer = accelerator.prepare(raw_optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    state = _start(job, probe)
+    state = _start(job, step_batch * n_proc)
     state.total_steps = total
     collator = PairCollator(job.processor, job.data_args.max_text_length)
     last_eval: dict[str, float] = {}

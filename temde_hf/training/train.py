@@ -11,18 +11,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
 from ..data import CaptionPairs, load_karpathy, make_synthetic_karpathy
 from ..models.temde import TemdeConfig, TemdeModel, TemdeProcessor
-from .arguments import DataArguments, ModelArguments, parse_args, save_run_settings
+from .arguments import DataArguments, ModelArguments, TemdeTrainingArguments, parse_args, save_run_settings
+from .checkpointing import TrainerState
 from .curves import plot_training_curves
 from .loop import TrainingJob, run_training
 from .optim import freeze_towers
@@ -166,6 +169,51 @@ def write_final(
     return final
 
 
+def _finish(
+    job: TrainingJob,
+    state: TrainerState,
+    last_eval: dict[str, float],
+    dataset_name: str,
+    model_args: ModelArguments,
+) -> dict[str, float]:
+    """Curves, final model + card (main process), and the metrics `main` returns."""
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    metrics = {"global_step": float(state.global_step), **last_eval}
+    if losses:
+        metrics["train_loss"] = losses[-1]
+    output_dir = Path(job.args.output_dir)
+    if job.accelerator.is_main_process:
+        plot_training_curves(state.log_history, output_dir / "training_curves.png", title=output_dir.name)
+        if state.global_step >= state.total_steps:  # not after a simulated pre-emption
+            final = write_final(job, last_eval, dataset_name, model_args)
+            logger.info("final model, processor and card in %s", final)
+        (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def build_accelerator(args: TemdeTrainingArguments) -> Accelerator:
+    """The `Accelerator`; a multi-process launch without CUDA runs on CPU processes (gloo).
+
+    Raises:
+        RuntimeError: The launcher started several processes but accelerate sees only one.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # without cpu=True, accelerate treats torchrun-launched CPU processes as independent runs
+    cpu = args.use_cpu or (launched > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=args.mixed_precision,
+        log_with="tensorboard" if args.report_to == "tensorboard" else None,
+        project_dir=args.output_dir,
+    )
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but accelerate sees "
+            f"{accelerator.num_processes}; launch with `accelerate launch --multi_gpu` or `torchrun`"
+        )
+    return accelerator
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train from ``[CONFIG.yaml] [--flag value ...]``; returns the final metrics.
 
@@ -175,11 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per saved file otherwise
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with="tensorboard" if args.report_to == "tensorboard" else None,
-        project_dir=args.output_dir,
-    )
+    accelerator = build_accelerator(args)
     set_seed(args.seed)
     if accelerator.is_main_process:
         save_run_settings(args.output_dir, model_args, data_args, args)
@@ -195,19 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     job = TrainingJob(model, processor, accelerator, args, data_args, train_pairs, eval_dataset)
     try:
         state, last_eval = run_training(job)
+        metrics = _finish(job, state, last_eval, dataset_name, model_args)
+        accelerator.wait_for_everyone()
     finally:
-        accelerator.end_training()
-    losses = [e["loss"] for e in state.log_history if "loss" in e]
-    metrics = {"global_step": float(state.global_step), **last_eval}
-    if losses:
-        metrics["train_loss"] = losses[-1]
-    if accelerator.is_main_process:
-        plot_training_curves(
-            state.log_history, Path(args.output_dir) / "training_curves.png", title=Path(args.output_dir).name
-        )
-        if state.global_step >= state.total_steps:
-            final = write_final(job, last_eval, dataset_name, model_args)
-            logger.info("final model, processor and card in %s", final)
-        (Path(args.output_dir) / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
-    accelerator.wait_for_everyone()
+        accelerator.end_training()  # also ends the process group: nothing collective after this
     return metrics
