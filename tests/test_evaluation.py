@@ -123,3 +123,29 @@ def test_evaluate_metric_module_loads_offline() -> None:
     expected = retrieval_metrics(sim, owner)
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_evaluate_command_csv_splits_and_skips(flickr8k_dir: Path, tmp_path: Path) -> None:
+    from temde_hf.data import DataError
+    from temde_hf.evaluation.cli import main
+    from temde_hf.testing import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    # the real Flickr8k captions CSV, given its Karpathy test split by the JSON
+    result = main([str(checkpoint), "--data", str(flickr8k_dir / "captions.txt"), "--image-root",
+                   str(flickr8k_dir / "images"), "--splits-from", str(flickr8k_dir / "dataset_flickr8k.json"),
+                   "--max-images", "12", "--output-dir", str(tmp_path / "csv")])  # fmt: skip
+    assert result["n_images"] == 12 and result["n_captions"] == 60 and result["split"] == "test"
+    # a missing image is skipped on request and listed in metrics.json
+    root = tmp_path / "syn"
+    json_path = make_synthetic_karpathy(root, n_images=10, seed=1)
+    (root / "images" / "img_00002.png").unlink()
+    out = tmp_path / "skip"
+    args = [str(checkpoint), "--data", str(json_path), "--split", "all", "--output-dir", str(out)]
+    with pytest.raises(DataError, match=r"img_00002\.png.*image file not found"):
+        main(args)
+    result = main([*args, "--on-error", "skip"])
+    written = json.loads((out / "metrics.json").read_text())
+    assert (
+        result["n_images"] == 9 and len(written["skipped"]) == 1 and "img_00002.png" in written["skipped"][0]
+    )

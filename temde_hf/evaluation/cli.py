@@ -49,8 +49,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size", type=int, default=256, help="queries scored at once (memory: chunk x gallery scores)"
     )
     parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad images/entries")
+    parser.add_argument("--splits-from", default=None, help="Karpathy JSON giving a captions CSV its splits")
+    parser.add_argument("--image-column", default="image", help="parquet / Hub data: image column")
+    parser.add_argument("--captions-column", default="captions", help="parquet / Hub data: captions column")
+    parser.add_argument("--image-id-column", default=None, help="parquet / Hub data: image id column")
+    parser.add_argument("--split-column", default=None, help="parquet / Hub data: Karpathy split column")
+    parser.add_argument(
+        "--hf-split", default="train", help="parquet / Hub data: the `datasets` split to read"
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="for checkpoints of other packages")
     return parser
+
+
+def _loader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Format-specific loader arguments from the command line."""
+    from ..data.auto import detect_format
+
+    data_format = detect_format(args.data) if args.format == "auto" else args.format
+    if data_format == "csv" and args.splits_from:
+        return {"splits": args.splits_from}
+    if data_format in ("parquet", "hub"):
+        return {
+            "image_column": args.image_column,
+            "captions_column": args.captions_column,
+            "image_id_column": args.image_id_column,
+            "split_column": args.split_column,
+            "hf_split": args.hf_split,
+        }
+    return {}
 
 
 def load_checkpoint(path: str | Path, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -78,7 +104,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def evaluate_checkpoint(
-    model: Any, processor: Any, dataset: Any, output_dir: str | Path, args: argparse.Namespace
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    output_dir: str | Path,
+    args: argparse.Namespace,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Encode, score, and write ``metrics.json`` and ``recall_at_k.png`` into `output_dir`."""
     output_dir = Path(output_dir)
@@ -104,6 +135,7 @@ def evaluate_checkpoint(
         data=str(args.data),
         split=args.split,
         embed_dim=image_embeds.shape[1],
+        **(extra or {}),
     )
     (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
@@ -124,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_captions=args.n_captions,
         on_error=args.on_error,
         report=report,
+        **_loader_kwargs(args),
     )
     if len(dataset) == 0:
         raise SystemExit(f"temde-hf evaluate: no images of split {args.split!r} in {args.data}")
@@ -131,9 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
     model, processor = load_checkpoint(args.checkpoint, device, args.trust_remote_code)
     output_dir = args.output_dir or Path(args.checkpoint) / f"eval-{args.split}"
-    result = evaluate_checkpoint(model, processor, dataset, output_dir, args)
-    result["skipped"] = report.n_skipped
-    (Path(output_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
+    skipped = {"skipped": [f"{entry}: {reason}" for entry, reason in report.skipped]}
+    result = evaluate_checkpoint(model, processor, dataset, output_dir, args, skipped)
     print(format_table(result))
     print(f"wrote {Path(output_dir) / 'metrics.json'} and {Path(output_dir) / 'recall_at_k.png'}")
     return result
