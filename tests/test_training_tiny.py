@@ -16,6 +16,7 @@ from temde_hf import TemdeConfig, TemdeModel
 from temde_hf.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, TEMPLATES
 from temde_hf.training.arguments import parse_args
 from temde_hf.training.batches import EpochBatchSampler
+from temde_hf.training.checkpointing import list_checkpoints, resolve_resume
 from temde_hf.training.optim import build_param_groups, freeze_towers, lr_lambda
 
 VOCAB_SIZE_HINT = 128
@@ -165,3 +166,16 @@ def test_example_configs_parse(name: str) -> None:
     model_args, _, args = parse_args([str(path), "--vision_model_path", "v", "--text_model_path", "t"])
     assert model_args.config_overrides()["sketch_fusion"] == "concat"
     assert args.per_device_train_batch_size >= 16 and args.output_dir.startswith("outputs/")
+
+
+def test_resume_ignores_half_written_checkpoints(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for name in ("step-00000002", "step-00000010", ".tmp-step-00000012", "step-00000011"):
+        (root / name).mkdir(parents=True)
+    for name in ("step-00000002", "step-00000010"):  # step-11 was killed before its state was written
+        (root / name / "trainer_state.json").write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000010"]
+    assert resolve_resume(tmp_path, "latest") == root / "step-00000010"
+    assert resolve_resume(tmp_path / "fresh", "latest") is None  # a first run with --resume latest
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(tmp_path, str(root / "step-00000011"))

@@ -45,6 +45,9 @@ class ModelArguments:
     tokenizer_path: str | None = field(
         default=None, metadata={"help": "folder of the tokenizer; defaults to text_model_path"}
     )
+    card_base_models: str | None = field(
+        default=None, metadata={"help": "comma-separated Hub ids of the towers, for the model card"}
+    )
     projection_dim: int | None = field(default=None, metadata={"help": "D, the joint token space"})
     pooling: str | None = field(default=None, metadata={"help": "pooler | cls | mean | attention"})
     sketch_fusion: str | None = field(default=None, metadata={"help": "concat | replace | none"})
@@ -61,7 +64,7 @@ class ModelArguments:
     def config_overrides(self) -> dict[str, Any]:
         """The architecture fields that were set, as `TemdeConfig` keyword arguments."""
         skip = {"vision_model_path", "text_model_path", "model_config", "init_from"}
-        skip |= {"image_processor_path", "tokenizer_path"}
+        skip |= {"image_processor_path", "tokenizer_path", "card_base_models"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and v is not None}
 
 

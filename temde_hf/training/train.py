@@ -141,7 +141,7 @@ def write_final(
             metrics, dataset_name, job.data_args.eval_split, len(job.eval_dataset), n_captions
         )
         (final / "eval_results.json").write_text(json.dumps(results, indent=2))
-    towers = [p for p in (model_args.vision_model_path, model_args.text_model_path) if p]
+    base_models = [m.strip() for m in (model_args.card_base_models or "").split(",") if m.strip()]
     training_info = {
         k: v
         for k, v in dataclasses.asdict(job.args).items()
@@ -164,7 +164,8 @@ def write_final(
         results,
         final / "README.md",
         training_info=training_info,
-        base_models=[Path(p).name for p in towers] or None,
+        base_models=base_models or None,
+        model_name=Path(job.args.output_dir).name,
     )
     return final
 
