@@ -93,13 +93,13 @@ def load_checkpoint(path: str | Path, device: str, trust_remote_code: bool = Fal
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of the ``full`` and ``folds_mean`` metrics."""
     columns = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"]
-    header = f"{'set':<22}" + "".join(f"{c:>9}" for c in columns)
+    header = f"{'set':<24}" + "".join(f"{c:>9}" for c in columns)
     lines = [header, "-" * len(header)]
-    rows = [(f"full ({result['n_images']} img)", result["full"])]
-    if "folds_mean" in result:
-        rows.append((f"{len(result['folds'])}-fold mean", result["folds_mean"]))
+    rows = [(f"all {result['n_images']} images", result["full"])]
+    if "folds_mean" in result:  # COCO: 5K = all, 1K = mean of five 1,000-image folds
+        rows.append((f"{result['fold_size']}-img folds (x{len(result['folds'])})", result["folds_mean"]))
     for name, metrics in rows:
-        lines.append(f"{name:<22}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
+        lines.append(f"{name:<24}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
     return "\n".join(lines)
 
 

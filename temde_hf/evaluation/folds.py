@@ -60,7 +60,7 @@ def evaluate_embeddings(
         chunk_size: Queries scored at once.
 
     Returns:
-        ``{"n_images", "n_captions", "full": metrics, "folds": [metrics] , "folds_mean": metrics}``
+        ``{"n_images", "n_captions", "full": metrics, "fold_size", "folds": [metrics], "folds_mean": metrics}``
         (the fold entries only when computed).
     """
     n_images = image_embeds.shape[0]
@@ -85,6 +85,7 @@ def evaluate_embeddings(
                 chunk_size=chunk_size,
             )
             folds.append(metrics_from_ranks(fold_i2t, fold_t2i, ks))
+        result["fold_size"] = fold_size
         result["folds"] = folds
         result["folds_mean"] = {key: sum(f[key] for f in folds) / len(folds) for key in folds[0]}
     return result
