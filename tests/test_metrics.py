@@ -136,3 +136,25 @@ def test_topk_chunked_matches_full_topk() -> None:
     full = (q @ g.T).topk(7, dim=1)
     assert torch.equal(indices, full.indices)
     assert torch.allclose(scores, full.values)
+
+
+class RecordingMatrix:
+    """A similarity matrix that records the size of every block read from it."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values, self.shape, self.blocks = values, values.shape, []
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        block = self.values[index]
+        self.blocks.append(tuple(block.shape))
+        return block
+
+
+def test_scores_are_read_one_chunk_of_queries_at_a_time() -> None:
+    sim = torch.randn(40, 200)
+    recording = RecordingMatrix(sim)
+    i2t, t2i = retrieval_ranks(recording, chunk_size=16)
+    ref_i2t, ref_t2i = retrieval_ranks(sim, chunk_size=1000)
+    assert torch.equal(i2t, ref_i2t) and torch.equal(t2i, ref_t2i)
+    assert max(rows * cols for rows, cols in recording.blocks) <= 16 * 200
+    assert len(recording.blocks) == 3 + 13  # ceil(40/16) image chunks + ceil(200/16) caption chunks
