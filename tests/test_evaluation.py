@@ -114,7 +114,10 @@ def test_evaluate_metric_module_loads_offline() -> None:
     owner = torch.randint(0, 12, (40,), generator=gen)
     owner[:12] = torch.arange(12)  # every image has a caption
     sim = torch.randn(12, 40, generator=gen)
+    from temde_hf.evaluation.retrieval_metric import load_retrieval_metric
+
     metric = evaluate.load(str(METRIC_DIR))
+    assert type(load_retrieval_metric()).__name__ == type(metric).__name__ == "RetrievalMetric"
     for start in range(0, 40, 16):  # streamed in batches like any `evaluate` metric
         metric.add_batch(
             predictions=sim.T[start : start + 16].tolist(), references=owner[start : start + 16].tolist()
