@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +118,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     metrics = main(_argv(setup, out, "--max_steps", "6", "--save_steps", "2", "--max_eval_images", "0",
                          "--resume", "latest"))  # fmt: skip
     assert metrics["global_step"] == 6 and (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_with_identical_losses(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A real kill (SIGKILL, possibly mid-save) of a `temde-hf train` process, then `--resume latest`."""
+    torch.set_num_threads(1)
+    extra = ("--max_steps", "24", "--save_steps", "1", "--save_total_limit", "2", "--max_eval_images", "0")
+    full = tmp_path / "full"
+    main(_argv(setup, full, *extra))
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "temde_hf.cli", "train", *_argv(setup, killed, *extra)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "step-00000003").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "the training process made no progress"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    last = list_checkpoints(killed)[-1]
+    done = int(last.name.split("-")[1])
+    assert 3 <= done < 24, "killed too late to test anything"
+    main(_argv(setup, killed, *extra, "--resume", "latest"))
+    expected, resumed = _losses(full), _losses(killed)
+    for step in range(done + 1, 25):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
