@@ -17,7 +17,7 @@ from temde_hf.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, TEMPLATES
 from temde_hf.training.arguments import parse_args
 from temde_hf.training.batches import EpochBatchSampler
 from temde_hf.training.checkpointing import list_checkpoints, resolve_resume
-from temde_hf.training.optim import build_param_groups, freeze_towers, lr_lambda
+from temde_hf.training.optim import build_param_groups, freeze_towers, lr_lambda, train_mode
 
 VOCAB_SIZE_HINT = 128
 
@@ -154,6 +154,8 @@ def test_param_groups_freeze_and_schedule() -> None:
     assert not any(name.startswith("vision/") for name in groups)
     assert groups["text/decay"]["lr"] == 0.5 and groups["head/decay"]["lr"] == 1.0
     assert any(p is model.logit_scale for p in groups["head/no_decay"]["params"])
+    train_mode(model, freeze_vision=True, freeze_text=False)
+    assert not model.vision_model.training and model.text_model.training and model.training
     cosine = lr_lambda("cosine", total_steps=10, warmup_steps=2, step_size=0, gamma=0.1)
     assert cosine(0) < cosine(1) < cosine(2) == 1.0 and cosine(10) == pytest.approx(0.0)
     step = lr_lambda("step", total_steps=10, warmup_steps=0, step_size=3, gamma=0.5)

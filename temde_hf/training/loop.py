@@ -30,7 +30,7 @@ from .arguments import DataArguments, TemdeTrainingArguments
 from .batches import EpochBatchSampler, PairCollator, epoch_loader
 from .checkpointing import TrainerState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .losses import NonFiniteLossError, contrastive_loss, sync_gradients, world_size
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, train_mode
 
 logger = logging.getLogger("temde_hf.training")
 
@@ -188,7 +188,7 @@ def _evaluate_and_track(job: TrainingJob, state: TrainerState) -> dict[str, floa
         state.log_history.append({"step": state.global_step, "epoch": state.epoch, **metrics})
         job.accelerator.log(metrics, step=state.global_step)
     job.accelerator.wait_for_everyone()
-    job.model.train()
+    train_mode(job.model, job.args.freeze_vision_tower, job.args.freeze_text_tower)
     return metrics
 
 
@@ -234,7 +234,7 @@ def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
         unit="step",
         disable=args.disable_tqdm or not accelerator.is_local_main_process,
     )
-    model.train()
+    train_mode(model, args.freeze_vision_tower, args.freeze_text_tower)
     while state.global_step < stop_at:
         sampler = EpochBatchSampler(
             len(job.train_pairs), step_batch, rank, n_proc, args.seed, state.epoch, state.batches_in_epoch

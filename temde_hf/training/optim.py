@@ -27,6 +27,18 @@ def freeze_towers(model: nn.Module, freeze_vision: bool, freeze_text: bool) -> N
             param.requires_grad_(False)
 
 
+def train_mode(model: nn.Module, freeze_vision: bool, freeze_text: bool) -> None:
+    """`model.train()`, but frozen towers stay in eval mode.
+
+    A frozen tower in train mode would still apply dropout and update BatchNorm running statistics
+    (EfficientNet-Lite), and gradient caching would update them twice per micro-batch.
+    """
+    model.train()
+    for tower, frozen in (("vision_model", freeze_vision), ("text_model", freeze_text)):
+        if frozen and hasattr(model, tower):
+            getattr(model, tower).eval()
+
+
 def _part(name: str) -> str:
     for part, prefix in TOWER_PREFIXES.items():
         if name.startswith(prefix):
