@@ -206,6 +206,31 @@ def _start(job: TrainingJob, global_batch: int) -> TrainerState:
     return TrainerState(sketch_initialized=sketch is not None and bool(sketch.initialized))
 
 
+def _after_step(
+    job: TrainingJob, state: TrainerState, logs: dict[str, float], spe: int, stop_at: int, bar: Any
+) -> tuple[bool, dict[str, float] | None]:
+    """Advance the counters, log, evaluate and checkpoint as scheduled; return (finished, metrics)."""
+    args, accelerator = job.args, job.accelerator
+    state.global_step += 1
+    state.batches_in_epoch += 1
+    epoch_end = state.batches_in_epoch == spe
+    if epoch_end:
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    bar.update(1)
+    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+    if state.global_step % args.logging_steps == 0 or state.global_step == stop_at:
+        state.log_history.append({"step": state.global_step, "epoch": state.epoch, **logs})
+        accelerator.log(logs, step=state.global_step)
+    finished = state.global_step >= stop_at
+    metrics = None
+    eval_now = state.global_step % args.eval_steps == 0 if args.eval_steps > 0 else epoch_end
+    if job.eval_dataset is not None and (eval_now or state.global_step == state.total_steps):
+        metrics = _evaluate_and_track(job, state)
+    if (args.save_steps > 0 and state.global_step % args.save_steps == 0) or finished:
+        save_checkpoint(accelerator, job.model, state, args.output_dir, args.save_total_limit)
+    return finished, metrics
+
+
 def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
     """Train until `max_steps` / `num_train_epochs` (or `stop_after_steps`); returns the state and last eval.
 
@@ -247,23 +272,8 @@ def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
                 raise NonFiniteLossError(
                     f"{error}. Last good checkpoint: {last[-1] if last else 'none (no checkpoint saved yet)'}"
                 ) from None
-            state.global_step += 1
-            state.batches_in_epoch += 1
-            epoch_end = state.batches_in_epoch == spe
-            if epoch_end:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if state.global_step % args.logging_steps == 0 or state.global_step == stop_at:
-                state.log_history.append({"step": state.global_step, "epoch": state.epoch, **logs})
-                accelerator.log(logs, step=state.global_step)
-            finished = state.global_step >= stop_at
-            eval_now = state.global_step % args.eval_steps == 0 if args.eval_steps > 0 else epoch_end
-            if job.eval_dataset is not None and (eval_now or state.global_step == total):
-                last_eval = _evaluate_and_track(job, state)
-            save_now = args.save_steps > 0 and state.global_step % args.save_steps == 0
-            if save_now or finished:
-                save_checkpoint(accelerator, model, state, args.output_dir, args.save_total_limit)
+            finished, evaluated = _after_step(job, state, logs, spe, stop_at, bar)
+            last_eval = evaluated if evaluated is not None else last_eval
             if finished:
                 break
     bar.close()
