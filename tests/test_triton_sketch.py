@@ -163,3 +163,23 @@ def test_compiled_kernel_matches_reference_on_cuda() -> None:
     ref, ref_dz = _fwd_bwd(z, mask, grad, "torch")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(dz, ref_dz, rtol=1e-5, atol=1e-5 * ref_dz.abs().max().item())
+
+
+@needs_triton
+def test_model_sketch_with_triton_kernel_matches_torch(interpret) -> None:
+    """`TemdeSketch` with `sketch_kernel="triton"` (as wired in the model) equals its torch path, grads too."""
+    from temde_hf.models.temde import TemdeConfig, TemdeSketch
+
+    results = []
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(0)
+        sketch = TemdeSketch(
+            TemdeConfig(projection_dim=8, n_sketches=3, n_hyperplanes=4, sketch_kernel=kernel)
+        )
+        tokens = torch.randn(2, 70, 8, requires_grad=True)
+        mask = _padded_mask(2, 70)
+        out = sketch(tokens, mask)
+        out.pow(3).sum().backward()
+        results.append((out.detach(), tokens.grad, sketch.coder.weight.grad, sketch.log_temperature.grad))
+    for torch_value, triton_value in zip(*results):
+        torch.testing.assert_close(triton_value, torch_value, rtol=1e-4, atol=1e-5)
