@@ -34,5 +34,7 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def flickr8k_dir() -> Path:
     if not (FLICKR8K_DIR / "dataset_flickr8k.json").is_file():
-        pytest.fail(f"the shared Flickr8k sample is missing at {FLICKR8K_DIR}; clone the project beside shared/")
+        pytest.fail(
+            f"the shared Flickr8k sample is missing at {FLICKR8K_DIR}; clone the project beside shared/"
+        )
     return FLICKR8K_DIR
