@@ -11,7 +11,11 @@ import sys
 
 # sub-command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("temde_hf.training.train", "main", "train a T-EMDE dual encoder (use with `accelerate launch`)"),
+    "train": (
+        "temde_hf.training.train",
+        "main",
+        "train a T-EMDE dual encoder (use with `accelerate launch`)",
+    ),
     "evaluate": ("temde_hf.evaluation.cli", "main", "retrieval metrics of a checkpoint on a dataset"),
     "demo": ("temde_hf.demo", "main", "end-to-end Flickr8k demo: towers -> train -> evaluate -> checkpoint"),
     "convert-efficientnet-lite": (
