@@ -193,7 +193,9 @@ class TemdeSketch(nn.Module):
             from .triton_sketch_temde import soft_dlsh_histogram
 
             z = self.coder.hyperplane_logits(tokens) / temperature.to(tokens.dtype)  # (B, L, N, H)
-            return soft_dlsh_histogram(z, mask)
+            # "triton" means the kernel or an error, never a silent fallback to PyTorch.
+            backend = "triton" if self.config.sketch_kernel == "triton" else "auto"
+            return soft_dlsh_histogram(z, mask, backend=backend)
         chunk = self.config.sketch_chunk_size
         # Recompute each chunk in backward instead of keeping its (B, C, N, K) probabilities alive:
         # memory stays O(B·C·N·K) rather than O(B·L·N·K) while training.
