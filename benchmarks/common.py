@@ -7,6 +7,7 @@ figure (the CPU allocator has no peak counter worth reporting).
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -172,3 +173,21 @@ def model_variants(device: torch.device) -> dict[str, tuple[str, str]]:
     if device.type == "cuda":
         variants["temde-concat-torch-kernel"] = ("concat", "torch")
     return variants
+
+
+def model_benchmark_args(
+    argv: list[str] | None, doc: str | None, default_output: Path, batch_help: str
+) -> argparse.Namespace:
+    """The command line shared by the model-level benchmarks (encode throughput, training step)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if present")
+    parser.add_argument("--towers", choices=TOWER_PRESETS, default="tiny")
+    parser.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 3 repeats")
+    parser.add_argument("--batch-size", type=int, default=None, help=batch_help)
+    parser.add_argument("--projection-dim", type=int, default=256)
+    parser.add_argument("--sketch", default="32x6", help="NxH of the sketch")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on cuda")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--output", type=Path, default=default_output)
+    return parser.parse_args(argv)

@@ -9,7 +9,6 @@ step time, pairs/s, the ratio to plain pooling and, on CUDA, the step's peak mem
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import (
-    TOWER_PRESETS,
     build_model,
     device_info,
     format_table,
     make_batch,
+    model_benchmark_args,
     model_variants,
     peak_memory_mib,
     resolve_device,
@@ -48,25 +47,8 @@ def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: to
     return step
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if present")
-    parser.add_argument("--towers", choices=TOWER_PRESETS, default="tiny")
-    parser.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 3 repeats")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (cuda) / 16 (cpu)")
-    parser.add_argument("--projection-dim", type=int, default=256)
-    parser.add_argument("--sketch", default="32x6", help="NxH of the sketch")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on cuda")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    args = model_benchmark_args(argv, __doc__, DEFAULT_OUTPUT, "default 128 (cuda) / 16 (cpu)")
     device = resolve_device(args.device)
     batch_size = args.batch_size or (8 if args.quick else 128 if device.type == "cuda" else 16)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
