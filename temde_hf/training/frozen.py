@@ -148,6 +148,11 @@ class HeadTrainingArguments:
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "linear warm-up, then cosine decay"})
     eval_every: int = field(default=5, metadata={"help": "epochs between validation evaluations"})
+    sketch_warmup_epochs: float = field(
+        default=0,
+        metadata={"help": "epochs trained with the `concat` sketch branch off (λ = 0); the DLSH partition is "
+                  "then fitted to the aligned token space and λ switched on"},
+    )  # fmt: skip
     seed: int = field(default=0, metadata={"help": "seed of the head's init, the sketch init and data order"})
 
 
@@ -163,7 +168,9 @@ def train_head(
 
     Each epoch visits every (image, caption) pair once in a seeded order; captions of the same image
     in a batch are not used as each other's negatives. The sketch is initialised (DLSH medians) from
-    the first batch's tokens of both modalities.
+    the first batch's tokens of both modalities; with `sketch_warmup_epochs`, the `concat` head first
+    trains with λ = 0 and the sketch is initialised from the batch where λ is switched on, so the
+    partition is drawn in a token space the projections have already aligned across modalities.
 
     Returns:
         History: `step_loss`, `epoch`, `val_rsum` (per evaluation) lists.
@@ -188,43 +195,60 @@ def train_head(
     )
     history: dict[str, list[float]] = {"step_loss": [], "epoch": [], "val_rsum": []}
     best_rsum, best_state = -1.0, None
+    warmup_steps = round(args.sketch_warmup_epochs * steps_per_epoch)
+    if warmup_steps and (model.sketch is None or model.config.sketch_fusion != "concat"):
+        raise ValueError(
+            "sketch_warmup_epochs needs sketch_fusion='concat' (the other fusions have no λ to switch)"
+        )
+    sketch_weight = model.config.sketch_weight
+    step = 0
     bar = tqdm(total=total, desc="train head", unit="step", disable=not progress)
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        order = list(range(n_pairs))
-        rng.shuffle(order)
-        for start in range(0, n_pairs, args.batch_size):
-            captions = torch.tensor(order[start : start + args.batch_size])
-            images = train.caption_to_image[captions]
-            if model.sketch is not None and not bool(model.sketch.initialized):
-                _init_sketch(model, train, images, captions, args.seed)
-            loss = model.compute_loss(
-                embed_cached_images(model, train, images),
-                embed_cached_texts(model, train, captions),
-                pair_ids=images,
-            )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at epoch {epoch}; lower --learning_rate or check the inputs"
+    try:
+        for epoch in range(1, args.epochs + 1):
+            model.train()
+            order = list(range(n_pairs))
+            rng.shuffle(order)
+            for start in range(0, n_pairs, args.batch_size):
+                captions = torch.tensor(order[start : start + args.batch_size])
+                images = train.caption_to_image[captions]
+                if warmup_steps and step in (0, warmup_steps):
+                    # Off during warm-up; then the partition is drawn on the tokens the projections now make.
+                    model.config.sketch_weight = 0.0 if step == 0 else sketch_weight
+                    if step == warmup_steps:
+                        _init_sketch(model, train, images, captions, args.seed)
+                if model.sketch is not None and not bool(model.sketch.initialized):
+                    _init_sketch(model, train, images, captions, args.seed)
+                step += 1
+                loss = model.compute_loss(
+                    embed_cached_images(model, train, images),
+                    embed_cached_texts(model, train, captions),
+                    pair_ids=images,
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head_params, 1.0)
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():  # CLIP's clamp: a logit scale above 100 destabilises training
-                model.logit_scale.clamp_(0, math.log(100))
-            history["step_loss"].append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-        if val is not None and (epoch % args.eval_every == 0 or epoch == args.epochs):
-            rsum = evaluate_cached(model, val)["rsum"]
-            history["epoch"].append(epoch)
-            history["val_rsum"].append(rsum)
-            logger.info("epoch %d: val RSUM %.1f", epoch, rsum)
-            if rsum > best_rsum:
-                best_rsum, best_state = rsum, copy.deepcopy(model.state_dict())
-    bar.close()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} at epoch {epoch}; lower --learning_rate or check the inputs"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(head_params, 1.0)
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():  # CLIP's clamp: a logit scale above 100 destabilises training
+                    model.logit_scale.clamp_(0, math.log(100))
+                history["step_loss"].append(loss.item())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            in_warmup = step <= warmup_steps and warmup_steps > 0  # a model with λ = 0 is not a candidate
+            if val is not None and not in_warmup and (epoch % args.eval_every == 0 or epoch == args.epochs):
+                rsum = evaluate_cached(model, val)["rsum"]
+                history["epoch"].append(epoch)
+                history["val_rsum"].append(rsum)
+                logger.info("epoch %d: val RSUM %.1f", epoch, rsum)
+                if rsum > best_rsum:
+                    best_rsum, best_state = rsum, copy.deepcopy(model.state_dict())
+    finally:  # λ is restored even when training stops early
+        bar.close()
+        model.config.sketch_weight = sketch_weight
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
