@@ -21,8 +21,7 @@ from temde_hf.evaluation.folds import evaluate_embeddings
 from temde_hf.training.frozen import (
     HeadTrainingArguments,
     TowerFeatures,
-    embed_cached_images,
-    embed_cached_texts,
+    embed_cached,
     train_head,
 )
 
@@ -36,12 +35,7 @@ PARTS = ("fused", "pooled part", "sketch part")
 @torch.no_grad()
 def part_rsums(model: torch.nn.Module, feats: TowerFeatures) -> dict[str, float]:
     """Val RSUM of the fused embedding `(.., D + N·K)`, its first D dims and its last N·K dims."""
-    model.eval()
-    images = embed_cached_images(model, feats, torch.arange(len(feats.image_hidden)))
-    n = len(feats.caption_to_image)
-    texts = torch.cat(
-        [embed_cached_texts(model, feats, torch.arange(s, min(s + 256, n))) for s in range(0, n, 256)]
-    )
+    images, texts = embed_cached(model, feats)
     d = model.config.projection_dim
     slices = {"fused": slice(None), "pooled part": slice(0, d), "sketch part": slice(d, None)}
 

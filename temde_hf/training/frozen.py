@@ -123,8 +123,10 @@ def embed_cached_texts(model: TemdeModel, feats: TowerFeatures, index: torch.Ten
 
 
 @torch.no_grad()
-def evaluate_cached(model: TemdeModel, feats: TowerFeatures, batch_size: int = 256) -> dict[str, Any]:
-    """Standard retrieval protocol (i2t best-of-captions, t2i) on cached features."""
+def embed_cached(
+    model: TemdeModel, feats: TowerFeatures, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image and caption of a split through the head: `(images (n_images, E), texts (n_captions, E))`."""
     model.eval()
     images = torch.cat(
         [embed_cached_images(model, feats, torch.arange(s, min(s + batch_size, len(feats.image_hidden))))
@@ -135,6 +137,12 @@ def evaluate_cached(model: TemdeModel, feats: TowerFeatures, batch_size: int = 2
         [embed_cached_texts(model, feats, torch.arange(s, min(s + batch_size, n_captions)))
          for s in range(0, n_captions, batch_size)]
     )  # fmt: skip
+    return images, texts
+
+
+def evaluate_cached(model: TemdeModel, feats: TowerFeatures, batch_size: int = 256) -> dict[str, Any]:
+    """Standard retrieval protocol (i2t best-of-captions, t2i) on cached features."""
+    images, texts = embed_cached(model, feats, batch_size)
     return evaluate_embeddings(images, texts, feats.caption_to_image, fold_size=None)["full"]
 
 
