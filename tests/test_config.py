@@ -26,12 +26,19 @@ def test_embed_dim(fusion: str, expected: int) -> None:
 
 
 def test_round_trip_through_json(tmp_path) -> None:
-    config = tiny_config(pooling="attention", sketch_coder="anchor", sketch_weight=0.5, loss_type="vse_hinge")
+    config = tiny_config(pooling="attention", sketch_coder="anchor", sketch_weight=0.5, token_layer_norm=True)
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, TemdeConfig)
     assert isinstance(loaded.vision_config, ViTConfig) and isinstance(loaded.text_config, BertConfig)
-    for field in ("pooling", "sketch_coder", "sketch_weight", "loss_type", "n_sketches", "sketch_width"):
+    for field in (
+        "pooling",
+        "sketch_coder",
+        "sketch_weight",
+        "token_layer_norm",
+        "n_sketches",
+        "sketch_width",
+    ):
         assert getattr(loaded, field) == getattr(config, field)
     assert loaded.vision_config.hidden_size == config.vision_config.hidden_size
 
@@ -42,7 +49,6 @@ def test_round_trip_through_json(tmp_path) -> None:
         ({"pooling": "max"}, r"pooling='max'.*pooler, cls, mean, attention"),
         ({"sketch_fusion": "sum"}, r"sketch_fusion='sum'.*concat, replace, none"),
         ({"sketch_coder": "kmeans"}, r"sketch_coder='kmeans'.*soft_dlsh, anchor"),
-        ({"loss_type": "triplet"}, r"loss_type='triplet'.*info_nce, vse_hinge"),
         ({"n_sketches": 0}, r"n_sketches=0 must be an integer > 0"),
         ({"sketch_temperature": -1.0}, r"sketch_temperature=-1.0 must be a number > 0"),
         ({"n_hyperplanes": 3, "sketch_width": 16}, r"sketch_width=16 does not match n_hyperplanes=3"),

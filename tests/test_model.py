@@ -159,3 +159,61 @@ def test_mismatched_tower_dims_are_a_clear_error() -> None:
         ValueError, match=r"text tower outputs 32 features but TemdeConfig.text_config declares 64"
     ):
         TemdeModel(config, text_model=BertModel(text))
+
+
+def test_precomputed_tower_outputs_skip_the_towers() -> None:
+    """`vision_outputs` / `text_outputs` (a frozen tower's cached output) give the same embeddings."""
+    model = tiny_model(token_layer_norm=True)
+    b = batch()
+    with torch.no_grad():
+        direct = model(**b)
+        vision = model.vision_model(pixel_values=b["pixel_values"])
+        text = model.text_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        cached = model(
+            vision_outputs=vision,
+            text_outputs=(text.last_hidden_state, text.pooler_output),
+            attention_mask=b["attention_mask"],
+        )
+    torch.testing.assert_close(cached.image_embeds, direct.image_embeds)
+    torch.testing.assert_close(cached.text_embeds, direct.text_embeds)
+    with pytest.raises(ValueError, match="vision_outputs"):
+        model(vision_outputs="not an output")
+
+
+def test_forward_returns_the_logit_scale_and_takes_lambda_per_call() -> None:
+    model = tiny_model()
+    b = batch()
+    out = model(**b)
+    assert out.logit_scale.shape == (1,) and out.logit_scale.requires_grad
+    torch.testing.assert_close(out.logit_scale, model.logit_scale.exp())
+    off = model(**b, sketch_weight=0.0)  # λ = 0 for this call only: the sketch part of the embedding is 0
+    d = model.config.projection_dim
+    assert torch.all(off.image_embeds[:, d:] == 0) and model.config.sketch_weight == 1.0
+    torch.testing.assert_close(off.image_embeds[:, :d], out.image_embeds[:, :d])
+
+
+def test_token_layer_norm_is_part_of_the_architecture(tmp_path) -> None:
+    model = tiny_model(token_layer_norm=True)
+    assert isinstance(model.visual_token_norm, torch.nn.LayerNorm)
+    assert isinstance(model.text_token_norm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        model.visual_token_norm.weight.mul_(2.0)  # not the init: must survive the round trip
+    model.save_pretrained(tmp_path)
+    loaded = TemdeModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.visual_token_norm.weight, model.visual_token_norm.weight)
+    assert tiny_model().visual_token_norm is None
+
+
+def test_scalar_logit_scale_of_older_checkpoints_loads() -> None:
+    model = tiny_model()
+    state = model.state_dict()
+    state["logit_scale"] = torch.tensor(1.5)  # stored as a 0-dim tensor by earlier versions
+    model.load_state_dict(state)
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 1.5
+
+
+def test_forward_rejects_unknown_arguments() -> None:
+    with pytest.raises(TypeError, match="bogus_kwarg"):
+        tiny_model()(**batch(), bogus_kwarg=123)
+    out = tiny_model()(**batch(), return_dict=False)
+    assert isinstance(out, tuple)

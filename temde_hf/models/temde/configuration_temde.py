@@ -15,13 +15,12 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # Choices validated below. The registries holding the implementations (pooling_temde.POOLING_HEADS,
-# sketch_temde.SKETCH_CODERS, loss_temde.LOSSES) are checked against these names by the tests, so a new
-# entry is added in both places.
+# sketch_temde.SKETCH_CODERS) are checked against these names by the tests, so a new entry is added in both
+# places. The loss is a training setting (`temde_hf.training.arguments`), not part of the architecture.
 POOLING_CHOICES = ("pooler", "cls", "mean", "attention")
 FUSION_CHOICES = ("concat", "replace", "none")
 CODER_CHOICES = ("soft_dlsh", "anchor")
 KERNEL_CHOICES = ("auto", "torch", "triton")
-LOSS_CHOICES = ("info_nce", "vse_hinge")
 
 
 def _local_config_classes() -> dict[str, type[PreTrainedConfig]]:
@@ -109,9 +108,9 @@ class TemdeConfig(PreTrainedConfig):
             bounds memory at `batch × chunk × N × K` instead of `batch × tokens × N × K`.
         sketch_kernel (`str`, defaults to `"auto"`): `"auto"` uses the fused Triton kernel on CUDA when
             available and PyTorch elsewhere; `"torch"` / `"triton"` force one.
-        loss_type (`str`, defaults to `"info_nce"`): `"info_nce"` (symmetric, learned temperature) or
-            `"vse_hinge"` (VSE++ hinge with `margin`, hardest negative when `max_violation`).
-        margin (`float`, defaults to 0.2), max_violation (`bool`, defaults to `True`): hinge settings.
+        token_layer_norm (`bool`, defaults to `False`): a LayerNorm (per tower) on every tower token before
+            the projection, so tokens of towers with very different feature scales (a CNN's post-activation
+            map, a transformer's last layer) enter the joint space on a common footing.
         logit_scale_init_value (`float`, defaults to 2.6592): initial log of the logit scale (ln(1/0.07)).
         initializer_range (`float`, defaults to 0.02): std of the head's linear layers at init.
 
@@ -147,9 +146,7 @@ class TemdeConfig(PreTrainedConfig):
     sketch_weight: float = 1.0
     sketch_chunk_size: int = 64
     sketch_kernel: str = "auto"
-    loss_type: str = "info_nce"
-    margin: float = 0.2
-    max_violation: bool = True
+    token_layer_norm: bool = False
     logit_scale_init_value: float = 2.6592
     initializer_range: float = 0.02
 
@@ -190,13 +187,11 @@ class TemdeConfig(PreTrainedConfig):
         _check_choice("sketch_fusion", self.sketch_fusion, FUSION_CHOICES)
         _check_choice("sketch_coder", self.sketch_coder, CODER_CHOICES)
         _check_choice("sketch_kernel", self.sketch_kernel, KERNEL_CHOICES)
-        _check_choice("loss_type", self.loss_type, LOSS_CHOICES)
         for field in ("projection_dim", "n_sketches", "sketch_chunk_size", "attention_pooling_heads"):
             _check_positive(field, getattr(self, field), integer=True)
         for field in ("sketch_temperature", "initializer_range"):
             _check_positive(field, getattr(self, field))
         _check_positive("sketch_weight", self.sketch_weight, allow_zero=True)
-        _check_positive("margin", self.margin, allow_zero=True)
         if self.pooling == "attention" and self.projection_dim % self.attention_pooling_heads:
             raise ValueError(
                 f"TemdeConfig.projection_dim={self.projection_dim} must be divisible by "

@@ -21,9 +21,10 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_temde import TemdeConfig
-from .loss_temde import LOSSES
+from .loss_temde import info_nce_loss
 from .pooling_temde import POOLING_HEADS
 from .sketch_temde import AnchorCoder, SoftDLSHCoder, TemdeSketch
 
@@ -57,12 +58,16 @@ class TemdeEncoderOutput(BaseModelOutputWithPooling):
 class TemdeOutput(ModelOutput):
     r"""Output of [`TemdeModel.forward`] (CLIP-shaped, plus the sketches).
 
-    loss (`()`, when `return_loss`): the configured contrastive loss.
+    loss (`()`, when `return_loss`): symmetric InfoNCE over the row-paired batch (CLIP's loss; the trainer
+        offers the other losses of `LOSSES`).
     logits_per_image (`(n_images, n_texts)`): `logit_scale · <image_embeds, text_embeds>`.
     logits_per_text (`(n_texts, n_images)`): its transpose.
     text_embeds / image_embeds (`(n, embed_dim)`): the fused embeddings.
     text_sketch / image_sketch (`(n, n_sketches, sketch_width)`): the row-normalised sketches, or None.
     text_model_output / vision_model_output: the towers' outputs.
+    logit_scale (`(1,)`): `exp(logit_scale)`, the multiplier of the logits. Returned so that a training
+        loss computed outside `forward` (on embeddings gathered across processes) reads it through the
+        (possibly DDP-wrapped) forward: a parameter read outside forward gets no gradient synchronisation.
     """
 
     loss: torch.Tensor | None = None
@@ -74,6 +79,7 @@ class TemdeOutput(ModelOutput):
     image_sketch: torch.Tensor | None = None
     text_model_output: TemdeEncoderOutput | None = None
     vision_model_output: TemdeEncoderOutput | None = None
+    logit_scale: torch.Tensor | None = None
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
@@ -103,6 +109,34 @@ def _as_tokens(hidden: torch.Tensor) -> torch.Tensor:
             f"Expected tower hidden states of shape (B, L, C) or (B, C, h, w), got {tuple(hidden.shape)}."
         )
     return hidden
+
+
+def _normed(norm: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the optional token LayerNorm (`config.token_layer_norm`)."""
+    return hidden if norm is None else norm(hidden)
+
+
+def _as_tower_output(value: Any, name: str) -> ModelOutput:
+    """Precomputed tower outputs, as a `BaseModelOutputWithPooling` or `(last_hidden_state, pooler_output?)`."""
+    if isinstance(value, ModelOutput):
+        return value
+    if isinstance(value, (tuple, list)) and 1 <= len(value) <= 2 and torch.is_tensor(value[0]):
+        return BaseModelOutputWithPooling(
+            last_hidden_state=value[0], pooler_output=value[1] if len(value) == 2 else None
+        )
+    raise ValueError(
+        f"`{name}` must be a BaseModelOutputWithPooling or a tuple (last_hidden_state, pooler_output), "
+        f"got {type(value).__name__}."
+    )
+
+
+def _scalar_logit_scale_hook(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any
+) -> None:
+    """Checkpoints that stored `logit_scale` as a 0-dim tensor load into the `(1,)` parameter."""
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].ndim == 0:
+        state_dict[key] = state_dict[key].reshape(1)
 
 
 def _build_tower(config: PreTrainedConfig) -> PreTrainedModel:
@@ -204,14 +238,27 @@ class TemdeModel(TemdePreTrainedModel):
             if config.sketch_fusion == "replace"
             else None
         )
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        # Optional LayerNorm of every tower token before its projection (`config.token_layer_norm`).
+        self.visual_token_norm = (
+            nn.LayerNorm(tower_hidden_size(config.vision_config)) if config.token_layer_norm else None
+        )
+        self.text_token_norm = (
+            nn.LayerNorm(tower_hidden_size(config.text_config)) if config.token_layer_norm else None
+        )
+        # Shape (1,), not (): FSDP2 cannot shard 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
+        self.register_load_state_dict_pre_hook(_scalar_logit_scale_hook)
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------
     # The head: projected tokens -> fused embedding
     # ----------------------------------------------------------------------------------------------
     def embed_tokens(
-        self, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        sketch_weight: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Fuse projected tokens into the final embedding.
 
@@ -219,6 +266,8 @@ class TemdeModel(TemdePreTrainedModel):
             tokens: `(B, L, D)` tokens in the joint space.
             mask: `(B, L)`, 1 for real tokens.
             pooled: `(B, D)` the tower's projected pooled output (used by the `"pooler"` head).
+            sketch_weight: λ of the `concat` fusion for this call (default `config.sketch_weight`); a
+                trainer's sketch warm-up passes 0 here instead of editing the config.
 
         Returns:
             `(embeds (B, E), global_embeds (B, D), sketch (B, N, K) or None)`.
@@ -232,14 +281,20 @@ class TemdeModel(TemdePreTrainedModel):
         if self.config.sketch_fusion != "concat":
             return global_embeds, global_embeds, sketch
         # sqrt(λ/N) makes <e_I, e_T> = <ê_I, ê_T> + λ·(1/N)·Σ_n <Ŝ_n(I), Ŝ_n(T)>.
-        weight = math.sqrt(self.config.sketch_weight / self.config.n_sketches)
+        lam = self.config.sketch_weight if sketch_weight is None else sketch_weight
+        weight = math.sqrt(lam / self.config.n_sketches)
         embeds = torch.cat([global_embeds, weight * sketch.flatten(1).to(global_embeds.dtype)], dim=-1)
         return embeds, global_embeds, sketch
 
     def _head_output(
-        self, tower_output: ModelOutput, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None
+        self,
+        tower_output: ModelOutput,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        pooled: torch.Tensor | None,
+        sketch_weight: float | None = None,
     ) -> TemdeEncoderOutput:
-        embeds, global_embeds, sketch = self.embed_tokens(tokens, mask, pooled)
+        embeds, global_embeds, sketch = self.embed_tokens(tokens, mask, pooled, sketch_weight)
         return TemdeEncoderOutput(
             last_hidden_state=getattr(tower_output, "last_hidden_state", None),
             pooler_output=embeds,
@@ -261,10 +316,10 @@ class TemdeModel(TemdePreTrainedModel):
 
         Split out of `get_image_features` so frozen-tower training can cache the tower's outputs.
         """
-        tokens = self.visual_projection(_as_tokens(hidden))
+        tokens = self.visual_projection(_normed(self.visual_token_norm, _as_tokens(hidden)))
         mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         if pooled is not None:
-            pooled = self.visual_projection(pooled.flatten(1))
+            pooled = self.visual_projection(_normed(self.visual_token_norm, pooled.flatten(1)))
         return tokens, mask, pooled
 
     def project_text_hidden_states(
@@ -274,61 +329,76 @@ class TemdeModel(TemdePreTrainedModel):
         pooled: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Text tower outputs -> `(tokens (B, L, D), mask (B, L), pooled (B, D) or None)`."""
-        tokens = self.text_projection(hidden)
+        tokens = self.text_projection(_normed(self.text_token_norm, hidden))
         if attention_mask is None:
             attention_mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         if pooled is not None:
-            pooled = self.text_projection(pooled)
+            pooled = self.text_projection(_normed(self.text_token_norm, pooled))
         return tokens, attention_mask, pooled
 
-    def _vision_tower(self, pixel_values: torch.Tensor, **kwargs: Any) -> ModelOutput:
+    def _vision_tower(
+        self, pixel_values: torch.Tensor | None, vision_outputs: Any, **kwargs: Any
+    ) -> ModelOutput:
+        """The vision tower's output: computed from `pixel_values`, or the precomputed `vision_outputs`."""
+        if vision_outputs is not None:
+            return _as_tower_output(vision_outputs, "vision_outputs")
+        if pixel_values is None:
+            raise ValueError("get_image_features needs `pixel_values` (or precomputed `vision_outputs`).")
         return self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
 
     def _text_tower(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        text_outputs: Any,
+        **kwargs: Any,
     ) -> ModelOutput:
+        """The text tower's output: computed from `input_ids`, or the precomputed `text_outputs`."""
+        if text_outputs is not None:
+            return _as_tower_output(text_outputs, "text_outputs")
+        if input_ids is None:
+            raise ValueError("get_text_features needs `input_ids` (or precomputed `text_outputs`).")
         kwargs = {k: v for k, v in kwargs.items() if v is not None}  # not every tower takes token_type_ids
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-
-    def get_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`pixel_values (B, C, H, W)` -> projected tokens `(B, L, D)` and their mask `(B, L)`."""
-        out = self._vision_tower(pixel_values)
-        tokens, mask, _ = self.project_image_hidden_states(out.last_hidden_state)
-        return tokens, mask
-
-    def get_text_tokens(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`input_ids (B, L)` -> projected tokens `(B, L, D)` and their mask `(B, L)`."""
-        out = self._text_tower(input_ids, attention_mask, **kwargs)
-        tokens, mask, _ = self.project_text_hidden_states(out.last_hidden_state, attention_mask)
-        return tokens, mask
 
     # ----------------------------------------------------------------------------------------------
     # Public features (transformers v5 convention) and plain-tensor helpers
     # ----------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> TemdeEncoderOutput:
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_outputs: BaseModelOutputWithPooling | tuple[torch.Tensor, ...] | None = None,
+        sketch_weight: float | None = None,
+        **kwargs: Any,
+    ) -> TemdeEncoderOutput:
         """Image embeddings.
 
         Args:
             pixel_values: `(batch, channels, height, width)` from the processor.
+            vision_outputs: the vision tower's output for these images, computed earlier (e.g. cached while
+                the tower is frozen): `last_hidden_state` `(batch, tokens, C)` or `(batch, C, h, w)` and
+                optionally `pooler_output` `(batch, C)`. The tower is then skipped, like `encoder_outputs`
+                in transformers' encoder-decoder models.
+            sketch_weight: λ of the `concat` fusion for this call (default `config.sketch_weight`).
             **kwargs: passed to the vision tower (e.g. `output_hidden_states`).
 
         Returns:
             [`TemdeEncoderOutput`] with the final embedding `(batch, embed_dim)` in `pooler_output`.
         """
-        out = self._vision_tower(pixel_values, **kwargs)
+        out = self._vision_tower(pixel_values, vision_outputs, **kwargs)
         tokens, mask, pooled = self.project_image_hidden_states(
             out.last_hidden_state, getattr(out, "pooler_output", None)
         )
-        return self._head_output(out, tokens, mask, pooled)
+        return self._head_output(out, tokens, mask, pooled, sketch_weight)
 
     def get_text_features(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        text_outputs: BaseModelOutputWithPooling | tuple[torch.Tensor, ...] | None = None,
+        sketch_weight: float | None = None,
         **kwargs: Any,
     ) -> TemdeEncoderOutput:
         """Text embeddings.
@@ -336,17 +406,25 @@ class TemdeModel(TemdePreTrainedModel):
         Args:
             input_ids: `(batch, seq_len)`.
             attention_mask: `(batch, seq_len)`, 1 for real tokens; padding adds nothing to the sketch.
+            text_outputs: the text tower's output for these captions, computed earlier (see
+                `get_image_features`); `attention_mask` still marks its padding.
+            sketch_weight: λ of the `concat` fusion for this call (default `config.sketch_weight`).
 
         Returns:
             [`TemdeEncoderOutput`] with the final embedding `(batch, embed_dim)` in `pooler_output`.
         """
         out = self._text_tower(
-            input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids, **kwargs
+            input_ids,
+            attention_mask,
+            text_outputs,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            **kwargs,
         )
         tokens, mask, pooled = self.project_text_hidden_states(
             out.last_hidden_state, attention_mask, getattr(out, "pooler_output", None)
         )
-        return self._head_output(out, tokens, mask, pooled)
+        return self._head_output(out, tokens, mask, pooled, sketch_weight)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, C, H, W)` -> embeddings `(batch, embed_dim)`."""
@@ -360,32 +438,6 @@ class TemdeModel(TemdePreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, **kwargs
         ).pooler_output
 
-    # ----------------------------------------------------------------------------------------------
-    # Training helpers
-    # ----------------------------------------------------------------------------------------------
-    def compute_loss(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        *,
-        max_violation: bool | None = None,
-        pair_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The configured loss on row-paired embeddings `(n, E)` (row i of each is a positive pair).
-
-        Args:
-            max_violation: overrides `config.max_violation` (VSE∞ uses all negatives for a warm-up).
-            pair_ids: `(n,)`; rows with equal ids (captions of one image) are not negatives of each other.
-        """
-        return LOSSES[self.config.loss_type](
-            image_embeds,
-            text_embeds,
-            logit_scale=self.logit_scale.exp(),
-            margin=self.config.margin,
-            max_violation=self.config.max_violation if max_violation is None else max_violation,
-            pair_ids=pair_ids,
-        )
-
     @torch.no_grad()
     def initialize_sketch(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """DLSH initialisation of the sketch from valid projected tokens `(M, D)` of both modalities."""
@@ -393,22 +445,8 @@ class TemdeModel(TemdePreTrainedModel):
             raise ValueError("This model has no sketch (sketch_fusion='none'); nothing to initialise.")
         self.sketch.initialize(tokens, generator=generator)
 
-    @torch.no_grad()
-    def initialize_sketch_from_batch(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **text_kwargs: Any,
-    ) -> None:
-        """Convenience: run both towers on a batch and initialise the sketch from all valid tokens."""
-        image_tokens, image_mask = self.get_image_tokens(pixel_values)
-        text_tokens, text_mask = self.get_text_tokens(input_ids, attention_mask, **text_kwargs)
-        tokens = torch.cat([image_tokens[image_mask.bool()], text_tokens[text_mask.bool()]])
-        self.initialize_sketch(tokens, generator=generator)
-
     # ----------------------------------------------------------------------------------------------
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -416,47 +454,62 @@ class TemdeModel(TemdePreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        vision_outputs: BaseModelOutputWithPooling | tuple[torch.Tensor, ...] | None = None,
+        text_outputs: BaseModelOutputWithPooling | tuple[torch.Tensor, ...] | None = None,
         return_loss: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs: Any,
-    ) -> TemdeOutput | tuple[Any, ...]:
+        sketch_weight: float | None = None,
+    ) -> TemdeOutput:
         """Embed images and/or captions, score every pair and (optionally) compute the loss.
 
         With only one modality the output holds just its embeddings (this is what transformers'
-        `feature-extraction` / `image-feature-extraction` pipelines call).
+        `feature-extraction` / `image-feature-extraction` pipelines call). `return_dict=False` gives a tuple.
 
         Args:
             input_ids: `(n_texts, seq_len)`; attention_mask likewise.
             pixel_values: `(n_images, C, H, W)`.
-            return_loss: compute `config.loss_type` on the row-paired batch (needs n_images == n_texts).
+            vision_outputs / text_outputs: precomputed tower outputs that replace `pixel_values` /
+                `input_ids` (see `get_image_features`).
+            return_loss: symmetric InfoNCE on the row-paired batch (needs n_images == n_texts).
+            sketch_weight: λ of the `concat` fusion for this call (default `config.sketch_weight`).
 
         Returns:
-            [`TemdeOutput`] with `logits_per_image` `(n_images, n_texts)` when both are given.
+            [`TemdeOutput`] with `logits_per_image` `(n_images, n_texts)` when both are given, and
+            `logit_scale` always.
         """
-        if input_ids is None and pixel_values is None:
+        has_images = pixel_values is not None or vision_outputs is not None
+        has_texts = input_ids is not None or text_outputs is not None
+        if not has_images and not has_texts:
             raise ValueError(
                 "TemdeModel.forward needs `input_ids`, `pixel_values` or both (use the processor)."
             )
         tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         tower_kwargs = {k: v for k, v in tower_kwargs.items() if v}
         vision = text = None
-        if pixel_values is not None:
-            vision = self.get_image_features(pixel_values=pixel_values, **tower_kwargs)
-        if input_ids is not None:
+        if has_images:
+            vision = self.get_image_features(
+                pixel_values=pixel_values,
+                vision_outputs=vision_outputs,
+                sketch_weight=sketch_weight,
+                **tower_kwargs,
+            )
+        if has_texts:
             text = self.get_text_features(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 token_type_ids=token_type_ids,
                 position_ids=position_ids,
+                text_outputs=text_outputs,
+                sketch_weight=sketch_weight,
                 **tower_kwargs,
             )
         image_embeds = vision.pooler_output if vision is not None else None
         text_embeds = text.pooler_output if text is not None else None
+        logit_scale = self.logit_scale.exp()
         logits_per_text = loss = None
         if vision is not None and text is not None:
-            logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.T  # (n_texts, n_images)
+            logits_per_text = logit_scale * text_embeds @ image_embeds.T  # (n_texts, n_images)
         if return_loss:
             if logits_per_text is None or image_embeds.shape[0] != text_embeds.shape[0]:
                 raise ValueError(
@@ -464,8 +517,8 @@ class TemdeModel(TemdePreTrainedModel):
                     f"{0 if image_embeds is None else image_embeds.shape[0]} images and "
                     f"{0 if text_embeds is None else text_embeds.shape[0]} texts."
                 )
-            loss = self.compute_loss(image_embeds, text_embeds)
-        output = TemdeOutput(
+            loss = info_nce_loss(image_embeds, text_embeds, logit_scale=logit_scale)
+        return TemdeOutput(
             loss=loss,
             logits_per_image=logits_per_text.T if logits_per_text is not None else None,
             logits_per_text=logits_per_text,
@@ -475,9 +528,8 @@ class TemdeModel(TemdePreTrainedModel):
             image_sketch=vision.sketch if vision is not None else None,
             text_model_output=text,
             vision_model_output=vision,
+            logit_scale=logit_scale,
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        return output if return_dict else output.to_tuple()
 
     # ----------------------------------------------------------------------------------------------
     # Composition and serialisation
