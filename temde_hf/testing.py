@@ -5,9 +5,11 @@ Everything here is built from configs in code: no download, a few thousand param
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import BertConfig, BertTokenizer, ViTConfig, ViTImageProcessor
 
 from .models.temde import TemdeConfig, TemdeModel, TemdeProcessor
@@ -24,8 +26,18 @@ TINY_VOCAB = [
 TINY_IMAGE_SIZE = 32
 
 
-def tiny_tower_configs(hidden_size: int = 32) -> tuple[ViTConfig, BertConfig]:
-    """A 1-layer ViT (16 patches of 8 px on 32-px images) and a 1-layer BERT over `TINY_VOCAB`."""
+def tiny_vocab() -> list[str]:
+    """`TINY_VOCAB`, every word of the synthetic captions, and letters (so any word has word pieces)."""
+    from .data.synthetic import BACKGROUNDS, COLOURS, SHAPES, TEMPLATES
+
+    words = {w for t in TEMPLATES for w in t.replace("{", " ").replace("}", " ").split()}
+    words |= set(COLOURS) | set(BACKGROUNDS) | set(SHAPES)
+    letters = list(string.ascii_lowercase)
+    return list(dict.fromkeys([*TINY_VOCAB, *sorted(words), *letters, *(f"##{c}" for c in letters)]))
+
+
+def tiny_tower_configs(hidden_size: int = 32, dropout: float = 0.0) -> tuple[ViTConfig, BertConfig]:
+    """A 1-layer ViT (16 patches of 8 px on 32-px images) and a 1-layer BERT over `tiny_vocab()`."""
     vision = ViTConfig(
         hidden_size=hidden_size,
         num_hidden_layers=1,
@@ -33,34 +45,38 @@ def tiny_tower_configs(hidden_size: int = 32) -> tuple[ViTConfig, BertConfig]:
         intermediate_size=2 * hidden_size,
         image_size=TINY_IMAGE_SIZE,
         patch_size=8,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     text = BertConfig(
         hidden_size=hidden_size,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
-        vocab_size=len(TINY_VOCAB),
+        vocab_size=len(tiny_vocab()),
         max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return vision, text
 
 
-def tiny_config(**overrides: Any) -> TemdeConfig:
-    """A tiny [`TemdeConfig`]; keyword arguments override any T-EMDE field."""
-    vision, text = tiny_tower_configs()
+def tiny_config(dropout: float = 0.0, **overrides: Any) -> TemdeConfig:
+    """A tiny [`TemdeConfig`] (towers with `dropout`); keyword arguments override any T-EMDE field."""
+    vision, text = tiny_tower_configs(dropout=dropout)
     settings: dict[str, Any] = {"projection_dim": 16, "n_sketches": 4, "n_hyperplanes": 3}
     settings.update(overrides)
     return TemdeConfig(vision_config=vision, text_config=text, **settings)
 
 
-def tiny_model(**overrides: Any) -> TemdeModel:
-    """A tiny randomly initialised [`TemdeModel`] in eval mode."""
-    return TemdeModel(tiny_config(**overrides)).eval()
+def tiny_model(dropout: float = 0.0, **overrides: Any) -> TemdeModel:
+    """A tiny randomly initialised [`TemdeModel`] in eval mode (seed with `torch.manual_seed` first)."""
+    return TemdeModel(tiny_config(dropout, **overrides)).eval()
 
 
 def tiny_processor() -> TemdeProcessor:
-    """A processor for the tiny towers: a word-piece tokenizer over `TINY_VOCAB`, 32-px images."""
-    vocab = {token: index for index, token in enumerate(TINY_VOCAB)}
+    """A processor for the tiny towers: a word-piece tokenizer over `tiny_vocab()`, 32-px images."""
+    vocab = {token: index for index, token in enumerate(tiny_vocab())}
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=64)
     image_processor = ViTImageProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
     return TemdeProcessor(image_processor, tokenizer)
@@ -74,16 +90,37 @@ def save_tiny_checkpoint(directory: str | Path, **overrides: Any) -> Path:
     return directory
 
 
-def save_tiny_towers(directory: str | Path) -> tuple[Path, Path]:
+def save_tiny_towers(directory: str | Path, dropout: float = 0.0) -> tuple[Path, Path]:
     """Save tiny pretrained-style ViT and BERT tower folders (with processor files) for composition tests."""
     from transformers import BertModel, ViTModel
 
     directory = Path(directory)
-    vision_config, text_config = tiny_tower_configs()
+    vision_config, text_config = tiny_tower_configs(dropout=dropout)
     vision_dir, text_dir = directory / "vision", directory / "text"
-    ViTModel(vision_config).save_pretrained(vision_dir)
-    BertModel(text_config).save_pretrained(text_dir)
+    ViTModel(vision_config, add_pooling_layer=False).save_pretrained(vision_dir)
+    BertModel(text_config, add_pooling_layer=False).save_pretrained(text_dir)
     processor = tiny_processor()
     processor.image_processor.save_pretrained(vision_dir)
     processor.tokenizer.save_pretrained(text_dir)
     return vision_dir, text_dir
+
+
+def tiny_batch(n: int, seed: int = 0, n_images: int | None = None) -> dict[str, torch.Tensor]:
+    """Random training inputs for `n` pairs of the tiny towers.
+
+    ``n_images`` distinct images; pair ``i`` shows image ``i % n_images`` (``pair_ids``), so some images
+    have several captions in the batch. Captions have random lengths (padding in play).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_images = n_images or n
+    pair_ids = torch.arange(n) % n_images
+    images = torch.randn(n_images, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=g)
+    input_ids = torch.randint(5, len(tiny_vocab()), (n, 12), generator=g)
+    lengths = torch.randint(4, 13, (n,), generator=g)
+    attention_mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    return {
+        "pixel_values": images[pair_ids],
+        "input_ids": input_ids * attention_mask,
+        "attention_mask": attention_mask,
+        "pair_ids": pair_ids,
+    }

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_tiny import make_towers
 from transformers import AutoModel, AutoProcessor
 
 import temde_hf  # noqa: F401  (registers the Auto classes)
@@ -20,7 +19,9 @@ from temde_hf import TemdeModel
 from temde_hf.data import load_karpathy, make_synthetic_karpathy
 from temde_hf.evaluation.encode import encode_dataset
 from temde_hf.evaluation.metrics import retrieval_metrics
-from temde_hf.training.checkpointing import list_checkpoints
+from temde_hf.testing import save_tiny_towers
+from temde_hf.training import loop
+from temde_hf.training.checkpointing import CheckpointError, list_checkpoints
 from temde_hf.training.losses import NonFiniteLossError
 from temde_hf.training.train import main
 
@@ -28,7 +29,7 @@ from temde_hf.training.train import main
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train")
-    vision, text = make_towers(root / "towers", dropout=0.1)  # dropout: resume must replay the RNG
+    vision, text = save_tiny_towers(root / "towers", dropout=0.1)  # dropout: resume must replay the RNG
     data = make_synthetic_karpathy(root / "data", n_images=30, seed=0)  # 18 train / 6 val images
     return {"root": root, "vision": vision, "text": text, "data": data}
 
@@ -37,7 +38,7 @@ def _argv(setup: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
     return [
         "--vision_model_path", str(setup["vision"]), "--text_model_path", str(setup["text"]),
         "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3",
-        "--karpathy_json", str(setup["data"]), "--output_dir", str(output_dir),
+        "--data", str(setup["data"]), "--output_dir", str(output_dir),
         "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
         "--learning_rate", "2e-3", "--warmup_steps", "2", "--logging_steps", "1",
         "--report_to", "none", "--disable_tqdm", "true", "--seed", "7", *extra,
@@ -100,21 +101,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
 ) -> None:
     torch.set_num_threads(1)
     calls = {"n": 0}
-    original = TemdeModel.compute_loss
+    original = loop.contrastive_loss
 
-    def flaky(self, *args, **kwargs):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
-        loss = original(self, *args, **kwargs)
-        return loss * float("nan") if calls["n"] == 4 else loss
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss  # call 1 is the start-up probe: step 4
 
-    monkeypatch.setattr(TemdeModel, "compute_loss", flaky)
+    monkeypatch.setattr(loop, "contrastive_loss", flaky)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match=r"nan at step 4 .*step-00000002"):
         main(_argv(setup, out, "--max_steps", "6", "--save_steps", "2", "--max_eval_images", "0"))
     assert [p.name for p in list_checkpoints(out)] == ["step-00000002"]
     assert not (out / "final").exists()
     # the kept checkpoint is usable: resume from it and finish
-    monkeypatch.setattr(TemdeModel, "compute_loss", original)
+    monkeypatch.setattr(loop, "contrastive_loss", original)
     metrics = main(_argv(setup, out, "--max_steps", "6", "--save_steps", "2", "--max_eval_images", "0",
                          "--resume", "latest"))  # fmt: skip
     assert metrics["global_step"] == 6 and (out / "final" / "model.safetensors").is_file()
@@ -144,3 +145,85 @@ def test_sigkilled_process_resumes_with_identical_losses(setup: dict[str, Path],
     expected, resumed = _losses(full), _losses(killed)
     for step in range(done + 1, 25):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+class _Payload:
+    """A pickle that would create a marker file when unpickled: resuming must never run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["trainer_state.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "pickle payload"],
+)
+def test_damaged_checkpoint_is_named_and_nothing_is_unpickled(
+    setup: dict[str, Path], tmp_path: Path, damage: str
+) -> None:
+    """A damaged (truncated) or malicious last checkpoint stops the resume with the file and the fix."""
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    extra = ("--max_steps", "6", "--save_steps", "2", "--max_eval_images", "0")
+    main(_argv(setup, out, *extra, "--stop_after_steps", "4"))
+    last = list_checkpoints(out)[-1]
+    assert last.name == "step-00000004"
+    marker = tmp_path / "pwned"
+    if damage == "pickle payload":
+        import pickle
+
+        (last / "optimizer.bin").write_bytes(pickle.dumps({"state": _Payload(marker)}))
+        damaged = last / "optimizer.bin"
+    else:
+        damaged = last / damage
+        _truncate(damaged)
+    with pytest.raises(CheckpointError) as error:
+        main(_argv(setup, out, *extra, "--resume", "latest"))
+    message = str(error.value)
+    assert str(damaged) in message and "--resume" in message and "step-00000002" in message
+    assert not marker.exists()
+    # the named fix works: resume from the previous checkpoint and finish
+    metrics = main(_argv(setup, out, *extra, "--resume", str(list_checkpoints(out)[0])))
+    assert metrics["global_step"] == 6
+
+
+def test_new_run_refuses_a_finished_run_folder(setup: dict[str, Path], tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    extra = ("--max_steps", "2", "--max_eval_images", "0")
+    main(_argv(setup, out, *extra))
+    before = (out / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        main(_argv(setup, out, *extra, "--learning_rate", "1e-2"))
+    assert (out / "final" / "model.safetensors").read_bytes() == before
+    main(_argv(setup, out, *extra, "--learning_rate", "1e-2", "--overwrite_output_dir", "true"))
+    assert (out / "final" / "model.safetensors").read_bytes() != before
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002"]
+    card = (out / "final" / "README.md").read_text()
+    assert "learning_rate: 0.01" in card  # the card records the exact settings of the run
+
+
+def test_cached_tower_outputs_train_the_same_model(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Frozen towers: training on their cached outputs equals running them every step."""
+    torch.set_num_threads(1)
+    extra = ("--max_steps", "5", "--freeze_vision_tower", "true", "--freeze_text_tower", "true",
+             "--max_eval_images", "4", "--eval_steps", "5")  # fmt: skip
+    cached, direct = tmp_path / "cached", tmp_path / "direct"
+    a = main(_argv(setup, cached, *extra))
+    b = main(_argv(setup, direct, *extra, "--cache_tower_outputs", "false"))
+    assert list((cached / "feature_cache").glob("*.safetensors")) and not (direct / "feature_cache").exists()
+    losses_a, losses_b = _losses(cached), _losses(direct)
+    assert sorted(losses_a) == list(range(1, 6))
+    for step in losses_a:
+        assert losses_a[step] == pytest.approx(losses_b[step], abs=1e-5), step
+    assert a["eval_rsum"] == pytest.approx(b["eval_rsum"])
+    weights = [AutoModel.from_pretrained(out / "final").state_dict() for out in (cached, direct)]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][key], atol=1e-5, rtol=1e-4, msg=key)

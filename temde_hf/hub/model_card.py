@@ -212,6 +212,7 @@ def render_model_card(
     base_models: Sequence[str] | None = None,
     datasets: Sequence[str] | None = None,
     training_info: Mapping[str, Any] | None = None,
+    run_settings: str | None = None,
     license: str = "apache-2.0",
     tags: Sequence[str] = (),
     widget: list[dict[str, Any]] | None = None,
@@ -229,6 +230,7 @@ def render_model_card(
         base_models: Hub ids of the pretrained towers (``base_model`` in the metadata).
         datasets: Hub ids / names of the training data; defaults to the evaluation dataset.
         training_info: flat training settings (epochs, batch size, loss, ...) shown as a table.
+        run_settings: the run's exact settings (the YAML `temde-hf train` saves), shown verbatim.
         license: SPDX-style license id of the weights.
         tags: extra tags on top of the T-EMDE ones.
         widget: Hub widget examples; defaults to one zero-shot classification example.
@@ -269,6 +271,7 @@ def render_model_card(
         base_models=list(base_models or []),
         datasets_text=", ".join(datasets) if datasets else "its training data",
         training_info=dict(training_info or {}),
+        run_settings=run_settings,
     )
 
 

@@ -4,18 +4,22 @@ Plain accumulation (loss per micro-batch, gradients summed) shrinks a contrastiv
 one micro-batch. Here the loss always sees the whole step's pairs (and, with global negatives, every
 process's), in three passes ("gradient caching"):
 
-1. encode every micro-batch without autograd and cache the embeddings;
-2. compute the loss on the cached set and its gradient w.r.t. the cached embeddings (and the
-   parameters the loss itself uses, e.g. ``logit_scale``);
-3. re-encode each micro-batch with autograd and backpropagate its slice of the cached gradient.
+1. encode every micro-batch without autograd and cache the embeddings (and the logit scale);
+2. compute the loss on the cached set and its gradient w.r.t. the cached embeddings and scale;
+3. re-encode each micro-batch with autograd and backpropagate its slice of the cached gradient (the
+   scale's gradient once, with the last micro-batch).
 
 By the chain rule the parameter gradients equal those of one big batch; the cost is one extra forward.
-Dropout is replayed by restoring each micro-batch's RNG state in pass 3. Towers with batch statistics
-(BatchNorm in train mode) would see each micro-batch twice: use them frozen or in eval mode.
+Every forward goes through the model `accelerator.prepare` returned (a DDP wrapper under several
+processes: calling the inner module would silently skip the gradient all-reduce), and every micro-batch
+but the last runs inside `accelerator.no_sync`, so gradients are all-reduced once per step. Dropout is
+replayed by restoring each micro-batch's RNG state in pass 3. Towers with batch statistics (BatchNorm in
+train mode) would see each micro-batch twice: keep them in eval mode (``--freeze_batch_norm``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batches import model_inputs
 from .losses import check_finite
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (image_embeds (n, E), text_embeds (n, E), logit_scale (1,), pair_ids (n,) | None) -> scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -46,47 +52,37 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, device)
 
 
-def encode_pairs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed a batch of pairs.
+def encode_pairs(
+    model: nn.Module, batch: dict[str, torch.Tensor], sketch_weight: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training forward: `(image_embeds (n, E), text_embeds (n, E), logit_scale (1,))`.
 
     Args:
-        model: The `TemdeModel` (not wrapped).
-        batch: ``pixel_values`` `(n, 3, h, w)`, ``input_ids`` / ``attention_mask`` `(n, seq_len)`.
-
-    Returns:
-        ``(image_embeds, text_embeds)``, each `(n, embed_dim)`.
+        model: The prepared model (DDP wrapper or the model itself).
+        batch: A training batch (raw or cached inputs, see `temde_hf.training.batches`).
+        sketch_weight: λ of the `concat` fusion for this step (the sketch warm-up passes 0).
     """
-    image_embeds = model.encode_image(batch["pixel_values"])
-    text_embeds = model.encode_text(batch["input_ids"], batch["attention_mask"])
-    return image_embeds, text_embeds
-
-
-def split_micro_batches(batch: dict[str, Any], n_micro: int) -> list[dict[str, Any]]:
-    """Split every tensor of `batch` into `n_micro` equal chunks along dim 0 (the last may be smaller)."""
-    size = -(-len(batch["input_ids"]) // n_micro)
-    n = -(-len(batch["input_ids"]) // size)
-    return [
-        {k: v[i * size : (i + 1) * size] if torch.is_tensor(v) else v for k, v in batch.items()}
-        for i in range(n)
-    ]
+    out = model(**model_inputs(batch), sketch_weight=sketch_weight)
+    return out.image_embeds, out.text_embeds, out.logit_scale
 
 
 def forward_backward(
     model: nn.Module,
-    micro_batches: list[dict[str, Any]],
+    micro_batches: list[dict[str, torch.Tensor]],
     loss_fn: LossFn,
     accelerator: Any,
+    *,
+    sketch_weight: float | None = None,
     where: str = "step",
 ) -> torch.Tensor:
     """Accumulate the gradients of the loss on all `micro_batches` together into ``param.grad``.
 
     Args:
-        model: The `TemdeModel`, in train mode, on `accelerator.device`.
-        micro_batches: Batches of this process for one optimizer step (tensors already on the device),
-            each with ``pixel_values``, ``input_ids``, ``attention_mask`` and ``pair_ids``.
-        loss_fn: ``(image_embeds, text_embeds, pair_ids) -> scalar`` over the concatenated rows (it
-            may gather other processes' rows).
-        accelerator: `accelerate.Accelerator` (for `autocast` and the fp16-scaled `backward`).
+        model: The prepared model, in train mode, on `accelerator.device`.
+        micro_batches: This process's batches for one optimizer step (tensors already on the device).
+        loss_fn: The loss over the concatenated rows (it may gather other processes' rows).
+        accelerator: `accelerate.Accelerator` (fp16 loss scaling in `backward`, `no_sync`).
+        sketch_weight: λ for this step (``None``: the config's).
         where: Position for the NaN/inf error message.
 
     Returns:
@@ -97,20 +93,20 @@ def forward_backward(
     """
     if len(micro_batches) == 1:
         batch = micro_batches[0]
-        with accelerator.autocast():
-            image_embeds, text_embeds = encode_pairs(model, batch)
-        loss = loss_fn(image_embeds, text_embeds, batch.get("pair_ids"))
+        images, texts, scale = encode_pairs(model, batch, sketch_weight)
+        loss = loss_fn(images, texts, scale, batch.get("pair_ids"))
         check_finite(loss, where)
         accelerator.backward(loss)
         return loss.detach()
-    return _cached_forward_backward(model, micro_batches, loss_fn, accelerator, where)
+    return _cached_forward_backward(model, micro_batches, loss_fn, accelerator, sketch_weight, where)
 
 
 def _cached_forward_backward(
     model: nn.Module,
-    micro_batches: list[dict[str, Any]],
+    micro_batches: list[dict[str, torch.Tensor]],
     loss_fn: LossFn,
     accelerator: Any,
+    sketch_weight: float | None,
     where: str,
 ) -> torch.Tensor:
     device = accelerator.device
@@ -119,32 +115,35 @@ def _cached_forward_backward(
     with torch.no_grad():
         for batch in micro_batches:
             states.append(RngState.capture(device))
-            with accelerator.autocast():
-                image_embeds, text_embeds = encode_pairs(model, batch)
+            image_embeds, text_embeds, scale = encode_pairs(model, batch, sketch_weight)
             images.append(image_embeds)
             texts.append(text_embeds)
     after_pass_1 = RngState.capture(device)
-    # pass 2: the loss on the full set; leaves so that backward stops at the embeddings
+    # pass 2: the loss on the full set; leaves so that backward stops at the embeddings and the scale
     image_cache = torch.cat(images).detach().requires_grad_()
     text_cache = torch.cat(texts).detach().requires_grad_()
+    scale_cache = scale.detach().requires_grad_()
     pair_ids = [b.get("pair_ids") for b in micro_batches]
     pair_ids = torch.cat(pair_ids) if all(p is not None for p in pair_ids) else None
-    loss = loss_fn(image_cache, text_cache, pair_ids)
+    loss = loss_fn(image_cache, text_cache, scale_cache, pair_ids)
     check_finite(loss, where)
-    # fp16: scales the loss, so the cached gradients (and logit_scale's) carry the loss scale and
-    # pass 3 must not scale again
+    # fp16: this scales the loss, so the cached gradients carry the loss scale and pass 3 must not
+    # scale again (it calls plain `backward`)
     accelerator.backward(loss)
-    image_grad, text_grad = image_cache.grad, text_cache.grad
+    image_grad, text_grad, scale_grad = image_cache.grad, text_cache.grad, scale_cache.grad
     # pass 3: re-encode with a graph, replaying dropout, and push the cached gradient through
-    offset = 0
-    for batch, state in zip(micro_batches, states):
+    offset, last = 0, len(micro_batches) - 1
+    for i, (batch, state) in enumerate(zip(micro_batches, states)):
         state.restore(device)
-        with accelerator.autocast():
-            image_embeds, text_embeds = encode_pairs(model, batch)
-        n = image_embeds.shape[0]
-        surrogate = (image_embeds.float() * image_grad[offset : offset + n]).sum()
-        surrogate = surrogate + (text_embeds.float() * text_grad[offset : offset + n]).sum()
-        surrogate.backward()
+        sync = contextlib.nullcontext() if i == last else accelerator.no_sync(model)
+        with sync:
+            image_embeds, text_embeds, scale = encode_pairs(model, batch, sketch_weight)
+            n = image_embeds.shape[0]
+            surrogate = (image_embeds.float() * image_grad[offset : offset + n]).sum()
+            surrogate = surrogate + (text_embeds.float() * text_grad[offset : offset + n]).sum()
+            if i == last and scale_grad is not None and scale.requires_grad:
+                surrogate = surrogate + (scale.float() * scale_grad).sum()  # the scale's gradient, once
+            surrogate.backward()
         offset += n
     after_pass_1.restore(device)
     return loss.detach()

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from ..models.temde.loss_temde import LOSSES
+
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SECTIONS = ("model", "data", "training")
 
@@ -57,9 +59,9 @@ class ModelArguments:
     sketch_temperature: float | None = field(default=None, metadata={"help": "tau of the soft coder"})
     learn_sketch_temperature: bool | None = field(default=None, metadata={"help": "learn log tau"})
     sketch_weight: float | None = field(default=None, metadata={"help": "lambda of the concat fusion"})
-    loss_type: str | None = field(default=None, metadata={"help": "info_nce | vse_hinge"})
-    margin: float | None = field(default=None, metadata={"help": "hinge margin (vse_hinge)"})
-    max_violation: bool | None = field(default=None, metadata={"help": "hardest negative only (vse_hinge)"})
+    token_layer_norm: bool | None = field(
+        default=None, metadata={"help": "LayerNorm of every tower token before the projection"}
+    )
 
     def config_overrides(self) -> dict[str, Any]:
         """The architecture fields that were set, as `TemdeConfig` keyword arguments."""
@@ -70,19 +72,31 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Where the image-caption pairs come from (Karpathy split JSON, or generated synthetic data)."""
+    """Where the image-caption pairs come from: any format of `temde_hf.data`, or generated synthetic data."""
 
-    karpathy_json: str | None = field(
-        default=None, metadata={"help": "dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json"}
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Karpathy JSON (dataset_coco.json, dataset_flickr30k.json, ...), COCO captions JSON, "
+                  "image,caption CSV, image folder with metadata.jsonl, parquet file or Hub dataset id"},
+    )  # fmt: skip
+    data_format: str = field(
+        default="auto", metadata={"help": "auto | karpathy | coco | csv | imagefolder | ..."}
     )
     image_root: str | None = field(
         default=None, metadata={"help": "image folder; defaults to images/ beside the JSON"}
     )
     synthetic_images: int = field(
-        default=0, metadata={"help": "if > 0 and no karpathy_json: generate this many synthetic images"}
+        default=0, metadata={"help": "if > 0 and no --data: generate this many synthetic images"}
     )
-    train_split: str = field(default="train")
-    eval_split: str = field(default="val")
+    train_split: str = field(default="train", metadata={"help": "split(s) to train on, e.g. 'train,val'"})
+    eval_split: str = field(default="val", metadata={"help": "split to evaluate on ('none': no evaluation)"})
+    cv_folds: int = field(
+        default=0,
+        metadata={"help": "> 1: k-fold cross-validation over the train split's images; this run trains on "
+                  "all folds but --cv_fold and evaluates on it (--eval_split is then unused)"},
+    )  # fmt: skip
+    cv_fold: int = field(default=0, metadata={"help": "the held-out fold, 0 .. cv_folds - 1"})
+    cv_seed: int = field(default=0, metadata={"help": "seed of the assignment of images to folds"})
     max_train_images: int | None = field(default=None, metadata={"help": "keep the first N train images"})
     max_eval_images: int | None = field(default=None, metadata={"help": "keep the first N eval images"})
     max_text_length: int = field(default=64, metadata={"help": "truncate captions to this many tokens"})
@@ -102,6 +116,14 @@ class TemdeTrainingArguments:
         default=1, metadata={"help": "micro-batches per step; all of their pairs are negatives of each other"}
     )
     per_device_eval_batch_size: int = field(default=64)
+    loss_type: str = field(default="info_nce", metadata={"help": "info_nce | vse_hinge"})
+    margin: float = field(default=0.2, metadata={"help": "hinge margin (vse_hinge)"})
+    max_violation: bool = field(default=True, metadata={"help": "hardest negative only (vse_hinge)"})
+    sampling: str = field(
+        default="pairs",
+        metadata={"help": "pairs: an epoch visits every (image, caption) pair | images: every image once, "
+                  "with one random caption"},
+    )  # fmt: skip
     learning_rate: float = field(default=2e-4, metadata={"help": "LR of the heads (projections, sketch)"})
     vision_lr_multiplier: float = field(default=0.1, metadata={"help": "vision tower LR = this * LR"})
     text_lr_multiplier: float = field(default=0.1, metadata={"help": "text tower LR = this * LR"})
@@ -123,8 +145,24 @@ class TemdeTrainingArguments:
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
     use_cpu: bool = field(default=False, metadata={"help": "train on CPU even if a GPU is visible"})
     gradient_checkpointing: bool = field(default=False)
-    freeze_vision_tower: bool = field(default=False)
-    freeze_text_tower: bool = field(default=False)
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "train no vision tower weight"})
+    freeze_text_tower: bool = field(default=False, metadata={"help": "train no text tower weight"})
+    vision_trainable_layers: int | None = field(
+        default=None, metadata={"help": "train only the last N blocks of the vision tower (and what follows)"}
+    )
+    text_trainable_layers: int | None = field(
+        default=None, metadata={"help": "train only the last N layers of the text tower (and what follows)"}
+    )
+    freeze_batch_norm: bool = field(
+        default=True, metadata={"help": "keep the towers' BatchNorm statistics fixed (eval mode)"}
+    )
+    cache_tower_outputs: bool = field(
+        default=True, metadata={"help": "compute a frozen tower's outputs once and train on them"}
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "where cached tower outputs live (default: OUTPUT_DIR/feature_cache)"}
+    )
+    feature_cache_dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16"})
     max_logit_scale: float = field(default=100.0, metadata={"help": "clamp exp(logit_scale) to this"})
     negatives: str = field(
         default="global", metadata={"help": "global: gather all processes' pairs (with grads) | local"}
@@ -134,6 +172,14 @@ class TemdeTrainingArguments:
     )
     sketch_init_batches: int = field(
         default=4, metadata={"help": "batches of token features for the sketch's median init (0: none)"}
+    )
+    sketch_warmup_epochs: float = field(
+        default=0.0,
+        metadata={"help": "concat fusion: epochs trained with the sketch off (lambda = 0); the DLSH partition "
+                  "is then drawn on the tokens the trained projections make and lambda switched on"},
+    )  # fmt: skip
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "delete a previous run's checkpoints and results in output_dir"}
     )
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     save_total_limit: int = field(default=3, metadata={"help": "keep the last N checkpoints"})
@@ -218,6 +264,19 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
     _choice("lr_scheduler_type", args.lr_scheduler_type, ("cosine", "step", "constant"))
     _choice("negatives", args.negatives, ("global", "local"))
     _choice("report_to", args.report_to, ("tensorboard", "none"))
+    _choice("loss_type", args.loss_type, tuple(LOSSES))
+    _choice("sampling", args.sampling, ("pairs", "images"))
+    _choice("feature_cache_dtype", args.feature_cache_dtype, ("float32", "float16", "bfloat16"))
+    if data_args.cv_folds == 1 or data_args.cv_folds < 0:
+        raise ValueError("--cv_folds must be 0 (no cross-validation) or at least 2")
+    if data_args.cv_folds and not 0 <= data_args.cv_fold < data_args.cv_folds:
+        raise ValueError(f"--cv_fold {data_args.cv_fold} must be in 0 .. {data_args.cv_folds - 1}")
+    for tower in ("vision", "text"):
+        layers = getattr(args, f"{tower}_trainable_layers")
+        if layers is not None and layers < 0:
+            raise ValueError(
+                f"--{tower}_trainable_layers must be >= 0 (leave it unset to train the whole tower)"
+            )
     sources = [model_args.init_from, model_args.model_config, model_args.vision_model_path]
     if sum(s is not None for s in sources) != 1:
         raise ValueError(
@@ -226,8 +285,8 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
         )
     if model_args.vision_model_path is not None and model_args.text_model_path is None:
         raise ValueError("--vision_model_path needs --text_model_path (the text tower folder)")
-    if data_args.karpathy_json is None and data_args.synthetic_images <= 0:
-        raise ValueError("no training data: set --karpathy_json or --synthetic_images N")
+    if data_args.data is None and data_args.synthetic_images <= 0:
+        raise ValueError("no training data: set --data (e.g. a Karpathy split JSON) or --synthetic_images N")
     if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
     if args.max_logit_scale <= 1.0:
@@ -254,3 +313,11 @@ def save_run_settings(
     }
     path.write_text(yaml.safe_dump(payload, sort_keys=False))
     return path
+
+
+def trainable_layers(args: TemdeTrainingArguments) -> dict[str, int | None]:
+    """Per tower: ``None`` (train all), ``0`` (frozen) or the number of top blocks that train."""
+    return {
+        "vision": 0 if args.freeze_vision_tower else args.vision_trainable_layers,
+        "text": 0 if args.freeze_text_tower else args.text_trainable_layers,
+    }

@@ -1,35 +1,47 @@
-"""Checkpoints that survive a kill at any moment, and an exact resume.
+"""Checkpoints that survive a kill at any moment, resume exactly, and never unpickle anything.
 
-A checkpoint ``output_dir/checkpoints/step-00000120/`` holds:
-
-- ``accelerator.save_state`` files: optimizer, LR scheduler, the RNG states of every process;
-- ``model.safetensors``: the model's state dict (the final model is saved with ``save_pretrained``);
-- ``trainer_state.json``: step counter, epoch, batches consumed in the epoch, best metric, log history.
+A checkpoint ``output_dir/checkpoints/step-00000120/`` holds what `accelerator.save_state` writes (the
+model as ``model.safetensors``, ``optimizer.bin``, ``scheduler.bin``, per-process
+``random_states_<rank>.pkl``, and ``scaler.pt`` under fp16) plus ``trainer_state.json`` (step, epoch,
+batches consumed, best metric, log history). The ``.bin``/``.pkl`` files are read back by
+`accelerator.load_state` with torch's weights-only unpickler, which refuses anything but tensors and
+plain containers; nothing is registered with `register_for_checkpointing` (those objects would be
+loaded with full pickle).
 
 It is written to ``.tmp-step-...`` and renamed when complete, so a run killed while saving leaves the
-previous checkpoints intact and ``--resume latest`` never picks a half-written one. With the seeded
-sampler (same order per epoch) and the skipped consumed batches, a resumed run produces the same
-losses as an uninterrupted one.
+previous checkpoints intact and ``--resume latest`` never picks a half-written one. Before a resume, every
+file is checked: a damaged one stops the run with its path and the previous complete checkpoint to use
+(accelerate itself would only log an unreadable RNG file and continue with different random numbers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_model, save_model
-from torch import nn
+from accelerate.utils import load as weights_only_load
+from safetensors import SafetensorError, safe_open
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
+# What a run leaves in its output folder; a new run never silently replaces it. (Its run_settings.yaml
+# alone, from a run that stopped before its first checkpoint, records nothing to lose.)
+RUN_ARTIFACTS = (CHECKPOINTS, "final", "best", "final_metrics.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing or damaged; the message names it and the checkpoint to use instead."""
 
 
 @dataclass
@@ -42,7 +54,6 @@ class TrainerState:
     batches_in_epoch: int = 0
     best_metric: float | None = None
     best_step: int | None = None
-    sketch_initialized: bool = False
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self, path: str | Path) -> None:
@@ -51,6 +62,8 @@ class TrainerState:
     @classmethod
     def load(cls, path: str | Path) -> TrainerState:
         data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("global_step"), int):
+            raise ValueError("not a trainer state (no integer 'global_step')")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -74,6 +87,11 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning(
+                "--resume latest: %s holds no complete checkpoint, so this is a new run from step 0",
+                Path(output_dir) / CHECKPOINTS,
+            )
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
@@ -84,9 +102,31 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-def save_checkpoint(
-    accelerator: Any, model: nn.Module, state: TrainerState, output_dir: str | Path, keep: int
-) -> Path:
+def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over another run's results; with `overwrite`, remove them first.
+
+    Only the run's own artifacts (`RUN_ARTIFACTS`) are removed; other files (e.g. a feature cache) stay.
+
+    Raises:
+        FileExistsError: `output_dir` holds another run and neither `resuming` nor `overwrite` is set.
+    """
+    output_dir = Path(output_dir)
+    found = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
+    if not found or resuming:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a run ({', '.join(found)}): continue it with --resume latest, "
+            "start over with --overwrite_output_dir true (its checkpoints and results are deleted), or "
+            "pick another --output_dir"
+        )
+    for name in found:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    logger.warning("--overwrite_output_dir: removed %s from %s", ", ".join(found), output_dir)
+
+
+def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: str | Path, keep: int) -> Path:
     """Write a checkpoint atomically (collective: call on every process) and keep the last `keep`.
 
     Returns:
@@ -99,9 +139,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        save_model(model, str(tmp / MODEL_FILE))  # the raw state dict: resume is exact
         state.save(tmp / STATE_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -114,22 +153,55 @@ def save_checkpoint(
     return final
 
 
-def load_model_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint's ``model.safetensors`` (the raw state dict) into `model`, strictly."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete (use an older one)")
-    missing, unexpected = load_model(model, path, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit this model (missing {sorted(missing)[:5]}, unexpected "
-            f"{sorted(unexpected)[:5]}): resume with the same model settings as the run that wrote it"
-        )
+def _damaged(path: Path, problem: str, output_dir: Path) -> CheckpointError:
+    checkpoint = path.parent
+    earlier = [p for p in list_checkpoints(output_dir) if p.name < checkpoint.name]
+    fix = (
+        f"resume from the previous complete checkpoint with --resume {earlier[-1]}"
+        if earlier
+        else "no earlier checkpoint exists: start over with --overwrite_output_dir true"
+    )
+    return CheckpointError(f"{path}: {problem}; {fix}")
 
 
-def load_checkpoint(accelerator: Any, model: nn.Module, path: str | Path) -> TrainerState:
-    """Restore model weights, optimizer, scheduler and RNG states; return the trainer state."""
+def verify_checkpoint(path: Path, process_index: int, output_dir: str | Path) -> TrainerState:
+    """Check that every file a resume reads is present and readable, without unpickling anything.
+
+    Returns:
+        The checkpoint's trainer state.
+
+    Raises:
+        CheckpointError: Naming the damaged file and the previous complete checkpoint.
+    """
+    output_dir = Path(output_dir)
+    state_file = path / STATE_FILE
+    try:
+        state = TrainerState.load(state_file)
+    except (OSError, ValueError, TypeError) as error:
+        raise _damaged(state_file, f"unreadable trainer state ({error})", output_dir) from error
+    model_file = path / MODEL_FILE
+    try:
+        with safe_open(str(model_file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                handle.get_slice(key)
+    except (SafetensorError, OSError) as error:
+        raise _damaged(model_file, f"unreadable weights ({error})", output_dir) from error
+    # The weights-only unpickler refuses code; a truncated file fails to parse. Either way, name it.
+    for name in ("optimizer.bin", "scheduler.bin", f"random_states_{process_index}.pkl"):
+        file = path / name
+        try:
+            value = weights_only_load(file, map_location="cpu")
+        except Exception as error:
+            problem = "missing" if not file.exists() else f"unreadable or not plain tensors ({error})"
+            raise _damaged(file, problem.splitlines()[0], output_dir) from error
+        if name.startswith("random_states") and "torch_manual_seed" not in value:
+            raise _damaged(file, "holds no torch RNG state", output_dir)
+    return state
+
+
+def load_checkpoint(accelerator: Any, path: str | Path, output_dir: str | Path) -> TrainerState:
+    """Verify, then restore model weights, optimizer, scheduler and RNG states; return the trainer state."""
     path = Path(path)
-    load_model_weights(model, path / MODEL_FILE)
+    state = verify_checkpoint(path, accelerator.process_index, output_dir)
     accelerator.load_state(str(path))
-    return TrainerState.load(path / STATE_FILE)
+    return state

@@ -1,4 +1,4 @@
-"""The training-curve figure written at the end of a run: loss (and LR) per step, eval RSUM."""
+"""The training-curve figure written at the end of a run: the loss per logged step, eval RSUM and R@1."""
 
 from __future__ import annotations
 
@@ -30,10 +30,17 @@ def plot_training_curves(log_history: list[dict[str, Any]], path: str | Path, ti
     fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 3.6), squeeze=False)
     ax = axes[0][0]
     if train:
-        ax.plot(*zip(*train), lw=1.2, color="tab:blue")
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, lw=0.8, color="tab:blue", alpha=0.35, label="per logged step")
+        window = max(1, len(losses) // 25)  # a moving average shows the trend under the batch noise
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                  for i in range(len(losses))]  # fmt: skip
+        ax.plot(steps, smooth, lw=1.6, color="tab:blue", label=f"mean of {window}")
+        ax.set_yscale("log")  # contrastive losses fall by orders of magnitude; a linear axis hides the tail
+        ax.legend(fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("training loss (log scale)")
+    ax.grid(alpha=0.3, which="both")
     if evals:
         ax = axes[0][1]
         steps = [e["step"] for e in evals]

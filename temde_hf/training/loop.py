@@ -1,164 +1,149 @@
-"""The training loop: steps, schedule, logging, evaluation, checkpoints, resume.
+"""The training loop on accelerate's engine: steps, schedule, logging, evaluation, checkpoints, resume.
 
-Distributed training runs one process per device (``accelerate launch``). The model is *not* wrapped
-in DDP: the loss gathers every process's embeddings with gradients, gradient caching runs extra
-forwards outside the loss graph, and the loss uses parameters (``logit_scale``) outside the towers'
-forward; DDP's per-forward reducer fits none of these. Gradients are instead averaged over processes
-once per step (`sync_gradients`, one all-reduce, the same arithmetic as DDP).
+The model, optimizer and LR scheduler go through `accelerator.prepare` (DDP across processes, the
+model as it is on one); every training and evaluation forward goes through the prepared model. The loss
+gathers every process's embeddings with gradients (`losses.gather_with_grad`), so with DDP's gradient
+averaging each step's gradient equals that of one process on the whole global batch. Checkpoints are
+`accelerator.save_state` folders (`checkpointing`); the final model is exported from
+`accelerator.get_state_dict`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..evaluation.encode import encode_dataset
-from ..evaluation.metrics import retrieval_metrics
-from .accumulation import forward_backward, split_micro_batches
+from .accumulation import forward_backward
 from .arguments import DataArguments, TemdeTrainingArguments
-from .batches import EpochBatchSampler, PairCollator, epoch_loader
+from .batches import EpochBatchSampler, PairCollator, index_loader, split_micro_batches
 from .checkpointing import TrainerState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .losses import NonFiniteLossError, contrastive_loss, sync_gradients, world_size
+from .initialization import freeze_unused_parameters, initialize_sketch
+from .losses import NonFiniteLossError, contrastive_loss
 from .optim import build_optimizer, build_scheduler, train_mode
+from .validation import EvalSet, evaluate
 
 logger = logging.getLogger("temde_hf.training")
 
 
 @dataclass
 class TrainingJob:
-    """Everything one run needs; built by `train.main` (or a test)."""
+    """Everything one run needs; built by `train.main` (or a test).
+
+    Attributes:
+        model: The unwrapped `TemdeModel` on `accelerator.device`, towers already frozen as configured.
+        processor: Its processor (saved with the final model).
+        accelerator: The run's `Accelerator`.
+        args: Training settings.
+        data_args: Data settings.
+        collator: Builds training batches from pair indices (raw or cached inputs).
+        caption_to_image: `(n_pairs,)` the image row of every training pair (drives the sampler).
+        eval_set: The evaluation split, or ``None``.
+        prepared: Filled by `run_training`: the prepared model (DDP wrapper under several processes).
+    """
 
     model: nn.Module
     processor: Any
     accelerator: Any
     args: TemdeTrainingArguments
     data_args: DataArguments
-    train_pairs: Dataset
-    eval_dataset: datasets.Dataset | None = None
+    collator: PairCollator
+    caption_to_image: torch.Tensor
+    eval_set: EvalSet | None = None
+    prepared: nn.Module | None = field(default=None, repr=False)
 
 
-def broadcast_model(model: nn.Module) -> None:
-    """Copy process 0's parameters and buffers to every process (identical start, shared sketch init)."""
-    if world_size() == 1:
-        return
-    for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=0)
-
-
-@torch.no_grad()
-def initialize_sketch(job: TrainingJob, global_batch: int, n_batches: int, max_tokens: int = 2**16) -> None:
-    """The sketch's data-dependent (DLSH median) init from the first `n_batches` global batches.
-
-    Every process reads the same global batches (epoch 0's order), so the init does not depend on
-    the number of processes; at most `max_tokens` tokens are kept (a random subset), which bounds
-    memory. A dedicated generator leaves the global RNG (and hence the run's dropout) untouched.
-    """
-    model, device = job.model, job.accelerator.device
-    generator = torch.Generator().manual_seed(job.args.seed)
-    sampler = EpochBatchSampler(len(job.train_pairs), global_batch, seed=job.args.seed, epoch=0)
-    loader = epoch_loader(
-        job.train_pairs, PairCollator(job.processor, job.data_args.max_text_length), sampler
+def _sampler(job: TrainingJob, epoch: int = 0, skip: int = 0) -> EpochBatchSampler:
+    args, accelerator = job.args, job.accelerator
+    return EpochBatchSampler(
+        job.caption_to_image,
+        args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        accelerator.process_index,
+        accelerator.num_processes,
+        args.seed,
+        epoch,
+        skip,
+        args.sampling,
     )
-    per_batch = max_tokens // max(1, n_batches)
-    tokens = []
-    for i, batch in enumerate(loader):
-        if i >= n_batches:
-            break
-        with job.accelerator.autocast():
-            image_tokens, image_mask = model.get_image_tokens(batch["pixel_values"].to(device))
-            text_tokens, text_mask = model.get_text_tokens(
-                batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            )
-        valid = torch.cat([image_tokens[image_mask.bool()], text_tokens[text_mask.bool()]]).float()
-        keep = torch.randperm(valid.shape[0], generator=generator)[:per_batch]
-        tokens.append(valid[keep.to(valid.device)])
-    model.initialize_sketch(torch.cat(tokens), generator=generator)
 
 
-def evaluate(job: TrainingJob) -> dict[str, float]:
-    """Retrieval metrics (R@K both ways, RSUM, ranks) of the current model on the eval split."""
-    if job.eval_dataset is None:
-        return {}
-    image_embeds, text_embeds, caption_to_image = encode_dataset(
-        job.model,
-        job.processor,
-        job.eval_dataset,
-        batch_size=job.args.per_device_eval_batch_size,
-        device=str(job.accelerator.device),
-        max_length=job.data_args.max_text_length,
+def _loss_fn(args: TemdeTrainingArguments, max_violation: bool | None = None, negatives: str | None = None):
+    return partial(
+        _loss,
+        loss_type=args.loss_type,
+        margin=args.margin,
+        max_violation=args.max_violation if max_violation is None else max_violation,
+        negatives=negatives or args.negatives,
     )
-    metrics = retrieval_metrics(
-        caption_to_image=caption_to_image, image_embeds=image_embeds, text_embeds=text_embeds
-    )
-    return {f"eval_{k}": v for k, v in metrics.items()}
 
 
-def _max_violation(job: TrainingJob, step: int, steps_per_epoch: int) -> bool | None:
-    """VSE∞: all negatives (``False``) during the warm-up epochs, then the config's setting."""
-    if job.model.config.loss_type != "vse_hinge" or job.args.vse_warmup_epochs <= 0:
-        return None
-    return None if step / steps_per_epoch >= job.args.vse_warmup_epochs else False
-
-
-def _optimizer_step(
-    job: TrainingJob,
-    optimizer: Any,
-    scheduler: Any,
-    batch: dict[str, torch.Tensor],
-    state: TrainerState,
-    spe: int,
-) -> dict[str, float]:
-    model, args, accelerator = job.model, job.args, job.accelerator
-    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    loss_fn = partial(_loss_for, model, args.negatives, _max_violation(job, state.global_step, spe))
-    where = f"step {state.global_step + 1} (epoch {state.epoch})"
-    micro = split_micro_batches(batch, args.gradient_accumulation_steps)
-    loss = forward_backward(model, micro, loss_fn, accelerator, where=where)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    sync_gradients(trainable)
-    # the heads' LR (towers run at a multiple of it)
-    lrs = dict(zip((g["name"] for g in optimizer.param_groups), scheduler.get_last_lr()))
-    logs = {
-        "loss": float(loss),
-        "lr": next((v for k, v in lrs.items() if k.startswith("head")), max(lrs.values())),
-    }
-    if args.max_grad_norm > 0:
-        logs["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():  # CLIP's clamp: exp(logit_scale) <= max_logit_scale
-        model.logit_scale.clamp_(max=math.log(args.max_logit_scale))
-    logs["logit_scale"] = float(model.logit_scale.detach().exp())
-    return logs
-
-
-def _loss_for(
-    model: nn.Module,
-    negatives: str,
-    max_violation: bool | None,
-    images: torch.Tensor,
-    texts: torch.Tensor,
-    ids: Any,
-) -> torch.Tensor:
-    return contrastive_loss(model, images, texts, ids, negatives=negatives, max_violation=max_violation)
+def _loss(images, texts, scale, pair_ids, **kwargs) -> torch.Tensor:
+    return contrastive_loss(images, texts, scale, pair_ids, **kwargs)
 
 
 def _total_steps(args: TemdeTrainingArguments, steps_per_epoch: int) -> int:
     if args.max_steps > 0:
         return args.max_steps
     return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+
+
+def _sketch_warmup_steps(job: TrainingJob, steps_per_epoch: int) -> int:
+    steps = round(job.args.sketch_warmup_epochs * steps_per_epoch)
+    if steps and (getattr(job.model, "sketch", None) is None or job.model.config.sketch_fusion != "concat"):
+        raise ValueError(
+            "--sketch_warmup_epochs needs sketch_fusion='concat' (the other fusions have no λ to switch)"
+        )
+    return steps
+
+
+def _step_settings(job: TrainingJob, step: int, spe: int, warmup: int) -> tuple[float | None, bool | None]:
+    """`(sketch_weight, max_violation)` for `step`: λ = 0 in the sketch warm-up, VSE∞'s all-negatives epochs."""
+    sketch_weight = 0.0 if step < warmup else None
+    max_violation = None
+    if job.args.loss_type == "vse_hinge" and step / spe < job.args.vse_warmup_epochs:
+        max_violation = False
+    return sketch_weight, max_violation
+
+
+def _optimizer_step(
+    job: TrainingJob, optimizer: Any, scheduler: Any, batch: dict[str, torch.Tensor], state: TrainerState,
+    spe: int, warmup: int,
+) -> dict[str, float]:  # fmt: skip
+    args, accelerator = job.args, job.accelerator
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    sketch_weight, max_violation = _step_settings(job, state.global_step, spe, warmup)
+    where = f"step {state.global_step + 1} (epoch {state.epoch})"
+    micro = split_micro_batches(batch, args.gradient_accumulation_steps)
+    loss = forward_backward(
+        job.prepared,
+        micro,
+        _loss_fn(args, max_violation),
+        accelerator,
+        sketch_weight=sketch_weight,
+        where=where,
+    )
+    lrs = dict(zip((g["name"] for g in optimizer.param_groups), scheduler.get_last_lr()))
+    logs = {
+        "loss": float(loss),
+        "lr": next((v for k, v in lrs.items() if k.startswith("head")), max(lrs.values())),
+    }
+    if args.max_grad_norm > 0:
+        logs["grad_norm"] = float(accelerator.clip_grad_norm_(job.prepared.parameters(), args.max_grad_norm))
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule advance
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # CLIP's clamp: exp(logit_scale) <= max_logit_scale
+        job.model.logit_scale.clamp_(max=math.log(args.max_logit_scale))
+    logs["logit_scale"] = float(job.model.logit_scale.detach().exp())
+    return logs
 
 
 def _save_best(job: TrainingJob, state: TrainerState, metrics: dict[str, float]) -> None:
@@ -170,44 +155,40 @@ def _save_best(job: TrainingJob, state: TrainerState, metrics: dict[str, float])
     if state.best_metric is not None and metrics[key] <= state.best_metric:
         return
     state.best_metric, state.best_step = metrics[key], state.global_step
+    export_model(job, Path(job.args.output_dir) / "best")
+
+
+def export_model(job: TrainingJob, folder: Path) -> None:
+    """`save_pretrained` of the trained model + processor (collective: the state dict may be sharded)."""
+    state_dict = job.accelerator.get_state_dict(job.prepared)
     if job.accelerator.is_main_process:
-        best = Path(job.args.output_dir) / "best"
-        job.model.save_pretrained(best)
-        job.processor.save_pretrained(best)
-
-
-def _evaluate_and_track(job: TrainingJob, state: TrainerState) -> dict[str, float]:
-    """Evaluate on the main process, share the metrics, track the best model, log."""
-    metrics = evaluate(job) if job.accelerator.is_main_process else {}
-    if world_size() > 1:  # every process keeps the same trainer state (best metric, history)
-        box = [metrics]
-        dist.broadcast_object_list(box, src=0)
-        metrics = box[0]
-    if metrics:
-        _save_best(job, state, metrics)
-        state.log_history.append({"step": state.global_step, "epoch": state.epoch, **metrics})
-        job.accelerator.log(metrics, step=state.global_step)
+        job.model.save_pretrained(folder, state_dict=state_dict)
+        job.processor.save_pretrained(folder)
     job.accelerator.wait_for_everyone()
-    train_mode(job.model, job.args.freeze_vision_tower, job.args.freeze_text_tower)
+
+
+def _evaluate_and_track(job: TrainingJob, state: TrainerState, in_warmup: bool) -> dict[str, float]:
+    """Evaluate (every process, sharded), track the best model, log."""
+    sketch_weight = 0.0 if in_warmup else None
+    metrics = evaluate(
+        job.prepared, job.accelerator, job.eval_set, job.args.per_device_eval_batch_size, sketch_weight
+    )
+    if not in_warmup:  # a model with λ = 0 is not the model being trained: never "best"
+        _save_best(job, state, metrics)
+    state.log_history.append({"step": state.global_step, "epoch": state.epoch, **metrics})
+    job.accelerator.log(metrics, step=state.global_step)
+    _train_mode(job)
     return metrics
 
 
-def _start(job: TrainingJob, global_batch: int) -> TrainerState:
-    """Resume from a checkpoint, or initialise the sketch for a fresh run."""
-    resume = resolve_resume(job.args.output_dir, job.args.resume)
-    if resume is not None:
-        state = load_checkpoint(job.accelerator, job.model, resume)
-        logger.info("resumed from %s at step %d", resume, state.global_step)
-        return state
-    sketch = getattr(job.model, "sketch", None)
-    if sketch is not None and job.args.sketch_init_batches > 0 and not bool(sketch.initialized):
-        initialize_sketch(job, global_batch, job.args.sketch_init_batches)
-    broadcast_model(job.model)
-    return TrainerState(sketch_initialized=sketch is not None and bool(sketch.initialized))
-
-
 def _after_step(
-    job: TrainingJob, state: TrainerState, logs: dict[str, float], spe: int, stop_at: int, bar: Any
+    job: TrainingJob,
+    state: TrainerState,
+    logs: dict[str, float],
+    spe: int,
+    stop_at: int,
+    warmup: int,
+    bar: Any,
 ) -> tuple[bool, dict[str, float] | None]:
     """Advance the counters, log, evaluate and checkpoint as scheduled; return (finished, metrics)."""
     args, accelerator = job.args, job.accelerator
@@ -224,11 +205,50 @@ def _after_step(
     finished = state.global_step >= stop_at
     metrics = None
     eval_now = state.global_step % args.eval_steps == 0 if args.eval_steps > 0 else epoch_end
-    if job.eval_dataset is not None and (eval_now or state.global_step == state.total_steps):
-        metrics = _evaluate_and_track(job, state)
+    if job.eval_set is not None and (eval_now or state.global_step == state.total_steps):
+        metrics = _evaluate_and_track(job, state, in_warmup=state.global_step < warmup)
     if (args.save_steps > 0 and state.global_step % args.save_steps == 0) or finished:
-        save_checkpoint(accelerator, job.model, state, args.output_dir, args.save_total_limit)
+        save_checkpoint(accelerator, state, args.output_dir, args.save_total_limit)
     return finished, metrics
+
+
+def _train_mode(job: TrainingJob) -> None:
+    job.prepared.train()  # the wrapper's own flag; then the model's, frozen parts kept in eval mode
+    train_mode(job.model, job.args.freeze_batch_norm)
+
+
+def _prepare(job: TrainingJob, resume: Path | None) -> tuple[Any, Any, TrainerState, int, int]:
+    """Initialise (fresh run), prepare model/optimizer/scheduler, restore (resume)."""
+    args, accelerator, model = job.args, job.accelerator, job.model
+    spe = _sampler(job).steps_per_epoch
+    total = _total_steps(args, spe)
+    sketch = getattr(model, "sketch", None)
+    if (
+        resume is None
+        and sketch is not None
+        and args.sketch_init_batches > 0
+        and not bool(sketch.initialized)
+    ):
+        initialize_sketch(
+            model,
+            job.collator,
+            _sampler(job),
+            args.sketch_init_batches,
+            device=accelerator.device,
+            seed=args.seed,
+        )
+    probe = job.collator(next(iter(_sampler(job)))[:4])
+    freeze_unused_parameters(
+        model, {k: v.to(accelerator.device) for k, v in probe.items()}, _loss_fn(args, negatives="local")
+    )
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, total, spe)
+    job.prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = load_checkpoint(accelerator, resume, args.output_dir) if resume is not None else TrainerState()
+    if resume is not None:
+        logger.info("resumed from %s at step %d", resume, state.global_step)
+    state.total_steps = total
+    return optimizer, scheduler, state, spe, total
 
 
 def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
@@ -237,19 +257,10 @@ def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
     Raises:
         NonFiniteLossError: The loss became NaN/inf; the message names the last good checkpoint.
     """
-    args, accelerator, model = job.args, job.accelerator, job.model
-    rank, n_proc = accelerator.process_index, accelerator.num_processes
-    step_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    probe = EpochBatchSampler(len(job.train_pairs), step_batch, rank, n_proc, args.seed)
-    spe = probe.steps_per_epoch
-    total = _total_steps(args, spe)
-    raw_optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(raw_optimizer, args, total, spe)
-    optimizer = accelerator.prepare(raw_optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    state = _start(job, step_batch * n_proc)
-    state.total_steps = total
-    collator = PairCollator(job.processor, job.data_args.max_text_length)
+    args, accelerator = job.args, job.accelerator
+    resume = resolve_resume(args.output_dir, args.resume)
+    optimizer, scheduler, state, spe, total = _prepare(job, resume)
+    warmup = _sketch_warmup_steps(job, spe)
     last_eval: dict[str, float] = {}
     stop_at = min(total, args.stop_after_steps) if args.stop_after_steps > 0 else total
     bar = tqdm(
@@ -259,20 +270,28 @@ def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
         unit="step",
         disable=args.disable_tqdm or not accelerator.is_local_main_process,
     )
-    train_mode(model, args.freeze_vision_tower, args.freeze_text_tower)
+    _train_mode(job)
     while state.global_step < stop_at:
-        sampler = EpochBatchSampler(
-            len(job.train_pairs), step_batch, rank, n_proc, args.seed, state.epoch, state.batches_in_epoch
+        sampler = _sampler(job, state.epoch, state.batches_in_epoch)
+        loader = index_loader(
+            sampler, job.collator, job.data_args.dataloader_num_workers, args.seed + state.epoch
         )
-        for batch in epoch_loader(job.train_pairs, collator, sampler, job.data_args.dataloader_num_workers):
+        for batch in loader:
+            if warmup and state.global_step == warmup:
+                # λ switches on: draw the partition on the tokens the trained projections now make
+                # (the same global batches on every process, so no broadcast is needed)
+                initialize_sketch(
+                    job.model, job.collator, _sampler(job, state.epoch), max(1, args.sketch_init_batches),
+                    device=accelerator.device, seed=args.seed + state.global_step,
+                )  # fmt: skip
             try:
-                logs = _optimizer_step(job, optimizer, scheduler, batch, state, spe)
+                logs = _optimizer_step(job, optimizer, scheduler, batch, state, spe, warmup)
             except NonFiniteLossError as error:
                 last = list_checkpoints(args.output_dir)
                 raise NonFiniteLossError(
                     f"{error}. Last good checkpoint: {last[-1] if last else 'none (no checkpoint saved yet)'}"
                 ) from None
-            finished, evaluated = _after_step(job, state, logs, spe, stop_at, bar)
+            finished, evaluated = _after_step(job, state, logs, spe, stop_at, warmup, bar)
             last_eval = evaluated if evaluated is not None else last_eval
             if finished:
                 break

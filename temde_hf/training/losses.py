@@ -4,15 +4,16 @@
 would train each process only on its own rows. `gather_with_grad` keeps the history: in backward,
 each process receives the *sum* over processes of the gradient w.r.t. its own rows. Every process
 computes the same global loss, so that sum is `world_size` times the single-process gradient, and the
-average of parameter gradients over processes (what `sync_gradients` / DDP do) is exactly the
-single-process gradient of the loss on the concatenated batch.
+average of parameter gradients over processes (what DDP does) is exactly the single-process gradient of
+the loss on the concatenated batch.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
+
+from ..models.temde.loss_temde import LOSSES
 
 
 def world_size() -> int:
@@ -67,23 +68,28 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(
-    model: nn.Module,
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
     pair_ids: torch.Tensor | None = None,
+    *,
+    loss_type: str = "info_nce",
+    margin: float = 0.2,
+    max_violation: bool = True,
     negatives: str = "global",
-    max_violation: bool | None = None,
 ) -> torch.Tensor:
-    """The model's loss over this process's pairs and (``negatives="global"``) all other processes'.
+    """The training loss over this process's pairs and (``negatives="global"``) all other processes'.
 
     Args:
-        model: The unwrapped `TemdeModel` (its `compute_loss` holds the loss and `logit_scale`).
         image_embeds: `(n, embed_dim)` this process's image embeddings, row i paired with text row i.
         text_embeds: `(n, embed_dim)`.
+        logit_scale: `(1,)` the exponentiated scale, as returned by the model's forward.
         pair_ids: `(n,)` int64 image index of each pair: rows of the same image are not negatives.
+        loss_type: A key of `LOSSES` (``"info_nce"`` or ``"vse_hinge"``).
+        margin: Hinge margin (``"vse_hinge"``).
+        max_violation: Hardest negative only (``"vse_hinge"``); ``False`` sums all negatives.
         negatives: ``"global"`` gathers every process's rows (with gradients) so the loss sees the
             whole batch; ``"local"`` uses this process's rows only (cheaper, fewer negatives).
-        max_violation: Overrides the config's hinge mode (VSE∞ all-negatives warm-up); ``None`` keeps it.
 
     Returns:
         Scalar loss; with ``"global"`` the same value on every process.
@@ -95,46 +101,14 @@ def contrastive_loss(
     elif negatives != "local":
         raise ValueError(f"negatives={negatives!r}; use 'global' or 'local'")
     # the loss in float32 whatever the autocast dtype: log-softmax / hinge over a large batch
-    return model.compute_loss(
-        image_embeds.float(), text_embeds.float(), max_violation=max_violation, pair_ids=pair_ids
+    return LOSSES[loss_type](
+        image_embeds.float(),
+        text_embeds.float(),
+        logit_scale=logit_scale.float(),
+        margin=margin,
+        max_violation=max_violation,
+        pair_ids=pair_ids,
     )
-
-
-def sync_gradients(parameters: list[nn.Parameter], bucket_numel: int = 2**25) -> None:
-    """Average the gradients of `parameters` over processes (what DDP does), in flat buckets.
-
-    Parameters without a gradient on this process count as zeros in the all-reduce, so every process
-    sends the same layout, and keep ``grad=None``. No-op with one process.
-
-    Args:
-        parameters: The trainable parameters, in the same order on every process.
-        bucket_numel: Elements per all-reduce (bounds the extra memory of the flat buffer).
-    """
-    if world_size() == 1:
-        return
-    bucket: list[nn.Parameter] = []
-    size = 0
-    for param in parameters:
-        bucket.append(param)
-        size += param.numel()
-        if size >= bucket_numel:
-            _average(bucket)
-            bucket, size = [], 0
-    if bucket:
-        _average(bucket)
-
-
-def _average(parameters: list[nn.Parameter]) -> None:
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for p, g in zip(parameters, grads):
-        numel = g.numel()
-        if p.grad is not None:  # a parameter the loss never reached keeps no gradient
-            p.grad.copy_(flat[offset : offset + numel].view_as(p))
-        offset += numel
 
 
 class NonFiniteLossError(RuntimeError):

@@ -19,24 +19,63 @@ from .arguments import TemdeTrainingArguments
 TOWER_PREFIXES = {"vision": "vision_model.", "text": "text_model."}
 
 
-def freeze_towers(model: nn.Module, freeze_vision: bool, freeze_text: bool) -> None:
-    """Turn off gradients of the chosen towers (their parameters then join no optimizer group)."""
-    frozen = [TOWER_PREFIXES[t] for t, f in (("vision", freeze_vision), ("text", freeze_text)) if f]
-    for name, param in model.named_parameters():
-        if any(name.startswith(prefix) for prefix in frozen):
-            param.requires_grad_(False)
+def _block_list(tower: nn.Module) -> nn.ModuleList | None:
+    """The tower's stack of layers/blocks: its `nn.ModuleList` holding the most parameters."""
+    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
-def train_mode(model: nn.Module, freeze_vision: bool, freeze_text: bool) -> None:
-    """`model.train()`, but frozen towers stay in eval mode.
+def freeze_towers(model: nn.Module, trainable_layers: dict[str, int | None]) -> None:
+    """Turn off gradients of frozen towers or of their lower layers.
+
+    Args:
+        model: The `TemdeModel` (unwrapped).
+        trainable_layers: Per tower (``"vision"`` / ``"text"``): ``None`` trains it all, ``0`` freezes it,
+            ``n > 0`` trains only its last `n` blocks (the layers of its largest `nn.ModuleList`) and the
+            modules after them (final norm, head conv, pooler).
+    """
+    for part, count in trainable_layers.items():
+        if count is None:
+            continue
+        tower = getattr(model, TOWER_PREFIXES[part].rstrip("."))
+        tower.requires_grad_(False)
+        if count == 0:
+            continue
+        blocks = _block_list(tower)
+        if blocks is None:
+            raise ValueError(f"--{part}_trainable_layers {count}: the {part} tower has no stack of layers")
+        # Parameters are registered in data-flow order, so "the last n blocks and what follows them" is
+        # every parameter from the first one of block len - n on.
+        first = next(blocks[max(0, len(blocks) - count)].parameters())
+        trainable = False
+        for param in tower.parameters():
+            trainable = trainable or param is first
+            param.requires_grad_(trainable)
+
+
+def frozen_tower_names(model: nn.Module) -> list[str]:
+    """``"vision"`` / ``"text"`` for each tower none of whose parameters train."""
+    return [
+        part
+        for part, prefix in TOWER_PREFIXES.items()
+        if not any(p.requires_grad for p in getattr(model, prefix.rstrip(".")).parameters())
+    ]
+
+
+def train_mode(model: nn.Module, freeze_batch_norm: bool = True) -> None:
+    """`model.train()`, but frozen towers, and (`freeze_batch_norm`) every BatchNorm, stay in eval mode.
 
     A frozen tower in train mode would still apply dropout and update BatchNorm running statistics
-    (EfficientNet-Lite), and gradient caching would update them twice per micro-batch.
+    (EfficientNet-Lite); and gradient caching runs each micro-batch twice, so a BatchNorm in train mode
+    would update its statistics twice and normalise pass 1 and pass 3 differently.
     """
     model.train()
-    for tower, frozen in (("vision_model", freeze_vision), ("text_model", freeze_text)):
-        if frozen and hasattr(model, tower):
-            getattr(model, tower).eval()
+    for part in frozen_tower_names(model):
+        getattr(model, TOWER_PREFIXES[part].rstrip(".")).eval()
+    if freeze_batch_norm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _part(name: str) -> str:

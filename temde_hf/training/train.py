@@ -1,8 +1,9 @@
 """``temde-hf train`` / ``accelerate launch examples/train_temde.py CONFIG.yaml [--flag value ...]``.
 
 Builds the model (pretrained towers from local folders, a config, or a saved T-EMDE model), the
-processor and the data, runs `run_training`, then writes the final model + processor (with the
-remote code) and its model card to ``output_dir/final``, the training curves to
+processor and the data (any `temde_hf.data` format; a split, or one fold of a k-fold cross-validation),
+caches the outputs of frozen towers, runs `run_training`, then writes the final model + processor (with
+the remote code) and its model card to ``output_dir/final``, the training curves to
 ``output_dir/training_curves.png`` and returns the final metrics.
 """
 
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,31 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-from ..data import CaptionPairs, load_karpathy, make_synthetic_karpathy
+from ..data import load_image_captions, make_synthetic_karpathy
+from ..data.pairs import caption_to_image, flat_captions
 from ..models.temde import TemdeConfig, TemdeModel, TemdeProcessor
-from .arguments import DataArguments, ModelArguments, TemdeTrainingArguments, parse_args, save_run_settings
-from .checkpointing import TrainerState
+from .arguments import (
+    DataArguments,
+    ModelArguments,
+    TemdeTrainingArguments,
+    parse_args,
+    save_run_settings,
+    trainable_layers,
+)
+from .batches import ImageInputs, PairCollator, TextInputs
+from .checkpointing import TrainerState, check_output_dir
 from .curves import plot_training_curves
-from .loop import TrainingJob, run_training
-from .optim import freeze_towers
+from .features import (
+    DTYPES,
+    TowerOutputs,
+    cache_key,
+    cached_tower_outputs,
+    compute_tower_outputs,
+    tower_fingerprint,
+)
+from .loop import TrainingJob, export_model, run_training
+from .optim import freeze_towers, frozen_tower_names
+from .validation import EvalSet
 
 logger = logging.getLogger("temde_hf.training")
 
@@ -37,7 +57,7 @@ def build_model(model_args: ModelArguments) -> TemdeModel:
     """The model to train, from exactly one source (see `ModelArguments`), with config overrides."""
     overrides = model_args.config_overrides()
     if model_args.init_from is not None:
-        return TemdeModel.from_pretrained(model_args.init_from, **overrides)
+        return TemdeModel.from_pretrained(model_args.init_from, use_safetensors=True, **overrides)
     if model_args.model_config is not None:
         path = Path(model_args.model_config)
         path = path / "config.json" if path.is_dir() else path
@@ -71,40 +91,155 @@ def build_processor(model_args: ModelArguments) -> TemdeProcessor:
     )
 
 
+def _splits(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+@dataclass
+class Splits:
+    """The images a run uses: one pool, and which of its rows train and which evaluate.
+
+    Frozen towers' outputs are cached over the whole pool, in the pool's order, so every fold of a
+    cross-validation (and every seed or recipe) reads the same cache.
+    """
+
+    pool: datasets.Dataset
+    train_rows: list[int]
+    eval_rows: list[int]
+    name: str
+
+    def train(self) -> datasets.Dataset:
+        return self.pool.select(self.train_rows)
+
+    def evaluation(self) -> datasets.Dataset | None:
+        return self.pool.select(self.eval_rows) if self.eval_rows else None
+
+
 def load_data(
     data_args: DataArguments, output_dir: str | Path, seed: int, accelerator: Accelerator
-) -> tuple[CaptionPairs, datasets.Dataset | None, str]:
-    """Training pairs, the evaluation split (or ``None`` if empty) and the dataset's name."""
-    json_path = data_args.karpathy_json
-    if json_path is None:
-        # generated once by the main process, read by all
+) -> Splits:
+    """The run's images: the train split(s), and the evaluation split or one cross-validation fold.
+
+    With ``cv_folds > 1`` the images of the train split(s) are dealt into folds by a permutation drawn
+    from ``cv_seed``; fold ``cv_fold`` is evaluated, the others train.
+    """
+    path = data_args.data
+    if path is None:  # generated once by the main process, read by all
         with accelerator.main_process_first():
             root = Path(output_dir) / "synthetic_data"
             existing = root / "dataset_synthetic.json"
-            json_path = (
+            path = (
                 existing
                 if existing.is_file()
                 else make_synthetic_karpathy(root, data_args.synthetic_images, seed)
             )
-    name = Path(json_path).stem.removeprefix("dataset_")
-    train = load_karpathy(json_path, data_args.image_root, split=data_args.train_split)
-    if len(train) == 0:
-        raise ValueError(f"{json_path}: no images in split {data_args.train_split!r} (--train_split)")
-    if data_args.max_train_images is not None:
-        train = train.select(range(min(data_args.max_train_images, len(train))))
-    evaluation = load_karpathy(json_path, data_args.image_root, split=data_args.eval_split)
-    if data_args.max_eval_images is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_images, len(evaluation))))
-    return CaptionPairs(train), (evaluation if len(evaluation) else None), name
+    name = Path(str(path)).stem.removeprefix("dataset_")
 
-
-def _tracker_config(*groups: Any) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for group in groups:
-        flat.update(
-            {k: v for k, v in dataclasses.asdict(group).items() if isinstance(v, (int, float, str, bool))}
+    def load(splits: list[str]) -> datasets.Dataset:
+        return load_image_captions(
+            path, format=data_args.data_format, image_root=data_args.image_root, split=splits
         )
-    return flat
+
+    pool = load(_splits(data_args.train_split))
+    if len(pool) == 0:
+        raise ValueError(f"{path}: no images in split(s) {data_args.train_split!r} (--train_split)")
+    train_rows, eval_rows = list(range(len(pool))), []
+    if data_args.cv_folds:
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(data_args.cv_seed))
+        k, f = data_args.cv_folds, data_args.cv_fold
+        held = set(order[f * len(pool) // k : (f + 1) * len(pool) // k].tolist())
+        train_rows = [r for r in train_rows if r not in held]
+        eval_rows = sorted(held)
+    elif data_args.eval_split.lower() != "none":
+        evaluation = load(_splits(data_args.eval_split))
+        eval_rows = list(range(len(pool), len(pool) + len(evaluation)))
+        pool = datasets.concatenate_datasets([pool, evaluation])
+    if data_args.max_train_images is not None:
+        train_rows = train_rows[: data_args.max_train_images]
+    if data_args.max_eval_images is not None:
+        eval_rows = eval_rows[: data_args.max_eval_images]
+    return Splits(pool, train_rows, eval_rows, name)
+
+
+def _tower_caches(
+    model: TemdeModel,
+    processor: TemdeProcessor,
+    pool: datasets.Dataset,
+    data_args: DataArguments,
+    args: TemdeTrainingArguments,
+    accelerator: Accelerator,
+) -> dict[str, TowerOutputs | None]:
+    """Cached outputs of each frozen tower over all images / captions of `pool` (in its order)."""
+    caches: dict[str, TowerOutputs | None] = {"vision": None, "text": None}
+    frozen = frozen_tower_names(model) if args.cache_tower_outputs else []
+    folder = Path(args.feature_cache_dir or Path(args.output_dir) / "feature_cache")
+    dtype = DTYPES[args.feature_cache_dtype]
+    for part in frozen:
+        tower = getattr(model, f"{part}_model").eval()
+        if part == "vision":
+            inputs: Any = ImageInputs(pool, processor)
+            items = [str(v) for v in pool["image_id"]]
+            settings = processor.image_processor.to_json_string()
+        else:
+            inputs = TextInputs(flat_captions(pool), processor, data_args.max_text_length)
+            items = inputs.captions
+            settings = (
+                f"{processor.tokenizer.name_or_path}|{len(processor.tokenizer)}|{data_args.max_text_length}"
+            )
+        key = cache_key(tower=tower_fingerprint(tower), items=items, settings=settings, dtype=args.feature_cache_dtype,
+                        data=str(data_args.data))  # fmt: skip
+        compute = lambda inputs=inputs, tower=tower, part=part: compute_tower_outputs(  # noqa: E731
+            tower, inputs, len(inputs), batch_size=args.per_device_eval_batch_size,
+            device=accelerator.device, dtype=dtype, desc=f"{part} tower (frozen, cached once)",
+        )  # fmt: skip
+        caches[part] = cached_tower_outputs(
+            folder / f"{part}-{key}.safetensors",
+            compute,
+            is_main_process=accelerator.is_main_process,
+            wait=accelerator.wait_for_everyone,
+        )
+    return caches
+
+
+def _slice(cache: TowerOutputs | None, rows: torch.Tensor) -> TowerOutputs | None:
+    if cache is None:
+        return None
+    return TowerOutputs(
+        cache.hidden[rows], cache.pooled[rows], None if cache.mask is None else cache.mask[rows]
+    )
+
+
+def build_inputs(
+    model: TemdeModel,
+    processor: TemdeProcessor,
+    splits: Splits,
+    data_args: DataArguments,
+    args: TemdeTrainingArguments,
+    accelerator: Accelerator,
+) -> tuple[PairCollator, torch.Tensor, EvalSet | None]:
+    """The training collator, the training pairs' image rows, and the evaluation set (raw or cached)."""
+    caches = _tower_caches(model, processor, splits.pool, data_args, args, accelerator)
+    pool_c2i = caption_to_image(splits.pool)
+
+    def inputs(rows: list[int]) -> tuple[datasets.Dataset, ImageInputs, TextInputs]:
+        dataset = splits.pool.select(rows)
+        image_rows = torch.as_tensor(rows, dtype=torch.long)
+        # the pool's caption indices of these images, in `caption_to_image(dataset)` order
+        caption_rows = torch.cat([torch.nonzero(pool_c2i == r).squeeze(1) for r in rows])
+        return (
+            dataset,
+            ImageInputs(dataset, processor, _slice(caches["vision"], image_rows)),
+            TextInputs(flat_captions(dataset), processor, data_args.max_text_length, _slice(caches["text"], caption_rows)),
+        )  # fmt: skip
+
+    train, images, texts = inputs(splits.train_rows)
+    train_c2i = caption_to_image(train)
+    collator = PairCollator(images, texts, train_c2i)
+    eval_set = None
+    if splits.eval_rows:
+        evaluation, images, texts = inputs(splits.eval_rows)
+        eval_set = EvalSet(images, texts, caption_to_image(evaluation))
+    return collator, train_c2i, eval_set
 
 
 def card_results(metrics: dict[str, float], dataset: str, split: str, n_images: int, n_captions: int) -> dict:
@@ -128,42 +263,29 @@ def card_results(metrics: dict[str, float], dataset: str, split: str, n_images: 
 def write_final(
     job: TrainingJob, metrics: dict[str, float], dataset_name: str, model_args: ModelArguments
 ) -> Path:
-    """Save model + processor (remote code included), the eval JSON and the model card."""
+    """Save model + processor (remote code included), the eval JSON and the model card (collective)."""
     from ..hub.model_card import write_model_card
 
     final = Path(job.args.output_dir) / "final"
-    job.model.save_pretrained(final)
-    job.processor.save_pretrained(final)
+    export_model(job, final)
+    if not job.accelerator.is_main_process:
+        return final
     results = None
-    if metrics and job.eval_dataset is not None:
-        n_captions = sum(len(c) for c in job.eval_dataset["captions"])
-        results = card_results(
-            metrics, dataset_name, job.data_args.eval_split, len(job.eval_dataset), n_captions
+    if metrics and job.eval_set is not None:
+        split = (
+            f"cv fold {job.data_args.cv_fold}/{job.data_args.cv_folds}"
+            if job.data_args.cv_folds
+            else job.data_args.eval_split
         )
+        n_images = len(job.eval_set.images)
+        results = card_results(metrics, dataset_name, split, n_images, len(job.eval_set.caption_to_image))
         (final / "eval_results.json").write_text(json.dumps(results, indent=2))
     base_models = [m.strip() for m in (model_args.card_base_models or "").split(",") if m.strip()]
-    training_info = {
-        k: v
-        for k, v in dataclasses.asdict(job.args).items()
-        if k
-        in {
-            "num_train_epochs",
-            "max_steps",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "learning_rate",
-            "lr_scheduler_type",
-            "mixed_precision",
-            "negatives",
-            "vse_warmup_epochs",
-        }
-    }
-    training_info["processes"] = job.accelerator.num_processes
     write_model_card(
         final,
         results,
         final / "README.md",
-        training_info=training_info,
+        run_settings=(Path(job.args.output_dir) / "run_settings.yaml").read_text(),
         base_models=base_models or None,
         model_name=Path(job.args.output_dir).name,
     )
@@ -177,17 +299,17 @@ def _finish(
     dataset_name: str,
     model_args: ModelArguments,
 ) -> dict[str, float]:
-    """Curves, final model + card (main process), and the metrics `main` returns."""
+    """Curves, final model + card, and the metrics `main` returns."""
     losses = [e["loss"] for e in state.log_history if "loss" in e]
     metrics = {"global_step": float(state.global_step), **last_eval}
     if losses:
         metrics["train_loss"] = losses[-1]
     output_dir = Path(job.args.output_dir)
+    if state.global_step >= state.total_steps:  # not after a simulated pre-emption
+        final = write_final(job, last_eval, dataset_name, model_args)
+        logger.info("final model, processor and card in %s", final)
     if job.accelerator.is_main_process:
         plot_training_curves(state.log_history, output_dir / "training_curves.png", title=output_dir.name)
-        if state.global_step >= state.total_steps:  # not after a simulated pre-emption
-            final = write_final(job, last_eval, dataset_name, model_args)
-            logger.info("final model, processor and card in %s", final)
         (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -199,13 +321,15 @@ def build_accelerator(args: TemdeTrainingArguments) -> Accelerator:
         RuntimeError: The launcher started several processes but accelerate sees only one.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # without cpu=True, accelerate treats torchrun-launched CPU processes as independent runs
+    # without cpu=True, accelerate treats launched CPU processes as independent single-process runs
     cpu = args.use_cpu or (launched > 1 and not torch.cuda.is_available())
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=args.mixed_precision,
         log_with="tensorboard" if args.report_to == "tensorboard" else None,
         project_dir=args.output_dir,
+        # The schedule counts optimizer steps; accelerate would otherwise step it once per process.
+        step_scheduler_with_optimizer=False,
     )
     if accelerator.num_processes != launched:
         raise RuntimeError(
@@ -213,6 +337,15 @@ def build_accelerator(args: TemdeTrainingArguments) -> Accelerator:
             f"{accelerator.num_processes}; launch with `accelerate launch --multi_gpu` or `torchrun`"
         )
     return accelerator
+
+
+def _tracker_config(*groups: Any) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for group in groups:
+        flat.update(
+            {k: v for k, v in dataclasses.asdict(group).items() if isinstance(v, (int, float, str, bool))}
+        )
+    return flat
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -225,22 +358,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per saved file otherwise
     accelerator = build_accelerator(args)
-    set_seed(args.seed)
     if accelerator.is_main_process:
+        check_output_dir(
+            args.output_dir, resuming=args.resume is not None, overwrite=args.overwrite_output_dir
+        )
         save_run_settings(args.output_dir, model_args, data_args, args)
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
     model = build_model(model_args)
-    freeze_towers(model, args.freeze_vision_tower, args.freeze_text_tower)
+    freeze_towers(model, trainable_layers(args))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)
     processor = build_processor(model_args)
-    train_pairs, eval_dataset, dataset_name = load_data(data_args, args.output_dir, args.seed, accelerator)
+    splits = load_data(data_args, args.output_dir, args.seed, accelerator)
+    collator, train_c2i, eval_set = build_inputs(model, processor, splits, data_args, args, accelerator)
     if args.report_to == "tensorboard":
         accelerator.init_trackers("tensorboard", config=_tracker_config(model_args, data_args, args))
-    job = TrainingJob(model, processor, accelerator, args, data_args, train_pairs, eval_dataset)
+    job = TrainingJob(model, processor, accelerator, args, data_args, collator, train_c2i, eval_set)
     try:
         state, last_eval = run_training(job)
-        metrics = _finish(job, state, last_eval, dataset_name, model_args)
+        metrics = _finish(job, state, last_eval, splits.name, model_args)
         accelerator.wait_for_everyone()
     finally:
         accelerator.end_training()  # also ends the process group: nothing collective after this

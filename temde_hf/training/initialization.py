@@ -1,0 +1,102 @@
+"""What happens to the model before `accelerator.prepare`: the sketch's data-dependent initialisation and
+freezing of parameters the loss never reaches.
+
+Both run on the unwrapped model, on every process, from the same global batches, so every process ends
+with the same weights; DDP's constructor then broadcasts rank 0's parameters anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .accumulation import encode_pairs
+from .batches import EpochBatchSampler, PairCollator, model_inputs
+
+logger = logging.getLogger(__name__)
+
+
+def _global_batches(
+    collator: PairCollator, sampler: EpochBatchSampler, n_batches: int
+) -> list[dict[str, torch.Tensor]]:
+    """The first `n_batches` *global* batches (all processes' rows) of the sampler's epoch order."""
+    whole = EpochBatchSampler(
+        sampler.caption_to_image,
+        sampler.batch_size * sampler.world_size,
+        seed=sampler.seed,
+        epoch=sampler.epoch,
+        sampling=sampler.sampling,
+    )
+    batches = []
+    for i, indices in enumerate(whole):
+        if i >= n_batches:
+            break
+        batches.append(collator(indices))
+    return batches
+
+
+@torch.no_grad()
+def initialize_sketch(
+    model: nn.Module,
+    collator: PairCollator,
+    sampler: EpochBatchSampler,
+    n_batches: int,
+    *,
+    device: torch.device,
+    seed: int,
+    max_tokens: int = 2**16,
+) -> None:
+    """DLSH (median) initialisation of the sketch from the projected tokens of both modalities.
+
+    The tokens come from the first `n_batches` global batches of `sampler`'s epoch (the same on every
+    process, whatever their number); at most `max_tokens` are kept (a random subset), which bounds
+    memory. The model runs in eval mode and a dedicated generator draws the subset and the hyperplanes,
+    so the run's global RNG (dropout) is untouched.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    per_batch = max_tokens // max(1, n_batches)
+    tokens = []
+    for batch in _global_batches(collator, sampler, n_batches):
+        inputs = model_inputs({k: v.to(device) for k, v in batch.items()})
+        out = model(**inputs)
+        for features in (out.vision_model_output, out.text_model_output):
+            valid = features.token_embeds[features.token_mask.bool()].float()  # (M, D)
+            keep = torch.randperm(valid.shape[0], generator=generator)[:per_batch]
+            tokens.append(valid[keep.to(valid.device)])
+    model.initialize_sketch(torch.cat(tokens), generator=generator)
+    model.train(was_training)
+
+
+def freeze_unused_parameters(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> list[str]:
+    """Freeze trainable parameters that get no gradient from the loss (e.g. a text tower's pooler under
+    mean pooling, ``logit_scale`` under the hinge loss).
+
+    DDP expects every trainable parameter to receive a gradient in each step (otherwise it fails at step 2,
+    or needs the slower ``find_unused_parameters``); such parameters would never change anyway. One
+    forward/backward on `batch` in eval mode (no dropout, the global RNG untouched) finds them.
+
+    Returns:
+        The names of the parameters frozen.
+    """
+    was_training = model.training
+    model.eval()
+    images, texts, scale = encode_pairs(model, batch)
+    loss_fn(images, texts, scale, batch.get("pair_ids")).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, param in model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+        param.grad = None
+    model.train(was_training)
+    if unused:
+        logger.info("not trained (the loss does not reach them): %s", ", ".join(unused))
+    return unused
