@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# The main job: real towers, real photos, `accelerate launch` of the trainer, test evaluation, card.
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) -m temde_hf.cli demo $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) examples/flickr8k_demo.py $(ARGS)
 
 test: install system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)

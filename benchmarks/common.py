@@ -191,3 +191,20 @@ def model_benchmark_args(
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--output", type=Path, default=default_output)
     return parser.parse_args(argv)
+
+
+def write_section(path: Path, name: str, markdown: str, heading: str | None = None) -> None:
+    """Replace the generated section `name` of a Markdown file (between BEGIN/END markers) with `markdown`.
+
+    A benchmark writes its own numbers into RESULTS.md / README.md this way, so no figure there is typed
+    by hand or left behind by a change of defaults. A missing section is appended (under `heading`).
+    """
+    begin, end = f"<!-- BEGIN {name} (generated: do not edit) -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = path.read_text() if path.is_file() else ""
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + f"\n\n## {heading or name}\n\n{block}\n"
+    path.write_text(text)

@@ -17,7 +17,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "train a T-EMDE dual encoder (use with `accelerate launch`)",
     ),
     "evaluate": ("temde_hf.evaluation.cli", "main", "retrieval metrics of a checkpoint on a dataset"),
-    "demo": ("temde_hf.demo", "main", "end-to-end Flickr8k demo: towers -> train -> evaluate -> checkpoint"),
     "convert-efficientnet-lite": (
         "temde_hf.convert.efficientnet_lite",
         "main",

@@ -13,7 +13,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -99,20 +98,3 @@ def test_quality_verdict_chooses_on_val_and_compares_paired_seeds() -> None:
     assert not quality.verdict(noisy, ["mean", "pooler"], ["T-EMDE a", "T-EMDE b"])["met"]
     small = {**results, "T-EMDE a": _runs([395, 385, 390], [361, 351, 356])}  # +1 each: below the target
     assert not quality.verdict(small, ["mean", "pooler"], ["T-EMDE a", "T-EMDE b"])["met"]
-
-
-def test_sketch_contribution_scores_each_part_of_a_concat_embedding(tmp_path: Path) -> None:
-    from temde_hf.data import load_image_captions
-    from temde_hf.data.synthetic import make_synthetic_karpathy
-    from temde_hf.testing import tiny_model, tiny_processor
-    from temde_hf.training.frozen import evaluate_cached, extract_tower_features
-
-    model, processor = tiny_model(sketch_fusion="concat"), tiny_processor()
-    dataset = load_image_captions(make_synthetic_karpathy(tmp_path, n_images=8, seed=2))
-    feats = extract_tower_features(model, processor, dataset, max_length=16)
-    model.initialize_sketch(torch.randn(64, model.config.projection_dim))
-    rsums = _load("sketch_contribution").part_rsums(model, feats)
-    assert set(rsums) == {"fused", "pooled part", "sketch part"}
-    assert rsums["fused"] == pytest.approx(evaluate_cached(model, feats)["rsum"])
-    model.config.sketch_weight = 0.0  # λ = 0: the fused embedding ranks exactly like its pooled part
-    assert evaluate_cached(model, feats)["rsum"] == pytest.approx(rsums["pooled part"])
