@@ -106,6 +106,8 @@ def _prepare_out_dir(
         raise ValueError(
             f"--out-dir {out_dir} {relation} the checkpoint {checkpoint_dir}; pass a separate, new folder"
         )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file; pass a folder for the export")
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
