@@ -5,11 +5,15 @@ Everything here is built from configs in code: no download, a few thousand param
 
 from __future__ import annotations
 
+import io
 import string
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import BertConfig, BertTokenizer, ViTConfig, ViTImageProcessor
 
 from .models.temde import TemdeConfig, TemdeModel, TemdeProcessor
@@ -124,3 +128,29 @@ def tiny_batch(n: int, seed: int = 0, n_images: int | None = None) -> dict[str, 
         "attention_mask": attention_mask,
         "pair_ids": pair_ids,
     }
+
+
+def png_declaring_size(width: int, height: int) -> bytes:
+    """A 1-pixel PNG whose header claims `width` x `height` (a decompression bomb as far as the header
+    goes; decoding it would fail, so a test passes only if the size is refused before decoding)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    # After the 8-byte signature comes IHDR: length (8:12), type (12:16), width and height (16:24),
+    # four more fields (24:29), then the CRC of type + data (29:33).
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def truncated_jpeg(path: str | Path, size: int = 64) -> Path:
+    """Write a noisy JPEG cut in half: its header is intact (PIL's ``verify`` accepts it), its pixels
+    are not."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    path = Path(path)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path

@@ -14,6 +14,7 @@ from temde_hf.data import (
     LoadReport,
     load_caption_csv,
     load_coco_captions,
+    load_image_captions,
     load_imagefolder,
     load_karpathy,
     make_synthetic_karpathy,
@@ -136,12 +137,70 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_imagefolder(tmp_path)
 
 
-def test_duplicate_image_ids_are_an_error(synthetic: Path) -> None:
+def test_duplicate_image_ids_are_an_error_or_skipped_and_counted(synthetic: Path) -> None:
     data = _entries(synthetic)
     data["images"][2]["filename"] = data["images"][1]["filename"]
     synthetic.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"image id 'img_00001' already used by .*images\[1\]"):
         load_karpathy(synthetic)
+    report = LoadReport()
+    dataset = load_karpathy(synthetic, on_error="skip", report=report)
+    assert dataset["image_id"] == ["img_00000", "img_00001", "img_00003", "img_00004", "img_00005"]
+    assert dataset["captions"][1] == [s["raw"] for s in data["images"][1]["sentences"]]  # the first kept
+    assert report.n_skipped == 1 and "images[2]" in report.skipped[0][0]
+    assert "already used" in report.skipped[0][1]
+
+
+def test_non_utf8_text_files_are_named(tmp_path: Path, synthetic: Path) -> None:
+    latin1 = "image,caption\nimg_00000.png,a caf\u00e9 on a street\n".encode("latin-1")
+    (tmp_path / "captions.csv").write_bytes(latin1)
+    with pytest.raises(
+        DataError, match=r"captions\.csv: not UTF-8 text \(byte 0xe9 .*re-save the file as UTF-8"
+    ):
+        load_caption_csv(tmp_path / "captions.csv", synthetic.parent / "images")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "captions": ["caf\xe9"]}\n')
+    with pytest.raises(DataError, match=r"metadata\.jsonl: not UTF-8 text.*re-save"):
+        load_imagefolder(folder)
+    from temde_hf.hub.space_app import read_captions  # the Space demo's caption list
+
+    (tmp_path / "captions.txt").write_bytes(latin1)
+    with pytest.raises(DataError, match=r"captions\.txt: not UTF-8 text"):
+        read_captions(tmp_path / "captions.txt")
+
+
+def test_folder_without_metadata_is_named(tmp_path: Path, synthetic: Path) -> None:
+    images = synthetic.parent / "images"  # a folder of images, without metadata.jsonl
+    with pytest.raises(DataError, match=r"images: no metadata\.jsonl in this folder.*file_name"):
+        load_image_captions(images)
+    with pytest.raises(DataError, match=r"missing\.parquet: no such file"):
+        load_image_captions(tmp_path / "missing.parquet")
+
+
+def test_images_of_an_unknown_split_are_counted(
+    synthetic: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _entries(synthetic)
+    data["images"][0]["split"] = "tset"  # a typo: this image is in no split the user can ask for
+    synthetic.write_text(json.dumps(data))
+    n_test = sum(entry["split"] == "test" for entry in data["images"])
+    report = LoadReport()
+    with caplog.at_level(logging.WARNING, logger="temde_hf.data"):
+        dataset = load_karpathy(synthetic, split="test", report=report)
+    assert len(dataset) == n_test and report.unknown_splits == {"tset": 1}
+    assert sum(report.other_splits.values()) == 6 - n_test
+    assert "left out 1 images whose split is not one of" in caplog.text and "tset" in caplog.text
+    # the same through the CSV loader, whose splits are filtered after loading
+    csv_path = tmp_path / "captions.csv"
+    lines = [f"{e['filename']},{s['raw']}" for e in data["images"] for s in e["sentences"]]
+    csv_path.write_text("image,caption\n" + "\n".join(lines) + "\n")
+    splits = {entry["filename"]: entry["split"] for entry in data["images"]}
+    report = LoadReport()
+    loaded = load_image_captions(
+        csv_path, image_root=synthetic.parent / "images", split="test", splits=splits, report=report
+    )
+    assert len(loaded) == n_test and report.unknown_splits == {"tset": 1}
 
 
 def test_unknown_on_error_mode(synthetic: Path) -> None:

@@ -84,3 +84,44 @@ def test_bad_requests_are_explained(handler_and_model) -> None:
 def test_handler_file_does_not_import_the_package() -> None:
     source = (Path(__file__).parents[1] / "temde_hf" / "hub" / "handler.py").read_text()
     assert "temde_hf" not in source.split('"""')[2]  # code after the module docstring
+
+
+def test_malformed_requests_and_templates_are_explained(handler_and_model) -> None:
+    handler, _, _, image = handler_and_model
+    with pytest.raises(ValueError, match=r"request body must be a JSON object with 'inputs'"):
+        handler(["a dog", "a cat"])
+    with pytest.raises(ValueError, match=r"'parameters' must be a JSON object"):
+        handler({"inputs": image, "parameters": ["red"]})
+    for template in ("a photo of {label}", "{} and {}", "no placeholder", 7):
+        with pytest.raises(ValueError, match=r"hypothesis_template' must be a string with one '\{\}'"):
+            handler(
+                {"inputs": image, "parameters": {"candidate_labels": LABELS, "hypothesis_template": template}}
+            )
+    with pytest.raises(ValueError, match=r"candidate_labels' must be a list of non-empty strings"):
+        handler({"inputs": image, "parameters": {"candidate_labels": ["red", 3]}})
+    with pytest.raises(ValueError, match=r"candidate_labels' is empty"):
+        handler({"inputs": image, "parameters": {"candidate_labels": []}})
+    with pytest.raises(ValueError, match=r"'inputs' has unknown keys \['picture'\]"):
+        handler({"inputs": {"picture": image}})
+    with pytest.raises(ValueError, match=r"texts must be a string or a list of strings"):
+        handler({"inputs": {"text": 5}})
+    with pytest.raises(ValueError, match=r"'inputs' bytes could not be decoded as an image"):
+        handler({"inputs": b"\x89PNG not really"})
+
+
+def test_decoded_pixels_are_capped(handler_and_model) -> None:
+    from temde_hf.testing import png_declaring_size
+
+    handler, _, _, image = handler_and_model
+    bomb = png_declaring_size(12000, 12000)  # 67 bytes that would decode to 144 megapixels
+    assert handler.max_image_pixels < 12000 * 12000
+    for request in ({"inputs": {"image": bomb}}, {"inputs": base64.b64encode(bomb).decode()}):
+        with pytest.raises(ValueError, match=r"image refused: image has 144,000,000 pixels .* limit of"):
+            handler(request)
+    limit = handler.max_image_pixels
+    handler.max_image_pixels = 1000
+    try:
+        with pytest.raises(ValueError, match=r"2,304 pixels \(48 x 48\), more than the limit of 1,000"):
+            handler({"inputs": image})
+    finally:
+        handler.max_image_pixels = limit

@@ -108,7 +108,7 @@ def test_export_holds_exactly_the_hub_files(checkpoint: Path, tmp_path: Path) ->
 def test_export_refuses_pickle_only_weights(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "temde", "auto_map": {}}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
+    with pytest.raises(ValueError, match=r"weights only in a pickle format \(pytorch_model\.bin\)"):
         export_for_hub(tmp_path, tmp_path / "out")
 
 
@@ -164,3 +164,45 @@ def test_export_loads_in_clean_subprocess_with_same_embeddings(checkpoint: Path,
     torch.testing.assert_close(remote["text"], text.pooler_output, atol=1e-5, rtol=1e-5)
     scores = [s["score"] for s in info["pipeline_scores"]]
     assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-5
+
+
+def test_overwrite_never_deletes_the_checkpoint_or_foreign_files(tmp_path: Path) -> None:
+    checkpoint = make_tiny_checkpoint(tmp_path / "runs" / "ckpt")
+    before = sorted(p.name for p in checkpoint.iterdir())
+    for out_dir in (tmp_path / "runs", tmp_path, checkpoint):  # contains it (twice), is it
+        with pytest.raises(ValueError, match=r"--out-dir .* (contains|is) the checkpoint"):
+            export_for_hub(checkpoint, out_dir, overwrite=True)
+        with pytest.raises(ValueError, match=r"(contains|is) the checkpoint"):
+            main([str(checkpoint), "--repo-id", "a/b", "--out-dir", str(out_dir), "--dry-run", "--overwrite"])
+    inside = checkpoint / "export"
+    inside.mkdir()
+    (inside / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"inside the checkpoint.*never deletes"):
+        export_for_hub(checkpoint, inside, overwrite=True)
+    assert (inside / "config.json").read_text() == "{}"
+    (inside / "config.json").unlink()
+    inside.rmdir()
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+    # a folder holding anything the export does not write is not an earlier export: left alone
+    other = tmp_path / "other"
+    (other / "notes").mkdir(parents=True)
+    (other / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"other: holds metrics\.json, notes, which this export does not"):
+        export_for_hub(checkpoint, other, overwrite=True)
+    assert (other / "metrics.json").is_file() and (other / "notes").is_dir()
+
+
+def test_overwrite_replaces_an_earlier_export_but_a_dry_run_deletes_nothing(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "export"
+    first = export_for_hub(checkpoint, out, eval_json=EVAL)
+    assert "image_decoding.py" in first.files  # the handler's image decoder ships beside it
+    source = Path(__file__).parents[1] / "temde_hf" / "data" / "image_decoding.py"
+    assert (out / "image_decoding.py").read_bytes() == source.read_bytes()  # the package's one decoder
+    (out / "README.md").write_text("stale card")
+    with pytest.raises(ValueError, match=r"not empty, and a dry run deletes nothing"):
+        main([str(checkpoint), "--repo-id", "a/b", "--out-dir", str(out), "--dry-run", "--overwrite"])
+    assert (out / "README.md").read_text() == "stale card"
+    again = export_for_hub(checkpoint, out, overwrite=True)
+    assert again.files == first.files and (out / "README.md").read_text() != "stale card"

@@ -10,11 +10,13 @@ import datasets
 
 from .coco import load_coco_captions
 from .csv_captions import load_caption_csv
-from .errors import DataError, LoadReport, OnError
+from .errors import DataError, LoadReport, OnError, logger
 from .hub import load_hub_dataset
 from .imagefolder import METADATA, load_imagefolder
 from .karpathy import load_karpathy, read_json
 
+# Suffixes that make a path a local file, never a Hub dataset id.
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet")
 FORMATS = ("auto", "karpathy", "coco", "csv", "imagefolder", "parquet", "hub")
 
 
@@ -22,7 +24,17 @@ def detect_format(path: str | Path) -> str:
     """Guess the format: a Karpathy or COCO JSON, a captions CSV, an image folder, parquet or a Hub id."""
     path = Path(path)
     if path.is_dir():
-        return "imagefolder" if (path / METADATA).is_file() else "hub"
+        if (path / METADATA).is_file():
+            return "imagefolder"
+        if any(p.suffix in (".parquet", ".arrow") for p in path.rglob("*")):
+            return "hub"  # a local copy of a dataset repo
+        raise DataError(
+            f"{path}: no {METADATA} in this folder, so it is not an image folder dataset. Write one line per "
+            'image, {"file_name": ..., "captions": [...]} (temde_hf.data.export_imagefolder does), or pass '
+            "the annotation file (Karpathy / COCO JSON, captions CSV) instead of the folder"
+        )
+    if path.suffix in DATA_SUFFIXES and not path.exists():
+        raise DataError(f"{path}: no such file; check the path")
     if path.suffix == ".parquet":
         return "parquet"
     if path.suffix in (".csv", ".txt"):
@@ -87,5 +99,9 @@ def load_image_captions(
         dataset = load_hub_dataset(path, image_root=image_root, **common, **kwargs)
     if split is not None:
         wanted = {split} if isinstance(split, str) else set(split)
-        dataset = dataset.filter(lambda s: s in wanted, input_columns="split")
+        report = report if report is not None else LoadReport(source=str(path))
+        keep = [i for i, value in enumerate(dataset["split"]) if report.select_split(value, wanted)]
+        if report.unknown_splits:
+            logger.warning(report.summary())
+        dataset = dataset.select(keep)
     return dataset

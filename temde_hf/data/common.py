@@ -6,7 +6,6 @@ checks, image checks and the schema (`image`, `image_id`, `captions`, `split`) a
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry
+from .errors import SKIP_HINT, DataError, LoadReport, OnError, check_on_error, handle_bad_entry
+from .image_decoding import ImageDecodeError, ImageTooLargeError, decode_image
 
 logger = logging.getLogger("temde_hf.data")
 
@@ -49,8 +49,11 @@ class ImageRecord:
     entry: str
 
 
-def verify_image(path: Path) -> str | None:
-    """Cheaply check that `path` is a readable image (header + structure, no full decode).
+def verify_image(path: Path, max_pixels: int | None = None) -> str | None:
+    """Check that `path` is a usable image by decoding it fully, as `open_image` will.
+
+    A full decode (not PIL's header-only ``verify``) is what catches a JPEG cut short: its header
+    and structure are intact, only the pixel data is missing.
 
     Returns:
         ``None`` when fine, else the reason.
@@ -58,34 +61,42 @@ def verify_image(path: Path) -> str | None:
     if not path.is_file():
         return "image file not found"
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"image cannot be decoded ({type(exc).__name__}: {exc})"
+        decode_image(path, max_pixels)
+    except (ImageDecodeError, OSError) as exc:
+        return str(exc)
     return None
 
 
-def open_image(value: Any) -> Image.Image:
-    """Decode an image stored by the `datasets.Image` feature (``decode=False``) or given as a path.
+def open_image(value: Any, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image stored by the `datasets.Image` feature (``decode=False``), a path or a PIL image.
+
+    The one image-opening function of the package (see `image_decoding.decode_image` for what it
+    does: EXIF orientation, 16-bit scaling, transparency on white, a pixel limit).
+
+    Args:
+        value: ``{"path", "bytes"}`` as stored by `datasets.Image`, a file path, or a PIL image.
+        max_pixels: Refuse larger images; default: Pillow's ``MAX_IMAGE_PIXELS``.
+
+    Returns:
+        A fully decoded, upright 8-bit RGB image.
 
     Raises:
-        DataError: Naming the file when it is missing or cannot be decoded.
+        DataError: Naming the file when it is missing, too large, or cannot be decoded.
     """
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    path = value if isinstance(value, str | Path) else value.get("path")
-    data = None if isinstance(value, str | Path) else value.get("bytes")
+    if isinstance(value, Image.Image | str | Path):
+        path, source = (None, value) if isinstance(value, Image.Image) else (value, value)
+    else:
+        path, data = value.get("path"), value.get("bytes")
+        source = data if data is not None else path
+    name = path or "<image bytes>"
     try:
-        source = io.BytesIO(data) if data is not None else Path(path)
-        with Image.open(source) as image:
-            return image.convert("RGB")
+        return decode_image(source, max_pixels)
     except FileNotFoundError as exc:
-        raise DataError(f"{path}: image file not found; check the image root / file names") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"{path or '<image bytes>'}: image cannot be decoded ({type(exc).__name__}: {exc}); "
-            "replace the file or load the dataset with verify_images=True, on_error='skip'"
-        ) from exc
+        raise DataError(f"{name}: image file not found; check the image root / file names") from exc
+    except ImageTooLargeError as exc:
+        raise DataError(f"{name}: {exc} (or leave such images out: {SKIP_HINT})") from exc
+    except (ImageDecodeError, OSError) as exc:
+        raise DataError(f"{name}: {exc}; replace the file, or leave such images out: {SKIP_HINT}") from exc
 
 
 def select_captions(
@@ -134,8 +145,9 @@ def build_dataset(
         source: The file or folder loaded, for the report.
         n_captions: Captions kept per image (the first ones); images with fewer are bad data.
             ``None`` keeps every caption (variable counts, at least one).
-        verify_images: Also check every image is decodable (PIL ``verify``; cheap, no full decode).
-            Missing files are always checked.
+        verify_images: Also decode every image now (`verify_image`), so a bad one is found here
+            (and skipped, with ``on_error="skip"``) rather than when it is used. Missing files are
+            always checked.
         on_error: ``"raise"`` a `DataError` on the first bad entry, or ``"skip"`` it and count it.
         report: Filled with what was kept and skipped (a fresh one is used when ``None``).
 
@@ -160,16 +172,20 @@ def build_dataset(
             handle_bad_entry(f"{record.entry} -> {record.path}", reason, fix, on_error, report)
             continue
         if record.image_id in seen:
-            raise DataError(
-                f"{record.entry}: image id {record.image_id!r} already used by {seen[record.image_id]}; "
-                "merge the two entries' captions or give them distinct ids"
+            handle_bad_entry(
+                record.entry,
+                f"image id {record.image_id!r} already used by {seen[record.image_id]}",
+                "merge the two entries' captions or give them distinct ids",
+                on_error,
+                report,
             )
+            continue
         seen[record.image_id] = record.entry
         columns["image"].append(str(record.path))
         columns["image_id"].append(record.image_id)
         columns["captions"].append(captions)
         columns["split"].append(record.split)
     report.n_loaded = len(columns["image_id"])
-    if report.n_skipped or report.n_captions_truncated:
+    if report.needs_warning:
         logger.warning(report.summary())
     return datasets.Dataset.from_dict(columns, features=FEATURES)

@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 
 from .common import ImageRecord, build_dataset
-from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry
+from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry, not_utf8
 from .karpathy import read_json
 
 
@@ -28,6 +28,13 @@ def karpathy_split_map(json_path: str | Path) -> dict[str, str]:
 
 def _read_rows(csv_path: Path, on_error: OnError, report: LoadReport) -> dict[str, list[str]]:
     """Group the caption lines by image, in order of first appearance."""
+    try:
+        return _group_rows(csv_path, on_error, report)
+    except UnicodeDecodeError as exc:
+        raise not_utf8(csv_path, exc) from exc
+
+
+def _group_rows(csv_path: Path, on_error: OnError, report: LoadReport) -> dict[str, list[str]]:
     by_image: dict[str, list[str]] = {}
     with csv_path.open(encoding="utf-8", newline="") as handle:
         reader = csv.reader(handle)

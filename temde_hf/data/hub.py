@@ -7,15 +7,14 @@ image column either holds images (`datasets.Image`) or file paths relative to ``
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
 
 from .common import FEATURES, ImageRecord, build_dataset, select_captions
 from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry, logger
+from .image_decoding import ImageDecodeError, decode_image
 
 
 def _as_captions(value: Any, caption_key: str) -> list[str]:
@@ -53,10 +52,9 @@ def _check_image(value: Any, verify: bool) -> str | None:
         return None  # a path: checked by build_dataset
     if verify and value.get("bytes") is not None:
         try:
-            with Image.open(io.BytesIO(value["bytes"])) as image:
-                image.verify()
-        except Exception as exc:  # any decoder failure means the same thing here
-            return f"image cannot be decoded ({type(exc).__name__}: {exc})"
+            decode_image(value["bytes"])
+        except ImageDecodeError as exc:
+            return str(exc)
     return None
 
 
@@ -100,7 +98,14 @@ def load_hub_dataset(
         Columns ``image``, ``image_id``, ``captions``, ``split``, one row per image.
     """
     check_on_error(on_error)
-    table = datasets.load_dataset(str(path), data_files=data_files, split=hf_split, **load_kwargs)
+    try:
+        table = datasets.load_dataset(str(path), data_files=data_files, split=hf_split, **load_kwargs)
+    except (FileNotFoundError, ConnectionError) as exc:  # DatasetNotFoundError is a FileNotFoundError
+        # A local path that does not exist is also tried as a Hub id: say both, not just "offline".
+        raise DataError(
+            f"{path}: no such local file or folder, and no Hub dataset of that name could be loaded "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); check the path or the dataset id"
+        ) from exc
     wanted = [c for c in (image_column, captions_column, image_id_column, split_column) if c]
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
@@ -136,7 +141,7 @@ def load_hub_dataset(
         kept["captions"].append(selected)
         kept["split"].append(str(splits[r]))
     report.source, report.n_loaded = str(path), len(keep)
-    if report.n_skipped or report.n_captions_truncated:
+    if report.needs_warning:
         logger.warning(report.summary())
     images = table.select_columns([image_column]).select(keep).rename_column(image_column, "image")
     images = images.cast_column("image", datasets.Image())

@@ -18,12 +18,20 @@ from typing import Any
 import datasets
 
 from .common import ImageRecord, build_dataset
-from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry
+from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry, not_utf8
 
 METADATA = "metadata.jsonl"
 
 
 def _read_metadata(path: Path, on_error: OnError, report: LoadReport) -> dict[str, dict[str, Any]]:
+    """The lines of ``metadata.jsonl`` grouped by ``file_name``, in order of first appearance."""
+    try:
+        return _group_lines(path, on_error, report)
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from exc
+
+
+def _group_lines(path: Path, on_error: OnError, report: LoadReport) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -96,6 +104,6 @@ def load_imagefolder(
             entry=row["entry"] + f" ({name})",
         )
         for name, row in rows.items()
-        if wanted is None or str(row.get("split", default_split)) in wanted
+        if report.select_split(str(row.get("split", default_split)), wanted)
     )
     return build_dataset(records, str(folder), n_captions, verify_images, on_error, report)

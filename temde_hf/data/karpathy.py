@@ -15,7 +15,7 @@ from typing import Any
 import datasets
 
 from .common import ImageRecord, build_dataset
-from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry
+from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry, not_utf8
 
 
 def read_json(path: str | Path) -> Any:
@@ -32,7 +32,7 @@ def read_json(path: str | Path) -> Any:
             "probably truncated or damaged: download or extract it again"
         ) from exc
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc}); is this really the annotation JSON?") from exc
+        raise not_utf8(path, exc) from exc
 
 
 def _wanted_splits(split: str | Sequence[str] | None) -> set[str] | None:
@@ -64,7 +64,7 @@ def _records(
         split = str(entry.get("split", "train"))
         if fold_restval and split == "restval":
             split = "train"
-        if wanted is not None and split not in wanted:
+        if not report.select_split(split, wanted):
             continue
         name = f"{name} ({entry['filename']})"
         try:
@@ -100,7 +100,7 @@ def load_karpathy(
         n_captions: Captions kept per image, the first ones (the protocol uses 5; a few COCO images
             have 6-7). Images with fewer are bad data. ``None`` keeps all.
         fold_restval: Rename COCO's ``restval`` split to ``train``.
-        verify_images: Check each image decodes (PIL ``verify``) now rather than at first use.
+        verify_images: Decode each image now (a full decode) rather than at first use.
         on_error: ``"raise"`` on bad data, or ``"skip"`` it (counted in `report` and logged).
         report: A `LoadReport` to fill.
 

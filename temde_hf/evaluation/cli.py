@@ -21,6 +21,7 @@ import torch
 
 from ..data.auto import FORMATS, load_image_captions
 from ..data.errors import LoadReport
+from ..loading import check_checkpoint_dir, load_checkpoint
 from .encode import encode_dataset
 from .folds import evaluate_embeddings
 from .metrics import retrieval_ranks
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-root", default=None, help="image folder (default: images/ beside the file)")
     parser.add_argument("--split", default="test", help="split to evaluate ('all' for every row)")
     parser.add_argument("--output-dir", default=None, help="default: CHECKPOINT/eval-SPLIT")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing metrics.json in the output folder"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--n-captions", type=int, default=5, help="captions per image (first ones kept)")
@@ -48,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--chunk-size", type=int, default=256, help="queries scored at once (memory: chunk x gallery scores)"
     )
-    parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad images/entries")
+    parser.add_argument(
+        "--on-error",
+        default="raise",
+        choices=("raise", "skip"),
+        help="bad images/entries: stop, or leave them out (every image is then decoded up front; the "
+        "skipped ones are counted and listed in metrics.json)",
+    )
     parser.add_argument("--splits-from", default=None, help="Karpathy JSON giving a captions CSV its splits")
     parser.add_argument("--image-column", default="image", help="parquet / Hub data: image column")
     parser.add_argument("--captions-column", default="captions", help="parquet / Hub data: captions column")
@@ -77,17 +87,6 @@ def _loader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "hf_split": args.hf_split,
         }
     return {}
-
-
-def load_checkpoint(path: str | Path, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """`AutoModel` and `AutoProcessor` of a saved checkpoint folder, model in eval mode on `device`."""
-    import transformers
-
-    import temde_hf  # noqa: F401  (registers the "temde" Auto classes)
-
-    model = transformers.AutoModel.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), processor
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -141,12 +140,25 @@ def evaluate_checkpoint(
     return result
 
 
+def _output_dir(args: argparse.Namespace) -> Path:
+    """The output folder; refuses to replace a finished evaluation unless ``--overwrite``."""
+    output_dir = Path(args.output_dir or Path(args.checkpoint) / f"eval-{args.split}")
+    if (output_dir / "metrics.json").exists() and not args.overwrite:
+        raise ValueError(
+            f"{output_dir / 'metrics.json'}: already exists (a finished evaluation); pass --output-dir "
+            "NEW_FOLDER to keep it, or --overwrite to replace it"
+        )
+    return output_dir
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the command; returns the metrics written to ``metrics.json``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
+    check_checkpoint_dir(args.checkpoint)  # both checked first: no work is done for a refused run
+    output_dir = _output_dir(args)
     report = LoadReport()
     dataset = load_image_captions(
         args.data,
@@ -154,18 +166,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         image_root=args.image_root,
         split=None if args.split == "all" else args.split,
         n_captions=args.n_captions,
+        # Skipping means decoding every image now: one that fails while encoding cannot be left out.
+        verify_images=args.on_error == "skip",
         on_error=args.on_error,
         report=report,
         **_loader_kwargs(args),
     )
     if len(dataset) == 0:
-        raise SystemExit(f"temde-hf evaluate: no images of split {args.split!r} in {args.data}")
+        others = f" (it has other splits: {report.other_splits})" if report.other_splits else ""
+        raise SystemExit(
+            f"temde-hf evaluate: no images of split {args.split!r} in {args.data}{others}; "
+            "pass --split NAME or 'all'"
+        )
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
     model, processor = load_checkpoint(args.checkpoint, device, args.trust_remote_code)
-    output_dir = args.output_dir or Path(args.checkpoint) / f"eval-{args.split}"
-    skipped = {"skipped": [f"{entry}: {reason}" for entry, reason in report.skipped]}
-    result = evaluate_checkpoint(model, processor, dataset, output_dir, args, skipped)
+    extra = {
+        "n_skipped": report.n_skipped,
+        "skipped": [f"{entry}: {reason}" for entry, reason in report.skipped],
+        "unknown_splits": report.unknown_splits,
+    }
+    result = evaluate_checkpoint(model, processor, dataset, output_dir, args, extra)
     print(format_table(result))
-    print(f"wrote {Path(output_dir) / 'metrics.json'} and {Path(output_dir) / 'recall_at_k.png'}")
+    if report.n_skipped:
+        print(f"skipped {report.n_skipped} bad images/entries (listed in metrics.json)")
+    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'recall_at_k.png'}")
     return result

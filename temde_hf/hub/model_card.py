@@ -52,9 +52,7 @@ SETTING_KEYS = (
     "sketch_temperature",
     "learn_sketch_temperature",
     "sketch_weight",
-    "loss_type",
-    "margin",
-    "max_violation",
+    "token_layer_norm",
     "logit_scale_init_value",
 )
 

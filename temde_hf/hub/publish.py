@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from temde_hf.hub.model_card import render_model_card
+from temde_hf.loading import PICKLE_SUFFIXES, check_checkpoint_dir
 
-HANDLER_SOURCE = Path(__file__).parent / "handler.py"
-# Pickle formats execute code when loaded: never shipped, whatever else the folder holds.
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
+# Written by the export itself: the Endpoints handler and the one image decoder it uses.
+GENERATED_SOURCES = {
+    "handler.py": Path(__file__).parent / "handler.py",
+    "image_decoding.py": Path(__file__).parents[1] / "data" / "image_decoding.py",
+}
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".py", ".txt", ".model", ".jinja"}
 # Training-run files that are JSON/text but are not part of a model repo.
 RUN_FILES = {"trainer_state.json", "training_args.json", "optimizer.json", "scheduler.json", "rng_state.json"}
-GENERATED = {"README.md", "handler.py"}
+GENERATED = {"README.md", *GENERATED_SOURCES}
 PROCESSOR_CLASS = "TemdeProcessor"
 
 
@@ -41,17 +44,8 @@ class ExportReport:
 
 def _check_checkpoint(checkpoint_dir: Path) -> dict[str, Any]:
     """Validate the folder before copying anything; returns its config."""
+    check_checkpoint_dir(checkpoint_dir)  # a folder, config.json, safetensors weights (never pickles)
     config_path = checkpoint_dir / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{config_path} not found: export a folder written by `model.save_pretrained`")
-    if not any(checkpoint_dir.glob("*.safetensors")):
-        pickles = sorted(p.name for p in checkpoint_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        hint = (
-            f" (it has {pickles}: re-save with `save_pretrained(..., safe_serialization=True)`)"
-            if pickles
-            else ""
-        )
-        raise ValueError(f"{checkpoint_dir} has no *.safetensors weights{hint}")
     config = json.loads(config_path.read_text())
     auto_map = config.get("auto_map")
     if not auto_map:
@@ -96,21 +90,72 @@ def _ensure_processor_auto_map(out_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _prepare_out_dir(
+    out_dir: Path, checkpoint_dir: Path, export_names: set[str], overwrite: bool, dry_run: bool
+) -> None:
+    """Make `out_dir` ready for the export, deleting only the files of an earlier export.
+
+    `--overwrite` must never cost data: it refuses when `out_dir` is, contains or lies inside the
+    checkpoint, and when it holds anything this export would not write itself (a folder, a file of
+    another name), since such a folder is not an earlier export. Only the files about to be rewritten
+    are deleted, one by one (never a recursive delete).
+    """
+    out, checkpoint = out_dir.resolve(), checkpoint_dir.resolve()
+    if out == checkpoint or checkpoint.is_relative_to(out):
+        relation = "is" if out == checkpoint else "contains"
+        raise ValueError(
+            f"--out-dir {out_dir} {relation} the checkpoint {checkpoint_dir}; pass a separate, new folder"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file; pass a folder for the export")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{out_dir}: not empty; pass a new --out-dir, or --overwrite to replace an earlier export there"
+        )
+    if dry_run:
+        raise ValueError(
+            f"{out_dir}: not empty, and a dry run deletes nothing; pass a new --out-dir "
+            "(or remove the earlier export yourself)"
+        )
+    if out.is_relative_to(checkpoint):
+        raise ValueError(
+            f"--out-dir {out_dir} is inside the checkpoint {checkpoint_dir}, and --overwrite never deletes "
+            "anything in a checkpoint; pass a folder outside it"
+        )
+    foreign = sorted(
+        p.name for p in out_dir.iterdir() if p.name not in export_names or p.is_dir() or p.is_symlink()
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{out_dir}: holds {shown}, which this export does not write, so it is not an earlier export "
+            "and --overwrite leaves it alone; pass a new --out-dir (or empty the folder yourself)"
+        )
+    for path in out_dir.iterdir():
+        path.unlink()
+
+
 def export_for_hub(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
     *,
     eval_json: str | Path | Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    dry_run: bool = False,
     **card_kwargs: Any,
 ) -> ExportReport:
     """Write the exact folder that `push_to_hub` would upload.
 
     Args:
         checkpoint_dir: folder from `model.save_pretrained` + `processor.save_pretrained`.
-        out_dir: the export folder (created; must be empty unless ``overwrite``).
+        out_dir: the export folder (created; must be empty unless ``overwrite``); never the checkpoint,
+            a folder containing it, or (with ``overwrite``) a folder inside it.
         eval_json: evaluation JSON (path or dict) for the card's results; ``None`` for no results.
-        overwrite: replace an existing non-empty ``out_dir``.
+        overwrite: replace an earlier export in ``out_dir`` (only the files this export writes are
+            deleted; anything else there is refused, see `_prepare_out_dir`).
+        dry_run: the export is only to be looked at: it deletes nothing, even with ``overwrite``.
         **card_kwargs: passed to `render_model_card` (``repo_id``, ``base_models``, ``datasets``,
             ``training_info``, ...).
 
@@ -119,27 +164,24 @@ def export_for_hub(
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     _check_checkpoint(checkpoint_dir)
-    if out_dir.resolve() == checkpoint_dir.resolve():
-        raise ValueError(f"out_dir {out_dir} must differ from the checkpoint folder")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = ExportReport(out_dir=out_dir)
     for path in sorted(checkpoint_dir.iterdir()):
         reason = _classify(path)
         if reason:
             report.skipped[path.name] = reason
-            continue
-        shutil.copy2(path, out_dir / path.name)
-        report.files.append(path.name)
-    _ensure_processor_auto_map(out_dir)
+        else:
+            report.files.append(path.name)
+    # Rendered before anything is deleted, so a bad evaluation JSON leaves an earlier export intact.
     card = render_model_card(checkpoint_dir, eval_json, **card_kwargs)
+    _prepare_out_dir(out_dir, checkpoint_dir, {*report.files, *GENERATED}, overwrite, dry_run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in report.files:
+        shutil.copy2(checkpoint_dir / name, out_dir / name)
+    _ensure_processor_auto_map(out_dir)
     card.save(out_dir / "README.md")
-    shutil.copy2(HANDLER_SOURCE, out_dir / "handler.py")
-    report.files += ["README.md", "handler.py"]
-    report.files.sort()
+    for name, source in GENERATED_SOURCES.items():
+        shutil.copy2(source, out_dir / name)
+    report.files = sorted([*report.files, *GENERATED])
     return report
 
 
@@ -167,14 +209,21 @@ def push_to_hub(
         private: create the repo as private.
         token: Hub token (default: the logged-in one).
         commit_message: the Hub commit message.
-        overwrite: replace a non-empty ``out_dir``.
+        overwrite: replace an earlier export in ``out_dir`` (see `export_for_hub`); never on a dry run,
+            which deletes nothing.
         **card_kwargs: passed to `render_model_card`.
 
     Returns:
         The `ExportReport` of the uploaded (or, on a dry run, would-be uploaded) folder.
     """
     report = export_for_hub(
-        checkpoint_dir, out_dir, eval_json=eval_json, overwrite=overwrite, repo_id=repo_id, **card_kwargs
+        checkpoint_dir,
+        out_dir,
+        eval_json=eval_json,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        repo_id=repo_id,
+        **card_kwargs,
     )
     if dry_run:
         return report
@@ -196,7 +245,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--training-info", help="JSON file of training settings to show on the card")
     parser.add_argument("--dry-run", action="store_true", help="write the export, upload nothing")
     parser.add_argument("--private", action="store_true")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export in --out-dir (not on a dry run)"
+    )
     parser.add_argument("--card-copy", help="also save the rendered card here (e.g. model_cards/NAME.md)")
     return parser
 

@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from temde_hf.hub.gallery import GalleryIndex, encode_images, encode_texts, load_model_and_processor
+from temde_hf.data.common import open_image
+from temde_hf.data.errors import not_utf8
+from temde_hf.hub.gallery import GalleryIndex, encode_images, encode_texts
+from temde_hf.loading import load_checkpoint
 
 TITLE = "T-EMDE cross-modal search"
 
@@ -29,7 +32,10 @@ def read_captions(captions: Sequence[str] | str | Path) -> list[str]:
         path = Path(captions)
         if not path.is_file():
             raise ValueError(f"captions file {path} does not exist (expected one caption per line)")
-        captions = path.read_text().splitlines()
+        try:
+            captions = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise not_utf8(path, exc) from exc
     captions = [c.strip() for c in captions if c.strip()]
     if not captions:
         raise ValueError("the caption list is empty")
@@ -48,7 +54,7 @@ class SearchApp:
     def __init__(
         self, checkpoint_dir: str | Path, gallery_index_dir: str | Path, captions: Sequence[str] | str | Path
     ) -> None:
-        self.model, self.processor = load_model_and_processor(checkpoint_dir)
+        self.model, self.processor = load_checkpoint(checkpoint_dir)
         self.gallery = GalleryIndex.load(gallery_index_dir)
         self.captions = read_captions(captions)
         self.caption_embeds = encode_texts(self.model, self.processor, self.captions)  # (n_captions, E)
@@ -64,8 +70,7 @@ class SearchApp:
         items = []
         for hit in hits:
             if hit.path and Path(hit.path).is_file():
-                with Image.open(hit.path) as image:
-                    items.append((image.convert("RGB"), f"{hit.rank}. {hit.id} ({hit.score:.3f})"))
+                items.append((open_image(hit.path), f"{hit.rank}. {hit.id} ({hit.score:.3f})"))
         ranking = "\n".join(f"{hit.rank}. `{hit.id}` — {hit.score:.4f}" for hit in hits)
         return items, ranking
 

@@ -67,10 +67,12 @@ def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 def _check_positive(field: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
     kind = int if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kind) or (value < 0 if allow_zero else value <= 0)
+    bad = isinstance(value, bool) or not isinstance(value, kind)
+    # NaN compares False with everything, so it would pass a plain sign test: check finiteness first.
+    bad = bad or not math.isfinite(value) or (value < 0 if allow_zero else value <= 0)
     if bad:
         what = "an integer" if integer else "a number"
-        sign = ">= 0" if allow_zero else "> 0"
+        sign = (">= 0" if allow_zero else "> 0") + ("" if integer else " and finite")
         raise ValueError(f"TemdeConfig.{field}={value!r} must be {what} {sign}.")
 
 
@@ -192,6 +194,9 @@ class TemdeConfig(PreTrainedConfig):
         for field in ("sketch_temperature", "initializer_range"):
             _check_positive(field, getattr(self, field))
         _check_positive("sketch_weight", self.sketch_weight, allow_zero=True)
+        scale = self.logit_scale_init_value
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise ValueError(f"TemdeConfig.logit_scale_init_value={scale!r} must be a finite number.")
         if self.pooling == "attention" and self.projection_dim % self.attention_pooling_heads:
             raise ValueError(
                 f"TemdeConfig.projection_dim={self.projection_dim} must be divisible by "

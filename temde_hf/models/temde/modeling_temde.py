@@ -139,6 +139,35 @@ def _scalar_logit_scale_hook(
         state_dict[key] = state_dict[key].reshape(1)
 
 
+def check_inputs(name: str, tensor: Any, layout: str, mask: torch.Tensor | None = None) -> None:
+    """One clear `ValueError` for a batch the towers would fail on with a reshape/einsum error.
+
+    Args:
+        name: the argument, e.g. ``"pixel_values"``.
+        tensor: must be a non-empty tensor with one dimension per name in `layout`.
+        layout: e.g. ``"(batch, seq_len)"``.
+        mask: an `attention_mask` for `tensor`: same shape, and no all-padding row (such a text has no
+            token, and its embedding would silently be all zeros).
+    """
+    ndim = layout.count(",") + 1
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim or tensor.numel() == 0:
+        got = f"shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(
+            f"{name} must be a non-empty tensor of shape {layout}, got {got}; prepare it with the processor "
+            "(one item still needs its batch dimension: x.unsqueeze(0))."
+        )
+    if mask is None:
+        return
+    if mask.shape != tensor.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but {name} {tuple(tensor.shape)}.")
+    if not torch.compiler.is_compiling() and not mask.any(dim=-1).all():
+        rows = (~mask.any(dim=-1)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"attention_mask rows {rows[:8]} are all padding, so those texts have no token to embed; "
+            "drop them, or tokenize them with the processor (which always keeps [CLS]/[SEP])."
+        )
+
+
 def _build_tower(config: PreTrainedConfig) -> PreTrainedModel:
     """A tower from its config: local architectures first (they ship with this folder), then the Auto map."""
     try:
@@ -385,6 +414,8 @@ class TemdeModel(TemdePreTrainedModel):
         Returns:
             [`TemdeEncoderOutput`] with the final embedding `(batch, embed_dim)` in `pooler_output`.
         """
+        if vision_outputs is None:
+            check_inputs("pixel_values", pixel_values, "(batch, channels, height, width)")
         out = self._vision_tower(pixel_values, vision_outputs, **kwargs)
         tokens, mask, pooled = self.project_image_hidden_states(
             out.last_hidden_state, getattr(out, "pooler_output", None)
@@ -413,6 +444,8 @@ class TemdeModel(TemdePreTrainedModel):
         Returns:
             [`TemdeEncoderOutput`] with the final embedding `(batch, embed_dim)` in `pooler_output`.
         """
+        if text_outputs is None:
+            check_inputs("input_ids", input_ids, "(batch, seq_len)", attention_mask)
         out = self._text_tower(
             input_ids,
             attention_mask,
@@ -563,6 +596,7 @@ class TemdeModel(TemdePreTrainedModel):
 
 def _load_tower(name_or_path: str | Path, kind: str, **kwargs: Any) -> PreTrainedModel:
     """Load one pretrained tower, with a clear error when the folder is not a transformers model."""
+    kwargs.setdefault("use_safetensors", True)  # pickle weights can run code when loaded: never read them
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(

@@ -1,0 +1,96 @@
+"""Load a saved checkpoint for inference: local folders and safetensors weights only.
+
+The one loader of `temde-hf evaluate`, the Space demo and the gallery commands. Pickle-based weights
+(``pytorch_model.bin``, ``*.pt``, ...) are refused, never loaded: unpickling a file runs any code it
+carries, so a checkpoint folder from someone else must not be able to execute anything. (transformers
+itself would still load a folder holding only ``pytorch_model.bin``.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Pickle formats execute code when loaded: never loaded, never shipped, whatever else a folder holds.
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """Check that `path` is a local checkpoint folder with safetensors weights, before loading it.
+
+    Args:
+        path: A folder written by ``model.save_pretrained`` (plus the processor's files).
+
+    Returns:
+        `path` as a `Path`.
+
+    Raises:
+        ValueError: One line naming the folder, what is missing and what to pass instead: no such
+            folder (never retried as a Hub id), no ``config.json``, or weights only in a pickle format.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(
+            f"{path}: no such folder; pass the folder written by save_pretrained (for a Hub checkpoint, "
+            "download it first: `hf download REPO_ID --local-dir DIR`)"
+        )
+    if not path.is_dir():
+        raise ValueError(f"{path}: is a file; pass the checkpoint folder that holds config.json")
+    if not (path / "config.json").is_file():
+        runs = [name for name in ("final", "best") if (path / name / "config.json").is_file()]
+        hint = f"this looks like a training run: pass {path / runs[0]}" if runs else "pass a folder"
+        raise ValueError(f"{path / 'config.json'}: not found; {hint} written by save_pretrained")
+    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{path}: weights only in a pickle format ({', '.join(pickles)}), which can run code when "
+                "loaded, so they are refused; convert them to model.safetensors where you trust the file "
+                "(load it and call save_pretrained, whose default is safetensors)"
+            )
+        raise ValueError(f"{path}: no model.safetensors; pass a folder written by save_pretrained")
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, device: str = "cpu", trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """`AutoModel` (eval mode, on `device`) and `AutoProcessor` of a checked checkpoint folder.
+
+    Args:
+        path: The checkpoint folder (see `check_checkpoint_dir`).
+        device: Where the model goes.
+        trust_remote_code: For checkpoints of architectures temde_hf does not register.
+
+    Raises:
+        ValueError: The folder fails `check_checkpoint_dir`, or a file in it is truncated or damaged
+            (named, with the fix).
+    """
+    import transformers
+    from safetensors import SafetensorError
+
+    import temde_hf  # noqa: F401  (registers the "temde" Auto classes)
+
+    path = check_checkpoint_dir(path)
+    try:
+        model = transformers.AutoModel.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except SafetensorError as exc:
+        raise ValueError(
+            f"{path}: the safetensors weights cannot be read ({_one_line(exc)}); the file is truncated or "
+            "damaged: copy the checkpoint again"
+        ) from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{path}: cannot load the checkpoint ({_one_line(exc)}); a file is missing, truncated or "
+            "damaged: copy the checkpoint again"
+        ) from exc
+    return model.to(device).eval(), processor
