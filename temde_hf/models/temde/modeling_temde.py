@@ -130,13 +130,18 @@ def _as_tower_output(value: Any, name: str) -> ModelOutput:
     )
 
 
-def _scalar_logit_scale_hook(
+# One-element parameters: shape (1,), as FSDP2 cannot shard 0-dim ones; earlier checkpoints stored them 0-dim.
+_ONE_ELEMENT = ("logit_scale", "sketch.log_temperature")
+
+
+def _scalar_parameters_hook(
     module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any
 ) -> None:
-    """Checkpoints that stored `logit_scale` as a 0-dim tensor load into the `(1,)` parameter."""
-    key = prefix + "logit_scale"
-    if key in state_dict and state_dict[key].ndim == 0:
-        state_dict[key] = state_dict[key].reshape(1)
+    """Load a 0-dim `logit_scale` / `sketch.log_temperature` of an older checkpoint into the `(1,)` one."""
+    for name in _ONE_ELEMENT:
+        key = prefix + name
+        if key in state_dict and state_dict[key].ndim == 0:
+            state_dict[key] = state_dict[key].reshape(1)
 
 
 def check_inputs(name: str, tensor: Any, layout: str, mask: torch.Tensor | None = None) -> None:
@@ -276,7 +281,7 @@ class TemdeModel(TemdePreTrainedModel):
         )
         # Shape (1,), not (): FSDP2 cannot shard 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
-        self.register_load_state_dict_pre_hook(_scalar_logit_scale_hook)
+        self.register_load_state_dict_pre_hook(_scalar_parameters_hook)
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------

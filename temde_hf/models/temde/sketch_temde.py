@@ -157,7 +157,7 @@ class TemdeSketch(nn.Module):
         self.coder = SKETCH_CODERS[config.sketch_coder](
             config.projection_dim, config.n_sketches, config.sketch_width, config.n_hyperplanes
         )
-        log_tau = torch.tensor(math.log(config.sketch_temperature))
+        log_tau = torch.full((1,), math.log(config.sketch_temperature))  # (1,): FSDP2 shards no 0-dim
         if config.learn_sketch_temperature:
             self.log_temperature = nn.Parameter(log_tau)
         else:  # persistent: v5 builds models on the meta device and only restores saved tensors
