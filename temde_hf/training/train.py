@@ -218,11 +218,17 @@ def build_inputs(
     accelerator: Accelerator,
 ) -> tuple[PairCollator, torch.Tensor, EvalSet | None]:
     """The training collator, the training pairs' image rows, and the evaluation set (raw or cached)."""
-    caches = _tower_caches(model, processor, splits.pool, data_args, args, accelerator)
-    pool_c2i = caption_to_image(splits.pool)
+    # Cache over the rows this run uses, in pool order: every fold of a cross-validation uses them all
+    # (one cache for all folds), and a run limited by --max_train_images computes only what it reads.
+    used = sorted(set(splits.train_rows) | set(splits.eval_rows))
+    pool = splits.pool.select(used)
+    position = {row: i for i, row in enumerate(used)}
+    caches = _tower_caches(model, processor, pool, data_args, args, accelerator)
+    pool_c2i = caption_to_image(pool)
 
-    def inputs(rows: list[int]) -> tuple[datasets.Dataset, ImageInputs, TextInputs]:
-        dataset = splits.pool.select(rows)
+    def inputs(pool_rows: list[int]) -> tuple[datasets.Dataset, ImageInputs, TextInputs]:
+        rows = [position[r] for r in pool_rows]
+        dataset = pool.select(rows)
         image_rows = torch.as_tensor(rows, dtype=torch.long)
         # the pool's caption indices of these images, in `caption_to_image(dataset)` order
         caption_rows = torch.cat([torch.nonzero(pool_c2i == r).squeeze(1) for r in rows])
