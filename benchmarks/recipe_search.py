@@ -156,7 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--towers-dir", default="outputs", help="where the converted vision tower lives")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--report", action="store_true", help="only print the table and write RESULTS.md")
+    parser.add_argument("--list", action="store_true", help="print the recipes of the stage(s), one per line")
     args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(recipe for stage in args.stage for recipe in STAGES[stage]))
+        return {}
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {"stages": {}, "flags": {}}
     results.update(folds=args.folds, config=str(CONFIG.relative_to(REPO)),

@@ -14,6 +14,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .configuration_efficientnet_lite import EfficientNetLiteConfig
+
 # Choices validated below. The registries holding the implementations (pooling_temde.POOLING_HEADS,
 # sketch_temde.SKETCH_CODERS) are checked against these names by the tests, so a new entry is added in both
 # places. The loss is a training setting (`temde_hf.training.arguments`), not part of the architecture.
@@ -23,13 +25,10 @@ CODER_CHOICES = ("soft_dlsh", "anchor")
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
-def _local_config_classes() -> dict[str, type[PreTrainedConfig]]:
-    """Tower configs that ship inside this folder (so remote code resolves them without registration)."""
-    try:
-        from .configuration_efficientnet_lite import EfficientNetLiteConfig
-    except ImportError:  # the port is optional for the core model
-        return {}
-    return {EfficientNetLiteConfig.model_type: EfficientNetLiteConfig}
+# Tower configs that ship inside this folder, so remote code resolves them without registration.
+LOCAL_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {
+    EfficientNetLiteConfig.model_type: EfficientNetLiteConfig
+}
 
 
 def _resolve_tower_config(name: str, value: Any) -> PreTrainedConfig | None:
@@ -46,9 +45,8 @@ def _resolve_tower_config(name: str, value: Any) -> PreTrainedConfig | None:
             f"TemdeConfig.{name} has no 'model_type': pass e.g. {{'model_type': 'vit', ...}} or a config object "
             "such as ViTConfig(...) / BertConfig(...)."
         )
-    local = _local_config_classes()
-    if model_type in local:
-        return local[model_type](**value)
+    if model_type in LOCAL_TOWER_CONFIGS:
+        return LOCAL_TOWER_CONFIGS[model_type](**value)
     if model_type not in CONFIG_MAPPING:
         raise ValueError(
             f"TemdeConfig.{name} has model_type={model_type!r}, which transformers does not know. Register its "

@@ -25,8 +25,14 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_temde import TemdeConfig
 from .loss_temde import info_nce_loss
+from .modeling_efficientnet_lite import EfficientNetLiteModel
 from .pooling_temde import POOLING_HEADS
 from .sketch_temde import AnchorCoder, SoftDLSHCoder, TemdeSketch
+
+# Tower architectures that ship inside this folder (so remote code builds them without registration).
+LOCAL_TOWERS: dict[str, type[PreTrainedModel]] = {
+    EfficientNetLiteModel.config_class.model_type: EfficientNetLiteModel
+}
 
 # What `save_pretrained` writes into `config.json` so the checkpoint loads as remote code.
 AUTO_MAP = {
@@ -175,15 +181,8 @@ def check_inputs(name: str, tensor: Any, layout: str, mask: torch.Tensor | None 
 
 def _build_tower(config: PreTrainedConfig) -> PreTrainedModel:
     """A tower from its config: local architectures first (they ship with this folder), then the Auto map."""
-    try:
-        from .modeling_efficientnet_lite import EfficientNetLiteModel
-    except ImportError:
-        EfficientNetLiteModel = None
-    if (
-        EfficientNetLiteModel is not None
-        and config.model_type == EfficientNetLiteModel.config_class.model_type
-    ):
-        return EfficientNetLiteModel(config)
+    if config.model_type in LOCAL_TOWERS:
+        return LOCAL_TOWERS[config.model_type](config)
     if config.model_type == "clip":  # a full CLIP config: take the matching tower
         raise ValueError(
             "Pass CLIP's `vision_config` / `text_config`, not the full CLIPConfig, as a tower config."
@@ -614,15 +613,8 @@ def _load_tower(name_or_path: str | Path, kind: str, **kwargs: Any) -> PreTraine
 
         tower_cls = CLIPVisionModel if kind == "vision" else CLIPTextModel
         return tower_cls.from_pretrained(name_or_path, **kwargs)
-    try:
-        from .modeling_efficientnet_lite import EfficientNetLiteModel
-    except ImportError:
-        EfficientNetLiteModel = None
-    if (
-        EfficientNetLiteModel is not None
-        and config.model_type == EfficientNetLiteModel.config_class.model_type
-    ):
-        return EfficientNetLiteModel.from_pretrained(name_or_path, **kwargs)
+    if config.model_type in LOCAL_TOWERS:
+        return LOCAL_TOWERS[config.model_type].from_pretrained(name_or_path, **kwargs)
     return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
 
 
