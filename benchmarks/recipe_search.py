@@ -63,8 +63,9 @@ STAGES: dict[str, dict[str, list[str]]] = {
 }  # fmt: skip
 
 
-def _key(recipe: str, fold: int, seed: int) -> str:
-    return f"{recipe} | fold {fold} | seed {seed}"
+def _key(fold: int, seed: int) -> str:
+    """A run's key inside its recipe: the same (fold, seed) pairs runs across recipes."""
+    return f"fold {fold} | seed {seed}"
 
 
 def cv_flags(fold: int, folds: int) -> list[str]:
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {"stages": {}, "flags": {}}
+    for recipes in results["stages"].values():  # earlier files keyed runs "recipe | fold f | seed s"
+        for recipe, runs in recipes.items():
+            recipes[recipe] = {"fold" + key.split("| fold", 1)[1] if "| fold" in key else key: run
+                               for key, run in runs.items()}  # fmt: skip
     results.update(folds=args.folds, config=str(CONFIG.relative_to(REPO)),
                    data="flickr8k-800 train+val (700 images); the 100 test images are never loaded")  # fmt: skip
     if not args.report:
@@ -176,13 +181,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs = results["stages"].setdefault(stage, {}).setdefault(recipe, {})
                 for seed in args.seeds:
                     for fold in range(args.folds):
-                        key = _key(recipe, fold, seed)
+                        key = _key(fold, seed)
                         if key in runs:
                             continue  # done in an earlier (interrupted) search
                         runs[key] = run_one(flags, cv_flags(fold, args.folds), seed, work, towers)
                         output.parent.mkdir(parents=True, exist_ok=True)
                         output.write_text(json.dumps(results, indent=1))
-                        print(f"{key}: RSUM {runs[key]['final']['rsum']:.1f} ({runs[key]['seconds']:.0f} s)",
+                        print(f"{recipe} | {key}: RSUM {runs[key]['final']['rsum']:.1f} ({runs[key]['seconds']:.0f} s)",
                               file=sys.stderr, flush=True)  # fmt: skip
     rows = summarise(results)
     results["summary"] = rows
