@@ -264,7 +264,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
     _choice("lr_scheduler_type", args.lr_scheduler_type, ("cosine", "step", "constant"))
     _choice("negatives", args.negatives, ("global", "local"))
     _choice("report_to", args.report_to, ("tensorboard", "none"))
-    _choice("loss_type", args.loss_type, tuple(LOSSES))
+    LOSSES.check(args.loss_type, label=f"--loss_type {args.loss_type!r}")
     _choice("sampling", args.sampling, ("pairs", "images"))
     _choice("feature_cache_dtype", args.feature_cache_dtype, ("float32", "float16", "bfloat16"))
     if data_args.cv_folds == 1 or data_args.cv_folds < 0:

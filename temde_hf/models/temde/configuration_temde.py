@@ -15,11 +15,10 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_efficientnet_lite import EfficientNetLiteConfig
+from .pooling_temde import POOLING_HEADS
 
-# Choices validated below. The registries holding the implementations (pooling_temde.POOLING_HEADS,
-# sketch_temde.SKETCH_CODERS) are checked against these names by the tests, so a new entry is added in both
-# places. The loss is a training setting (`temde_hf.training.arguments`), not part of the architecture.
-POOLING_CHOICES = ("pooler", "cls", "mean", "attention")
+# Pooling heads and sketch coders are checked against their registries (a registered part is a valid
+# choice with no other edit); the loss is a training setting (`temde_hf.training.arguments`).
 FUSION_CHOICES = ("concat", "replace", "none")
 CODER_CHOICES = ("soft_dlsh", "anchor")
 KERNEL_CHOICES = ("auto", "torch", "triton")
@@ -183,7 +182,7 @@ class TemdeConfig(PreTrainedConfig):
         self.n_hyperplanes, self.sketch_width = h, k
 
     def _validate_temde(self) -> None:
-        _check_choice("pooling", self.pooling, POOLING_CHOICES)
+        POOLING_HEADS.check(self.pooling)
         _check_choice("sketch_fusion", self.sketch_fusion, FUSION_CHOICES)
         _check_choice("sketch_coder", self.sketch_coder, CODER_CHOICES)
         _check_choice("sketch_kernel", self.sketch_kernel, KERNEL_CHOICES)

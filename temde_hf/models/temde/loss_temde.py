@@ -7,10 +7,14 @@ an image (several captions of one photo in a batch): those are not used as negat
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch.nn import functional as F
+
+from .registry_temde import Registry
+
+# Every loss: `(image_embeds (n, E), text_embeds (n, E), *, logit_scale, margin, max_violation, pair_ids)`
+# -> scalar; a new one is a function under `@LOSSES.register(name)`.
+LOSSES = Registry("loss_type", "LOSSES")
 
 
 def _same_pair_mask(pair_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -21,6 +25,7 @@ def _same_pair_mask(pair_ids: torch.Tensor | None, n: int, device: torch.device)
     return eye | (pair_ids[:, None] == pair_ids[None, :])
 
 
+@LOSSES.register("info_nce")
 def info_nce_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -49,6 +54,7 @@ def info_nce_loss(
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+@LOSSES.register("vse_hinge")
 def vse_hinge_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -77,5 +83,3 @@ def vse_hinge_loss(
         return (cost_text.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()) / n
     return (cost_text.sum() + cost_image.sum()) / n
 
-
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {"info_nce": info_nce_loss, "vse_hinge": vse_hinge_loss}
