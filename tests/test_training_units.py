@@ -46,7 +46,10 @@ def test_config_file_then_cli_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (("--loss_type", "triplet"), r"--loss_type 'triplet' is not supported; choose one of info_nce, vse_hinge"),
+        (
+            ("--loss_type", "triplet"),
+            r"--loss_type 'triplet' is not supported; choose one of info_nce, vse_hinge",
+        ),
         (("--sampling", "captions"), r"--sampling 'captions'"),
         (("--cv_folds", "1"), r"--cv_folds must be 0"),
         (("--cv_folds", "5", "--cv_fold", "5"), r"--cv_fold 5 must be in 0 .. 4"),

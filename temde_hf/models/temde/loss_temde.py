@@ -82,4 +82,3 @@ def vse_hinge_loss(
     if max_violation:
         return (cost_text.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()) / n
     return (cost_text.sum() + cost_image.sum()) / n
-

@@ -83,4 +83,3 @@ class AttentionHead(PoolingHead):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
         padding = ~mask.bool()  # True where the token is padding, as nn.MultiheadAttention expects
         return masked_mean(self.layer(tokens, src_key_padding_mask=padding), mask)
-
