@@ -21,7 +21,7 @@ import torch
 
 from ..data.auto import FORMATS, load_image_captions
 from ..data.errors import LoadReport
-from .encode import encode_dataset
+from .encode import BACKENDS, encode_dataset, load_encoder
 from .folds import evaluate_embeddings
 from .metrics import retrieval_ranks
 from .plots import plot_recall_at_k
@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-split", default="train", help="parquet / Hub data: the `datasets` split to read"
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="for checkpoints of other packages")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="encoder: eager torch or onnxruntime (export-onnx)",
+    )
     return parser
 
 
@@ -79,15 +85,11 @@ def _loader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-def load_checkpoint(path: str | Path, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """`AutoModel` and `AutoProcessor` of a saved checkpoint folder, model in eval mode on `device`."""
-    import transformers
-
-    import temde_hf  # noqa: F401  (registers the "temde" Auto classes)
-
-    model = transformers.AutoModel.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), processor
+def load_checkpoint(
+    path: str | Path, device: str, trust_remote_code: bool = False, backend: str = "torch"
+) -> tuple[Any, Any]:
+    """The encoder (`load_encoder`: eager model in eval mode on `device`, or onnxruntime) and processor."""
+    return load_encoder(path, backend=backend, device=device, trust_remote_code=trust_remote_code)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -162,9 +164,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"temde-hf evaluate: no images of split {args.split!r} in {args.data}")
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-    model, processor = load_checkpoint(args.checkpoint, device, args.trust_remote_code)
+    model, processor = load_checkpoint(args.checkpoint, device, args.trust_remote_code, args.backend)
     output_dir = args.output_dir or Path(args.checkpoint) / f"eval-{args.split}"
     skipped = {"skipped": [f"{entry}: {reason}" for entry, reason in report.skipped]}
+    skipped["encoder_backend"] = getattr(model, "backend", "torch")
     result = evaluate_checkpoint(model, processor, dataset, output_dir, args, skipped)
     print(format_table(result))
     print(f"wrote {Path(output_dir) / 'metrics.json'} and {Path(output_dir) / 'recall_at_k.png'}")
