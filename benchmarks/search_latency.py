@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import device_info, format_table, write_json
+from common import device_info, format_table, resolve_device, time_fn, write_json
 
 from temde_hf.hub.gallery.build import BuildSettings, merge_shards, shard_path
 from temde_hf.hub.gallery.index import GalleryIndex
@@ -198,6 +198,22 @@ COLUMNS = ["gallery", "index", "faiss", "nprobe", "k_factor", "ms", "recall_at_1
            "store_bytes_per_image", "index_mib", "build_s"]  # fmt: skip
 
 
+def gpu_exact_rows(
+    work: Path, n: int, queries: torch.Tensor, exact: dict, device: torch.device
+) -> list[dict]:
+    """Exact fused top-10 by one fp16 matrix product on the GPU (the gallery resident in GPU memory)."""
+    from temde_hf.hub.gallery.build import shard_embeds
+
+    files = sorted((work / f"gallery-{n}" / "shards").glob("*.safetensors"))
+    gallery = torch.cat([torch.from_numpy(shard_embeds(f)).to(device, torch.float16) for f in files])
+    q = queries.to(device, torch.float16)
+    found = (q @ gallery.T).topk(K, dim=1).indices.cpu().numpy()
+    recall = float(np.mean([len(set(f) & set(e)) / K for f, e in zip(found, exact["rows"].numpy())]))
+    ms = time_fn(lambda: (gallery @ q[0]).topk(K).indices.cpu(), device, 3, 30)
+    return [{"gallery": n, "dim": queries.shape[1], "index": "torch-cuda-fp16", "faiss": "-", "ms": ms,
+             "recall_at_10": recall, "ram_bytes_per_image": 2 * queries.shape[1], "store_bytes_per_image": 0}]  # fmt: skip
+
+
 def extrapolate_10m(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """10M rows on paper: per-image bytes as measured at 1M, latency scaled by the measured 100k -> 1M ratio."""
     by_key = {(r["index"], r["nprobe"], r["k_factor"], r["gallery"]): r for r in rows}
@@ -240,6 +256,8 @@ def protocol_through_index(feats: dict[str, Any], make_batch: Any, global_dim: i
             ("i2t", texts, images, train_texts),
         ):
             extra = {"nlist": 16, "nprobe": 8} if kind in ("ivfpq", "global") else {}
+            if kind == "ivfpq":
+                extra["pq_m"] = max(m for m in range(1, 513) if dim % m == 0)  # as in the gallery runs
             spec = parse_spec(kind, len(train), dim, global_dim=global_dim, **extra)
             index = GalleryIndex.build(spec, dim, train[: spec.train_size(len(train))], [gallery.numpy()],
                                        [str(i) for i in range(len(gallery))])  # fmt: skip
@@ -259,7 +277,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", choices=["cpu"], default="cpu", help="CPU only (FAISS CPU)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: also an exact fp16 scan on the GPU"
+    )
     parser.add_argument("--checkpoint", type=Path, default=None, help="T-EMDE checkpoint (real structure)")
     parser.add_argument("--synthetic-dim", type=int, default=None, help="no checkpoint: Gaussian vectors")
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
@@ -278,6 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    device = resolve_device(args.device)  # asking for absent CUDA is an error, not a silent CPU run
     generator = torch.Generator().manual_seed(0)
     if args.checkpoint is not None:
         feats = real_features(args.checkpoint)
@@ -310,10 +331,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for n in args.sizes:
         rows += bench_size(n, args.work_dir, make_batch, queries, args, global_dim)
+        if device.type == "cuda":
+            exact = write_gallery(args.work_dir / f"gallery-{n}", n, make_batch, queries)
+            rows += gpu_exact_rows(args.work_dir, n, queries, exact, device)
     rows += extrapolate_10m(rows)
     payload: dict[str, Any] = {
         "benchmark": "search_latency",
-        "env": {**device_info(torch.device("cpu")), "faiss_threads": 1, "loadavg": os.getloadavg()},
+        "env": {**device_info(device), "faiss_threads": 1, "loadavg": os.getloadavg()},
         "settings": {"sizes": args.sizes, "queries": args.queries, "repeats": args.repeats, "k": K,
                      "checkpoint": str(args.checkpoint), "dim": int(queries.shape[1]), "global_dim": global_dim},
         "results": rows,

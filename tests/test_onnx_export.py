@@ -135,3 +135,16 @@ def test_published_handler_serves_through_onnxruntime(exported: Path, tmp_path: 
     np.testing.assert_allclose(
         served, encode_texts(eager, processor, CAPTIONS[:2], progress=False), atol=1e-5
     )
+
+
+def test_saturated_sketch_logits_stay_finite(tmp_path: Path) -> None:
+    # A tiny temperature saturates every hyperplane sigmoid, as real photos do for some hyperplanes:
+    # the graph must compute log σ without underflowing to −inf (−inf · 0 would give NaN).
+    checkpoint = make_tiny_checkpoint(tmp_path / "cold", seed=6, sketch_temperature=1e-3)
+    export_main([str(checkpoint)])
+    onnx, _ = load_encoder(checkpoint, backend="onnx")
+    eager, _ = load_encoder(checkpoint, backend="torch")
+    pixel_values = 5 * torch.randn(4, 3, 32, 32)
+    out = onnx.encode_image(pixel_values)
+    assert torch.isfinite(out).all()
+    np.testing.assert_allclose(out, eager.encode_image(pixel_values).detach(), atol=1e-5)

@@ -62,6 +62,17 @@ class _TextGraph(nn.Module):
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
+def _stable_log_sigmoid(g: Any, x: Any) -> Any:
+    """``log σ(x) = −(relu(−x) + log(1 + exp(−|x|)))`` as ONNX ops.
+
+    The exporter's own ``Log(Sigmoid(x))`` is −inf once σ(x) underflows (real photos give such sketch
+    logits), and the sketch's bucket sums then turn −inf · 0 into NaN; this form never overflows.
+    """
+    one = g.op("Constant", value_t=torch.tensor(1.0))
+    softplus = g.op("Log", g.op("Add", one, g.op("Exp", g.op("Neg", g.op("Abs", x)))))
+    return g.op("Neg", g.op("Add", g.op("Relu", g.op("Neg", x)), softplus))
+
+
 def _export(
     module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, names: list[str], out: str
 ) -> None:
@@ -71,6 +82,7 @@ def _export(
     if len(names) > 1:
         dynamic = {name: {0: "batch", 1: "sequence"} for name in names}
     dynamic[out] = {0: "batch"}
+    torch.onnx.register_custom_op_symbolic("aten::log_sigmoid", _stable_log_sigmoid, OPSET)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow, expected here
         torch.onnx.export(
