@@ -328,28 +328,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.checkpoint_for_fingerprint = save_tiny_checkpoint(args.work_dir / "fingerprint-model")
     else:
         raise SystemExit("pass --checkpoint CKPT (real structure) or --synthetic-dim D (smoke run)")
-    rows = []
-    for n in args.sizes:
-        rows += bench_size(n, args.work_dir, make_batch, queries, args, global_dim)
-        if device.type == "cuda":
-            exact = write_gallery(args.work_dir / f"gallery-{n}", n, make_batch, queries)
-            rows += gpu_exact_rows(args.work_dir, n, queries, exact, device)
-    rows += extrapolate_10m(rows)
+    rows: list[dict[str, Any]] = []
     payload: dict[str, Any] = {
         "benchmark": "search_latency",
-        "env": {**device_info(device), "faiss_threads": 1, "loadavg": os.getloadavg()},
+        "env": {**device_info(device), "faiss_threads": 1, "loadavg_at_start": os.getloadavg()},
         "settings": {"sizes": args.sizes, "queries": args.queries, "repeats": args.repeats, "k": K,
                      "checkpoint": str(args.checkpoint), "dim": int(queries.shape[1]), "global_dim": global_dim},
         "results": rows,
     }  # fmt: skip
-    print(format_table(rows, [*COLUMNS, "status"]))
-    if args.protocol and feats is not None:
+    if args.protocol and feats is not None:  # short: first, so a cut long run still has it
         payload["protocol"] = protocol_through_index(feats, make_batch, global_dim)
         print(
             format_table(
                 payload["protocol"], ["index", "faiss", "i2t_r1", "t2i_r1", "rsum", "rsum_minus_exact"]
             )
         )
+        write_json(payload, args.output)
+    for n in args.sizes:
+        rows += bench_size(n, args.work_dir, make_batch, queries, args, global_dim)
+        if device.type == "cuda":
+            exact = write_gallery(args.work_dir / f"gallery-{n}", n, make_batch, queries)
+            rows += gpu_exact_rows(args.work_dir, n, queries, exact, device)
+        payload["env"]["loadavg_after_" + str(n)] = os.getloadavg()
+        write_json(payload, args.output)  # after each size: a long run keeps what it measured
+    rows += extrapolate_10m(rows)
+    print(format_table(rows, [*COLUMNS, "status"]))
     path = write_json(payload, args.output)
     print(f"wrote {path}")
     return payload

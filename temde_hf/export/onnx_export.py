@@ -6,7 +6,8 @@ embedding (global part + sketch):
 - ``image_encoder.onnx``: ``pixel_values`` `(batch, 3, H, W)` -> ``image_embeds`` `(batch, E)`;
 - ``text_encoder.onnx``: ``input_ids``, ``attention_mask`` `(batch, seq)` -> ``text_embeds`` `(batch, E)`;
 - ``image_encoder.int8.onnx`` / ``text_encoder.int8.onnx`` with ``--int8``: onnxruntime's dynamic int8
-  quantisation of the same graphs (offer it only where the benchmark shows the accuracy holds);
+  quantisation of the same graphs. Experimental: on the demo checkpoint it cost 45 test RSUM
+  (``benchmarks/encode_throughput.py --checkpoint``), so no command line runs them;
 - ``onnx_export.json``: the checkpoint's fingerprint, the embedding width, the longest caption the text
   graph takes, and the largest difference to the eager model measured right after export.
 
@@ -209,7 +210,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``temde-hf export-onnx CKPT [--int8] [--max-text-length N]``."""
     parser = argparse.ArgumentParser(prog="temde-hf export-onnx", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="folder saved with save_pretrained (model + processor)")
-    parser.add_argument("--int8", action="store_true", help="also write dynamically int8-quantised graphs")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write dynamic int8 graphs (experimental: -45 test RSUM on the demo checkpoint; no CLI uses them)",
+    )
     parser.add_argument("--max-text-length", type=int, default=None, help="longest caption in tokens")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

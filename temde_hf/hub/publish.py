@@ -23,15 +23,8 @@ from temde_hf.hub.model_card import render_model_card
 HANDLER_SOURCE = Path(__file__).parent / "handler.py"
 # Pickle formats execute code when loaded: never shipped, whatever else the folder holds.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
-ALLOWED_SUFFIXES = {
-    ".safetensors",
-    ".json",
-    ".py",
-    ".txt",
-    ".model",
-    ".jinja",
-    ".onnx",
-}  # ONNX: protobuf, no code
+# ONNX graphs (temde-hf export-onnx) are protobuf: data, never executed as code.
+ALLOWED_SUFFIXES = {".safetensors", ".json", ".py", ".txt", ".model", ".jinja", ".onnx"}
 # Training-run files that are JSON/text but are not part of a model repo.
 RUN_FILES = {"trainer_state.json", "training_args.json", "optimizer.json", "scheduler.json", "rng_state.json"}
 GENERATED = {"README.md", "handler.py"}
