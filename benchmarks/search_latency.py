@@ -127,14 +127,16 @@ def write_gallery(work: Path, n: int, make_batch: Any, queries: torch.Tensor) ->
 # ----------------------------------------------------------------------------------------------
 # Index settings and measurements
 # ----------------------------------------------------------------------------------------------
-def settings_for(n: int, dim: int, global_dim: int | None, quick: bool) -> list[tuple[str, dict, list[dict]]]:
+def settings_for(
+    n: int, dim: int, global_dim: int | None, args: argparse.Namespace
+) -> list[tuple[str, dict, list[dict]]]:
     """(index type, build overrides, search sweeps) to measure at gallery size `n`."""
     nlist = 2 ** round(math.log2(math.sqrt(n)))
     runs: list[tuple[str, dict, list[dict]]] = []
     if n * dim * 4 <= 2**30:  # exhaustive scans only where the float32 gallery is <= 1 GiB
         runs += [("flat", {}, [{}]), ("fp16", {}, [{}]), ("sq8", {}, [{}])]
-    probes = [8, 32] if quick else [16, 32, 64]
-    factors = [10, 50] if quick else [10, 30, 100]
+    probes = args.probes or ([8, 32] if args.quick else [16, 32, 64])
+    factors = args.factors or ([10, 50] if args.quick else [10, 30, 100])
     if global_dim:
         sweep = [{"nprobe": p, "k_factor": f} for p in probes for f in factors]
         runs.append(("global", {"nlist": nlist}, sweep))
@@ -142,6 +144,14 @@ def settings_for(n: int, dim: int, global_dim: int | None, quick: bool) -> list[
     sweep = [{"nprobe": p, "k_factor": f} for p in probes for f in factors[:2]]
     runs.append(("ivfpq", {"nlist": nlist, "pq_m": pq_m}, sweep))
     return runs
+
+
+def rss_mib() -> float:
+    """This process's resident memory (MiB), mapped file pages included (``VmRSS``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def measure(
@@ -166,7 +176,9 @@ def bench_size(n: int, work: Path, make_batch: Any, queries: torch.Tensor, args:
     dim = queries.shape[1]
     source = ImageList(None, [f"synthetic-{i}" for i in range(n)], [None] * n)
     rows = []
-    for kind, overrides, sweep in settings_for(n, dim, global_dim, args.quick):
+    for kind, overrides, sweep in settings_for(n, dim, global_dim, args):
+        if args.types and kind not in args.types:
+            continue
         settings = BuildSettings(index_type=kind, shard_size=SHARD_SIZE, shard_dtype="float16",
                                  spec_overrides=overrides, memory_budget=args.memory_budget)  # fmt: skip
         faiss.omp_set_num_threads(args.build_threads)
@@ -177,6 +189,7 @@ def bench_size(n: int, work: Path, make_batch: Any, queries: torch.Tensor, args:
         out = work / f"index-{n}-{kind}"
         gallery.save(out)
         del gallery
+        rss_before = rss_mib()
         loaded = GalleryIndex.load(out)  # the store memory-mapped, as `temde-hf search` reads it
         faiss.omp_set_num_threads(1)  # one query per thread: 2 threads on one query only add overhead
         for search in sweep:
@@ -187,6 +200,7 @@ def bench_size(n: int, work: Path, make_batch: Any, queries: torch.Tensor, args:
                 "ram_bytes_per_image": loaded.build_info["index_bytes"] / n,
                 "store_bytes_per_image": loaded.build_info.get("store_bytes", 0) / n,
                 "index_mib": loaded.build_info["index_bytes"] / 2**20, "build_s": build_s,
+                "rss_growth_mib": rss_mib() - rss_before,
             })  # fmt: skip
             print(format_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
         del loaded
@@ -195,7 +209,7 @@ def bench_size(n: int, work: Path, make_batch: Any, queries: torch.Tensor, args:
 
 
 COLUMNS = ["gallery", "index", "faiss", "nprobe", "k_factor", "ms", "recall_at_10", "ram_bytes_per_image",
-           "store_bytes_per_image", "index_mib", "build_s"]  # fmt: skip
+           "store_bytes_per_image", "index_mib", "rss_growth_mib", "build_s"]  # fmt: skip
 
 
 def gpu_exact_rows(
@@ -291,6 +305,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--protocol", action="store_true", help="also the test-split protocol through each index"
     )
     parser.add_argument("--quick", action="store_true", help="smaller sweeps")
+    parser.add_argument("--probes", type=int, nargs="*", default=None, help="nprobe values to sweep")
+    parser.add_argument("--factors", type=int, nargs="*", default=None, help="k_factor values to sweep")
+    parser.add_argument("--types", nargs="*", default=None, help="only these index types")
     parser.add_argument("--work-dir", type=Path, default=Path("outputs") / "bench-search")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     return parser.parse_args(argv)
