@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ...evaluation.encode import SkippedImage, iter_image_embeddings, load_encoder
 from ...export.fingerprint import checkpoint_fingerprint
@@ -222,7 +223,7 @@ def merge_shards(
         spec,
         dim,
         sample,
-        (shard_embeds(f) for f, _ in nonempty),
+        (shard_embeds(f) for f, _ in tqdm(nonempty, desc="add shards to the index", unit="shard")),
         [source.ids[r] for r in rows],
         paths=[source.paths[r] for r in rows],
     )

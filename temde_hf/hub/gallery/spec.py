@@ -17,8 +17,9 @@ embedding is ``[ê ; √(λ/N)·vec(Ŝ)]``, so its first ``projection_dim`` valu
 vector, a compact first pass whose shortlist the exact fused score then re-orders.
 
 The automatic choice (`choose_spec`) follows the reasoning autofaiss uses: exact or scalar-quantised
-scans while the codes fit the memory budget and one scan stays fast, otherwise IVF with PQ codes sized
-to the budget, re-ranked from the fp16 store.
+scans while the codes fit the memory budget and one scan stays fast; beyond that ``global`` for a
+``concat`` checkpoint (the structure-aware first pass), else IVF with PQ codes sized to the budget,
+both re-ranked from the fp16 store (settings from the measured sweep in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
