@@ -146,12 +146,12 @@ def settings_for(
     return runs
 
 
-def rss_mib() -> float:
-    """This process's resident memory (MiB), mapped file pages included (``VmRSS``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def rss_mib() -> dict[str, float]:
+    """This process's resident memory (MiB): anonymous (what it holds) and file-backed (mapped page cache)."""
+    status = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return {key: int(status[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile")}
 
 
 def measure(
@@ -200,7 +200,7 @@ def bench_size(n: int, work: Path, make_batch: Any, queries: torch.Tensor, args:
                 "ram_bytes_per_image": loaded.build_info["index_bytes"] / n,
                 "store_bytes_per_image": loaded.build_info.get("store_bytes", 0) / n,
                 "index_mib": loaded.build_info["index_bytes"] / 2**20, "build_s": build_s,
-                "rss_growth_mib": rss_mib() - rss_before,
+                **{f"{key}_growth_mib": value - rss_before[key] for key, value in rss_mib().items()},
             })  # fmt: skip
             print(format_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
         del loaded
@@ -209,7 +209,7 @@ def bench_size(n: int, work: Path, make_batch: Any, queries: torch.Tensor, args:
 
 
 COLUMNS = ["gallery", "index", "faiss", "nprobe", "k_factor", "ms", "recall_at_10", "ram_bytes_per_image",
-           "store_bytes_per_image", "index_mib", "rss_growth_mib", "build_s"]  # fmt: skip
+           "store_bytes_per_image", "index_mib", "RssAnon_growth_mib", "RssFile_growth_mib", "build_s"]  # fmt: skip
 
 
 def gpu_exact_rows(

@@ -276,7 +276,9 @@ class GalleryIndex:
         self.spec = IndexSpec.from_dict(spec)
         self.store = None
         if self.spec.reranks:
-            flags = faiss.IO_FLAG_MMAP if mmap_store else 0
+            # IO_FLAG_MMAP_IFC maps the codes of a flat-codes index; plain IO_FLAG_MMAP would read this
+            # SQ store into anonymous memory whole (4.6 GB at 1M images, measured).
+            flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap_store else 0
             self.store = faiss.read_index(str(index_dir / STORE_FILE), flags)
         self.ids, self.paths = meta["ids"], meta["paths"]
         self.model_path, self.model_fingerprint = meta["model_path"], meta.get("model_fingerprint")
