@@ -21,8 +21,8 @@ import torch
 
 from ..data.auto import FORMATS, load_image_captions
 from ..data.errors import LoadReport
-from ..loading import check_checkpoint_dir, load_checkpoint
-from .encode import encode_dataset
+from ..loading import check_checkpoint_dir
+from .encode import BACKENDS, encode_dataset, load_encoder
 from .folds import evaluate_embeddings
 from .metrics import retrieval_ranks
 from .plots import plot_recall_at_k
@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-split", default="train", help="parquet / Hub data: the `datasets` split to read"
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="for checkpoints of other packages")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="encoder: eager torch or onnxruntime (export-onnx)",
+    )
     return parser
 
 
@@ -180,11 +186,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-    model, processor = load_checkpoint(args.checkpoint, device, args.trust_remote_code)
+    model, processor = load_encoder(args.checkpoint, args.backend, device, args.trust_remote_code)
     extra = {
         "n_skipped": report.n_skipped,
         "skipped": [f"{entry}: {reason}" for entry, reason in report.skipped],
         "unknown_splits": report.unknown_splits,
+        "encoder_backend": getattr(model, "backend", "torch"),
     }
     result = evaluate_checkpoint(model, processor, dataset, output_dir, args, extra)
     print(format_table(result))
