@@ -45,9 +45,9 @@ def _bit_factors(z: torch.Tensor) -> torch.Tensor:
     batch, tokens, n_sketches, n_hyperplanes = z.shape
     dtype = torch.promote_types(z.dtype, torch.float32)
     factors = torch.empty(n_sketches, batch, n_hyperplanes, 2, tokens, dtype=dtype, device=z.device)
-    sign = torch.tensor([[-1.0], [1.0]], dtype=dtype, device=z.device)  # (2, 1)
-    # (N, B, H, 1, L) * (2, 1) -> (N, B, H, 2, L); reading z with L innermost is free for `zᵀ` logits.
-    torch.mul(z.permute(2, 0, 3, 1).unsqueeze(-2), sign, out=factors)
+    z_nbhl = z.permute(2, 0, 3, 1)  # (N, B, H, L): a plain read when z holds `zᵀ` (tokens innermost)
+    factors[:, :, :, 1].copy_(z_nbhl)  # (also the cast to float32)
+    torch.neg(factors[:, :, :, 1], out=factors[:, :, :, 0])
     return factors.sigmoid_().view(n_sketches * batch, n_hyperplanes, 2, tokens)
 
 
@@ -73,19 +73,12 @@ def _half_probs(factors: torch.Tensor, first: torch.Tensor | None = None) -> tor
     return probs
 
 
-def _bit_sums(terms: torch.Tensor, out: torch.Tensor) -> None:
-    """Per-bit sums of per-code terms: `out[:, h, s] = Σ_{c: bit_h(c) = s} terms[:, c]`.
-
-    Args:
-        terms: `(X, 2**h, L)`.
-        out: `(X, h, 2, L)` written in place. Peeling the top bit each time halves what is left to read.
-    """
-    rows, _, tokens = terms.shape
-    for h in reversed(range(out.shape[1])):
-        split = terms.view(rows, 2, 2**h, tokens)  # dim 1 = bit h, the most significant left
-        torch.sum(split, dim=2, out=out[:, h])
-        if h:
-            terms = split.sum(1)  # (X, 2^h, L): bit h summed out
+def _bit_table(n_bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`(2 * n_bits, 2**n_bits)`: row `2h` is 1 where bit h of the code is set, row `2h + 1` is −1 where
+    it is clear, so `table @ X` gives `[Σ_{bit=1} X, −Σ_{bit=0} X]` for every bit at once."""
+    codes = torch.arange(2**n_bits, device=device)
+    bits = ((codes[None, :] >> torch.arange(n_bits, device=device)[:, None]) & 1).to(dtype)  # (h, 2^h)
+    return torch.stack([bits, bits - 1], dim=1).reshape(2 * n_bits, 2**n_bits)
 
 
 class FactoredSoftDLSH(torch.autograd.Function):
@@ -123,11 +116,16 @@ class FactoredSoftDLSH(torch.autograd.Function):
         g = grad.to(factors.dtype).transpose(0, 1).reshape(rows, high_b.shape[1], masked_a.shape[1])
         x_a = torch.bmm(g.transpose(1, 2), high_b).mul_(masked_a)  # (N·B, 2^H1, L)
         x_b = torch.bmm(g, masked_a).mul_(high_b)  # (N·B, 2^H2, L)
-        sums = factors.new_empty(rows, n_hyperplanes, 2, tokens)  # [Σ over bit = 0, Σ over bit = 1]
-        _bit_sums(x_a, sums[:, :low])
-        _bit_sums(x_b, sums[:, low:])
         q, p = factors[:, :, 0], factors[:, :, 1]  # σ(−z), σ(z): (N·B, H, L)
-        grad_z = torch.addcmul(q * sums[:, :, 1], p, sums[:, :, 0], value=-1.0)
+        grad_z = factors.new_empty(rows, n_hyperplanes, tokens)
+        for terms, bits in ((x_a, slice(0, low)), (x_b, slice(low, n_hyperplanes))):
+            n_bits = bits.stop - bits.start
+            # Per hyperplane of this half: [Σ_{bit=1} X, −Σ_{bit=0} X], (N·B, h, 2, L).
+            sums = torch.matmul(_bit_table(n_bits, terms.dtype, terms.device), terms).view(
+                rows, n_bits, 2, tokens
+            )
+            # (1 − p)·on − p·off
+            torch.addcmul(q[:, bits] * sums[:, :, 0], p[:, bits], sums[:, :, 1], out=grad_z[:, bits])
         # (N, B, H, L) -> the logical (B, L, N, H); `zᵀ` logits take it back without a gather.
         grad_z = grad_z.view(n_sketches, batch, n_hyperplanes, tokens).permute(1, 3, 0, 2)
         return grad_z.to(ctx.z_dtype), None
