@@ -218,50 +218,77 @@ def saved_mib(head: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
-def measure(
-    head: nn.Module, x: torch.Tensor, mask: torch.Tensor, device: torch.device, warmup: int, repeats: int
-) -> dict:
-    """Forward + backward and inference-only medians (ms), peak CUDA / saved-for-backward memory (MiB)."""
-    step = fwd_bwd_step(head, x, mask)
-    try:
-        ms = time_fn(step, device, warmup, repeats)
-        infer_ms = time_fn(inference_step(head, x, mask), device, warmup, repeats)
-        return {
-            "ms": ms,
-            "infer_ms": infer_ms,
-            "peak_mib": peak_memory_mib(step, device),
-            "saved_mib": saved_mib(head, x, mask),
-            "status": "ok",
-        }
-    except RuntimeError as error:  # OOM at large L is a result, not a crash
-        if not is_oom(error):
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return {"ms": None, "infer_ms": None, "peak_mib": None, "saved_mib": None, "status": "oom"}
+def measure_heads(
+    heads: dict[str, nn.Module],
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+) -> dict[str, dict[str, Any]]:
+    """Forward + backward and inference-only times (ms), peak CUDA / saved-for-backward memory (MiB).
+
+    Timed in interleaved rounds (every head once per round, `repeats` rounds), so a burst of load from
+    other processes on shared cores lands on all heads alike instead of on whichever was running;
+    medians and minima over the rounds are reported.
+    """
+    steps, results = {}, {}
+    for name, head in heads.items():
+        step, infer = fwd_bwd_step(head, x, mask), inference_step(head, x, mask)
+        try:
+            for _ in range(warmup):
+                step()
+                infer()
+            results[name] = {"peak_mib": peak_memory_mib(step, device), "saved_mib": saved_mib(head, x, mask)}
+            steps[name] = (step, infer)
+        except RuntimeError as error:  # OOM at large L is a result, not a crash
+            if not is_oom(error):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            results[name] = {
+                "ms": None,
+                "infer_ms": None,
+                "peak_mib": None,
+                "saved_mib": None,
+                "status": "oom",
+            }
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in steps}
+    for _ in tqdm(range(repeats), desc="rounds", unit="round", leave=False):
+        for name, (step, infer) in steps.items():
+            times[name][0].append(time_fn(step, device, 0, 1))
+            times[name][1].append(time_fn(infer, device, 0, 1))
+    for name, (fwd_bwd, inference) in times.items():
+        results[name].update({
+            "ms": statistics.median(fwd_bwd), "min_ms": min(fwd_bwd),
+            "infer_ms": statistics.median(inference), "min_infer_ms": min(inference), "status": "ok",
+        })  # fmt: skip
+    return results
 
 
 def ratios(rows: list[dict[str, Any]], sketches: list[tuple[int, int]]) -> list[dict[str, Any]]:
-    """The issue's targets per (sketch, L), from this run's rows: T-EMDE over its floor, the transformer
-    layer over T-EMDE, T-EMDE inference over the matmul alone, and the speed-up over the reference path."""
-    by_key = {(r["head"], r["tokens"], key): r[key] for r in rows for key in ("ms", "infer_ms")}
+    """The issue's targets per (sketch, L), from this run's rows, on the median and on the fastest round:
+    T-EMDE over its floor, the transformer layer over T-EMDE, T-EMDE inference over the matmul alone,
+    and the speed-up over the reference path."""
     out = []
-    for n, h in sketches:
-        fast, ref = f"temde-torch N{n}H{h}", f"temde-reference N{n}H{h}"
-        pairs = {  # name -> (numerator head, denominator head, timing)
-            "temde_over_mean_matmul": (fast, f"mean+matmul N{n}H{h}", "ms"),
-            "transformer_over_temde": ("transformer+mean", fast, "ms"),
-            "reference_over_temde": (ref, fast, "ms"),
-            "infer_temde_over_matmul": (fast, f"matmul N{n}H{h}", "infer_ms"),
-            "infer_transformer_over_temde": ("transformer+mean", fast, "infer_ms"),
-            "infer_reference_over_temde": (ref, fast, "infer_ms"),
-        }
-        for tokens in dict.fromkeys(r["tokens"] for r in rows):
-            row: dict[str, Any] = {"sketch": f"N{n}H{h}", "tokens": tokens}
-            for name, (top, bottom, key) in pairs.items():
-                a, b = by_key.get((top, tokens, key)), by_key.get((bottom, tokens, key))
-                row[name] = a / b if a and b else None
-            out.append(row)
+    for stat, (fb, inf) in {"median": ("ms", "infer_ms"), "min": ("min_ms", "min_infer_ms")}.items():
+        by_key = {(r["head"], r["tokens"], key): r.get(key) for r in rows for key in (fb, inf)}
+        for n, h in sketches:
+            fast, ref = f"temde-torch N{n}H{h}", f"temde-reference N{n}H{h}"
+            pairs = {  # name -> (numerator head, denominator head, timing)
+                "temde_over_mean_matmul": (fast, f"mean+matmul N{n}H{h}", fb),
+                "transformer_over_temde": ("transformer+mean", fast, fb),
+                "reference_over_temde": (ref, fast, fb),
+                "infer_temde_over_matmul": (fast, f"matmul N{n}H{h}", inf),
+                "infer_transformer_over_temde": ("transformer+mean", fast, inf),
+                "infer_reference_over_temde": (ref, fast, inf),
+            }
+            for tokens in dict.fromkeys(r["tokens"] for r in rows):
+                row: dict[str, Any] = {"stat": stat, "sketch": f"N{n}H{h}", "tokens": tokens}
+                for name, (top, bottom, key) in pairs.items():
+                    a, b = by_key.get((top, tokens, key)), by_key.get((bottom, tokens, key))
+                    row[name] = a / b if a and b else None
+                out.append(row)
     return out
 
 
@@ -383,7 +410,7 @@ def head_step_rows(batch_size: int = 128, warmup: int = 2, seed: int = 0) -> lis
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     batches = [torch.tensor(order[s : s + batch_size]) for s in range(0, len(order), batch_size)]
-    rows = []
+    trainers = {}
     for name, (fusion, kernel) in HEAD_STEP_VARIANTS.items():
         torch.manual_seed(seed)
         model = build_head_model(fusion, kernel).train()
@@ -396,15 +423,22 @@ def head_step_rows(batch_size: int = 128, warmup: int = 2, seed: int = 0) -> lis
             model.initialize_sketch(tokens.flatten(0, 1), generator=torch.Generator().manual_seed(seed))
         for captions in batches[:warmup]:
             head_train_step(model, optimizer, feats, captions)
-        times, losses = [], []
-        for captions in tqdm(batches, desc=name, unit="step", leave=False):
+        trainers[name] = (model, optimizer)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    losses: dict[str, list[float]] = {name: [] for name in trainers}
+    # Steps interleaved across variants (batch by batch), for the same reason as `measure_heads`.
+    for captions in tqdm(batches, desc="head epoch", unit="step", leave=False):
+        for name, (model, optimizer) in trainers.items():
             start = time.perf_counter()
-            losses.append(head_train_step(model, optimizer, feats, captions))
-            times.append((time.perf_counter() - start) * 1e3)
-        rows.append({
-            "variant": name, "steps": len(batches), "ms_per_step": statistics.median(times),
-            "s_per_epoch": sum(times) / 1e3, "first_loss": losses[0], "last_loss": losses[-1],
-        })  # fmt: skip
+            losses[name].append(head_train_step(model, optimizer, feats, captions))
+            times[name].append((time.perf_counter() - start) * 1e3)
+    rows = [
+        {
+            "variant": name, "steps": len(batches), "ms_per_step": statistics.median(times[name]),
+            "s_per_epoch": sum(times[name]) / 1e3, "first_loss": losses[name][0], "last_loss": losses[name][-1],
+        }
+        for name in trainers
+    ]  # fmt: skip
     reference = next(r["s_per_epoch"] for r in rows if "reference" in r["variant"])
     for row in rows:
         row["speedup_vs_reference"] = reference / row["s_per_epoch"]
@@ -460,8 +494,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for tokens in tokens_list:
         x, mask = make_inputs(batch, tokens, dim, dtype, device)
-        for name, head in tqdm(heads.items(), desc=f"L={tokens}", unit="head", leave=False):
-            rows.append({"head": name, "tokens": tokens, **measure(head, x, mask, device, warmup, repeats)})
+        measured = measure_heads(heads, x, mask, device, warmup, repeats)
+        rows += [{"head": name, "tokens": tokens, **result} for name, result in measured.items()]
         del x, mask
     targets = ratios(rows, sketches)
     head_step = head_step_rows() if args.head_step else None

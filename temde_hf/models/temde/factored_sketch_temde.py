@@ -21,6 +21,7 @@ and, because `∂A/∂z_h = A · (bit_h − p_h)` for a hyperplane h of the low 
     ∂loss/∂z_h = (1 − p_h) · Σ_{j: bit_h(j)=1} X_A[j] − p_h · Σ_{j: bit_h(j)=0} X_A[j]
 
 (two sums, so no large terms cancel when a logit saturates); the same holds for the high half with X_B.
+Both sums, for every hyperplane of a half at once, are one small product with a ±1 table of code bits.
 
 Layout. Every per-token tensor is `(n_sketches · batch, ·, tokens)` with the tokens innermost, so each
 elementwise step runs over long contiguous rows rather than over the 2–8 codes of one token. The logits
