@@ -467,6 +467,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile'd reference head")
     parser.add_argument("--anchor", action="store_true", help="add the anchor coder and its N*K floor")
     parser.add_argument("--head-step", action="store_true", help="add the demo's cached-tower epoch (CPU)")
@@ -478,6 +479,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch = args.batch_size or (8 if args.quick else 128)
     dim = args.dim or (128 if args.quick else 1024)
     tokens_list = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
