@@ -518,7 +518,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if head_step is not None:
         payload["head_step"] = head_step
     path = write_json(payload, args.output)
-    print(format_table(rows, ["head", "tokens", "ms", "infer_ms", "saved_mib", "peak_mib", "status"]))
+    columns = [
+        "head",
+        "tokens",
+        "ms",
+        "min_ms",
+        "infer_ms",
+        "min_infer_ms",
+        "saved_mib",
+        "peak_mib",
+        "status",
+    ]
+    print(format_table(rows, columns))
     print()
     print(
         format_table(targets, ["sketch", "tokens", *[k for k in targets[0] if k not in ("sketch", "tokens")]])

@@ -6,7 +6,7 @@ low `H1 = ⌊H/2⌋` and the high `H2 = H − H1`; with `k = j + 2^H1 · i`,
 
     P(k|x) = A(j|x) · B(i|x)      A over the 2^H1 low codes, B over the 2^H2 high codes
 
-and the masked histogram of a token set is one small matrix product per (sketch, batch row):
+and the masked histogram of a token set is one small matrix product per (batch row, sketch):
 
     S[i, j] = Σ_l B[i, l] · m_l A[j, l] = (B (m·A)ᵀ)[i, j]      `(2^H2 × L) @ (L × 2^H1)`
 
@@ -23,10 +23,11 @@ and, because `∂A/∂z_h = A · (bit_h − p_h)` for a hyperplane h of the low 
 (two sums, so no large terms cancel when a logit saturates); the same holds for the high half with X_B.
 Both sums, for every hyperplane of a half at once, are one small product with a ±1 table of code bits.
 
-Layout. Every per-token tensor is `(n_sketches · batch, ·, tokens)` with the tokens innermost, so each
-elementwise step runs over long contiguous rows rather than over the 2–8 codes of one token. The logits
-arrive in that order when the projection writes `zᵀ` (`SoftDLSHCoder.tempered_logits` does), and any
-other layout is read correctly, only more slowly.
+Layout. Every per-token tensor is `(batch · n_sketches, ·, tokens)` with the tokens innermost, so each
+elementwise step runs over long contiguous rows rather than over the 2–8 codes of one token. Reading
+the logits is a row copy, and their gradient goes back without a gather, when the projection writes
+`zᵀ` with the tokens innermost (`SoftDLSHCoder.tempered_logits` does); any other layout is read
+correctly, only more slowly.
 
 This is the PyTorch path of `TemdeSketch` (its default on CPU); the log-space path that materialises
 every bucket (`TemdeSketch.reference_histogram`) is its oracle in the tests.
@@ -38,18 +39,18 @@ import torch
 
 
 def _bit_factors(z: torch.Tensor) -> torch.Tensor:
-    """Logits `(B, L, N, H)` -> factors `(N·B, H, 2, L)` = `[σ(−z_h), σ(z_h)]`, float32 (float64 kept).
+    """Logits `(B, L, N, H)` -> factors `(B·N, H, 2, L)` = `[σ(−z_h), σ(z_h)]`, float32 (float64 kept).
 
     Both entries are sigmoids (not `1 − p`), so a saturated logit keeps a tiny but exact `1 − p`, as
     the log-space oracle does.
     """
     batch, tokens, n_sketches, n_hyperplanes = z.shape
     dtype = torch.promote_types(z.dtype, torch.float32)
-    factors = torch.empty(n_sketches, batch, n_hyperplanes, 2, tokens, dtype=dtype, device=z.device)
-    z_nbhl = z.permute(2, 0, 3, 1)  # (N, B, H, L): a plain read when z holds `zᵀ` (tokens innermost)
-    factors[:, :, :, 1].copy_(z_nbhl)  # (also the cast to float32)
+    factors = torch.empty(batch, n_sketches, n_hyperplanes, 2, tokens, dtype=dtype, device=z.device)
+    # (B, N, H, L): rows of L contiguous tokens when z holds `zᵀ` (as `tempered_logits` writes it).
+    factors[:, :, :, 1].copy_(z.permute(0, 2, 3, 1))  # (also the cast to float32)
     torch.neg(factors[:, :, :, 1], out=factors[:, :, :, 0])
-    return factors.sigmoid_().view(n_sketches * batch, n_hyperplanes, 2, tokens)
+    return factors.sigmoid_().view(batch * n_sketches, n_hyperplanes, 2, tokens)
 
 
 def _half_probs(factors: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,16 +97,16 @@ class FactoredSoftDLSH(torch.autograd.Function):
         """`z` `(B, L, N, H)` tempered logits, `mask` `(B, L)` -> histogram `(B, N, 2**H)`."""
         batch, tokens, n_sketches, n_hyperplanes = z.shape
         low = n_hyperplanes // 2
-        factors = _bit_factors(z)  # (N·B, H, 2, L)
-        weights = mask.to(factors.dtype)[None, :, None, :].expand(n_sketches, batch, 1, tokens)
-        masked_a = _half_probs(factors[:, :low], weights.reshape(n_sketches * batch, 1, tokens))
-        high_b = _half_probs(factors[:, low:])  # (N·B, 2^H2, L)
-        # (N·B, 2^H2, L) @ (N·B, L, 2^H1): flattened, index i·2^H1 + j is the bucket k.
+        factors = _bit_factors(z)  # (B·N, H, 2, L)
+        weights = mask.to(factors.dtype)[:, None, None, :].expand(batch, n_sketches, 1, tokens)
+        masked_a = _half_probs(factors[:, :low], weights.reshape(batch * n_sketches, 1, tokens))
+        high_b = _half_probs(factors[:, low:])  # (B·N, 2^H2, L)
+        # (B·N, 2^H2, L) @ (B·N, L, 2^H1): flattened, index i·2^H1 + j is the bucket k.
         hist = torch.bmm(high_b, masked_a.transpose(1, 2))
         ctx.save_for_backward(factors, masked_a, high_b)
         ctx.shape = z.shape
         ctx.z_dtype = z.dtype
-        return hist.view(n_sketches, batch, 2**n_hyperplanes).transpose(0, 1).contiguous()
+        return hist.view(batch, n_sketches, 2**n_hyperplanes)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -113,22 +114,23 @@ class FactoredSoftDLSH(torch.autograd.Function):
         factors, masked_a, high_b = ctx.saved_tensors
         batch, tokens, n_sketches, n_hyperplanes = ctx.shape
         low = n_hyperplanes // 2
-        rows = n_sketches * batch
-        g = grad.to(factors.dtype).transpose(0, 1).reshape(rows, high_b.shape[1], masked_a.shape[1])
-        x_a = torch.bmm(g.transpose(1, 2), high_b).mul_(masked_a)  # (N·B, 2^H1, L)
-        x_b = torch.bmm(g, masked_a).mul_(high_b)  # (N·B, 2^H2, L)
-        q, p = factors[:, :, 0], factors[:, :, 1]  # σ(−z), σ(z): (N·B, H, L)
-        grad_z = factors.new_empty(rows, n_hyperplanes, tokens)
+        g = grad.to(factors.dtype).reshape(batch * n_sketches, high_b.shape[1], masked_a.shape[1])
+        x_a = torch.bmm(g.transpose(1, 2), high_b).mul_(masked_a)  # (B·N, 2^H1, L)
+        x_b = torch.bmm(g, masked_a).mul_(high_b)  # (B·N, 2^H2, L)
+        factors = factors.view(batch, n_sketches, n_hyperplanes, 2, tokens)
+        q, p = factors[:, :, :, 0], factors[:, :, :, 1]  # σ(−z), σ(z): (B, N, H, L)
+        # Stored as (N, H, B, L), the layout of the `zᵀ` logits, so their gradient needs no gather.
+        grad_z = factors.new_empty(n_sketches, n_hyperplanes, batch, tokens).permute(2, 0, 1, 3)
         for terms, bits in ((x_a, slice(0, low)), (x_b, slice(low, n_hyperplanes))):
             n_bits = bits.stop - bits.start
-            # Per hyperplane of this half: [Σ_{bit=1} X, −Σ_{bit=0} X], (N·B, h, 2, L).
-            sums = torch.matmul(_bit_table(n_bits, terms.dtype, terms.device), terms).view(
-                rows, n_bits, 2, tokens
-            )
+            # Per hyperplane of this half: [Σ_{bit=1} X, −Σ_{bit=0} X], (B, N, h, 2, L).
+            sums = torch.matmul(_bit_table(n_bits, terms.dtype, terms.device), terms)
+            sums = sums.view(batch, n_sketches, n_bits, 2, tokens)
             # (1 − p)·on − p·off
-            torch.addcmul(q[:, bits] * sums[:, :, 0], p[:, bits], sums[:, :, 1], out=grad_z[:, bits])
-        # (N, B, H, L) -> the logical (B, L, N, H); `zᵀ` logits take it back without a gather.
-        grad_z = grad_z.view(n_sketches, batch, n_hyperplanes, tokens).permute(1, 3, 0, 2)
+            torch.addcmul(
+                q[:, :, bits] * sums[:, :, :, 0], p[:, :, bits], sums[:, :, :, 1], out=grad_z[:, :, bits]
+            )
+        grad_z = grad_z.permute(0, 3, 1, 2)  # (B, N, H, L) -> the logical (B, L, N, H)
         return grad_z.to(ctx.z_dtype), None
 
 
