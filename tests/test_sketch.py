@@ -201,8 +201,8 @@ def test_factored_path_equals_oracle_for_every_allowed_h(n_hyperplanes: int) -> 
 @pytest.mark.parametrize("coder", sorted(SKETCH_CODERS))
 def test_fast_path_bfloat16_tokens(coder: str) -> None:
     """bf16 tokens: the fast path accumulates in float32 and returns bf16 token gradients. The oracle
-    computes its log-probabilities in bf16, so both are compared with the float32 oracle on the same
-    (bf16-rounded) tokens, the fast path within bf16's rounding of the logits."""
+    would round its log-probabilities to bf16, so the fast path is compared with the oracle run in float32
+    on the same (bf16-rounded) tokens, within the rounding of its bf16 projection."""
     fast, oracle = _oracle_pair(coder)
     tokens, mask = torch.randn(3, 9, D).bfloat16(), _padded_mask(3, 9)
     weights = torch.randn(3, 5, 8)
