@@ -38,9 +38,13 @@ def test_pooling_speed_smoke(tmp_path: Path) -> None:
     argv = ["--batch-size", "2", "--dim", "16", "--heads", "2", "--tokens", "5", "9", "--sketches", "4x3"]
     out = _run("pooling_speed", [*argv, "--warmup", "0", "--repeats", "1"], tmp_path)
     heads = {row["head"] for row in out["results"]}
-    assert heads == {"mean", "attention", "transformer+mean", "mean+matmul N4H3", "temde-torch N4H3"}
+    sketch_heads = {"matmul N4H3", "mean+matmul N4H3", "temde-reference N4H3", "temde-torch N4H3"}
+    assert heads == {"mean", "attention", "transformer+mean", *sketch_heads}
     assert len(out["results"]) == 2 * len(heads)
-    assert all(row["status"] == "ok" and row["ms"] > 0 for row in out["results"])
+    assert all(row["status"] == "ok" and row["ms"] > 0 and row["infer_ms"] > 0 for row in out["results"])
+    assert {(row["stat"], row["tokens"]) for row in out["ratios"]} == {
+        (s, t) for s in ("median", "min") for t in (5, 9)
+    }
     assert (tmp_path / "pooling_speed.png").stat().st_size > 0
 
 

@@ -158,6 +158,10 @@ def export_onnx(
     require_onnxruntime()
     checkpoint = Path(checkpoint)
     model, processor = load_encoder(checkpoint, backend="torch", device="cpu")
+    # The tracer records Python shapes as constants: the factored CPU sketch (batched products shaped by
+    # the traced batch) would be frozen to the example's shapes, the log-space path traces shape-generic.
+    # This model is only traced, never saved, so its config may say so.
+    model.config.sketch_kernel = "reference"
     height, width = _image_size(processor)
     length = _max_text_length(model, processor, max_text_length)
     generator = torch.Generator().manual_seed(0)

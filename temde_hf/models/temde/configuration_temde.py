@@ -21,7 +21,12 @@ from .pooling_temde import POOLING_HEADS
 # choice with no other edit); the loss is a training setting (`temde_hf.training.arguments`).
 FUSION_CHOICES = ("concat", "replace", "none")
 CODER_CHOICES = ("soft_dlsh", "anchor")
-KERNEL_CHOICES = ("auto", "torch", "triton")
+KERNEL_CHOICES = ("auto", "torch", "triton", "reference")
+# K = 2^H buckets per sketch, and a `concat` embedding stores N·2^H sketch values per item: at H = 12
+# (K = 4,096) that is already 131,072 floats per item at N = 32, and the fused kernel's tile tops out
+# there too (`triton_sketch_temde.MAX_TRITON_HYPERPLANES`). Beyond it a sketch fits no retrieval index
+# (H = 40 would ask for terabytes), so larger H is a configuration error, not a slow run.
+MAX_HYPERPLANES = 12
 
 
 # Tower configs that ship inside this folder, so remote code resolves them without registration.
@@ -103,10 +108,13 @@ class TemdeConfig(PreTrainedConfig):
             `soft_dlsh` becomes hard DLSH bucketing.
         learn_sketch_temperature (`bool`, defaults to `True`): learn log τ, or keep τ fixed.
         sketch_weight (`float`, defaults to 1.0): λ, the weight of the sketch similarity in `concat`.
-        sketch_chunk_size (`int`, defaults to 64): tokens per chunk when accumulating the histograms, which
-            bounds memory at `batch × chunk × N × K` instead of `batch × tokens × N × K`.
+        sketch_chunk_size (`int`, defaults to 64): tokens per chunk when the `anchor` coder or the
+            `"reference"` path accumulates histograms, which bounds memory at `batch × chunk × N × K`
+            instead of `batch × tokens × N × K` (`soft_dlsh` holds `2H + 2^⌊H/2⌋ + 2^⌈H/2⌉` values per
+            token and sketch instead of K, unchunked).
         sketch_kernel (`str`, defaults to `"auto"`): `"auto"` uses the fused Triton kernel on CUDA when
-            available and PyTorch elsewhere; `"torch"` / `"triton"` force one.
+            available and PyTorch elsewhere; `"torch"` / `"triton"` force one; `"reference"` is the slow
+            log-space PyTorch path the others are tested against.
         token_layer_norm (`bool`, defaults to `False`): a LayerNorm (per tower) on every tower token before
             the projection, so tokens of towers with very different feature scales (a CNN's post-activation
             map, a transformer's last layer) enter the joint space on a common footing.
@@ -178,6 +186,12 @@ class TemdeConfig(PreTrainedConfig):
             raise ValueError(
                 f"TemdeConfig: sketch_width={k} does not match n_hyperplanes={h} (soft_dlsh needs K = 2^H = "
                 f"{2**h}); give only one of them."
+            )
+        if h is not None and h > MAX_HYPERPLANES:
+            raise ValueError(
+                f"TemdeConfig.n_hyperplanes={h} (sketch_width 2^{h}) is above the maximum of {MAX_HYPERPLANES}: "
+                f"each sketch has 2^H buckets and the embedding holds n_sketches·2^H of them per item. Use "
+                f"n_hyperplanes <= {MAX_HYPERPLANES} (sketch_width <= {2**MAX_HYPERPLANES})."
             )
         self.n_hyperplanes, self.sketch_width = h, k
 
