@@ -16,11 +16,11 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .pooling_temde import POOLING_HEADS
+from .sketch_temde import SKETCH_CODERS
 
 # Pooling heads and sketch coders are checked against their registries (a registered part is a valid
 # choice with no other edit); the loss is a training setting (`temde_hf.training.arguments`).
 FUSION_CHOICES = ("concat", "replace", "none")
-CODER_CHOICES = ("soft_dlsh", "anchor")
 KERNEL_CHOICES = ("auto", "torch", "triton", "reference")
 # K = 2^H buckets per sketch, and a `concat` embedding stores N·2^H sketch values per item: at H = 12
 # (K = 4,096) that is already 131,072 floats per item at N = 32, and the fused kernel's tile tops out
@@ -198,7 +198,7 @@ class TemdeConfig(PreTrainedConfig):
     def _validate_temde(self) -> None:
         POOLING_HEADS.check(self.pooling)
         _check_choice("sketch_fusion", self.sketch_fusion, FUSION_CHOICES)
-        _check_choice("sketch_coder", self.sketch_coder, CODER_CHOICES)
+        SKETCH_CODERS.check(self.sketch_coder)
         _check_choice("sketch_kernel", self.sketch_kernel, KERNEL_CHOICES)
         for field in ("projection_dim", "n_sketches", "sketch_chunk_size", "attention_pooling_heads"):
             _check_positive(field, getattr(self, field), integer=True)

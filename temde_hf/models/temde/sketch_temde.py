@@ -11,14 +11,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .configuration_temde import TemdeConfig
 from .factored_sketch_temde import factored_soft_dlsh_histogram
+from .registry_temde import Registry
+
+if TYPE_CHECKING:  # the config validates `sketch_coder` against SKETCH_CODERS, so it imports this module
+    from .configuration_temde import TemdeConfig
+
+# A coder maps tokens to N bucket distributions; built from the config, `@SKETCH_CODERS.register(name)`.
+SKETCH_CODERS = Registry("sketch_coder", "SKETCH_CODERS")
 
 # τ is kept inside these bounds: below, the sigmoids saturate to exact 0/1 in float32 and gradients die;
 # above, every bucket gets the same mass and the sketch carries no information.
@@ -49,6 +56,7 @@ def soft_dlsh_log_probs(z: torch.Tensor) -> torch.Tensor:
     return F.logsigmoid(z) @ bits.T + F.logsigmoid(-z) @ (1 - bits).T
 
 
+@SKETCH_CODERS.register("soft_dlsh")
 class SoftDLSHCoder(nn.Module):
     """Coder A: H learned hyperplanes per sketch, `P_n(k|x) = Π_h p_h^bit_h(k) (1 − p_h)^(1 − bit_h(k))`.
 
@@ -56,8 +64,9 @@ class SoftDLSHCoder(nn.Module):
     projection, so every hyperplane halves the data, as in density-dependent LSH.
     """
 
-    def __init__(self, dim: int, n_sketches: int, sketch_width: int, n_hyperplanes: int) -> None:
+    def __init__(self, config: TemdeConfig) -> None:
         super().__init__()
+        dim, n_sketches, n_hyperplanes = config.projection_dim, config.n_sketches, config.n_hyperplanes
         self.n_sketches, self.n_hyperplanes = n_sketches, n_hyperplanes
         self.weight = nn.Parameter(torch.empty(dim, n_sketches * n_hyperplanes))  # hyperplane normals
         self.threshold = nn.Parameter(torch.zeros(n_sketches * n_hyperplanes))
@@ -124,6 +133,7 @@ class SoftDLSHCoder(nn.Module):
         self.threshold.copy_(proj.median(dim=0).values / scale)
 
 
+@SKETCH_CODERS.register("anchor")
 class AnchorCoder(nn.Module):
     """Coder B: `P_n(k|x) = softmax_k((a_nk·x + c_nk) / τ)` over K learned anchors per sketch.
 
@@ -131,10 +141,9 @@ class AnchorCoder(nn.Module):
     `c = −½‖a‖²`, so the logit is `−½‖x − a‖²` up to a term constant in k.
     """
 
-    def __init__(
-        self, dim: int, n_sketches: int, sketch_width: int, n_hyperplanes: int | None = None
-    ) -> None:
+    def __init__(self, config: TemdeConfig) -> None:
         super().__init__()
+        dim, n_sketches, sketch_width = config.projection_dim, config.n_sketches, config.sketch_width
         self.n_sketches, self.sketch_width = n_sketches, sketch_width
         self.weight = nn.Parameter(torch.empty(dim, n_sketches * sketch_width))
         self.bias = nn.Parameter(torch.zeros(n_sketches * sketch_width))
@@ -201,9 +210,6 @@ class AnchorCoder(nn.Module):
         self.bias.copy_(bias / scale)
 
 
-SKETCH_CODERS: dict[str, type[nn.Module]] = {"soft_dlsh": SoftDLSHCoder, "anchor": AnchorCoder}
-
-
 def chunked_histogram(
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,
@@ -238,9 +244,7 @@ class TemdeSketch(nn.Module):
         super().__init__()
         self.config = config
         self.n_sketches, self.sketch_width = config.n_sketches, config.sketch_width
-        self.coder = SKETCH_CODERS[config.sketch_coder](
-            config.projection_dim, config.n_sketches, config.sketch_width, config.n_hyperplanes
-        )
+        self.coder = SKETCH_CODERS[config.sketch_coder](config)
         log_tau = torch.full((1,), math.log(config.sketch_temperature))  # (1,): FSDP2 shards no 0-dim
         if config.learn_sketch_temperature:
             self.log_temperature = nn.Parameter(log_tau)
