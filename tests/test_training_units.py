@@ -83,6 +83,15 @@ def test_image_sampling_visits_every_image_once_with_one_caption() -> None:
     assert sampler.steps_per_epoch == 2  # 10 images, batches of 4, the tail dropped
 
 
+def test_flip_augmentation_draws_one_view_per_pair_and_epoch() -> None:
+    items = epoch_pairs(CAPTION_TO_IMAGE, "pairs", seed=0, epoch=0, n_views=2)
+    assert sorted(i // 2 for i in items) == list(range(20))  # every pair once
+    assert {i % 2 for i in items} == {0, 1}  # both views drawn
+    assert items != epoch_pairs(CAPTION_TO_IMAGE, "pairs", seed=0, epoch=1, n_views=2)
+    without = epoch_pairs(CAPTION_TO_IMAGE, "pairs", seed=0, epoch=0)
+    assert [i // 2 for i in items] == without  # the views do not change the pair order
+
+
 def test_param_groups_freeze_and_schedule() -> None:
     model = tiny_model()
     args = _args("--learning_rate", "1.0", "--vision_lr_multiplier", "0.1", "--text_lr_multiplier", "0.5",

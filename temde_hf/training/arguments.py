@@ -153,6 +153,11 @@ class TemdeTrainingArguments:
     text_trainable_layers: int | None = field(
         default=None, metadata={"help": "train only the last N layers of the text tower (and what follows)"}
     )
+    image_flip_augmentation: bool = field(
+        default=False,
+        metadata={"help": "train on each image or its horizontal mirror (drawn per pair and epoch); a cached "
+                  "vision tower caches both"},
+    )  # fmt: skip
     freeze_batch_norm: bool = field(
         default=True, metadata={"help": "keep the towers' BatchNorm statistics fixed (eval mode)"}
     )
