@@ -60,6 +60,20 @@ STAGES: dict[str, dict[str, list[str]]] = {
         "text tower: all layers, LR x0.1": ["--freeze_text_tower", "false", "--text_lr_multiplier", "0.1"],
         "text tower: all layers, LR x0.03": ["--freeze_text_tower", "false", "--text_lr_multiplier", "0.03"],
     },
+    # The candidates of the first two stages, each with and without flip augmentation, on 3 seeds x 5 folds.
+    "final": {
+        "mean only (frozen towers)": ["--sketch_fusion", "none"],
+        "mean only + flip": ["--sketch_fusion", "none", "--image_flip_augmentation", "true"],
+        "mean only + flip, 4 epochs": ["--sketch_fusion", "none", "--image_flip_augmentation", "true",
+                                       "--num_train_epochs", "4"],
+        "concat N32 H6 + warm-up": ["--sketch_warmup_epochs", "1"],
+        "concat N32 H6 + warm-up + flip": ["--sketch_warmup_epochs", "1", "--image_flip_augmentation", "true"],
+        "concat N32 H6 + warm-up + flip, 4 epochs": ["--sketch_warmup_epochs", "1",
+                                                     "--image_flip_augmentation", "true", "--num_train_epochs", "4"],
+        "concat N16 H4 + warm-up": ["--n_sketches", "16", "--n_hyperplanes", "4", "--sketch_warmup_epochs", "1"],
+        "concat N16 H4 + warm-up + flip": ["--n_sketches", "16", "--n_hyperplanes", "4",
+                                           "--sketch_warmup_epochs", "1", "--image_flip_augmentation", "true"],
+    },
 }  # fmt: skip
 
 
