@@ -211,7 +211,9 @@ def test_new_run_refuses_a_finished_run_folder(setup: dict[str, Path], tmp_path:
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_cached_tower_outputs_train_the_same_model(setup: dict[str, Path], tmp_path: Path, flip: bool) -> None:
+def test_cached_tower_outputs_train_the_same_model(
+    setup: dict[str, Path], tmp_path: Path, flip: bool
+) -> None:
     """Frozen towers: training on their cached outputs (both views with flip augmentation) equals running
     them every step."""
     torch.set_num_threads(1)
