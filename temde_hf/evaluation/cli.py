@@ -26,6 +26,7 @@ from .encode import encode_dataset
 from .folds import evaluate_embeddings
 from .metrics import retrieval_ranks
 from .plots import plot_recall_at_k
+from .rerank import RERANKERS, rerank_report
 
 logger = logging.getLogger("temde_hf.evaluation")
 
@@ -68,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-split", default="train", help="parquet / Hub data: the `datasets` split to read"
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="for checkpoints of other packages")
+    parser.add_argument(
+        "--rerank",
+        default=None,
+        choices=sorted(RERANKERS),
+        help="also re-score each query's stage-1 top-K: alignment (token-level, any checkpoint) or itm (the "
+        "matching head of a TemdeForImageTextRetrieval checkpoint); both stages are reported",
+    )
+    parser.add_argument("--rerank-k", type=int, default=20, help="candidates per query re-scored (--rerank)")
+    parser.add_argument(
+        "--latency-queries",
+        type=int,
+        default=50,
+        help="single queries timed per direction and stage (--rerank)",
+    )
     return parser
 
 
@@ -92,13 +107,26 @@ def _loader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of the ``full`` and ``folds_mean`` metrics."""
     columns = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"]
-    header = f"{'set':<24}" + "".join(f"{c:>9}" for c in columns)
-    lines = [header, "-" * len(header)]
     rows = [(f"all {result['n_images']} images", result["full"])]
     if "folds_mean" in result:  # COCO: 5K = all, 1K = mean of five 1,000-image folds
         rows.append((f"{result['fold_size']}-img folds (x{len(result['folds'])})", result["folds_mean"]))
+    rerank = result.get("rerank")
+    if rerank:  # stage 2 on the same sets
+        label = f"+{rerank['reranker']} K={rerank['k']}"
+        rows.append((f"{label}, all images", rerank["full"]))
+        if "folds_mean" in rerank:
+            rows.append((f"{label}, folds", rerank["folds_mean"]))
+    width = max(24, *(len(name) + 2 for name, _ in rows))
+    header = f"{'set':<{width}}" + "".join(f"{c:>9}" for c in columns)
+    lines = [header, "-" * len(header)]
     for name, metrics in rows:
-        lines.append(f"{name:<24}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
+        lines.append(f"{name:<{width}}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
+    if rerank and rerank.get("latency_ms"):
+        ms = rerank["latency_ms"]
+        lines.append(
+            "per-query latency (ms, median): stage 1 i2t {stage1_i2t:.2f} / t2i {stage1_t2i:.2f}; stage 2 i2t "
+            "{stage2_i2t:.2f} / t2i {stage2_t2i:.2f}".format(**ms)
+        )
     return "\n".join(lines)
 
 
@@ -120,6 +148,12 @@ def evaluate_checkpoint(
     result = evaluate_embeddings(
         image_embeds, text_embeds, caption_to_image, args.fold_size or None, args.chunk_size
     )
+    if getattr(args, "rerank", None):
+        result["rerank"] = rerank_report(
+            model, processor, dataset, image_embeds, text_embeds, caption_to_image, args.rerank, args.rerank_k,
+            batch_size=args.batch_size, device=device, max_length=args.max_length, fold_size=args.fold_size or None,
+            chunk_size=args.chunk_size, latency_queries=args.latency_queries,
+        )  # fmt: skip
     i2t, t2i = retrieval_ranks(
         caption_to_image=caption_to_image,
         image_embeds=image_embeds,
@@ -180,7 +214,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-    model, processor = load_checkpoint(args.checkpoint, device, args.trust_remote_code)
+    if args.rerank_k < 1:
+        raise ValueError(f"--rerank-k {args.rerank_k}: must be >= 1")
+    model, processor = load_checkpoint(
+        args.checkpoint, device, args.trust_remote_code, with_matching_head=args.rerank == "itm"
+    )
     extra = {
         "n_skipped": report.n_skipped,
         "skipped": [f"{entry}: {reason}" for entry, reason in report.skipped],

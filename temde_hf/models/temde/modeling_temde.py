@@ -33,6 +33,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_temde.TemdeConfig",
     "AutoModel": "modeling_temde.TemdeModel",
     "AutoModelForZeroShotImageClassification": "modeling_temde.TemdeModel",
+    # the dual encoder with its matching head (see matching_temde): the model with every training head
+    "AutoModelForPreTraining": "matching_temde.TemdeForImageTextRetrieval",
 }
 
 
