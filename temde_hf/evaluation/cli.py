@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
+    if args.rerank_k < 1:
+        raise ValueError(f"--rerank-k {args.rerank_k}: must be >= 1")
     check_checkpoint_dir(args.checkpoint)  # both checked first: no work is done for a refused run
     output_dir = _output_dir(args)
     report = LoadReport()
@@ -214,8 +216,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-    if args.rerank_k < 1:
-        raise ValueError(f"--rerank-k {args.rerank_k}: must be >= 1")
     model, processor = load_checkpoint(
         args.checkpoint, device, args.trust_remote_code, with_matching_head=args.rerank == "itm"
     )
