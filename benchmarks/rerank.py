@@ -8,8 +8,9 @@ dual encoder); stage 1 after distillation (VLDeformer-style KL towards the align
 
 Every training variant runs on each fold x seed of the k-fold split of the train+val images (the
 recipe search's harness: 700 images, the test images never loaded) and every variant x reranker x K is
-scored on the held-out fold; the variant of each row of the report, and the K of each reranker, are
-chosen by that cross-validated RSUM. Only then is the test split used: every variant is trained on all
+scored on the held-out fold, each ordering its K candidates by stage 2 alone or fused with stage 1
+(`fuse_scores`, weights `WEIGHTS`); the variant of each row of the report, and the K and fusion weight
+of each reranker, are chosen by that cross-validated RSUM. Only then is the test split used: every variant is trained on all
 700 images per seed (the same seeds, so differences are paired) and its saved checkpoint evaluated from
 pixels on the 100 test images, with the single-query CPU latency of each stage at K = 20 and 100.
 
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ from recipe_search import CONFIG, KEYS, REPO, TEST_FLAGS, cv_flags, mean_std
 
 RESULTS = REPO / "benchmarks" / "results" / "rerank.json"
 KS = (20, 100)
+# fusion weights of stage 1 (`fuse_scores`: z(stage 2) + w·z(stage 1) over each query's K); 0 = stage 2 alone
+WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 # A CPU-sized matching head: 1 joint-attention layer of width 128 costs ~1/8 of 2 layers of width 256 per pair.
 HEAD = ["--itm_layers", "1", "--itm_hidden_size", "128", "--itm_heads", "4"]
 # name -> trainer flags over the demo recipe, and the rerankers its checkpoint is scored with
@@ -124,6 +128,10 @@ def train_and_score(
     return record
 
 
+def _reranked(record: dict[str, Any], key: str, weight: str) -> dict[str, float]:
+    return record["rerank"][key]["metrics"][weight]
+
+
 def _per_seed(runs: dict[str, Any], seeds: list[int], folds: int, pick: Any) -> list[float]:
     """The CV value of each seed: `pick(record)` averaged over the folds."""
     return [statistics.fmean(pick(runs[f"cv fold {f} seed {s}"]) for f in range(folds)) for s in seeds]
@@ -140,7 +148,10 @@ def summarise(runs: dict[str, Any], cv_seeds: list[int], seeds: list[int], folds
         stages = {"stage 1": lambda r: r["stage1"]}
         for name in spec["rerankers"]:
             for k in KS:
-                stages[f"+{name} K={k}"] = lambda r, key=f"{name} K={k}": r["rerank"][key]["metrics"]
+                for w in WEIGHTS:
+                    stages[f"+{name} K={k} w={w:g}"] = partial(
+                        _reranked, key=f"{name} K={k}", weight=f"{w:g}"
+                    )
         for stage, pick in stages.items():
             test = [pick(store[f"test seed {s}"])["rsum"] for s in seeds]
             rows[f"{variant} | {stage}"] = {
@@ -200,7 +211,7 @@ def tables(
         r = rows[key]
         ms = {k: "–" for k in ("s1", "20", "100")}
         if r["stage"].startswith("+"):
-            name = r["stage"][1:].split(" ")[0]
+            name = r["stage"][1:].split(" ")[0]  # "+itm K=20 w=0.5" -> "itm"
             by_k = {k: latency(runs, r["variant"], f"{name} K={k}", seeds) for k in KS}
             ms["s1"] = f"{by_k[20]['stage1_i2t']:.2f} / {by_k[20]['stage1_t2i']:.2f}"
             for k in KS:
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save()
                 best = max(
                     [store[key]["stage1"]["rsum"]]
-                    + [r["metrics"]["rsum"] for r in store[key]["rerank"].values()]
+                    + [m["rsum"] for r in store[key]["rerank"].values() for m in r["metrics"].values()]
                 )
                 print(f"{variant} | {key}: stage 1 RSUM {store[key]['stage1']['rsum']:.1f}, best stage 2 {best:.1f} "
                       f"({store[key]['train_seconds']:.0f} s training)", file=sys.stderr, flush=True)  # fmt: skip

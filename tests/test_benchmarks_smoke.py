@@ -105,12 +105,16 @@ def _record(stage1: float, reranked: dict[str, float]) -> dict:
     metrics = lambda rsum: {**dict.fromkeys(keys, rsum / 6), "rsum": rsum}  # noqa: E731
     return {
         "stage1": metrics(stage1),
-        "rerank": {key: {"metrics": metrics(v), "latency_ms": None} for key, v in reranked.items()},
+        "rerank": {
+            key: {"metrics": {"0": metrics(v), "1": metrics(v - 50)}, "latency_ms": None}
+            for key, v in reranked.items()
+        },
     }
 
 
 def test_rerank_benchmark_chooses_on_cv_and_pairs_test_seeds() -> None:
     rerank = _load("rerank")
+    rerank.WEIGHTS = (0.0, 1.0)
     folds, cv_seeds, seeds = 2, [0], [0, 1]
 
     def runs(cv: tuple[float, dict], test: list[tuple[float, dict]]) -> dict:
@@ -131,8 +135,8 @@ def test_rerank_benchmark_chooses_on_cv_and_pairs_test_seeds() -> None:
     summary = rerank.summarise(stored, cv_seeds, seeds, folds)
     choices = summary["choices"]
     # the test split never chooses: alignment K=100 and the joint head win on test but lose on CV
-    assert choices["stage 1 + alignment rerank"] == "alignment loss 0.5 | +alignment K=20"
-    assert choices["stage 1 + matching-head rerank"] == "matching head on top | +itm K=20"
+    assert choices["stage 1 + alignment rerank"] == "alignment loss 0.5 | +alignment K=20 w=0"
+    assert choices["stage 1 + matching-head rerank"] == "matching head on top | +itm K=20 w=0"
     assert choices["stage 1 after distillation"] == "distill from alignment | stage 1"
     row = summary["rows"][choices["stage 1 + matching-head rerank"]]
     assert row["test_paired_delta"]["mean"] == pytest.approx(14.5)  # (365 - 350, 366 - 352): paired by seed

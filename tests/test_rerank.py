@@ -17,6 +17,7 @@ from temde_hf.evaluation.rerank import (
     TokenSet,
     build_reranker,
     encode_token_sets,
+    fuse_scores,
     rerank_candidates,
     two_stage_ranks,
 )
@@ -69,6 +70,24 @@ def test_rerank_keeps_the_candidates_and_orders_them_by_score(name: str) -> None
     torch.testing.assert_close(
         back_scores[0], reranker.score_pairs(images, back[0], texts, torch.full((3,), 2))
     )
+
+
+def test_fusion_with_a_large_stage_one_weight_keeps_the_stage_one_order() -> None:
+    g = torch.Generator().manual_seed(1)
+    images, texts = torch.randn(8, 5, generator=g), torch.randn(24, 5, generator=g)
+    c2i = torch.arange(8).repeat_interleave(3)
+    random_scores = lambda rows, candidates: torch.randn(candidates.shape, generator=g)  # noqa: E731
+    expected_i2t, _ = retrieval_ranks(caption_to_image=c2i, image_embeds=images, text_embeds=texts)
+    truth = lambda r: c2i[None, :] == r[:, None]  # noqa: E731
+    fused = two_stage_ranks(images, texts, truth, random_scores, k=10, stage1_weight=1e6)
+    alone = two_stage_ranks(images, texts, truth, random_scores, k=10)
+    assert torch.equal(fused, expected_i2t) and not torch.equal(alone, expected_i2t)
+    # the search-side helper: same candidates, reordered by the fused score
+    scores = torch.tensor([[0.1, 0.9, 0.5]])
+    stage1 = torch.tensor([[3.0, 1.0, 2.0]])
+    z = lambda x: (x - x.mean()) / x.std(correction=0)  # noqa: E731
+    torch.testing.assert_close(fuse_scores(scores, stage1, 0.5), z(scores) + 0.5 * z(stage1))
+    assert torch.equal(fuse_scores(scores, stage1, 0.0), scores)
 
 
 def test_two_stage_with_one_candidate_is_stage_one() -> None:

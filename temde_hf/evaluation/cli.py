@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rerank-k", type=int, default=20, help="candidates per query re-scored (--rerank)")
     parser.add_argument(
+        "--rerank-fusion",
+        type=float,
+        default=0.0,
+        help="order the K candidates by z(stage 2) + W * z(stage 1), standardised per query (--rerank); "
+        "0: by stage 2 alone",
+    )
+    parser.add_argument(
         "--latency-queries",
         type=int,
         default=50,
@@ -113,6 +121,7 @@ def format_table(result: dict[str, Any]) -> str:
     rerank = result.get("rerank")
     if rerank:  # stage 2 on the same sets
         label = f"+{rerank['reranker']} K={rerank['k']}"
+        label += f" w={rerank['stage1_weight']:g}" if rerank.get("stage1_weight") else ""
         rows.append((f"{label}, all images", rerank["full"]))
         if "folds_mean" in rerank:
             rows.append((f"{label}, folds", rerank["folds_mean"]))
@@ -152,7 +161,7 @@ def evaluate_checkpoint(
         result["rerank"] = rerank_report(
             model, processor, dataset, image_embeds, text_embeds, caption_to_image, args.rerank, args.rerank_k,
             batch_size=args.batch_size, device=device, max_length=args.max_length, fold_size=args.fold_size or None,
-            chunk_size=args.chunk_size, latency_queries=args.latency_queries,
+            chunk_size=args.chunk_size, latency_queries=args.latency_queries, stage1_weight=args.rerank_fusion,
         )  # fmt: skip
     i2t, t2i = retrieval_ranks(
         caption_to_image=caption_to_image,
@@ -193,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.device = device
     if args.rerank_k < 1:
         raise ValueError(f"--rerank-k {args.rerank_k}: must be >= 1")
+    if not math.isfinite(args.rerank_fusion) or args.rerank_fusion < 0:
+        raise ValueError(f"--rerank-fusion {args.rerank_fusion}: must be a finite number >= 0")
     check_checkpoint_dir(args.checkpoint)  # both checked first: no work is done for a refused run
     output_dir = _output_dir(args)
     report = LoadReport()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +187,26 @@ def score_candidates(
     return scores.reshape(n_queries, k)
 
 
+def fuse_scores(stage2: torch.Tensor, stage1: torch.Tensor, stage1_weight: float) -> torch.Tensor:
+    """The score that orders each query's K candidates: stage 2 alone, or fused with stage 1.
+
+    With a weight, both scores are standardised over each query's candidates first (a matching logit,
+    an alignment score and an inner product live on unrelated scales): `z(stage2) + w·z(stage1)`.
+
+    Args:
+        stage2: `(Q, K)` reranker scores.
+        stage1: `(Q, K)` stage-1 scores of the same candidates.
+        stage1_weight: w; 0 gives `stage2` unchanged.
+    """
+    if stage1_weight == 0:
+        return stage2
+
+    def z(x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True, correction=0).clamp_min(1e-6)
+
+    return z(stage2.float()) + stage1_weight * z(stage1.float())
+
+
 def rerank_candidates(
     reranker: Reranker,
     queries: TokenSet,
@@ -194,13 +214,23 @@ def rerank_candidates(
     gallery: TokenSet,
     candidates: torch.Tensor,
     query_is_image: bool,
+    stage1_scores: torch.Tensor | None = None,
+    stage1_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reorder each query's stage-1 candidates by the reranker's score (arguments as `score_candidates`).
 
+    Args:
+        stage1_scores: `(Q, K)` the candidates' stage-1 scores (needed when `stage1_weight` is not 0).
+        stage1_weight: Fuse with stage 1 (`fuse_scores`); 0: the reranker alone.
+
     Returns:
-        `(Q, K)` the same candidates, best first, and `(Q, K)` their reranker scores.
+        `(Q, K)` the same candidates, best first, and `(Q, K)` the scores that ordered them.
     """
     scores = score_candidates(reranker, queries, query_ids, gallery, candidates, query_is_image)
+    if stage1_weight:
+        if stage1_scores is None:
+            raise ValueError("stage1_weight needs the candidates' stage1_scores")
+        scores = fuse_scores(scores, stage1_scores, stage1_weight)
     order = scores.argsort(dim=1, descending=True, stable=True)  # ties keep the stage-1 order
     return candidates.gather(1, order), scores.gather(1, order)
 
@@ -257,12 +287,14 @@ def two_stage_ranks(
     rerank: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     k: int,
     chunk_size: int = 256,
+    stage1_weight: float = 0.0,
 ) -> torch.Tensor:
     """0-based rank of each query's best true item after stage 1 (inner product) + stage 2 (top-K).
 
-    The K candidates come first, ordered by the reranker; every other item follows in stage-1 order.
-    Ties count in the query's favour, as in `metrics.retrieval_ranks`; with `k` = gallery size the ranks
-    are those of the reranker's scores alone.
+    The K candidates come first, ordered by the reranker (or `fuse_scores` with `stage1_weight`); every
+    other item follows in stage-1 order. Ties count in the query's favour, as in
+    `metrics.retrieval_ranks`; with `k` = gallery size and no fusion the ranks are those of the
+    reranker's scores alone.
 
     Args:
         queries: `(Q, E)` stage-1 embeddings of the queries.
@@ -271,6 +303,7 @@ def two_stage_ranks(
         rerank: (query rows `(c,)`, candidates `(c, K)`) -> reranker scores `(c, K)`.
         k: Candidates per query (clipped to the gallery size).
         chunk_size: Queries per block.
+        stage1_weight: See `fuse_scores`.
 
     Returns:
         `(Q,)` int64 ranks.
@@ -281,7 +314,7 @@ def two_stage_ranks(
         rows = torch.arange(start, min(start + chunk_size, queries.shape[0]))
         block = (queries[rows] @ gallery.T).float()  # (c, G)
         candidates = block.topk(k, dim=1).indices  # (c, K)
-        scores = rerank(rows, candidates).float()
+        scores = fuse_scores(rerank(rows, candidates).float(), block.gather(1, candidates), stage1_weight)
         truth = is_true(rows)
         true_candidate = truth.gather(1, candidates)  # (c, K)
         best = scores.masked_fill(~true_candidate, float("-inf")).amax(dim=1, keepdim=True)
@@ -302,6 +335,19 @@ def _median_ms(fn: Callable[[int], Any], queries: list[int]) -> float:
     return statistics.median(times)
 
 
+def _memoised(rerank: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable:
+    """`rerank` that scores a block of queries once (stage 1 picks the same candidates every time)."""
+    seen: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def scores(rows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        key = (int(rows[0]), len(rows), candidates.shape[1])
+        if key not in seen:
+            seen[key] = rerank(rows, candidates)
+        return seen[key]
+
+    return scores
+
+
 def two_stage_metrics(
     reranker: Reranker,
     image_embeds: torch.Tensor,
@@ -312,6 +358,7 @@ def two_stage_metrics(
     k: int,
     chunk_size: int = 256,
     latency_queries: int = 0,
+    stage1_weights: Sequence[float] = (0.0,),
 ) -> dict[str, Any]:
     """R@K both ways after reranking each query's stage-1 top-`k`, and per-query latencies.
 
@@ -324,9 +371,10 @@ def two_stage_metrics(
         chunk_size: Queries per block.
         latency_queries: If > 0, time this many single queries per direction: stage 1 (scores over the
             gallery + top-K, embeddings given) and stage 2 (the reranker on the K candidates), median ms.
+        stage1_weights: Fusion weights to report (`fuse_scores`); the reranker scores each pair once.
 
     Returns:
-        ``{"k", "reranked": metrics, "latency_ms": {...}}`` (latencies only when asked for).
+        ``{"k", "reranked": {weight: metrics}, "latency_ms": {...}}`` (latencies only when asked for).
     """
     caption_to_image = torch.as_tensor(caption_to_image, dtype=torch.long)
     image_rows = torch.arange(len(images))
@@ -337,19 +385,19 @@ def two_stage_metrics(
     def t2i_rerank(rows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return score_candidates(reranker, texts, rows, images, candidates, query_is_image=False)
 
-    i2t = two_stage_ranks(
-        image_embeds,
-        text_embeds,
-        lambda rows: caption_to_image[None, :] == rows[:, None],
-        i2t_rerank,
-        k,
-        chunk_size,
-    )
-    t2i = two_stage_ranks(
-        text_embeds, image_embeds, lambda rows: caption_to_image[rows][:, None] == image_rows[None, :], t2i_rerank, k,
-        chunk_size,
-    )  # fmt: skip
-    result: dict[str, Any] = {"k": min(k, len(texts)), "reranked": metrics_from_ranks(i2t, t2i)}
+    i2t_scores, t2i_scores = _memoised(i2t_rerank), _memoised(t2i_rerank)
+    reranked = {}
+    for weight in stage1_weights:
+        i2t = two_stage_ranks(
+            image_embeds, text_embeds, lambda rows: caption_to_image[None, :] == rows[:, None], i2t_scores,
+            k, chunk_size, weight,
+        )  # fmt: skip
+        t2i = two_stage_ranks(
+            text_embeds, image_embeds, lambda rows: caption_to_image[rows][:, None] == image_rows[None, :],
+            t2i_scores, k, chunk_size, weight,
+        )  # fmt: skip
+        reranked[weight] = metrics_from_ranks(i2t, t2i)
+    result: dict[str, Any] = {"k": min(k, len(texts)), "reranked": reranked}
     if latency_queries > 0:
         result["latency_ms"] = _latencies(
             image_embeds, text_embeds, i2t_rerank, t2i_rerank, k, latency_queries
@@ -401,6 +449,7 @@ def rerank_report(
     fold_size: int | None = None,
     chunk_size: int = 256,
     latency_queries: int = 50,
+    stage1_weight: float = 0.0,
 ) -> dict[str, Any]:
     """`temde-hf evaluate --rerank NAME --rerank-k K`: stage 2 on top of the stage-1 embeddings.
 
@@ -409,19 +458,30 @@ def rerank_report(
     and times single queries of each stage.
 
     Returns:
-        ``{"reranker", "k", "full", "folds"?, "folds_mean"?, "latency_ms", "token_bytes_per_image",
-        "token_bytes_per_caption", "token_dtype"}``.
+        ``{"reranker", "k", "stage1_weight", "full", "folds"?, "folds_mean"?, "latency_ms",
+        "token_bytes_per_image", "token_bytes_per_caption", "token_dtype"}``.
     """
     from .folds import fold_indices
 
     reranker = build_reranker(name, model)
     images, texts = encode_token_sets(model, processor, dataset, batch_size, device, max_length)
     caption_to_image = torch.as_tensor(caption_to_image, dtype=torch.long)
+    weights = (stage1_weight,)
     whole = two_stage_metrics(
-        reranker, image_embeds, text_embeds, caption_to_image, images, texts, k, chunk_size, latency_queries
+        reranker,
+        image_embeds,
+        text_embeds,
+        caption_to_image,
+        images,
+        texts,
+        k,
+        chunk_size,
+        latency_queries,
+        weights,
     )
     report: dict[str, Any] = {
-        "reranker": name, "k": whole["k"], "full": whole["reranked"], "latency_ms": whole.get("latency_ms", {}),
+        "reranker": name, "k": whole["k"], "stage1_weight": stage1_weight, "full": whole["reranked"][stage1_weight],
+        "latency_ms": whole.get("latency_ms", {}),
         "token_bytes_per_image": images.bytes_per_item(), "token_bytes_per_caption": texts.bytes_per_item(),
         "token_dtype": str(images.tokens.dtype).removeprefix("torch."),
     }  # fmt: skip
@@ -432,9 +492,9 @@ def rerank_report(
             fold = two_stage_metrics(
                 reranker, image_embeds[image_ids], text_embeds[caption_ids],
                 caption_to_image[caption_ids] - image_ids[0], images.subset(image_ids), texts.subset(caption_ids),
-                k, chunk_size,
+                k, chunk_size, stage1_weights=weights,
             )  # fmt: skip
-            folds.append(fold["reranked"])
+            folds.append(fold["reranked"][stage1_weight])
         report["folds"] = folds
         report["folds_mean"] = {key: sum(f[key] for f in folds) / len(folds) for key in folds[0]}
     return report
@@ -448,6 +508,7 @@ __all__ = [
     "TokenSet",
     "build_reranker",
     "encode_token_sets",
+    "fuse_scores",
     "register_reranker",
     "rerank_candidates",
     "rerank_report",

@@ -200,11 +200,8 @@ class TrainingObjective:
         self.loss_fn, self.negatives, self.aggregation, self.seed = loss_fn, negatives, aggregation, seed
         self.alignment_weight, self.alignment_loss_type = alignment_weight, alignment_loss_type
         self.margin, self.max_violation = margin, max_violation
-        self.itm_weight, self.itm_negatives, self.itm_detach_tokens = (
-            itm_weight,
-            itm_negatives,
-            itm_detach_tokens,
-        )
+        self.itm_weight, self.itm_negatives = itm_weight, itm_negatives
+        self.itm_detach_tokens = itm_detach_tokens
         self.distill_weight, self.distill_teacher = distill_weight, distill_teacher
         self.distill_topk, self.distill_temperature = distill_topk, distill_temperature
         distill_itm = distill_weight > 0 and distill_teacher == "itm"
@@ -262,9 +259,8 @@ class TrainingObjective:
         generator = torch.Generator().manual_seed(self.seed)
         negative_text, negative_image = mine_hard_negatives(logits, positives, self.itm_negatives, generator)
         rows = torch.arange(rank * n, (rank + 1) * n, device=logits.device)
-        images = torch.cat(
-            [rows, rows, negative_image[rows]]
-        )  # (3n,) positive, negative caption, negative image
+        # (3n,) pairs: each row's positive, its negative caption, its negative image
+        images = torch.cat([rows, rows, negative_image[rows]])
         texts = torch.cat([rows, negative_text[rows], rows])
         pairs = self._select(tokens, images, texts)
         if self.itm_detach_tokens:
