@@ -111,17 +111,11 @@ def train_and_score(
             reranker = build_reranker(name, model)
             for k in KS:
                 scored = two_stage_metrics(
-                    reranker,
-                    image_embeds,
-                    text_embeds,
-                    c2i,
-                    images,
-                    texts,
-                    k,
-                    latency_queries=latency_queries,
-                )
+                    reranker, image_embeds, text_embeds, c2i, images, texts, k,
+                    latency_queries=latency_queries, stage1_weights=WEIGHTS,
+                )  # fmt: skip
                 record["rerank"][f"{name} K={k}"] = {
-                    "metrics": _keys(scored["reranked"]),
+                    "metrics": {f"{w:g}": _keys(m) for w, m in scored["reranked"].items()},
                     "latency_ms": scored.get("latency_ms"),
                 }
     shutil.rmtree(out, ignore_errors=True)

@@ -141,3 +141,28 @@ def test_rerank_benchmark_chooses_on_cv_and_pairs_test_seeds() -> None:
     row = summary["rows"][choices["stage 1 + matching-head rerank"]]
     assert row["test_paired_delta"]["mean"] == pytest.approx(14.5)  # (365 - 350, 366 - 352): paired by seed
     assert summary["rows"]["base | stage 1"]["cv"]["mean"] == 300
+
+
+@pytest.mark.slow
+def test_rerank_benchmark_trains_and_scores_one_run(tmp_path: Path) -> None:
+    """One run of the benchmark's harness on tiny towers and synthetic data: stage 1, every reranker at
+    every K and fusion weight, from the saved checkpoint."""
+    from temde_hf.data import make_synthetic_karpathy
+    from temde_hf.testing import save_tiny_towers
+
+    rerank = _load("rerank")
+    towers = save_tiny_towers(tmp_path / "towers")
+    data = make_synthetic_karpathy(tmp_path / "data", n_images=30, seed=0)
+    tiny = ["--data", str(data), "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3",
+            "--per_device_train_batch_size", "8", "--max_steps", "2", "--itm_hidden_size", "8", "--itm_heads", "2"]  # fmt: skip
+    flags = [*rerank.VARIANTS["distill from matching head"]["flags"], *tiny]
+    record = rerank.train_and_score(
+        flags, rerank.cv_flags(0, 3), 0, tmp_path / "work", towers, ["alignment", "itm"], 2
+    )
+    assert record["stage1"]["rsum"] == pytest.approx(
+        record["trainer_eval_rsum"], abs=1e-6
+    )  # pixels = trainer
+    assert set(record["rerank"]) == {f"{n} K={k}" for n in ("alignment", "itm") for k in rerank.KS}
+    for scored in record["rerank"].values():
+        assert set(scored["metrics"]) == {f"{w:g}" for w in rerank.WEIGHTS}
+        assert set(scored["latency_ms"]) == {"stage1_i2t", "stage2_i2t", "stage1_t2i", "stage2_t2i"}
