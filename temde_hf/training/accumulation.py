@@ -103,6 +103,9 @@ def matching_head(model: nn.Module, accelerator: Any, keep_parameters_out: bool)
     head = getattr(inner, "itm_head", None)
     if head is None or not keep_parameters_out:
         return None if head is None else inner.get_matching_logits
+    if "FSDP" in str(getattr(accelerator, "distributed_type", "")):
+        # its parameters are shards there: a constant copy is not the head (verified only under DDP)
+        raise ValueError("--itm_weight is not supported with FSDP; train the matching head under DDP")
     constants = {name: param.detach() for name, param in head.named_parameters()}
     return lambda *inputs: torch.func.functional_call(head, constants, inputs)
 
