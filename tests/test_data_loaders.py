@@ -195,3 +195,51 @@ def test_real_flickr8k_json_and_csv_agree(flickr8k_dir: Path) -> None:
     assert links(from_json) == links(from_csv)
     assert sorted(from_json["split"]).count("test") == 100
     assert all(len(c) == 5 for c in from_csv["captions"])
+
+
+def _as_formats(root: Path, synthetic: Path) -> dict[str, tuple[Path, dict]]:
+    """The same images and captions as a Karpathy JSON, a CSV (+ splits), an image folder and a parquet
+    file with embedded images; a typo'd split value ("tset") on the first image in every format."""
+    data = json.loads(synthetic.read_text())
+    data["images"][0]["split"] = "tset"
+    karpathy = root / "dataset_x.json"
+    karpathy.write_text(json.dumps(data))
+    images = synthetic.parent / "images"
+    csv = root / "captions.csv"
+    csv.write_text("image,caption\n" + "".join(
+        f"{e['filename']},{s['raw']}\n" for e in data["images"] for s in e["sentences"]))  # fmt: skip
+    folder = root / "folder"
+    folder.mkdir()
+    with (folder / "metadata.jsonl").open("w") as handle:
+        for e in data["images"]:
+            (folder / e["filename"]).write_bytes((images / e["filename"]).read_bytes())
+            handle.write(json.dumps({"file_name": e["filename"], "split": e["split"],
+                                     "captions": [s["raw"] for s in e["sentences"]]}) + "\n")  # fmt: skip
+    parquet = root / "x.parquet"
+    datasets.Dataset.from_dict({
+        "image": [{"bytes": (images / e["filename"]).read_bytes(), "path": None} for e in data["images"]],
+        "captions": [[s["raw"] for s in e["sentences"]] for e in data["images"]],
+        "image_id": [Path(e["filename"]).stem for e in data["images"]],
+        "split": [e["split"] for e in data["images"]],
+    }).cast_column("image", datasets.Image()).to_parquet(parquet)  # fmt: skip
+    return {
+        "karpathy": (karpathy, {"image_root": images}),
+        "csv": (csv, {"image_root": images, "splits": karpathy}),
+        "imagefolder": (folder, {}),
+        "parquet": (parquet, {"image_id_column": "image_id", "split_column": "split"}),
+    }
+
+
+@pytest.mark.parametrize("format_name", ["karpathy", "csv", "imagefolder", "parquet"])
+def test_every_loader_selects_splits_and_counts_the_others_the_same_way(
+    tmp_path: Path, synthetic: Path, format_name: str
+) -> None:
+    """One builder behind every format: the same test images, the same count of left-out split values."""
+    path, kwargs = _as_formats(tmp_path, synthetic)[format_name]
+    reference = load_karpathy(synthetic, split="test")
+    report = LoadReport()
+    dataset = load_image_captions(path, split="test", report=report, **kwargs)
+    assert sorted(dataset["image_id"]) == sorted(reference["image_id"])
+    assert report.n_loaded == len(reference)
+    assert report.unknown_splits == {"tset": 1}  # the typo is counted, not silently dropped
+    assert sum(report.other_splits.values()) == 12 - len(reference)

@@ -1,8 +1,9 @@
-"""Gallery index: encode -> FAISS -> save -> load -> search equals brute force."""
+"""Gallery index: encode -> FAISS -> save -> load -> search equals brute force; the CLI's checks."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +11,13 @@ import pytest
 from hub_tiny import CAPTIONS, make_colour_gallery, make_tiny_checkpoint
 from PIL import Image
 
+from temde_hf.evaluation.encode import encode_images, encode_texts, load_encoder
+from temde_hf.export import checkpoint_fingerprint
 from temde_hf.hub.gallery import (
     GalleryIndex,
     build_gallery_from_dataset,
     build_gallery_from_folder,
-    encode_images,
-    encode_texts,
     index_main,
-    load_model_and_processor,
     search,
     search_main,
 )
@@ -33,11 +33,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     (root / "images" / "nested").mkdir()
     gradient = np.tile(np.linspace(0, 255, 48, dtype=np.uint8)[:, None, None], (1, 48, 3))
     Image.fromarray(gradient).save(root / "images" / "nested" / "gradient.png")
-    return checkpoint, root / "images", load_model_and_processor(checkpoint)
+    return checkpoint, root / "images", load_encoder(checkpoint, backend="torch", device="cpu")
 
 
-def _brute_force(gallery_embeds: np.ndarray, query_embeds: np.ndarray, k: int) -> np.ndarray:
-    scores = query_embeds @ gallery_embeds.T  # (n_queries, n_images)
+def _brute_force(gallery_embeds, query_embeds, k: int) -> np.ndarray:
+    scores = np.asarray(query_embeds) @ np.asarray(gallery_embeds).T  # (n_queries, n_images)
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
@@ -48,6 +48,7 @@ def test_index_save_load_search_equals_brute_force(setup, tmp_path: Path) -> Non
     gallery.save(tmp_path / "index")
     meta = json.loads((tmp_path / "index" / "gallery.json").read_text())
     assert meta["model_path"] == str(checkpoint.resolve()) and meta["embed_dim"] == model.config.embed_dim
+    assert meta["model_fingerprint"] == checkpoint_fingerprint(checkpoint)
     loaded = GalleryIndex.load(tmp_path / "index")
 
     paths = [Path(p) for p in loaded.paths]
@@ -58,7 +59,9 @@ def test_index_save_load_search_equals_brute_force(setup, tmp_path: Path) -> Non
     expected = _brute_force(gallery_embeds, queries, 4)
     for query, row, want in zip(queries, hits, expected):
         assert [h.id for h in row] == [loaded.ids[i] for i in want]
-        np.testing.assert_allclose([h.score for h in row], gallery_embeds[want] @ query, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            [h.score for h in row], gallery_embeds[want].numpy() @ query, rtol=1e-4, atol=1e-4
+        )
     assert hits[-1][0].id == loaded.ids[4]  # an image finds itself first
 
 
@@ -85,11 +88,23 @@ def test_hnsw_and_dataset_source(setup) -> None:
         build_gallery_from_dataset(checkpoint, dataset, image_column="img")
 
 
-def test_cli_index_and_search(setup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_index_skips_unreadable_images_and_search_equals_brute_force(
+    setup, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     checkpoint, folder, (model, processor) = setup
-    index_main(["--model", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "idx")])
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    (images / "broken.png").write_bytes(b"not a png")  # unreadable: skipped, counted, listed
+    index_main(["--model", str(checkpoint), "--images", str(images), "--out", str(tmp_path / "idx")])
+    printed = capsys.readouterr().out
+    assert "indexed 9 images" in printed and "skipped 1 unreadable" in printed
+    meta = json.loads((tmp_path / "idx" / "gallery.json").read_text())
+    assert meta["n_skipped"] == 1 and meta["skipped"][0]["source"].endswith("broken.png")
+    assert meta["index_type"] == "flat" and "fit" in meta["index"]["reason"]  # the automatic choice, recorded
+    assert "broken.png" not in meta["ids"]
+
     hits = search_main(["--index", str(tmp_path / "idx"), "--text", CAPTIONS[0], "-k", "3", "--json"])
-    printed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    printed = json.loads(capsys.readouterr().out)
     assert [h["id"] for h in printed[0]["hits"]] == [h.id for h in hits[0]] and len(hits[0]) == 3
     gallery = GalleryIndex.load(tmp_path / "idx")
     expected = _brute_force(
@@ -98,6 +113,19 @@ def test_cli_index_and_search(setup, tmp_path: Path, capsys: pytest.CaptureFixtu
         3,
     )[0]
     assert [h.id for h in hits[0]] == [gallery.ids[i] for i in expected]
+
+
+def test_search_refuses_another_model_and_bad_k(setup, tmp_path: Path) -> None:
+    checkpoint, folder, _ = setup
+    index_main(["--model", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "idx")])
+    other = make_tiny_checkpoint(tmp_path / "other", seed=5)  # same architecture, other weights
+    with pytest.raises(SystemExit, match=r"built by another model .* fingerprint"):
+        search_main(["--index", str(tmp_path / "idx"), "--model", str(other), "--text", "a red square"])
+    for k in ("0", "-3"):
+        with pytest.raises(SystemExit, match=f"-k must be a positive number of results, got {k}"):
+            search_main(["--index", str(tmp_path / "idx"), "--text", "a red square", "-k", k])
+    with pytest.raises(SystemExit, match="not a gallery index"):
+        search_main(["--index", str(tmp_path), "--text", "a red square"])
 
 
 def test_bad_inputs(setup, tmp_path: Path) -> None:
@@ -110,5 +138,7 @@ def test_bad_inputs(setup, tmp_path: Path) -> None:
     gallery = GalleryIndex(np.eye(3, dtype=np.float32), ["a", "b", "c"])
     with pytest.raises(ValueError, match="query dim 2 != index dim 3"):
         gallery.search(np.ones((1, 2)), 1)
-    with pytest.raises(ValueError, match="index_type"):
+    with pytest.raises(ValueError, match="k must be a positive"):
+        gallery.search(np.ones((1, 3)), 0)
+    with pytest.raises(ValueError, match="index type 'ivf' unknown"):
         GalleryIndex(np.eye(3), ["a", "b", "c"], index_type="ivf")

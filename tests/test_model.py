@@ -229,9 +229,11 @@ def test_token_layer_norm_is_part_of_the_architecture(tmp_path) -> None:
 def test_scalar_logit_scale_of_older_checkpoints_loads() -> None:
     model = tiny_model()
     state = model.state_dict()
-    state["logit_scale"] = torch.tensor(1.5)  # stored as a 0-dim tensor by earlier versions
+    state["logit_scale"] = torch.tensor(1.5)  # stored as 0-dim tensors by earlier versions
+    state["sketch.log_temperature"] = torch.tensor(-0.5)
     model.load_state_dict(state)
     assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 1.5
+    assert model.sketch.log_temperature.shape == (1,) and model.sketch.log_temperature.item() == -0.5
 
 
 def test_forward_rejects_unknown_arguments() -> None:

@@ -11,7 +11,8 @@ import pytest
 from hub_tiny import CAPTIONS, COLOURS, make_colour_gallery, make_tiny_checkpoint
 from PIL import Image
 
-from temde_hf.hub.gallery import build_gallery_from_folder, encode_images, encode_texts
+from temde_hf.evaluation.encode import encode_images, encode_texts
+from temde_hf.hub.gallery import build_gallery_from_folder
 from temde_hf.hub.space_app import SearchApp, read_captions
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

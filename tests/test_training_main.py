@@ -210,15 +210,21 @@ def test_new_run_refuses_a_finished_run_folder(setup: dict[str, Path], tmp_path:
     assert "learning_rate: 0.01" in card  # the card records the exact settings of the run
 
 
-def test_cached_tower_outputs_train_the_same_model(setup: dict[str, Path], tmp_path: Path) -> None:
-    """Frozen towers: training on their cached outputs equals running them every step."""
+@pytest.mark.parametrize("flip", [False, True])
+def test_cached_tower_outputs_train_the_same_model(
+    setup: dict[str, Path], tmp_path: Path, flip: bool
+) -> None:
+    """Frozen towers: training on their cached outputs (both views with flip augmentation) equals running
+    them every step."""
     torch.set_num_threads(1)
     extra = ("--max_steps", "5", "--freeze_vision_tower", "true", "--freeze_text_tower", "true",
-             "--max_eval_images", "4", "--eval_steps", "5")  # fmt: skip
+             "--max_eval_images", "4", "--eval_steps", "5", "--image_flip_augmentation", str(flip))  # fmt: skip
     cached, direct = tmp_path / "cached", tmp_path / "direct"
     a = main(_argv(setup, cached, *extra))
     b = main(_argv(setup, direct, *extra, "--cache_tower_outputs", "false"))
-    assert list((cached / "feature_cache").glob("*.safetensors")) and not (direct / "feature_cache").exists()
+    cache_files = sorted(p.name for p in (cached / "feature_cache").glob("*.safetensors"))
+    assert len(cache_files) == (3 if flip else 2) and not (direct / "feature_cache").exists()
+    assert any(name.endswith("-mirrored.safetensors") for name in cache_files) == flip
     losses_a, losses_b = _losses(cached), _losses(direct)
     assert sorted(losses_a) == list(range(1, 6))
     for step in losses_a:

@@ -46,7 +46,10 @@ def test_config_file_then_cli_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (("--loss_type", "triplet"), r"--loss_type 'triplet' is not one of \['info_nce', 'vse_hinge'\]"),
+        (
+            ("--loss_type", "triplet"),
+            r"--loss_type 'triplet' is not supported; choose one of info_nce, vse_hinge",
+        ),
         (("--sampling", "captions"), r"--sampling 'captions'"),
         (("--cv_folds", "1"), r"--cv_folds must be 0"),
         (("--cv_folds", "5", "--cv_fold", "5"), r"--cv_fold 5 must be in 0 .. 4"),
@@ -78,6 +81,15 @@ def test_image_sampling_visits_every_image_once_with_one_caption() -> None:
     assert len(drawn) > 10  # different captions in different epochs
     sampler = EpochBatchSampler(CAPTION_TO_IMAGE, 4, sampling="images")
     assert sampler.steps_per_epoch == 2  # 10 images, batches of 4, the tail dropped
+
+
+def test_flip_augmentation_draws_one_view_per_pair_and_epoch() -> None:
+    items = epoch_pairs(CAPTION_TO_IMAGE, "pairs", seed=0, epoch=0, n_views=2)
+    assert sorted(i // 2 for i in items) == list(range(20))  # every pair once
+    assert {i % 2 for i in items} == {0, 1}  # both views drawn
+    assert items != epoch_pairs(CAPTION_TO_IMAGE, "pairs", seed=0, epoch=1, n_views=2)
+    without = epoch_pairs(CAPTION_TO_IMAGE, "pairs", seed=0, epoch=0)
+    assert [i // 2 for i in items] == without  # the views do not change the pair order
 
 
 def test_param_groups_freeze_and_schedule() -> None:

@@ -183,3 +183,11 @@ def test_model_sketch_with_triton_kernel_matches_torch(interpret) -> None:
         results.append((out.detach(), tokens.grad, sketch.coder.weight.grad, sketch.log_temperature.grad))
     for torch_value, triton_value in zip(*results):
         torch.testing.assert_close(triton_value, torch_value, rtol=1e-4, atol=1e-5)
+
+
+def test_every_configurable_h_fits_the_kernel() -> None:
+    """The config's bound on n_hyperplanes is within the kernel's tile, so `sketch_kernel="triton"` never
+    meets a valid config it cannot run."""
+    from temde_hf.models.temde.configuration_temde import MAX_HYPERPLANES
+
+    assert MAX_HYPERPLANES <= tsk.MAX_TRITON_HYPERPLANES

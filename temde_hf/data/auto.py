@@ -10,7 +10,7 @@ import datasets
 
 from .coco import load_coco_captions
 from .csv_captions import load_caption_csv
-from .errors import DataError, LoadReport, OnError, logger
+from .errors import DataError, LoadReport, OnError
 from .hub import load_hub_dataset
 from .imagefolder import METADATA, load_imagefolder
 from .karpathy import load_karpathy, read_json
@@ -77,31 +77,24 @@ def load_image_captions(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     format = detect_format(path) if format == "auto" else format
+    # every loader selects the split itself (counting other split values) through the one builder
     common = {
+        "split": split,
         "n_captions": n_captions,
         "verify_images": verify_images,
         "on_error": on_error,
         "report": report,
     }
     if format == "karpathy":
-        return load_karpathy(path, image_root, split=split, **common, **kwargs)
+        return load_karpathy(path, image_root, **common, **kwargs)
     if format == "imagefolder":
-        return load_imagefolder(path, split=split, **common, **kwargs)
+        return load_imagefolder(path, **common, **kwargs)
     if format == "coco":
         if image_root is None:
             raise DataError(f"{path}: a COCO captions file needs image_root (the folder of its images)")
-        dataset = load_coco_captions(path, image_root, **common, **kwargs)
-    elif format == "csv":
-        dataset = load_caption_csv(path, image_root, **common, **kwargs)
-    elif format == "parquet":
-        dataset = load_hub_dataset("parquet", data_files=str(path), image_root=image_root, **common, **kwargs)
-    else:
-        dataset = load_hub_dataset(path, image_root=image_root, **common, **kwargs)
-    if split is not None:
-        wanted = {split} if isinstance(split, str) else set(split)
-        report = report if report is not None else LoadReport(source=str(path))
-        keep = [i for i, value in enumerate(dataset["split"]) if report.select_split(value, wanted)]
-        if report.unknown_splits:
-            logger.warning(report.summary())
-        dataset = dataset.select(keep)
-    return dataset
+        return load_coco_captions(path, image_root, **common, **kwargs)
+    if format == "csv":
+        return load_caption_csv(path, image_root, **common, **kwargs)
+    if format == "parquet":
+        return load_hub_dataset("parquet", data_files=str(path), image_root=image_root, **common, **kwargs)
+    return load_hub_dataset(path, image_root=image_root, **common, **kwargs)

@@ -6,14 +6,14 @@ Captions are kept in annotation order; the whole file is one split (named after 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from .common import ImageRecord, build_dataset
-from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry
+from .common import ImageRecord, build_dataset, start_report
+from .errors import DataError, LoadReport, OnError, handle_bad_entry
 from .karpathy import read_json
 
 
@@ -63,7 +63,8 @@ def _records(
 def load_coco_captions(
     json_path: str | Path,
     image_root: str | Path,
-    split: str | None = None,
+    split_name: str | None = None,
+    split: str | Sequence[str] | None = None,
     n_captions: int | None = 5,
     verify_images: bool = False,
     on_error: OnError = "raise",
@@ -74,7 +75,8 @@ def load_coco_captions(
     Args:
         json_path: E.g. ``annotations/captions_val2017.json``.
         image_root: The folder with the images named in ``images[].file_name`` (e.g. ``val2017/``).
-        split: Value of the ``split`` column; default: the file name after ``captions_`` (``val2017``).
+        split_name: Value of the ``split`` column; default: the file name after ``captions_`` (``val2017``).
+        split: Keep only this split (or these) by name; ``None`` keeps all.
         n_captions: Captions kept per image (first 5; fewer is bad data); ``None`` keeps all.
         verify_images: Check each image decodes now.
         on_error: ``"raise"`` or ``"skip"`` bad entries.
@@ -83,8 +85,8 @@ def load_coco_captions(
     Returns:
         Columns ``image``, ``image_id`` (the COCO id), ``captions``, ``split``.
     """
-    check_on_error(on_error)
     json_path = Path(json_path)
+    report = start_report(str(json_path), on_error, report)
     data = read_json(json_path)
     if (
         not isinstance(data, dict)
@@ -95,7 +97,9 @@ def load_coco_captions(
             f"{json_path}: expected 'images' and 'annotations' lists (a COCO captions_*.json); "
             "for a Karpathy split JSON use load_karpathy"
         )
-    split = split if split is not None else json_path.stem.removeprefix("captions_")
-    report = report if report is not None else LoadReport()
-    records = _records(data, json_path, Path(image_root), split, on_error, report)
-    return build_dataset(records, str(json_path), n_captions, verify_images, on_error, report)
+    split_name = split_name if split_name is not None else json_path.stem.removeprefix("captions_")
+    records = _records(data, json_path, Path(image_root), split_name, on_error, report)
+    return build_dataset(
+        records, str(json_path), split=split, n_captions=n_captions, verify_images=verify_images,
+        on_error=on_error, report=report,
+    )  # fmt: skip

@@ -6,19 +6,16 @@ checks, image checks and the schema (`image`, `image_id`, `captions`, `split`) a
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 from PIL import Image
 
-from .errors import SKIP_HINT, DataError, LoadReport, OnError, check_on_error, handle_bad_entry
+from .errors import SKIP_HINT, DataError, LoadReport, OnError, check_on_error, handle_bad_entry, logger
 from .image_decoding import ImageDecodeError, ImageTooLargeError, decode_image
-
-logger = logging.getLogger("temde_hf.data")
 
 FEATURES = datasets.Features(
     {
@@ -35,18 +32,20 @@ class ImageRecord:
     """One image and its captions before checks.
 
     Attributes:
-        path: The image file.
+        path: The image file, or ``None`` when the image is embedded in a source table (see `row`).
         image_id: A stable id (COCO id, Flickr file stem, ...), unique within the dataset.
         captions: The captions in file order.
         split: Karpathy split name (``train``, ``val``, ``test``, ...).
         entry: How to name this image in an error (``file.json: images[3] (x.jpg)``).
+        row: The row of the source table holding an embedded image (its bytes are never copied).
     """
 
-    path: Path
+    path: Path | None
     image_id: str
     captions: list[str]
     split: str
     entry: str
+    row: int | None = None
 
 
 def verify_image(path: Path, max_pixels: int | None = None) -> str | None:
@@ -130,46 +129,64 @@ def select_captions(
     return captions[:n_captions]
 
 
-def build_dataset(
+def _file_problem(path: Path, verify: bool) -> str | None:
+    if verify:
+        return verify_image(path)
+    return None if path.is_file() else "image file not found"
+
+
+def check_records(
     records: Iterable[ImageRecord],
-    source: str,
+    *,
+    split: str | Sequence[str] | None = None,
     n_captions: int | None = 5,
     verify_images: bool = False,
     on_error: OnError = "raise",
-    report: LoadReport | None = None,
-) -> datasets.Dataset:
-    """Check records and build the image-level dataset (images stay files; decoded lazily).
+    report: LoadReport,
+    image_problem: Callable[[ImageRecord], str | None] | None = None,
+) -> list[ImageRecord]:
+    """The records to keep: the selected splits, with valid captions, a usable image and a unique id.
+
+    Every loader goes through here, so split selection (other split values counted in `report`), the
+    caption checks, the image checks and the duplicate-id check are the same for every format.
 
     Args:
         records: One per image.
-        source: The file or folder loaded, for the report.
+        split: Keep only this split (or these); ``None`` keeps all.
         n_captions: Captions kept per image (the first ones); images with fewer are bad data.
             ``None`` keeps every caption (variable counts, at least one).
         verify_images: Also decode every image now (`verify_image`), so a bad one is found here
             (and skipped, with ``on_error="skip"``) rather than when it is used. Missing files are
             always checked.
         on_error: ``"raise"`` a `DataError` on the first bad entry, or ``"skip"`` it and count it.
-        report: Filled with what was kept and skipped (a fresh one is used when ``None``).
+        report: Filled with what was kept and skipped.
+        image_problem: For records whose image is embedded (``path is None``): the reason it is unusable.
 
     Returns:
-        A `datasets.Dataset` with columns ``image`` (`datasets.Image`), ``image_id``, ``captions``
-        (list of str) and ``split``, one row per image.
+        The kept records, their captions trimmed to `n_captions`.
     """
-    check_on_error(on_error)
-    report = report if report is not None else LoadReport()
-    report.source = source
-    columns: dict[str, list[Any]] = {name: [] for name in FEATURES}
+    wanted = None if split is None else {split} if isinstance(split, str) else set(split)
+    kept: list[ImageRecord] = []
     seen: dict[str, str] = {}
     for record in records:
+        if not report.select_split(record.split, wanted):
+            continue
         captions = select_captions(record.captions, n_captions, record.entry, on_error, report)
         if captions is None:
             continue
-        reason = verify_image(record.path) if verify_images else None
-        if reason is None and not verify_images and not record.path.is_file():
-            reason = "image file not found"
+        if record.path is None:
+            reason = image_problem(record) if image_problem is not None else None
+            where, fix = record.entry, "fix or remove the row"
+        else:
+            reason = _file_problem(record.path, verify_images)
+            where = f"{record.entry} -> {record.path}"
+            fix = (
+                "check the image root and file name"
+                if reason and "not found" in reason
+                else "replace the file"
+            )
         if reason is not None:
-            fix = "check the image root and file name" if "not found" in reason else "replace the file"
-            handle_bad_entry(f"{record.entry} -> {record.path}", reason, fix, on_error, report)
+            handle_bad_entry(where, reason, fix, on_error, report)
             continue
         if record.image_id in seen:
             handle_bad_entry(
@@ -181,11 +198,56 @@ def build_dataset(
             )
             continue
         seen[record.image_id] = record.entry
-        columns["image"].append(str(record.path))
-        columns["image_id"].append(record.image_id)
-        columns["captions"].append(captions)
-        columns["split"].append(record.split)
-    report.n_loaded = len(columns["image_id"])
+        kept.append(replace(record, captions=captions))
+    report.n_loaded = len(kept)
     if report.needs_warning:
         logger.warning(report.summary())
+    return kept
+
+
+def build_dataset(
+    records: Iterable[ImageRecord],
+    source: str,
+    *,
+    split: str | Sequence[str] | None = None,
+    n_captions: int | None = 5,
+    verify_images: bool = False,
+    on_error: OnError = "raise",
+    report: LoadReport | None = None,
+) -> datasets.Dataset:
+    """Check records (`check_records`) and build the image-level dataset (images stay files, decoded lazily).
+
+    Args:
+        records: One per image, each with a `path`.
+        source: The file or folder loaded, for the report.
+        split, n_captions, verify_images, on_error: See `check_records`.
+        report: Filled with what was kept and skipped (a fresh one is used when ``None``).
+
+    Returns:
+        A `datasets.Dataset` with columns ``image`` (`datasets.Image`), ``image_id``, ``captions``
+        (list of str) and ``split``, one row per image.
+    """
+    report = start_report(source, on_error, report)
+    kept = check_records(
+        records,
+        split=split,
+        n_captions=n_captions,
+        verify_images=verify_images,
+        on_error=on_error,
+        report=report,
+    )
+    columns = {
+        "image": [str(r.path) for r in kept],
+        "image_id": [r.image_id for r in kept],
+        "captions": [r.captions for r in kept],
+        "split": [r.split for r in kept],
+    }
     return datasets.Dataset.from_dict(columns, features=FEATURES)
+
+
+def start_report(source: str, on_error: str, report: LoadReport | None) -> LoadReport:
+    """Check the ``on_error`` mode and return the report to fill (a fresh one when ``None``)."""
+    check_on_error(on_error)
+    report = report if report is not None else LoadReport()
+    report.source = source
+    return report

@@ -7,13 +7,13 @@ split at its commas is joined back (image file names never contain commas).
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
 
-from .common import ImageRecord, build_dataset
-from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry, not_utf8
+from .common import ImageRecord, build_dataset, start_report
+from .errors import DataError, LoadReport, OnError, handle_bad_entry, not_utf8
 from .karpathy import read_json
 
 
@@ -65,6 +65,7 @@ def load_caption_csv(
     image_root: str | Path | None = None,
     splits: Mapping[str, str] | str | Path | None = None,
     default_split: str = "train",
+    split: str | Sequence[str] | None = None,
     n_captions: int | None = 5,
     verify_images: bool = False,
     on_error: OnError = "raise",
@@ -77,6 +78,7 @@ def load_caption_csv(
         image_root: Folder of the images; defaults to ``images/`` beside the CSV.
         splits: ``filename -> split``, or the path of a Karpathy JSON to take the splits from.
         default_split: Split of images not in `splits`.
+        split: Keep only this split (or these); ``None`` keeps all.
         n_captions: Captions kept per image (first 5; fewer is bad data); ``None`` keeps all.
         verify_images: Check each image decodes now.
         on_error: ``"raise"`` or ``"skip"`` bad entries.
@@ -85,15 +87,14 @@ def load_caption_csv(
     Returns:
         Columns ``image``, ``image_id`` (the file stem), ``captions``, ``split``.
     """
-    check_on_error(on_error)
     csv_path = Path(csv_path)
+    report = start_report(str(csv_path), on_error, report)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: file not found; pass the path of the captions CSV")
     image_root = Path(image_root) if image_root is not None else csv_path.parent / "images"
     if isinstance(splits, str | Path):
         splits = karpathy_split_map(splits)
     splits = splits or {}
-    report = report if report is not None else LoadReport()
     by_image = _read_rows(csv_path, on_error, report)
     records = (
         ImageRecord(
@@ -105,4 +106,7 @@ def load_caption_csv(
         )
         for name, captions in by_image.items()
     )
-    return build_dataset(records, str(csv_path), n_captions, verify_images, on_error, report)
+    return build_dataset(
+        records, str(csv_path), split=split, n_captions=n_captions, verify_images=verify_images,
+        on_error=on_error, report=report,
+    )  # fmt: skip

@@ -7,13 +7,14 @@ image column either holds images (`datasets.Image`) or file paths relative to ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from .common import FEATURES, ImageRecord, build_dataset, select_captions
-from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry, logger
+from .common import FEATURES, ImageRecord, build_dataset, check_records, start_report
+from .errors import DataError, LoadReport, OnError
 from .image_decoding import ImageDecodeError, decode_image
 
 
@@ -44,12 +45,10 @@ def _group(
     return list(first.values()), list(first), list(captions.values())
 
 
-def _check_image(value: Any, verify: bool) -> str | None:
-    """Reason the image value is unusable, or ``None``."""
-    if value is None or (isinstance(value, dict) and value.get("bytes") is None and not value.get("path")):
+def _embedded_image_problem(value: Any, verify: bool) -> str | None:
+    """Reason an embedded image value (`{"bytes", "path"}`) is unusable, or ``None``."""
+    if value is None or (value.get("bytes") is None and not value.get("path")):
         return "has no image"
-    if isinstance(value, str):
-        return None  # a path: checked by build_dataset
     if verify and value.get("bytes") is not None:
         try:
             decode_image(value["bytes"])
@@ -67,6 +66,7 @@ def load_hub_dataset(
     captions_column: str = "captions",
     image_id_column: str | None = None,
     split_column: str | None = None,
+    split: str | Sequence[str] | None = None,
     caption_key: str = "raw",
     image_root: str | Path | None = None,
     n_captions: int | None = 5,
@@ -86,6 +86,7 @@ def load_hub_dataset(
             per row (rows then grouped by `image_id_column`).
         image_id_column: Column with the image id; default: the row number.
         split_column: Column with the Karpathy split (e.g. ``"split"``), if any.
+        split: Keep only this split (or these), by the values of `split_column`; ``None`` keeps all.
         caption_key: Key of the caption text when captions are dicts.
         image_root: Folder the paths in `image_column` are relative to (path columns only).
         n_captions: Captions kept per image (first 5; fewer is bad data); ``None`` keeps all.
@@ -97,7 +98,7 @@ def load_hub_dataset(
     Returns:
         Columns ``image``, ``image_id``, ``captions``, ``split``, one row per image.
     """
-    check_on_error(on_error)
+    report = start_report(str(path), on_error, report)
     try:
         table = datasets.load_dataset(str(path), data_files=data_files, split=hf_split, **load_kwargs)
     except (FileNotFoundError, ConnectionError) as exc:  # DatasetNotFoundError is a FileNotFoundError
@@ -113,37 +114,38 @@ def load_hub_dataset(
             f"{path}: no column(s) {missing}; the dataset has {table.column_names}. Pass the right "
             "image_column / captions_column / image_id_column / split_column"
         )
-    report = report if report is not None else LoadReport()
     rows, ids, captions = _group(table, captions_column, image_id_column, caption_key)
     splits = table[split_column] if split_column else [hf_split] * len(table)
-    is_path = isinstance(table.features[image_column], datasets.Value)
-    if is_path:
+    checks = {"split": split, "n_captions": n_captions, "verify_images": verify_images, "on_error": on_error}
+    if isinstance(table.features[image_column], datasets.Value):  # file paths
         root = Path(image_root) if image_root is not None else Path(".")
         paths = table[image_column]
         records = (
             ImageRecord(root / paths[r], i, c, str(splits[r]), f"{path}: row {r} (id {i})")
             for r, i, c in zip(rows, ids, captions)
         )
-        return build_dataset(records, str(path), n_captions, verify_images, on_error, report)
+        return build_dataset(records, str(path), report=report, **checks)
+    # Embedded images stay in the table: checked one row at a time, then selected, never copied.
     raw_images = table.cast_column(image_column, datasets.Image(decode=False))
-    keep, kept = [], {"image_id": [], "captions": [], "split": []}
-    for r, image_id, caps in zip(rows, ids, captions):
-        entry = f"{path}: row {r} (id {image_id})"
-        selected = select_captions(caps, n_captions, entry, on_error, report)
-        if selected is None:
-            continue
-        reason = _check_image(raw_images[r][image_column], verify_images)
-        if reason is not None:
-            handle_bad_entry(entry, reason, "fix or remove the row", on_error, report)
-            continue
-        keep.append(r)
-        kept["image_id"].append(image_id)
-        kept["captions"].append(selected)
-        kept["split"].append(str(splits[r]))
-    report.source, report.n_loaded = str(path), len(keep)
-    if report.needs_warning:
-        logger.warning(report.summary())
-    images = table.select_columns([image_column]).select(keep).rename_column(image_column, "image")
+    records = (
+        ImageRecord(None, i, c, str(splits[r]), f"{path}: row {r} (id {i})", row=r)
+        for r, i, c in zip(rows, ids, captions)
+    )
+    kept = check_records(
+        records,
+        report=report,
+        image_problem=lambda record: _embedded_image_problem(
+            raw_images[record.row][image_column], verify_images
+        ),
+        **checks,
+    )
+    images = table.select_columns([image_column]).select([r.row for r in kept])
+    if image_column != "image":
+        images = images.rename_column(image_column, "image")
     images = images.cast_column("image", datasets.Image())
-    others = datasets.Dataset.from_dict(kept, features=datasets.Features({k: FEATURES[k] for k in kept}))
+    others = datasets.Dataset.from_dict(
+        {"image_id": [r.image_id for r in kept], "captions": [r.captions for r in kept],
+         "split": [r.split for r in kept]},
+        features=datasets.Features({k: FEATURES[k] for k in ("image_id", "captions", "split")}),
+    )  # fmt: skip
     return datasets.concatenate_datasets([images, others], axis=1)

@@ -17,8 +17,8 @@ from typing import Any
 
 import datasets
 
-from .common import ImageRecord, build_dataset
-from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry, not_utf8
+from .common import ImageRecord, build_dataset, start_report
+from .errors import DataError, LoadReport, OnError, handle_bad_entry, not_utf8
 
 METADATA = "metadata.jsonl"
 
@@ -87,13 +87,11 @@ def load_imagefolder(
     Returns:
         Columns ``image``, ``image_id``, ``captions``, ``split``.
     """
-    check_on_error(on_error)
     folder = Path(folder)
+    report = start_report(str(folder), on_error, report)
     metadata = folder / METADATA
     if not metadata.is_file():
         raise DataError(f"{metadata}: file not found; an image folder needs a {METADATA} beside its images")
-    report = report if report is not None else LoadReport()
-    wanted = None if split is None else {split} if isinstance(split, str) else set(split)
     rows = _read_metadata(metadata, on_error, report)
     records = (
         ImageRecord(
@@ -104,6 +102,8 @@ def load_imagefolder(
             entry=row["entry"] + f" ({name})",
         )
         for name, row in rows.items()
-        if report.select_split(str(row.get("split", default_split)), wanted)
     )
-    return build_dataset(records, str(folder), n_captions, verify_images, on_error, report)
+    return build_dataset(
+        records, str(folder), split=split, n_captions=n_captions, verify_images=verify_images,
+        on_error=on_error, report=report,
+    )  # fmt: skip

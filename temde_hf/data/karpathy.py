@@ -14,8 +14,8 @@ from typing import Any
 
 import datasets
 
-from .common import ImageRecord, build_dataset
-from .errors import DataError, LoadReport, OnError, check_on_error, handle_bad_entry, not_utf8
+from .common import ImageRecord, build_dataset, start_report
+from .errors import DataError, LoadReport, OnError, handle_bad_entry, not_utf8
 
 
 def read_json(path: str | Path) -> Any:
@@ -35,17 +35,10 @@ def read_json(path: str | Path) -> Any:
         raise not_utf8(path, exc) from exc
 
 
-def _wanted_splits(split: str | Sequence[str] | None) -> set[str] | None:
-    if split is None:
-        return None
-    return {split} if isinstance(split, str) else set(split)
-
-
 def _records(
     entries: list[Any],
     json_path: Path,
     image_root: Path,
-    wanted: set[str] | None,
     fold_restval: bool,
     on_error: OnError,
     report: LoadReport,
@@ -64,8 +57,6 @@ def _records(
         split = str(entry.get("split", "train"))
         if fold_restval and split == "restval":
             split = "train"
-        if not report.select_split(split, wanted):
-            continue
         name = f"{name} ({entry['filename']})"
         try:
             captions = [str(sentence["raw"]) for sentence in entry["sentences"]]
@@ -110,8 +101,8 @@ def load_karpathy(
     Raises:
         DataError: Missing/truncated JSON, a bad entry, a missing or corrupt image, too few captions.
     """
-    check_on_error(on_error)
     json_path = Path(json_path)
+    report = start_report(str(json_path), on_error, report)
     image_root = Path(image_root) if image_root is not None else json_path.parent / "images"
     data = read_json(json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -119,8 +110,8 @@ def load_karpathy(
             f"{json_path}: no 'images' list at the top level; is this a Karpathy split JSON "
             "(dataset_coco.json / dataset_flickr30k.json)? For COCO's captions_*.json use load_coco_captions"
         )
-    report = report if report is not None else LoadReport()
-    records = _records(
-        data["images"], json_path, image_root, _wanted_splits(split), fold_restval, on_error, report
-    )
-    return build_dataset(records, str(json_path), n_captions, verify_images, on_error, report)
+    records = _records(data["images"], json_path, image_root, fold_restval, on_error, report)
+    return build_dataset(
+        records, str(json_path), split=split, n_captions=n_captions, verify_images=verify_images,
+        on_error=on_error, report=report,
+    )  # fmt: skip

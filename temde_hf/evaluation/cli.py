@@ -23,7 +23,7 @@ import torch
 from ..data.auto import FORMATS, load_image_captions
 from ..data.errors import LoadReport
 from ..loading import check_checkpoint_dir, load_checkpoint
-from .encode import encode_dataset
+from .encode import BACKENDS, encode_dataset, load_encoder
 from .folds import evaluate_embeddings
 from .metrics import retrieval_ranks
 from .plots import plot_recall_at_k
@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=50,
         help="single queries timed per direction and stage (--rerank)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="encoder: eager torch or onnxruntime (export-onnx); --rerank needs the token embeddings, "
+        "so it always runs eager torch",
     )
     return parser
 
@@ -204,6 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--rerank-k {args.rerank_k}: must be >= 1")
     if not math.isfinite(args.rerank_fusion) or args.rerank_fusion < 0:
         raise ValueError(f"--rerank-fusion {args.rerank_fusion}: must be a finite number >= 0")
+    if args.rerank is not None and args.backend.startswith("onnx"):
+        raise ValueError(
+            f"--rerank {args.rerank} reads token embeddings, which the ONNX graphs do not return; "
+            "drop --backend onnx (the default auto runs eager torch with --rerank)"
+        )
     check_checkpoint_dir(args.checkpoint)  # both checked first: no work is done for a refused run
     output_dir = _output_dir(args)
     report = LoadReport()
@@ -227,13 +239,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-    model, processor = load_checkpoint(
-        args.checkpoint, device, args.trust_remote_code, with_matching_head=args.rerank == "itm"
-    )
+    if args.rerank is not None:  # the second stage reads token embeddings, which only eager torch returns
+        model, processor = load_checkpoint(
+            args.checkpoint, device, args.trust_remote_code, with_matching_head=args.rerank == "itm"
+        )
+    else:
+        model, processor = load_encoder(args.checkpoint, args.backend, device, args.trust_remote_code)
     extra = {
         "n_skipped": report.n_skipped,
         "skipped": [f"{entry}: {reason}" for entry, reason in report.skipped],
         "unknown_splits": report.unknown_splits,
+        "encoder_backend": getattr(model, "backend", "torch"),
     }
     result = evaluate_checkpoint(model, processor, dataset, output_dir, args, extra)
     print(format_table(result))

@@ -1,7 +1,22 @@
-"""Batched encoding of an image-level dataset with a dual encoder and its processor."""
+"""Batched encoding: the one place where images and captions become retrieval embeddings.
+
+Every caller goes through these functions: ``temde-hf evaluate``, the trainer's in-loop evaluation,
+``temde-hf index`` / ``search``, the Space demo and the benchmarks. The ``model`` is anything with
+``encode_image(pixel_values)`` and ``encode_text(input_ids, attention_mask)`` returning `(batch, E)`:
+a `TemdeModel` (eager PyTorch) or a `temde_hf.export.OnnxTemdeEncoder` (onnxruntime); `load_encoder`
+picks one for a checkpoint folder.
+
+Images are streamed batch by batch (a million-image gallery never sits in memory decoded) and opened
+only through `temde_hf.data.common.open_image`; an unreadable image either raises `DataError` naming
+the file, or, with ``on_error="skip"``, is left out and listed.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -9,7 +24,32 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.common import open_image
+from ..data.errors import DataError, OnError, check_on_error
 from ..data.pairs import caption_to_image, flat_captions
+
+logger = logging.getLogger("temde_hf.evaluation")
+
+# What the command lines offer. "onnx-int8" (dynamic int8 graphs) stays a Python-only option: on the demo
+# checkpoint it cost 45 test RSUM (benchmarks/RESULTS.md), far outside the 1-RSUM bar for offering it.
+BACKENDS = ("auto", "torch", "onnx")
+EXPERIMENTAL_BACKENDS = ("onnx-int8",)
+
+
+@dataclass
+class SkippedImage:
+    """An image left out by ``on_error="skip"``: its row in the input, what it was, and why."""
+
+    row: int
+    source: str
+    reason: str
+
+
+def model_device(model: Any) -> str:
+    """The device a model (or an onnxruntime encoder, always ``"cpu"``) takes its inputs on."""
+    device = getattr(model, "device", None)
+    if device is None:
+        device = next(model.parameters()).device
+    return str(device)
 
 
 def _image_inputs(processor: Any, images: list) -> torch.Tensor:
@@ -25,37 +65,135 @@ def _text_inputs(processor: Any, texts: list[str], max_length: int | None) -> di
     return tokenizer(text=texts, **kwargs)
 
 
-def encode_images(
-    model: Any, processor: Any, dataset: datasets.Dataset, batch_size: int = 32, device: str | None = None
-) -> torch.Tensor:
-    """`(n_images, E)` float32 embeddings of the dataset's images via ``model.encode_image``.
+def _describe(value: Any) -> str:
+    """How to name an image source in a skip list (its path when it has one)."""
+    if isinstance(value, str | Path):
+        return str(value)
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    return f"<{type(value).__name__}>"
 
-    An image that cannot be decoded raises `temde_hf.data.DataError` naming the file.
+
+def _raw_batches(
+    images: Sequence[Any] | datasets.Dataset, batch_size: int, start: int, stop: int, image_column: str
+) -> Iterator[tuple[int, list[Any]]]:
+    """`(first_row, raw values)` per batch; a dataset's images are read undecoded, one batch at a time."""
+    if isinstance(images, datasets.Dataset):
+        if image_column not in images.column_names:
+            raise ValueError(f"dataset has no column {image_column!r} (columns: {images.column_names})")
+        column = images.select_columns([image_column])
+        if isinstance(column.features[image_column], datasets.Image):
+            column = column.cast_column(image_column, datasets.Image(decode=False))
+        for first in range(start, stop, batch_size):
+            yield first, column[first : min(first + batch_size, stop)][image_column]
+        return
+    for first in range(start, stop, batch_size):
+        yield first, list(images[first : min(first + batch_size, stop)])
+
+
+def iter_image_embeddings(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any] | datasets.Dataset,
+    *,
+    batch_size: int = 32,
+    device: str | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    on_error: OnError = "raise",
+    skipped: list[SkippedImage] | None = None,
+    image_column: str = "image",
+    progress: bool = True,
+    desc: str = "encode images",
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Stream the embeddings of ``images[start:stop]``, one batch at a time.
+
+    Args:
+        model: Has ``encode_image(pixel_values)`` (a `TemdeModel` or an `OnnxTemdeEncoder`).
+        processor: A `TemdeProcessor` (or anything with an ``image_processor``).
+        images: PIL images, paths, `datasets.Image` dicts, or a `datasets.Dataset` with ``image_column``.
+        start, stop: The rows to encode (default: all).
+        on_error: ``"raise"`` a `DataError` naming an unreadable image, or ``"skip"`` it.
+        skipped: Where skipped images are appended (with ``on_error="skip"``).
+
+    Yields:
+        `(rows, embeds)`: the input rows that were encoded (skipped ones are missing) and their
+        `(len(rows), E)` float32 embeddings on the CPU.
     """
-    device = device or str(next(model.parameters()).device)
-    raw = dataset.cast_column("image", datasets.Image(decode=False)).select_columns(["image"])
-    out = []
+    check_on_error(on_error)
+    device = device or model_device(model)
+    stop = len(images) if stop is None else min(stop, len(images))
+    n_batches = max(0, -(-(stop - start) // batch_size))
+    batches = _raw_batches(images, batch_size, start, stop, image_column)
     with torch.inference_mode():
-        for start in tqdm(range(0, len(raw), batch_size), desc="encode images", unit="batch"):
-            images = [open_image(v) for v in raw[start : start + batch_size]["image"]]
-            pixel_values = _image_inputs(processor, images).to(device)
-            out.append(model.encode_image(pixel_values).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
+        for first, raw in tqdm(batches, total=n_batches, desc=desc, unit="batch", disable=not progress):
+            rows, opened = [], []
+            for offset, value in enumerate(raw):
+                try:
+                    opened.append(open_image(value))
+                except DataError as err:
+                    if on_error == "raise":
+                        raise
+                    if skipped is not None:
+                        skipped.append(SkippedImage(first + offset, _describe(value), str(err)))
+                    logger.warning("skipped image %d: %s", first + offset, err)
+                    continue
+                rows.append(first + offset)
+            if not opened:
+                continue
+            pixel_values = _image_inputs(processor, opened).to(device)
+            yield rows, model.encode_image(pixel_values).float().cpu()
+
+
+def encode_images(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any] | datasets.Dataset,
+    batch_size: int = 32,
+    device: str | None = None,
+    *,
+    image_column: str = "image",
+    progress: bool = True,
+) -> torch.Tensor:
+    """`(n_images, E)` float32 embeddings of every image, in order.
+
+    ``images`` is a dataset with an ``image`` column (a `temde_hf.data` loader's output) or a sequence
+    of PIL images / paths. An image that cannot be decoded raises `temde_hf.data.DataError` naming the
+    file; use `iter_image_embeddings` with ``on_error="skip"`` to leave such images out instead.
+    """
+    parts = [
+        embeds
+        for _, embeds in iter_image_embeddings(
+            model,
+            processor,
+            images,
+            batch_size=batch_size,
+            device=device,
+            image_column=image_column,
+            progress=progress,
+        )
+    ]
+    return torch.cat(parts) if parts else torch.empty(0, 0)
 
 
 def encode_texts(
     model: Any,
     processor: Any,
-    texts: list[str],
+    texts: Sequence[str],
     batch_size: int = 128,
     device: str | None = None,
     max_length: int | None = None,
+    *,
+    progress: bool = True,
 ) -> torch.Tensor:
     """`(n_texts, E)` float32 embeddings via ``model.encode_text``."""
-    device = device or str(next(model.parameters()).device)
+    device = device or model_device(model)
+    texts = list(texts)
     out = []
     with torch.inference_mode():
-        for start in tqdm(range(0, len(texts), batch_size), desc="encode captions", unit="batch"):
+        for start in tqdm(
+            range(0, len(texts), batch_size), desc="encode captions", unit="batch", disable=not progress
+        ):
             batch = _text_inputs(processor, texts[start : start + batch_size], max_length)
             out.append(
                 model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
@@ -96,3 +234,45 @@ def encode_dataset(
         if was_training:
             model.train()
     return image_embeds, text_embeds, caption_to_image(dataset)
+
+
+def load_encoder(
+    checkpoint: str | Path,
+    backend: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """The encoder and processor of a saved checkpoint folder (safetensors weights only).
+
+    Args:
+        checkpoint: A folder written by ``save_pretrained`` (model + processor).
+        backend: ``"torch"`` (eager), ``"onnx"`` (onnxruntime over the graphs ``temde-hf export-onnx``
+            wrote beside the weights), or ``"auto"``: onnxruntime when those graphs exist, onnxruntime
+            is installed and the device is the CPU, else eager. ``"onnx-int8"`` (experimental, not
+            accurate enough to offer on the command line) runs the ``--int8`` graphs.
+        device: ``"cpu"`` / ``"cuda"`` (default: cuda when available).
+
+    Returns:
+        `(encoder, processor)`; the encoder has ``encode_image`` / ``encode_text`` and, for eager,
+        is the `TemdeModel` in eval mode.
+    """
+    import transformers
+
+    from ..loading import check_checkpoint_dir, load_checkpoint
+
+    if backend not in BACKENDS + EXPERIMENTAL_BACKENDS:
+        raise ValueError(f"backend {backend!r} unknown; choose one of {BACKENDS}")
+    checkpoint = check_checkpoint_dir(checkpoint)  # a local folder with safetensors weights, or one line
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if backend == "auto":
+        from ..export.onnx_runtime import onnx_available
+
+        backend = "onnx" if device == "cpu" and onnx_available(checkpoint) else "torch"
+    if backend == "torch":
+        return load_checkpoint(checkpoint, device, trust_remote_code)
+    from ..export.onnx_runtime import OnnxTemdeEncoder
+
+    processor = transformers.AutoProcessor.from_pretrained(
+        str(checkpoint), trust_remote_code=trust_remote_code
+    )
+    return OnnxTemdeEncoder(checkpoint, quantized=backend == "onnx-int8"), processor

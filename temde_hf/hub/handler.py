@@ -16,6 +16,9 @@ Requests (``data`` is the deserialised request body)::
 with more than ``max_image_pixels`` pixels (default `MAX_IMAGE_PIXELS`, or the environment variable
 ``TEMDE_HF_MAX_IMAGE_PIXELS``) is refused before it is decoded. A malformed request raises a
 `ValueError` saying what is wrong and what is expected.
+
+On a CPU endpoint, embeddings come from onnxruntime when the folder has the graphs of
+``temde-hf export-onnx`` and onnxruntime is installed (the same fused embeddings, faster).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.util
+import json
 import os
 from pathlib import Path
 from types import ModuleType
@@ -107,6 +111,23 @@ def _check_labels(labels: Any) -> list[str] | None:
     return labels
 
 
+def _onnx_sessions(path: str) -> dict[str, Any] | None:
+    """onnxruntime sessions of the exported encoder graphs beside the weights, or None."""
+    folder = Path(path)
+    graphs = {"image": folder / "image_encoder.onnx", "text": folder / "text_encoder.onnx"}
+    if torch.cuda.is_available() or not all(g.is_file() for g in graphs.values()):
+        return None
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    sessions = {
+        k: onnxruntime.InferenceSession(str(g), providers=["CPUExecutionProvider"]) for k, g in graphs.items()
+    }
+    sessions["max_text_length"] = json.loads((folder / "onnx_export.json").read_text())["max_text_length"]
+    return sessions
+
+
 class EndpointHandler:
     """Zero-shot classification and embedding endpoint.
 
@@ -123,6 +144,7 @@ class EndpointHandler:
         if max_image_pixels is None:
             max_image_pixels = int(os.environ.get("TEMDE_HF_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS))
         self.max_image_pixels = max_image_pixels
+        self.onnx = _onnx_sessions(path)
 
     def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         """Answer one request (see the module docstring for the formats)."""
@@ -180,12 +202,18 @@ class EndpointHandler:
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Retrieval embeddings `(n_images, embed_dim)`."""
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        if self.onnx is not None:
+            return torch.from_numpy(self.onnx["image"].run(None, {"pixel_values": pixel_values.numpy()})[0])
         return self.model.get_image_features(pixel_values=pixel_values).pooler_output
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Retrieval embeddings `(n_texts, embed_dim)`."""
-        batch = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        limit = {"max_length": self.onnx["max_text_length"]} if self.onnx is not None else {}
+        batch = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True, **limit)
+        if self.onnx is not None:
+            feed = {k: batch[k].numpy() for k in ("input_ids", "attention_mask")}
+            return torch.from_numpy(self.onnx["text"].run(None, feed)[0])
         batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return self.model.get_text_features(**batch).pooler_output
 

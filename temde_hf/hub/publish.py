@@ -26,7 +26,8 @@ GENERATED_SOURCES = {
     "handler.py": Path(__file__).parent / "handler.py",
     "image_decoding.py": Path(__file__).parents[1] / "data" / "image_decoding.py",
 }
-ALLOWED_SUFFIXES = {".safetensors", ".json", ".py", ".txt", ".model", ".jinja"}
+# ONNX graphs (temde-hf export-onnx) are protobuf: data, never executed as code.
+ALLOWED_SUFFIXES = {".safetensors", ".json", ".py", ".txt", ".model", ".jinja", ".onnx"}
 # Training-run files that are JSON/text but are not part of a model repo.
 RUN_FILES = {"trainer_state.json", "training_args.json", "optimizer.json", "scheduler.json", "rng_state.json"}
 GENERATED = {"README.md", *GENERATED_SOURCES}

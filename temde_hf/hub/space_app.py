@@ -20,7 +20,8 @@ from PIL import Image
 
 from temde_hf.data.common import open_image
 from temde_hf.data.errors import not_utf8
-from temde_hf.hub.gallery import GalleryIndex, encode_images, encode_texts
+from temde_hf.evaluation.encode import encode_images, encode_texts
+from temde_hf.hub.gallery import GalleryIndex
 from temde_hf.loading import load_checkpoint
 
 TITLE = "T-EMDE cross-modal search"
@@ -57,7 +58,9 @@ class SearchApp:
         self.model, self.processor = load_checkpoint(checkpoint_dir)
         self.gallery = GalleryIndex.load(gallery_index_dir)
         self.captions = read_captions(captions)
-        self.caption_embeds = encode_texts(self.model, self.processor, self.captions)  # (n_captions, E)
+        self.caption_embeds = encode_texts(
+            self.model, self.processor, self.captions
+        ).numpy()  # (n_captions, E)
         scale = getattr(self.model, "logit_scale", None)
         # Caption confidences are a softmax of the model's own scaled similarities.
         self.logit_scale = float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 1.0
@@ -78,7 +81,7 @@ class SearchApp:
         """Best ``k`` captions for an image, with softmax confidences over the whole caption list."""
         if image is None:
             return {}
-        query = encode_images(self.model, self.processor, [image], progress=False)[0]  # (E,)
+        query = encode_images(self.model, self.processor, [image], progress=False)[0].numpy()  # (E,)
         logits = self.logit_scale * (self.caption_embeds @ query)  # (n_captions,)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()

@@ -164,6 +164,11 @@ class TemdeTrainingArguments:
     text_trainable_layers: int | None = field(
         default=None, metadata={"help": "train only the last N layers of the text tower (and what follows)"}
     )
+    image_flip_augmentation: bool = field(
+        default=False,
+        metadata={"help": "train on each image or its horizontal mirror (drawn per pair and epoch); a cached "
+                  "vision tower caches both"},
+    )  # fmt: skip
     freeze_batch_norm: bool = field(
         default=True, metadata={"help": "keep the towers' BatchNorm statistics fixed (eval mode)"}
     )
@@ -311,7 +316,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
     _choice("lr_scheduler_type", args.lr_scheduler_type, ("cosine", "step", "constant"))
     _choice("negatives", args.negatives, ("global", "local"))
     _choice("report_to", args.report_to, ("tensorboard", "none"))
-    _choice("loss_type", args.loss_type, tuple(LOSSES))
+    LOSSES.check(args.loss_type, label=f"--loss_type {args.loss_type!r}")
     _choice("sampling", args.sampling, ("pairs", "images"))
     _choice("feature_cache_dtype", args.feature_cache_dtype, ("float32", "float16", "bfloat16"))
     _choice("alignment_loss_type", args.alignment_loss_type, tuple(SCORE_LOSSES))

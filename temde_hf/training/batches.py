@@ -20,6 +20,7 @@ from typing import Any
 
 import datasets
 import torch
+from PIL import ImageOps
 from torch.utils.data import DataLoader, Sampler
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -29,7 +30,9 @@ from .features import TowerOutputs
 SAMPLING = ("pairs", "images")
 
 
-def epoch_pairs(caption_to_image: torch.Tensor, sampling: str, seed: int, epoch: int) -> list[int]:
+def epoch_pairs(
+    caption_to_image: torch.Tensor, sampling: str, seed: int, epoch: int, n_views: int = 1
+) -> list[int]:
     """The pair (caption) indices of one epoch, in training order.
 
     Args:
@@ -39,10 +42,13 @@ def epoch_pairs(caption_to_image: torch.Tensor, sampling: str, seed: int, epoch:
             batch).
         seed: Base seed; epoch `e` uses ``seed + e``.
         epoch: The epoch.
+        n_views: Views of each image (2 with flip augmentation): item ``pair * n_views + view``, the view
+            drawn per pair and epoch.
     """
     generator = torch.Generator().manual_seed(seed + epoch)
     if sampling == "pairs":
-        return torch.randperm(len(caption_to_image), generator=generator).tolist()
+        order = torch.randperm(len(caption_to_image), generator=generator)
+        return _with_views(order, n_views, generator)
     if sampling != "images":
         raise ValueError(f"--sampling {sampling!r}: use one of {SAMPLING}")
     n_images = int(caption_to_image.max()) + 1 if len(caption_to_image) else 0
@@ -50,7 +56,14 @@ def epoch_pairs(caption_to_image: torch.Tensor, sampling: str, seed: int, epoch:
     starts = torch.cumsum(counts, 0) - counts
     pick = (torch.rand(n_images, generator=generator) * counts).long()  # one caption per image
     order = torch.randperm(n_images, generator=generator)
-    return (starts + pick)[order].tolist()
+    return _with_views((starts + pick)[order], n_views, generator)
+
+
+def _with_views(pairs: torch.Tensor, n_views: int, generator: torch.Generator) -> list[int]:
+    if n_views == 1:
+        return pairs.tolist()
+    views = torch.randint(0, n_views, (len(pairs),), generator=generator)
+    return (pairs * n_views + views).tolist()
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -65,6 +78,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         epoch: Epoch whose order to yield.
         skip_batches: Batches already consumed (resume).
         sampling: See `epoch_pairs`.
+        n_views: See `epoch_pairs`.
     """
 
     def __init__(
@@ -77,8 +91,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         epoch: int = 0,
         skip_batches: int = 0,
         sampling: str = "pairs",
+        n_views: int = 1,
     ) -> None:
-        self.caption_to_image, self.sampling = caption_to_image, sampling
+        self.caption_to_image, self.sampling, self.n_views = caption_to_image, sampling, n_views
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.epoch, self.skip_batches = seed, epoch, skip_batches
         if self.steps_per_epoch == 0:
@@ -102,7 +117,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         return max(0, self.steps_per_epoch - self.skip_batches)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_pairs(self.caption_to_image, self.sampling, self.seed, self.epoch)
+        order = epoch_pairs(self.caption_to_image, self.sampling, self.seed, self.epoch, self.n_views)
         global_batch = self.batch_size * self.world_size
         for step in range(self.skip_batches, self.steps_per_epoch):
             start = step * global_batch + self.rank * self.batch_size
@@ -112,10 +127,13 @@ class EpochBatchSampler(Sampler[list[int]]):
 class ImageInputs:
     """Image rows -> model inputs: ``pixel_values`` from the files, or the cached vision tower outputs.
 
+    View 1 of an image is its horizontal mirror (flip augmentation); view 0 the image itself.
+
     Args:
         dataset: Image-level dataset with an ``image`` column (from a `temde_hf.data` loader).
         processor: A `TemdeProcessor` (its image processor is used).
-        cache: The vision tower's cached outputs for these rows (frozen tower), or ``None``.
+        cache: The vision tower's cached outputs (frozen tower), or ``None``: row ``view * n + r`` holds
+            view ``view`` of image ``r``.
     """
 
     def __init__(self, dataset: datasets.Dataset, processor: Any, cache: TowerOutputs | None = None) -> None:
@@ -125,11 +143,15 @@ class ImageInputs:
     def __len__(self) -> int:
         return len(self.images)
 
-    def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[int], views: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        views = [0] * len(rows) if views is None else list(views)
         if self.cache is not None:
-            index = torch.as_tensor(rows, dtype=torch.long)
+            index = torch.as_tensor(rows, dtype=torch.long) + len(self) * torch.as_tensor(
+                views, dtype=torch.long
+            )
             return {"vision_hidden": self.cache.hidden[index], "vision_pooled": self.cache.pooled[index]}
         images = [open_image(self.images[int(row)]) for row in rows]
+        images = [ImageOps.mirror(image) if view else image for image, view in zip(images, views)]
         image_processor = getattr(self.processor, "image_processor", self.processor)
         return {"pixel_values": image_processor(images=images, return_tensors="pt")["pixel_values"]}
 
@@ -180,12 +202,17 @@ class PairCollator:
     negatives.
     """
 
-    def __init__(self, images: ImageInputs, texts: TextInputs, caption_to_image: torch.Tensor) -> None:
+    def __init__(
+        self, images: ImageInputs, texts: TextInputs, caption_to_image: torch.Tensor, n_views: int = 1
+    ) -> None:
         self.images, self.texts, self.caption_to_image = images, texts, caption_to_image
+        self.n_views = n_views  # items are `pair * n_views + view` (see `epoch_pairs`)
 
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = self.caption_to_image[torch.as_tensor(indices, dtype=torch.long)]
-        batch = {**self.images(rows.tolist()), **self.texts(indices)}
+    def __call__(self, items: list[int]) -> dict[str, torch.Tensor]:
+        items = torch.as_tensor(items, dtype=torch.long)
+        pairs, views = items // self.n_views, items % self.n_views
+        rows = self.caption_to_image[pairs]
+        batch = {**self.images(rows.tolist(), views.tolist()), **self.texts(pairs.tolist())}
         batch["pair_ids"] = rows
         return batch
 

@@ -29,6 +29,7 @@ def _global_batches(
         seed=sampler.seed,
         epoch=sampler.epoch,
         sampling=sampler.sampling,
+        n_views=sampler.n_views,
     )
     batches = []
     for i, indices in enumerate(whole):

@@ -71,6 +71,7 @@ def _sampler(job: TrainingJob, epoch: int = 0, skip: int = 0) -> EpochBatchSampl
         epoch,
         skip,
         args.sampling,
+        2 if args.image_flip_augmentation else 1,
     )
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +188,14 @@ def _tower_caches(
     data_args: DataArguments,
     args: TemdeTrainingArguments,
     accelerator: Accelerator,
-) -> dict[str, TowerOutputs | None]:
-    """Cached outputs of each frozen tower over all images / captions of `pool` (in its order)."""
-    caches: dict[str, TowerOutputs | None] = {"vision": None, "text": None}
+) -> dict[str, list[TowerOutputs]]:
+    """Cached outputs of each frozen tower over all images / captions of `pool` (in its order).
+
+    Returns:
+        Per tower, one `TowerOutputs` per view (images: the image, then its mirror with flip
+        augmentation; captions: one); an empty list for a tower that runs every step.
+    """
+    caches: dict[str, list[TowerOutputs]] = {"vision": [], "text": []}
     frozen = frozen_tower_names(model) if args.cache_tower_outputs else []
     folder = Path(args.feature_cache_dir or Path(args.output_dir) / "feature_cache")
     dtype = DTYPES[args.feature_cache_dtype]
@@ -199,32 +205,46 @@ def _tower_caches(
             inputs: Any = ImageInputs(pool, processor)
             items = [str(v) for v in pool["image_id"]]
             settings = processor.image_processor.to_json_string()
+            views = [0, 1] if args.image_flip_augmentation else [0]
         else:
             inputs = TextInputs(flat_captions(pool), processor, data_args.max_text_length)
             items = inputs.captions
             settings = (
                 f"{processor.tokenizer.name_or_path}|{len(processor.tokenizer)}|{data_args.max_text_length}"
             )
-        key = cache_key(tower=tower_fingerprint(tower), items=items, settings=settings, dtype=args.feature_cache_dtype,
-                        data=str(data_args.data))  # fmt: skip
-        compute = lambda inputs=inputs, tower=tower, part=part: compute_tower_outputs(  # noqa: E731
-            tower, inputs, len(inputs), batch_size=args.per_device_eval_batch_size,
-            device=accelerator.device, dtype=dtype, desc=f"{part} tower (frozen, cached once)",
-        )  # fmt: skip
-        caches[part] = cached_tower_outputs(
-            folder / f"{part}-{key}.safetensors",
-            compute,
-            is_main_process=accelerator.is_main_process,
-            wait=accelerator.wait_for_everyone,
-        )
+            views = [0]
+        for view in views:
+            key = cache_key(tower=tower_fingerprint(tower), items=items, settings=settings,
+                            dtype=args.feature_cache_dtype, data=str(data_args.data))  # fmt: skip
+            name = f"{part}-{key}" + ("-mirrored" if view else "")
+            make_inputs = partial(_mirrored, inputs) if view else inputs
+            compute = partial(
+                compute_tower_outputs, tower, make_inputs, len(inputs), batch_size=args.per_device_eval_batch_size,
+                device=accelerator.device, dtype=dtype, desc=f"{name} (frozen tower, cached once)",
+            )  # fmt: skip
+            caches[part].append(
+                cached_tower_outputs(
+                    folder / f"{name}.safetensors",
+                    compute,
+                    is_main_process=accelerator.is_main_process,
+                    wait=accelerator.wait_for_everyone,
+                )
+            )
     return caches
 
 
-def _slice(cache: TowerOutputs | None, rows: torch.Tensor) -> TowerOutputs | None:
-    if cache is None:
+def _mirrored(images: ImageInputs, rows: list[int]) -> dict[str, torch.Tensor]:
+    return images(rows, [1] * len(rows))
+
+
+def _slice(views: list[TowerOutputs], rows: torch.Tensor) -> TowerOutputs | None:
+    """Rows `rows` of every view, view-major: row ``view * len(rows) + i`` is view `view` of `rows[i]`."""
+    if not views:
         return None
     return TowerOutputs(
-        cache.hidden[rows], cache.pooled[rows], None if cache.mask is None else cache.mask[rows]
+        torch.cat([v.hidden[rows] for v in views]),
+        torch.cat([v.pooled[rows] for v in views]),
+        None if views[0].mask is None else torch.cat([v.mask[rows] for v in views]),
     )
 
 
@@ -237,11 +257,17 @@ def build_inputs(
     accelerator: Accelerator,
 ) -> tuple[PairCollator, torch.Tensor, EvalSet | None]:
     """The training collator, the training pairs' image rows, and the evaluation set (raw or cached)."""
-    caches = _tower_caches(model, processor, splits.pool, data_args, args, accelerator)
-    pool_c2i = caption_to_image(splits.pool)
+    # Cache over the rows this run uses, in pool order: every fold of a cross-validation uses them all
+    # (one cache for all folds), and a run limited by --max_train_images computes only what it reads.
+    used = sorted(set(splits.train_rows) | set(splits.eval_rows))
+    pool = splits.pool.select(used)
+    position = {row: i for i, row in enumerate(used)}
+    caches = _tower_caches(model, processor, pool, data_args, args, accelerator)
+    pool_c2i = caption_to_image(pool)
 
-    def inputs(rows: list[int]) -> tuple[datasets.Dataset, ImageInputs, TextInputs]:
-        dataset = splits.pool.select(rows)
+    def inputs(pool_rows: list[int]) -> tuple[datasets.Dataset, ImageInputs, TextInputs]:
+        rows = [position[r] for r in pool_rows]
+        dataset = pool.select(rows)
         image_rows = torch.as_tensor(rows, dtype=torch.long)
         # the pool's caption indices of these images, in `caption_to_image(dataset)` order
         caption_rows = torch.cat([torch.nonzero(pool_c2i == r).squeeze(1) for r in rows])
@@ -253,7 +279,7 @@ def build_inputs(
 
     train, images, texts = inputs(splits.train_rows)
     train_c2i = caption_to_image(train)
-    collator = PairCollator(images, texts, train_c2i)
+    collator = PairCollator(images, texts, train_c2i, n_views=2 if args.image_flip_augmentation else 1)
     eval_set = None
     if splits.eval_rows:
         evaluation, images, texts = inputs(splits.eval_rows)

@@ -14,24 +14,27 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-# Choices validated below. The registries holding the implementations (pooling_temde.POOLING_HEADS,
-# sketch_temde.SKETCH_CODERS) are checked against these names by the tests, so a new entry is added in both
-# places. The loss is a training setting (`temde_hf.training.arguments`), not part of the architecture.
-POOLING_CHOICES = ("pooler", "cls", "mean", "attention")
+from .configuration_efficientnet_lite import EfficientNetLiteConfig
+from .pooling_temde import POOLING_HEADS
+from .sketch_temde import SKETCH_CODERS
+
+# Pooling heads and sketch coders are checked against their registries (a registered part is a valid
+# choice with no other edit); the loss is a training setting (`temde_hf.training.arguments`).
 FUSION_CHOICES = ("concat", "replace", "none")
-CODER_CHOICES = ("soft_dlsh", "anchor")
-KERNEL_CHOICES = ("auto", "torch", "triton")
+KERNEL_CHOICES = ("auto", "torch", "triton", "reference")
+# K = 2^H buckets per sketch, and a `concat` embedding stores N·2^H sketch values per item: at H = 12
+# (K = 4,096) that is already 131,072 floats per item at N = 32, and the fused kernel's tile tops out
+# there too (`triton_sketch_temde.MAX_TRITON_HYPERPLANES`). Beyond it a sketch fits no retrieval index
+# (H = 40 would ask for terabytes), so larger H is a configuration error, not a slow run.
+MAX_HYPERPLANES = 12
 # Checked against alignment_temde.ALIGNMENT_AGGREGATIONS by the tests.
 ALIGNMENT_CHOICES = ("max_mean", "max_sum", "symmetric")
 
 
-def _local_config_classes() -> dict[str, type[PreTrainedConfig]]:
-    """Tower configs that ship inside this folder (so remote code resolves them without registration)."""
-    try:
-        from .configuration_efficientnet_lite import EfficientNetLiteConfig
-    except ImportError:  # the port is optional for the core model
-        return {}
-    return {EfficientNetLiteConfig.model_type: EfficientNetLiteConfig}
+# Tower configs that ship inside this folder, so remote code resolves them without registration.
+LOCAL_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {
+    EfficientNetLiteConfig.model_type: EfficientNetLiteConfig
+}
 
 
 def _resolve_tower_config(name: str, value: Any) -> PreTrainedConfig | None:
@@ -48,9 +51,8 @@ def _resolve_tower_config(name: str, value: Any) -> PreTrainedConfig | None:
             f"TemdeConfig.{name} has no 'model_type': pass e.g. {{'model_type': 'vit', ...}} or a config object "
             "such as ViTConfig(...) / BertConfig(...)."
         )
-    local = _local_config_classes()
-    if model_type in local:
-        return local[model_type](**value)
+    if model_type in LOCAL_TOWER_CONFIGS:
+        return LOCAL_TOWER_CONFIGS[model_type](**value)
     if model_type not in CONFIG_MAPPING:
         raise ValueError(
             f"TemdeConfig.{name} has model_type={model_type!r}, which transformers does not know. Register its "
@@ -108,10 +110,13 @@ class TemdeConfig(PreTrainedConfig):
             `soft_dlsh` becomes hard DLSH bucketing.
         learn_sketch_temperature (`bool`, defaults to `True`): learn log τ, or keep τ fixed.
         sketch_weight (`float`, defaults to 1.0): λ, the weight of the sketch similarity in `concat`.
-        sketch_chunk_size (`int`, defaults to 64): tokens per chunk when accumulating the histograms, which
-            bounds memory at `batch × chunk × N × K` instead of `batch × tokens × N × K`.
+        sketch_chunk_size (`int`, defaults to 64): tokens per chunk when the `anchor` coder or the
+            `"reference"` path accumulates histograms, which bounds memory at `batch × chunk × N × K`
+            instead of `batch × tokens × N × K` (`soft_dlsh` holds `2H + 2^⌊H/2⌋ + 2^⌈H/2⌉` values per
+            token and sketch instead of K, unchunked).
         sketch_kernel (`str`, defaults to `"auto"`): `"auto"` uses the fused Triton kernel on CUDA when
-            available and PyTorch elsewhere; `"torch"` / `"triton"` force one.
+            available and PyTorch elsewhere; `"torch"` / `"triton"` force one; `"reference"` is the slow
+            log-space PyTorch path the others are tested against.
         token_layer_norm (`bool`, defaults to `False`): a LayerNorm (per tower) on every tower token before
             the projection, so tokens of towers with very different feature scales (a CNN's post-activation
             map, a transformer's last layer) enter the joint space on a common footing.
@@ -199,12 +204,18 @@ class TemdeConfig(PreTrainedConfig):
                 f"TemdeConfig: sketch_width={k} does not match n_hyperplanes={h} (soft_dlsh needs K = 2^H = "
                 f"{2**h}); give only one of them."
             )
+        if h is not None and h > MAX_HYPERPLANES:
+            raise ValueError(
+                f"TemdeConfig.n_hyperplanes={h} (sketch_width 2^{h}) is above the maximum of {MAX_HYPERPLANES}: "
+                f"each sketch has 2^H buckets and the embedding holds n_sketches·2^H of them per item. Use "
+                f"n_hyperplanes <= {MAX_HYPERPLANES} (sketch_width <= {2**MAX_HYPERPLANES})."
+            )
         self.n_hyperplanes, self.sketch_width = h, k
 
     def _validate_temde(self) -> None:
-        _check_choice("pooling", self.pooling, POOLING_CHOICES)
+        POOLING_HEADS.check(self.pooling)
         _check_choice("sketch_fusion", self.sketch_fusion, FUSION_CHOICES)
-        _check_choice("sketch_coder", self.sketch_coder, CODER_CHOICES)
+        SKETCH_CODERS.check(self.sketch_coder)
         _check_choice("sketch_kernel", self.sketch_kernel, KERNEL_CHOICES)
         _check_choice("alignment_aggregation", self.alignment_aggregation, ALIGNMENT_CHOICES)
         for field in ("projection_dim", "n_sketches", "sketch_chunk_size", "attention_pooling_heads"):

@@ -9,10 +9,16 @@ holds the same losses on a given `(n, n)` score matrix, for scores that are not 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch.nn import functional as F
+
+from .registry_temde import Registry
+
+# Every loss: `(image_embeds (n, E), text_embeds (n, E), *, logit_scale, margin, max_violation, pair_ids)`
+# -> scalar; a new one is a function under `@LOSSES.register(name)`.
+LOSSES = Registry("loss_type", "LOSSES")
+# The same losses on a given score matrix `(n, n)` (e.g. token-level alignment scores); same keys as `LOSSES`.
+SCORE_LOSSES = Registry("alignment_loss_type", "SCORE_LOSSES")
 
 
 def _same_pair_mask(pair_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -23,6 +29,7 @@ def _same_pair_mask(pair_ids: torch.Tensor | None, n: int, device: torch.device)
     return eye | (pair_ids[:, None] == pair_ids[None, :])
 
 
+@SCORE_LOSSES.register("info_nce")
 def info_nce_scores_loss(
     scores: torch.Tensor,
     *,
@@ -46,6 +53,7 @@ def info_nce_scores_loss(
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+@SCORE_LOSSES.register("vse_hinge")
 def vse_hinge_scores_loss(
     scores: torch.Tensor,
     *,
@@ -67,6 +75,7 @@ def vse_hinge_scores_loss(
     return (cost_text.sum() + cost_image.sum()) / n
 
 
+@LOSSES.register("info_nce")
 def info_nce_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -89,6 +98,7 @@ def info_nce_loss(
     return info_nce_scores_loss(image_embeds @ text_embeds.T, logit_scale=logit_scale, pair_ids=pair_ids)
 
 
+@LOSSES.register("vse_hinge")
 def vse_hinge_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -108,11 +118,3 @@ def vse_hinge_loss(
     return vse_hinge_scores_loss(
         image_embeds @ text_embeds.T, margin=margin, max_violation=max_violation, pair_ids=pair_ids
     )
-
-
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {"info_nce": info_nce_loss, "vse_hinge": vse_hinge_loss}
-# The same losses on a given score matrix (e.g. token-level alignment scores); same keys as `LOSSES`.
-SCORE_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "info_nce": info_nce_scores_loss,
-    "vse_hinge": vse_hinge_scores_loss,
-}

@@ -25,8 +25,14 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_temde import TemdeConfig
 from .loss_temde import info_nce_loss
+from .modeling_efficientnet_lite import EfficientNetLiteModel
 from .pooling_temde import POOLING_HEADS
 from .sketch_temde import AnchorCoder, SoftDLSHCoder, TemdeSketch
+
+# Tower architectures that ship inside this folder (so remote code builds them without registration).
+LOCAL_TOWERS: dict[str, type[PreTrainedModel]] = {
+    EfficientNetLiteModel.config_class.model_type: EfficientNetLiteModel
+}
 
 # What `save_pretrained` writes into `config.json` so the checkpoint loads as remote code.
 AUTO_MAP = {
@@ -132,13 +138,18 @@ def _as_tower_output(value: Any, name: str) -> ModelOutput:
     )
 
 
-def _scalar_logit_scale_hook(
+# One-element parameters: shape (1,), as FSDP2 cannot shard 0-dim ones; earlier checkpoints stored them 0-dim.
+_ONE_ELEMENT = ("logit_scale", "sketch.log_temperature")
+
+
+def _scalar_parameters_hook(
     module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any
 ) -> None:
-    """Checkpoints that stored `logit_scale` as a 0-dim tensor load into the `(1,)` parameter."""
-    key = prefix + "logit_scale"
-    if key in state_dict and state_dict[key].ndim == 0:
-        state_dict[key] = state_dict[key].reshape(1)
+    """Load a 0-dim `logit_scale` / `sketch.log_temperature` of an older checkpoint into the `(1,)` one."""
+    for name in _ONE_ELEMENT:
+        key = prefix + name
+        if key in state_dict and state_dict[key].ndim == 0:
+            state_dict[key] = state_dict[key].reshape(1)
 
 
 def check_inputs(name: str, tensor: Any, layout: str, mask: torch.Tensor | None = None) -> None:
@@ -186,15 +197,8 @@ def _resolve_attention_implementation(tower: PreTrainedModel) -> None:
 
 def _build_tower(config: PreTrainedConfig) -> PreTrainedModel:
     """A tower from its config: local architectures first (they ship with this folder), then the Auto map."""
-    try:
-        from .modeling_efficientnet_lite import EfficientNetLiteModel
-    except ImportError:
-        EfficientNetLiteModel = None
-    if (
-        EfficientNetLiteModel is not None
-        and config.model_type == EfficientNetLiteModel.config_class.model_type
-    ):
-        return EfficientNetLiteModel(config)
+    if config.model_type in LOCAL_TOWERS:
+        return LOCAL_TOWERS[config.model_type](config)
     if config.model_type == "clip":  # a full CLIP config: take the matching tower
         raise ValueError(
             "Pass CLIP's `vision_config` / `text_config`, not the full CLIPConfig, as a tower config."
@@ -294,7 +298,7 @@ class TemdeModel(TemdePreTrainedModel):
         )
         # Shape (1,), not (): FSDP2 cannot shard 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
-        self.register_load_state_dict_pre_hook(_scalar_logit_scale_hook)
+        self.register_load_state_dict_pre_hook(_scalar_parameters_hook)
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------
@@ -627,15 +631,8 @@ def _load_tower(name_or_path: str | Path, kind: str, **kwargs: Any) -> PreTraine
 
         tower_cls = CLIPVisionModel if kind == "vision" else CLIPTextModel
         return tower_cls.from_pretrained(name_or_path, **kwargs)
-    try:
-        from .modeling_efficientnet_lite import EfficientNetLiteModel
-    except ImportError:
-        EfficientNetLiteModel = None
-    if (
-        EfficientNetLiteModel is not None
-        and config.model_type == EfficientNetLiteModel.config_class.model_type
-    ):
-        return EfficientNetLiteModel.from_pretrained(name_or_path, **kwargs)
+    if config.model_type in LOCAL_TOWERS:
+        return LOCAL_TOWERS[config.model_type].from_pretrained(name_or_path, **kwargs)
     return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
 
 

@@ -1,16 +1,24 @@
 """Global pooling heads: projected tokens -> one vector per item, selectable by `config.pooling`.
 
-Every head has the same call signature, so the model, the ablation benchmark and the tests loop over
-`POOLING_HEADS` without special cases. The T-EMDE sketch is fused on top of the chosen head (see
+Every head is built from the config and has the same call signature, so the model, the ablation
+benchmark and the tests loop over `POOLING_HEADS` without special cases; a new head is one class under
+`@POOLING_HEADS.register(name)`. The T-EMDE sketch is fused on top of the chosen head (see
 `TemdeConfig.sketch_fusion`), so "T-EMDE with each fusion" is a head × fusion combination.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from .configuration_temde import TemdeConfig
+from .registry_temde import Registry
+
+if TYPE_CHECKING:  # the config validates `pooling` against POOLING_HEADS, so it imports this module
+    from .configuration_temde import TemdeConfig
+
+POOLING_HEADS = Registry("pooling", "POOLING_HEADS")
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -26,6 +34,7 @@ class PoolingHead(nn.Module):
         super().__init__()
 
 
+@POOLING_HEADS.register("pooler")
 class PoolerHead(PoolingHead):
     """The tower's own pooled output (e.g. BERT's pooler, CLIP's post-LN [CLS]), projected to D.
 
@@ -36,6 +45,7 @@ class PoolerHead(PoolingHead):
         return pooled if pooled is not None else tokens[:, 0]
 
 
+@POOLING_HEADS.register("cls")
 class ClsHead(PoolingHead):
     """The first token ([CLS] for BERT/ViT)."""
 
@@ -43,6 +53,7 @@ class ClsHead(PoolingHead):
         return tokens[:, 0]
 
 
+@POOLING_HEADS.register("mean")
 class MeanHead(PoolingHead):
     """Masked mean of the projected tokens."""
 
@@ -50,6 +61,7 @@ class MeanHead(PoolingHead):
         return masked_mean(tokens, mask)
 
 
+@POOLING_HEADS.register("attention")
 class AttentionHead(PoolingHead):
     """Self-attention pooling: one pre-LN transformer encoder layer over the tokens, then masked mean.
 
@@ -71,11 +83,3 @@ class AttentionHead(PoolingHead):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
         padding = ~mask.bool()  # True where the token is padding, as nn.MultiheadAttention expects
         return masked_mean(self.layer(tokens, src_key_padding_mask=padding), mask)
-
-
-POOLING_HEADS: dict[str, type[PoolingHead]] = {
-    "pooler": PoolerHead,
-    "cls": ClsHead,
-    "mean": MeanHead,
-    "attention": AttentionHead,
-}

@@ -9,13 +9,23 @@ images and captions land in the same sketch space.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .configuration_temde import TemdeConfig
+from .factored_sketch_temde import factored_soft_dlsh_histogram
+from .registry_temde import Registry
+
+if TYPE_CHECKING:  # the config validates `sketch_coder` against SKETCH_CODERS, so it imports this module
+    from .configuration_temde import TemdeConfig
+
+# A coder maps tokens to N bucket distributions; built from the config, `@SKETCH_CODERS.register(name)`.
+SKETCH_CODERS = Registry("sketch_coder", "SKETCH_CODERS")
 
 # τ is kept inside these bounds: below, the sigmoids saturate to exact 0/1 in float32 and gradients die;
 # above, every bucket gets the same mass and the sketch carries no information.
@@ -46,6 +56,7 @@ def soft_dlsh_log_probs(z: torch.Tensor) -> torch.Tensor:
     return F.logsigmoid(z) @ bits.T + F.logsigmoid(-z) @ (1 - bits).T
 
 
+@SKETCH_CODERS.register("soft_dlsh")
 class SoftDLSHCoder(nn.Module):
     """Coder A: H learned hyperplanes per sketch, `P_n(k|x) = Π_h p_h^bit_h(k) (1 − p_h)^(1 − bit_h(k))`.
 
@@ -53,8 +64,9 @@ class SoftDLSHCoder(nn.Module):
     projection, so every hyperplane halves the data, as in density-dependent LSH.
     """
 
-    def __init__(self, dim: int, n_sketches: int, sketch_width: int, n_hyperplanes: int) -> None:
+    def __init__(self, config: TemdeConfig) -> None:
         super().__init__()
+        dim, n_sketches, n_hyperplanes = config.projection_dim, config.n_sketches, config.n_hyperplanes
         self.n_sketches, self.n_hyperplanes = n_sketches, n_hyperplanes
         self.weight = nn.Parameter(torch.empty(dim, n_sketches * n_hyperplanes))  # hyperplane normals
         self.threshold = nn.Parameter(torch.zeros(n_sketches * n_hyperplanes))
@@ -73,6 +85,33 @@ class SoftDLSHCoder(nn.Module):
     def log_probs(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         """`(..., D)` -> `(..., N, K)` log bucket probabilities."""
         return soft_dlsh_log_probs(self.hyperplane_logits(x) / temperature)
+
+    def tempered_logits(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """`(..., D)` -> `(w·x − t) / τ` of shape `(..., N, H)`, in `x`'s dtype.
+
+        One fused matmul (τ folded into the `(D, N·H)` weights, the threshold as its bias) that writes
+        `zᵀ` `(N·H, tokens)`: the returned tensor is a view with the tokens innermost, the layout the
+        factored histogram reads fastest (and hands its gradient back in).
+        """
+        weight = (self.weight / temperature).to(x.dtype)
+        bias = -(self.threshold / temperature).to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])  # (M, D)
+        z_t = torch.addmm(bias[:, None], weight.T, flat.T)  # (N·H, M)
+        z_t = z_t.view(self.n_sketches, self.n_hyperplanes, *x.shape[:-1])
+        return torch.movedim(z_t, (0, 1), (-2, -1))  # (..., N, H), a view
+
+    def histogram(
+        self, tokens: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
+        """Soft histograms `(B, N, K)` of tokens `(B, L, D)` with weights `mask` `(B, L)`.
+
+        One projection over all tokens, then the two-half product of `factored_sketch_temde`.
+        `chunk_size` is not used: what this path saves for backward is `2H + 2^⌊H/2⌋ + 2^⌈H/2⌉` floats
+        per token and sketch (28 at H = 6, fewer than the `2^H` a materialising path holds per token of
+        one chunk), and recomputing chunks in backward measured about a third slower at 197 tokens.
+        """
+        z = self.tempered_logits(tokens, temperature)  # (B, L, N, H), tokens innermost in memory
+        return factored_soft_dlsh_histogram(z, mask)
 
     def hard_buckets(self, x: torch.Tensor) -> torch.Tensor:
         """Hard DLSH codes (the τ → 0 limit): `(..., D)` -> bucket ids `(..., N)` in `[0, 2**H)`."""
@@ -94,6 +133,7 @@ class SoftDLSHCoder(nn.Module):
         self.threshold.copy_(proj.median(dim=0).values / scale)
 
 
+@SKETCH_CODERS.register("anchor")
 class AnchorCoder(nn.Module):
     """Coder B: `P_n(k|x) = softmax_k((a_nk·x + c_nk) / τ)` over K learned anchors per sketch.
 
@@ -101,10 +141,9 @@ class AnchorCoder(nn.Module):
     `c = −½‖a‖²`, so the logit is `−½‖x − a‖²` up to a term constant in k.
     """
 
-    def __init__(
-        self, dim: int, n_sketches: int, sketch_width: int, n_hyperplanes: int | None = None
-    ) -> None:
+    def __init__(self, config: TemdeConfig) -> None:
         super().__init__()
+        dim, n_sketches, sketch_width = config.projection_dim, config.n_sketches, config.sketch_width
         self.n_sketches, self.sketch_width = n_sketches, sketch_width
         self.weight = nn.Parameter(torch.empty(dim, n_sketches * sketch_width))
         self.bias = nn.Parameter(torch.zeros(n_sketches * sketch_width))
@@ -121,6 +160,33 @@ class AnchorCoder(nn.Module):
 
     def log_probs(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.logits(x) / temperature, dim=-1)
+
+    def tempered_logits(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """`(..., D)` -> `(a·x + c) / τ` of shape `(..., N, K)`; τ folded into the weights (one matmul)."""
+        weight = (self.weight / temperature).to(x.dtype)
+        bias = (self.bias / temperature).to(x.dtype)
+        return F.linear(x, weight.T, bias).unflatten(-1, (self.n_sketches, self.sketch_width))
+
+    def _chunk_histogram(
+        self, tokens: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor
+    ) -> torch.Tensor:
+        """`(B, C, D)`, `(B, C)` -> `(B, N, K)`: softmax in float32, then the masked sum as one bmm."""
+        probs = self.tempered_logits(tokens, temperature).float().softmax(-1)  # (B, C, N, K)
+        # (B, 1, C) @ (B, C, N·K): the sum over tokens without an (B, C, N, K) product.
+        summed = torch.bmm(mask.to(probs.dtype)[:, None, :], probs.flatten(2))
+        return summed.view(tokens.shape[0], self.n_sketches, self.sketch_width)
+
+    def histogram(
+        self, tokens: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
+        """Soft histograms `(B, N, K)` of tokens `(B, L, D)` with weights `mask` `(B, L)`.
+
+        Every anchor score is a matmul output, so the `(B, L, N, K)` logits cannot be avoided; chunks of
+        `chunk_size` tokens (recomputed in backward) bound their memory, as in the reference path.
+        """
+        return chunked_histogram(
+            partial(self._chunk_histogram, temperature=temperature), tokens, mask, chunk_size
+        )
 
     def hard_buckets(self, x: torch.Tensor) -> torch.Tensor:
         """The nearest anchor per sketch: `(..., D)` -> `(..., N)`."""
@@ -144,7 +210,31 @@ class AnchorCoder(nn.Module):
         self.bias.copy_(bias / scale)
 
 
-SKETCH_CODERS: dict[str, type[nn.Module]] = {"soft_dlsh": SoftDLSHCoder, "anchor": AnchorCoder}
+def chunked_histogram(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """`Σ_chunks fn(inputs[:, chunk], mask[:, chunk])` over chunks of `chunk_size` tokens.
+
+    While training with more than one chunk, each chunk is recomputed in backward instead of keeping its
+    intermediates alive (memory per chunk, not per token set).
+
+    Args:
+        fn: `(inputs (B, C, ...), mask (B, C))` -> that chunk's histogram `(B, N, K)`.
+        inputs: `(B, L, ...)`, chunked along dim 1.
+        mask: `(B, L)` token weights.
+        chunk_size: tokens per chunk.
+    """
+    tokens = inputs.shape[1]
+    recompute = torch.is_grad_enabled() and tokens > chunk_size
+    total = None
+    for start in range(0, max(tokens, 1), chunk_size):
+        args = (inputs[:, start : start + chunk_size], mask[:, start : start + chunk_size])
+        part = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+        total = part if total is None else total + part
+    return total
 
 
 class TemdeSketch(nn.Module):
@@ -154,10 +244,8 @@ class TemdeSketch(nn.Module):
         super().__init__()
         self.config = config
         self.n_sketches, self.sketch_width = config.n_sketches, config.sketch_width
-        self.coder = SKETCH_CODERS[config.sketch_coder](
-            config.projection_dim, config.n_sketches, config.sketch_width, config.n_hyperplanes
-        )
-        log_tau = torch.tensor(math.log(config.sketch_temperature))
+        self.coder = SKETCH_CODERS[config.sketch_coder](config)
+        log_tau = torch.full((1,), math.log(config.sketch_temperature))  # (1,): FSDP2 shards no 0-dim
         if config.learn_sketch_temperature:
             self.log_temperature = nn.Parameter(log_tau)
         else:  # persistent: v5 builds models on the meta device and only restores saved tensors
@@ -169,15 +257,37 @@ class TemdeSketch(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(_MIN_TEMPERATURE, _MAX_TEMPERATURE)
 
-    def _chunk_histogram(
+    def _log_space_chunk(
         self, x: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor
     ) -> torch.Tensor:
         """`x` `(B, C, D)`, `mask` `(B, C)` -> this chunk's masked bucket mass `(B, N, K)`."""
         probs = self.coder.log_probs(x, temperature).float().exp()  # (B, C, N, K)
         return torch.einsum("bc,bcnk->bnk", mask.float(), probs)
 
+    def reference_histogram(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The log-space oracle: every token's `(N, K)` bucket probabilities, exponentiated, then summed.
+
+        Slow (it writes `B·L·N·K` values in forward and backward) but transparently correct; the fast
+        paths are tested against it. Selected in the model by `sketch_kernel="reference"`.
+
+        Args:
+            tokens: `(batch, tokens, dim)`.
+            mask: `(batch, tokens)`, 1 for real tokens and 0 for padding (default: all real).
+
+        Returns:
+            `(batch, n_sketches, sketch_width)` float32.
+        """
+        if mask is None:
+            mask = tokens.new_ones(tokens.shape[:2])
+        fn = partial(self._log_space_chunk, temperature=self.temperature)
+        return chunked_histogram(fn, tokens, mask, self.config.sketch_chunk_size)
+
     def histogram(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Unnormalised soft histograms `S_n(X) = Σ_i m_i · P_n(·|x_i)`.
+
+        `sketch_kernel` picks the path: the fused Triton kernel (`"triton"`, or `"auto"` on CUDA), the
+        coder's own PyTorch path (`"torch"`, or `"auto"` elsewhere: for `soft_dlsh` the two-half product
+        of `factored_sketch_temde`), or the log-space oracle (`"reference"`).
 
         Args:
             tokens: `(batch, tokens, dim)` token features in the joint space.
@@ -188,32 +298,21 @@ class TemdeSketch(nn.Module):
         """
         if mask is None:
             mask = tokens.new_ones(tokens.shape[:2])
+        if self.config.sketch_kernel == "reference":
+            return self.reference_histogram(tokens, mask)
         temperature = self.temperature
         if self._use_triton(tokens):
             from .triton_sketch_temde import soft_dlsh_histogram
 
-            z = self.coder.hyperplane_logits(tokens) / temperature.to(tokens.dtype)  # (B, L, N, H)
+            z = self.coder.tempered_logits(tokens, temperature)  # (B, L, N, H)
             # "triton" means the kernel or an error, never a silent fallback to PyTorch.
             backend = "triton" if self.config.sketch_kernel == "triton" else "auto"
             return soft_dlsh_histogram(z, mask, backend=backend)
-        chunk = self.config.sketch_chunk_size
-        # Recompute each chunk in backward instead of keeping its (B, C, N, K) probabilities alive:
-        # memory stays O(B·C·N·K) rather than O(B·L·N·K) while training.
-        recompute = torch.is_grad_enabled() and tokens.shape[1] > chunk
-        total = None
-        for start in range(0, tokens.shape[1], chunk):
-            args = (tokens[:, start : start + chunk], mask[:, start : start + chunk], temperature)
-            part = (
-                checkpoint(self._chunk_histogram, *args, use_reentrant=False)
-                if recompute
-                else self._chunk_histogram(*args)
-            )
-            total = part if total is None else total + part
-        return total
+        return self.coder.histogram(tokens, mask, temperature, self.config.sketch_chunk_size)
 
     def _use_triton(self, tokens: torch.Tensor) -> bool:
         kernel = self.config.sketch_kernel
-        if kernel == "torch" or self.config.sketch_coder != "soft_dlsh":
+        if kernel in ("torch", "reference") or self.config.sketch_coder != "soft_dlsh":
             return False
         if kernel == "auto" and not tokens.is_cuda:
             return False

@@ -1,0 +1,123 @@
+"""The sharded index build: 2 processes equal 1, an interrupted build resumes, sources and checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hub_tiny import make_colour_gallery, make_tiny_checkpoint
+
+from temde_hf.hub.gallery import GalleryIndex, index_main
+from temde_hf.hub.gallery import build as build_module
+
+pytest.importorskip("faiss", reason="gallery search needs faiss-cpu (the `index` extra)")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("sharded")
+    checkpoint = make_tiny_checkpoint(root / "tiny", seed=7)
+    make_colour_gallery(root / "images")
+    return checkpoint, root / "images"
+
+
+def _args(checkpoint: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(checkpoint), "--images", str(images), "--out", str(out), "--shard-size", "3",
+            "--index-type", "flat", "--backend", "torch", *extra]  # fmt: skip
+
+
+def _vectors(index_dir: Path) -> tuple[list[str], np.ndarray]:
+    gallery = GalleryIndex.load(index_dir)
+    return gallery.ids, gallery.index.reconstruct_n(0, len(gallery))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_build_equals_one_process(setup, tmp_path: Path) -> None:
+    checkpoint, images = setup
+    index_main(_args(checkpoint, images, tmp_path / "one"))
+    # Every accelerate flag explicit (a developer's config file would fill in the rest otherwise).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port()), "-m", "temde_hf.cli", "index",
+              *_args(checkpoint, images, tmp_path / "two")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((tmp_path / "two" / "gallery.json").read_text())
+    assert meta["build"]["processes"] == 2 and meta["build"]["shards"] == 3
+    ids_one, vectors_one = _vectors(tmp_path / "one")
+    ids_two, vectors_two = _vectors(tmp_path / "two")
+    assert ids_one == ids_two and len(ids_one) == 8
+    np.testing.assert_allclose(vectors_two, vectors_one, atol=1e-6)
+
+
+def test_interrupted_build_resumes_without_reencoding(setup, tmp_path: Path, monkeypatch) -> None:
+    checkpoint, images = setup
+    out = tmp_path / "idx"
+    write_shard = build_module._write_shard
+    calls = {"n": 0}
+
+    def dies_on_third_shard(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            path.with_name(path.name + ".tmp").write_bytes(b"half a shard")  # what a kill leaves behind
+            raise KeyboardInterrupt("killed midway")
+        return write_shard(path, *args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_write_shard", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        index_main(_args(checkpoint, images, out))
+    finished = sorted((out / "shards").glob("*.safetensors"))
+    assert [p.name for p in finished] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    stamps = {p: p.stat().st_mtime_ns for p in finished}
+
+    encoded_starts = []
+    real_iter = build_module.iter_image_embeddings
+
+    def counting_iter(*args, **kwargs):
+        encoded_starts.append(kwargs["start"])
+        return real_iter(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_write_shard", write_shard)
+    monkeypatch.setattr(build_module, "iter_image_embeddings", counting_iter)
+    index_main(_args(checkpoint, images, out))
+    assert encoded_starts == [6]  # only the unfinished shard (rows 6-7) was encoded again
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    index_main(_args(checkpoint, images, tmp_path / "fresh"))
+    ids, vectors = _vectors(out)
+    fresh_ids, fresh_vectors = _vectors(tmp_path / "fresh")
+    assert ids == fresh_ids
+    np.testing.assert_allclose(vectors, fresh_vectors, atol=1e-6)
+    # Re-indexing the same shards with another index type re-uses them (nothing encoded).
+    encoded_starts.clear()
+    index_main([*_args(checkpoint, images, out)[:-4], "--index-type", "fp16"])
+    assert encoded_starts == [] and GalleryIndex.load(out).index_type == "fp16"
+    other = make_tiny_checkpoint(tmp_path / "other", seed=8)
+    with pytest.raises(SystemExit, match="holds shards of another build"):
+        index_main(_args(other, images, out))
+
+
+def test_file_list_source_skips_and_lists_missing_images(setup, tmp_path: Path) -> None:
+    checkpoint, images = setup
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# gallery\n{images / 'red.png'}\nmissing.png\n{images / 'blue.png'}\n")
+    gallery = index_main(
+        ["--model", str(checkpoint), "--image-list", str(listing), "--out", str(tmp_path / "idx")]
+    )
+    assert gallery.ids == [str(images / "red.png"), str(images / "blue.png")]
+    assert [s["row"] for s in gallery.skipped] == [1] and "not found" in gallery.skipped[0]["reason"]
+    with pytest.raises(SystemExit, match=r"image list .* does not exist"):
+        index_main(["--model", str(checkpoint), "--image-list", str(tmp_path / "nope.txt"), "--out", "x"])
