@@ -4,14 +4,18 @@ Importing the package registers the "temde" model type with transformers' Auto c
 """
 
 from .models.temde import (
+    ALIGNMENT_AGGREGATIONS,
     LOSSES,
     POOLING_HEADS,
     SKETCH_CODERS,
     TemdeConfig,
+    TemdeForImageTextRetrieval,
     TemdeModel,
     TemdeOutput,
     TemdeProcessor,
     TemdeSketch,
+    alignment_scores,
+    paired_alignment_scores,
     register_auto_classes,
 )
 
@@ -20,13 +24,17 @@ register_auto_classes()
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALIGNMENT_AGGREGATIONS",
     "LOSSES",
     "POOLING_HEADS",
     "SKETCH_CODERS",
     "TemdeConfig",
+    "TemdeForImageTextRetrieval",
     "TemdeModel",
     "TemdeOutput",
     "TemdeProcessor",
     "TemdeSketch",
     "__version__",
+    "alignment_scores",
+    "paired_alignment_scores",
 ]

@@ -59,7 +59,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 
 
 def load_checkpoint(
-    path: str | Path, device: str = "cpu", trust_remote_code: bool = False
+    path: str | Path, device: str = "cpu", trust_remote_code: bool = False, with_matching_head: bool = False
 ) -> tuple[Any, Any]:
     """`AutoModel` (eval mode, on `device`) and `AutoProcessor` of a checked checkpoint folder.
 
@@ -67,6 +67,9 @@ def load_checkpoint(
         path: The checkpoint folder (see `check_checkpoint_dir`).
         device: Where the model goes.
         trust_remote_code: For checkpoints of architectures temde_hf does not register.
+        with_matching_head: Load the dual encoder with its trained matching head
+            (`AutoModelForPreTraining` -> `TemdeForImageTextRetrieval`); a checkpoint without one is
+            refused rather than given a random head.
 
     Raises:
         ValueError: The folder fails `check_checkpoint_dir`, or a file in it is truncated or damaged
@@ -78,8 +81,17 @@ def load_checkpoint(
     import temde_hf  # noqa: F401  (registers the "temde" Auto classes)
 
     path = check_checkpoint_dir(path)
+    auto_class = transformers.AutoModel
+    if with_matching_head:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        if "TemdeForImageTextRetrieval" not in architectures:
+            raise ValueError(
+                f"{path}: has no trained matching head (config.json architectures: {architectures}); train one "
+                "with `temde-hf train ... --itm_weight 1`, or rerank with the parameter-free --rerank alignment"
+            )
+        auto_class = transformers.AutoModelForPreTraining
     try:
-        model = transformers.AutoModel.from_pretrained(
+        model = auto_class.from_pretrained(
             str(path), trust_remote_code=trust_remote_code, use_safetensors=True
         )
         processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)

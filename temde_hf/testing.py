@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from transformers import BertConfig, BertTokenizer, ViTConfig, ViTImageProcessor
 
-from .models.temde import TemdeConfig, TemdeModel, TemdeProcessor
+from .models.temde import TemdeConfig, TemdeForImageTextRetrieval, TemdeModel, TemdeProcessor
 
 # A small English vocabulary so captions of the synthetic data tokenise into real word pieces.
 TINY_VOCAB = [
@@ -86,10 +86,14 @@ def tiny_processor() -> TemdeProcessor:
     return TemdeProcessor(image_processor, tokenizer)
 
 
-def save_tiny_checkpoint(directory: str | Path, **overrides: Any) -> Path:
-    """Save a tiny model and its processor to `directory` (a loadable checkpoint); returns the folder."""
+def save_tiny_checkpoint(directory: str | Path, matching_head: bool = False, **overrides: Any) -> Path:
+    """Save a tiny model and its processor to `directory` (a loadable checkpoint); returns the folder.
+
+    With `matching_head` the model is a `TemdeForImageTextRetrieval` (the dual encoder + its matching head).
+    """
     directory = Path(directory)
-    tiny_model(**overrides).save_pretrained(directory)
+    model = TemdeForImageTextRetrieval(tiny_config(**overrides)) if matching_head else tiny_model(**overrides)
+    model.save_pretrained(directory)
     tiny_processor().save_pretrained(directory)
     return directory
 

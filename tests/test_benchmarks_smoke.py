@@ -103,3 +103,71 @@ def test_quality_verdict_chooses_on_val_and_compares_paired_seeds() -> None:
     assert not quality.verdict(noisy, ["mean", "pooler"], ["T-EMDE a", "T-EMDE b"])["met"]
     small = {**results, "T-EMDE a": _runs([395, 385, 390], [361, 351, 356])}  # +1 each: below the target
     assert not quality.verdict(small, ["mean", "pooler"], ["T-EMDE a", "T-EMDE b"])["met"]
+
+
+def _record(stage1: float, reranked: dict[str, float]) -> dict:
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+    metrics = lambda rsum: {**dict.fromkeys(keys, rsum / 6), "rsum": rsum}  # noqa: E731
+    return {
+        "stage1": metrics(stage1),
+        "rerank": {
+            key: {"metrics": {"0": metrics(v), "1": metrics(v - 50)}, "latency_ms": None}
+            for key, v in reranked.items()
+        },
+    }
+
+
+def test_rerank_benchmark_chooses_on_cv_and_pairs_test_seeds() -> None:
+    rerank = _load("rerank")
+    rerank.WEIGHTS = (0.0, 1.0)
+    folds, cv_seeds, seeds = 2, [0], [0, 1]
+
+    def runs(cv: tuple[float, dict], test: list[tuple[float, dict]]) -> dict:
+        out = {f"cv fold {f} seed 0": _record(*cv) for f in range(folds)}
+        out.update({f"test seed {s}": _record(*t) for s, t in zip(seeds, test)})
+        return out
+
+    a20, a100 = "alignment K=20", "alignment K=100"
+    i20, i100 = "itm K=20", "itm K=100"
+    stored = {
+        "base": runs((300, {a20: 290, a100: 280}), [(350, {a20: 340, a100: 330}), (352, {a20: 341, a100: 331})]),
+        "alignment loss 0.5": runs((301, {a20: 310, a100: 305}), [(349, {a20: 360, a100: 400}), (350, {a20: 362, a100: 401})]),
+        "matching head on top": runs((300, {i20: 320, i100: 315}), [(350, {i20: 365, i100: 380}), (351, {i20: 366, i100: 381})]),
+        "matching head joint": runs((299, {i20: 318, i100: 319}), [(349, {i20: 390, i100: 395}), (349, {i20: 391, i100: 396})]),
+        "distill from alignment": runs((305, {a20: 300, a100: 300}), [(351, {a20: 1, a100: 1}), (354, {a20: 1, a100: 1})]),
+        "distill from matching head": runs((302, {i20: 300, i100: 300}), [(360, {i20: 1, i100: 1}), (362, {i20: 1, i100: 1})]),
+    }  # fmt: skip
+    summary = rerank.summarise(stored, cv_seeds, seeds, folds)
+    choices = summary["choices"]
+    # the test split never chooses: alignment K=100 and the joint head win on test but lose on CV
+    assert choices["stage 1 + alignment rerank"] == "alignment loss 0.5 | +alignment K=20 w=0"
+    assert choices["stage 1 + matching-head rerank"] == "matching head on top | +itm K=20 w=0"
+    assert choices["stage 1 after distillation"] == "distill from alignment | stage 1"
+    row = summary["rows"][choices["stage 1 + matching-head rerank"]]
+    assert row["test_paired_delta"]["mean"] == pytest.approx(14.5)  # (365 - 350, 366 - 352): paired by seed
+    assert summary["rows"]["base | stage 1"]["cv"]["mean"] == 300
+
+
+@pytest.mark.slow
+def test_rerank_benchmark_trains_and_scores_one_run(tmp_path: Path) -> None:
+    """One run of the benchmark's harness on tiny towers and synthetic data: stage 1, every reranker at
+    every K and fusion weight, from the saved checkpoint."""
+    from temde_hf.data import make_synthetic_karpathy
+    from temde_hf.testing import save_tiny_towers
+
+    rerank = _load("rerank")
+    towers = save_tiny_towers(tmp_path / "towers")
+    data = make_synthetic_karpathy(tmp_path / "data", n_images=30, seed=0)
+    tiny = ["--data", str(data), "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3",
+            "--per_device_train_batch_size", "8", "--max_steps", "2", "--itm_hidden_size", "8", "--itm_heads", "2"]  # fmt: skip
+    flags = [*rerank.VARIANTS["distill from matching head"]["flags"], *tiny]
+    record = rerank.train_and_score(
+        flags, rerank.cv_flags(0, 3), 0, tmp_path / "work", towers, ["alignment", "itm"], 2
+    )
+    assert record["stage1"]["rsum"] == pytest.approx(
+        record["trainer_eval_rsum"], abs=1e-6
+    )  # pixels = trainer
+    assert set(record["rerank"]) == {f"{n} K={k}" for n in ("alignment", "itm") for k in rerank.KS}
+    for scored in record["rerank"].values():
+        assert set(scored["metrics"]) == {f"{w:g}" for w in rerank.WEIGHTS}
+        assert set(scored["latency_ms"]) == {"stage1_i2t", "stage2_i2t", "stage1_t2i", "stage2_t2i"}

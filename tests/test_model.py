@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from temde_hf import POOLING_HEADS, SKETCH_CODERS, TemdeConfig, TemdeModel
 from temde_hf.models.temde.configuration_temde import FUSION_CHOICES
-from temde_hf.testing import save_tiny_towers, tiny_model, tiny_tower_configs
+from temde_hf.testing import save_tiny_towers, tiny_batch, tiny_model, tiny_tower_configs
 
 # Every head with every fusion and coder; `replace` ignores the head, so it is tested once per coder.
 VARIANTS = [
@@ -141,6 +141,28 @@ def test_from_vision_text_pretrained_keeps_tower_weights(tmp_path) -> None:
         model.text_model.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight
     )
     assert model.config.projection_dim == 8 and model.config.text_config.hidden_size == 32
+
+
+def test_composed_text_tower_masks_padding_like_its_saved_copy(tmp_path) -> None:
+    """A caption embeds the same alone and padded in a batch, freshly composed and reloaded alike (the
+    composed config once lost its attention implementation and attended to padding)."""
+    vision_dir, text_dir = save_tiny_towers(tmp_path / "towers")
+    composed = TemdeModel.from_vision_text_pretrained(
+        vision_dir, text_dir, projection_dim=8, n_sketches=2
+    ).eval()
+    composed.save_pretrained(tmp_path / "saved")
+    reloaded = TemdeModel.from_pretrained(tmp_path / "saved").eval()
+    b = tiny_batch(4, seed=3)
+    n = int(b["attention_mask"][0].sum())
+    assert n < b["attention_mask"].shape[1]  # the first caption is padded in the batch
+    with torch.no_grad():
+        for model in (composed, reloaded):
+            batch = model.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            alone = model.get_text_features(
+                input_ids=b["input_ids"][:1, :n], attention_mask=b["attention_mask"][:1, :n]
+            )
+            torch.testing.assert_close(batch.token_embeds[0, :n], alone.token_embeds[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batch.pooler_output[0], alone.pooler_output[0], atol=1e-5, rtol=0)
 
 
 def test_missing_tower_config_is_a_clear_error(tmp_path) -> None:

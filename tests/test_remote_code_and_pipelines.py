@@ -57,7 +57,12 @@ def inputs(processor) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_remote_code_loads_without_the_package(checkpoint: Path, tmp_path) -> None:
     config = json.loads((checkpoint / "config.json").read_text())
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForZeroShotImageClassification"}
+    assert set(config["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForZeroShotImageClassification",
+        "AutoModelForPreTraining",
+    }
     processor = AutoProcessor.from_pretrained(checkpoint)
     batch = inputs(processor)
     torch.save(dict(batch), tmp_path / "batch.pt")

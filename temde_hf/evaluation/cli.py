@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,12 @@ import torch
 
 from ..data.auto import FORMATS, load_image_captions
 from ..data.errors import LoadReport
-from ..loading import check_checkpoint_dir
+from ..loading import check_checkpoint_dir, load_checkpoint
 from .encode import BACKENDS, encode_dataset, load_encoder
 from .folds import evaluate_embeddings
 from .metrics import retrieval_ranks
 from .plots import plot_recall_at_k
+from .rerank import RERANKERS, rerank_report
 
 logger = logging.getLogger("temde_hf.evaluation")
 
@@ -69,10 +71,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="for checkpoints of other packages")
     parser.add_argument(
+        "--rerank",
+        default=None,
+        choices=sorted(RERANKERS),
+        help="also re-score each query's stage-1 top-K: alignment (token-level, any checkpoint) or itm (the "
+        "matching head of a TemdeForImageTextRetrieval checkpoint); both stages are reported",
+    )
+    parser.add_argument("--rerank-k", type=int, default=20, help="candidates per query re-scored (--rerank)")
+    parser.add_argument(
+        "--rerank-fusion",
+        type=float,
+        default=0.0,
+        help="order the K candidates by z(stage 2) + W * z(stage 1), standardised per query (--rerank); "
+        "0: by stage 2 alone",
+    )
+    parser.add_argument(
+        "--latency-queries",
+        type=int,
+        default=50,
+        help="single queries timed per direction and stage (--rerank)",
+    )
+    parser.add_argument(
         "--backend",
         default="auto",
         choices=BACKENDS,
-        help="encoder: eager torch or onnxruntime (export-onnx)",
+        help="encoder: eager torch or onnxruntime (export-onnx); --rerank needs the token embeddings, "
+        "so it always runs eager torch",
     )
     return parser
 
@@ -98,13 +122,27 @@ def _loader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of the ``full`` and ``folds_mean`` metrics."""
     columns = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"]
-    header = f"{'set':<24}" + "".join(f"{c:>9}" for c in columns)
-    lines = [header, "-" * len(header)]
     rows = [(f"all {result['n_images']} images", result["full"])]
     if "folds_mean" in result:  # COCO: 5K = all, 1K = mean of five 1,000-image folds
         rows.append((f"{result['fold_size']}-img folds (x{len(result['folds'])})", result["folds_mean"]))
+    rerank = result.get("rerank")
+    if rerank:  # stage 2 on the same sets
+        label = f"+{rerank['reranker']} K={rerank['k']}"
+        label += f" w={rerank['stage1_weight']:g}" if rerank.get("stage1_weight") else ""
+        rows.append((f"{label}, all images", rerank["full"]))
+        if "folds_mean" in rerank:
+            rows.append((f"{label}, folds", rerank["folds_mean"]))
+    width = max(24, *(len(name) + 2 for name, _ in rows))
+    header = f"{'set':<{width}}" + "".join(f"{c:>9}" for c in columns)
+    lines = [header, "-" * len(header)]
     for name, metrics in rows:
-        lines.append(f"{name:<24}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
+        lines.append(f"{name:<{width}}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
+    if rerank and rerank.get("latency_ms"):
+        ms = rerank["latency_ms"]
+        lines.append(
+            "per-query latency (ms, median): stage 1 i2t {stage1_i2t:.2f} / t2i {stage1_t2i:.2f}; stage 2 i2t "
+            "{stage2_i2t:.2f} / t2i {stage2_t2i:.2f}".format(**ms)
+        )
     return "\n".join(lines)
 
 
@@ -126,6 +164,12 @@ def evaluate_checkpoint(
     result = evaluate_embeddings(
         image_embeds, text_embeds, caption_to_image, args.fold_size or None, args.chunk_size
     )
+    if getattr(args, "rerank", None):
+        result["rerank"] = rerank_report(
+            model, processor, dataset, image_embeds, text_embeds, caption_to_image, args.rerank, args.rerank_k,
+            batch_size=args.batch_size, device=device, max_length=args.max_length, fold_size=args.fold_size or None,
+            chunk_size=args.chunk_size, latency_queries=args.latency_queries, stage1_weight=args.rerank_fusion,
+        )  # fmt: skip
     i2t, t2i = retrieval_ranks(
         caption_to_image=caption_to_image,
         image_embeds=image_embeds,
@@ -163,6 +207,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
+    if args.rerank_k < 1:
+        raise ValueError(f"--rerank-k {args.rerank_k}: must be >= 1")
+    if not math.isfinite(args.rerank_fusion) or args.rerank_fusion < 0:
+        raise ValueError(f"--rerank-fusion {args.rerank_fusion}: must be a finite number >= 0")
+    if args.rerank is not None and args.backend.startswith("onnx"):
+        raise ValueError(
+            f"--rerank {args.rerank} reads token embeddings, which the ONNX graphs do not return; "
+            "drop --backend onnx (the default auto runs eager torch with --rerank)"
+        )
     check_checkpoint_dir(args.checkpoint)  # both checked first: no work is done for a refused run
     output_dir = _output_dir(args)
     report = LoadReport()
@@ -186,7 +239,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-    model, processor = load_encoder(args.checkpoint, args.backend, device, args.trust_remote_code)
+    if args.rerank is not None:  # the second stage reads token embeddings, which only eager torch returns
+        model, processor = load_checkpoint(
+            args.checkpoint, device, args.trust_remote_code, with_matching_head=args.rerank == "itm"
+        )
+    else:
+        model, processor = load_encoder(args.checkpoint, args.backend, device, args.trust_remote_code)
     extra = {
         "n_skipped": report.n_skipped,
         "skipped": [f"{entry}: {reason}" for entry, reason in report.skipped],

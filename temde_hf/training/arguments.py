@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from ..models.temde.loss_temde import LOSSES
+from ..models.temde.loss_temde import LOSSES, SCORE_LOSSES
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SECTIONS = ("model", "data", "training")
@@ -61,6 +62,16 @@ class ModelArguments:
     sketch_weight: float | None = field(default=None, metadata={"help": "lambda of the concat fusion"})
     token_layer_norm: bool | None = field(
         default=None, metadata={"help": "LayerNorm of every tower token before the projection"}
+    )
+    alignment_aggregation: str | None = field(
+        default=None, metadata={"help": "token-level alignment score: max_mean | max_sum | symmetric"}
+    )
+    itm_layers: int | None = field(
+        default=None, metadata={"help": "joint-attention layers of the matching head"}
+    )
+    itm_heads: int | None = field(default=None, metadata={"help": "attention heads of the matching head"})
+    itm_hidden_size: int | None = field(
+        default=None, metadata={"help": "width of the matching head (default: projection_dim)"}
     )
 
     def config_overrides(self) -> dict[str, Any]:
@@ -183,6 +194,42 @@ class TemdeTrainingArguments:
         metadata={"help": "concat fusion: epochs trained with the sketch off (lambda = 0); the DLSH partition "
                   "is then drawn on the tokens the trained projections make and lambda switched on"},
     )  # fmt: skip
+    alignment_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of a contrastive loss on the token-level alignment scores (TERAN), added to "
+                  "the loss (0: off)"},
+    )  # fmt: skip
+    alignment_loss_type: str = field(
+        default="vse_hinge", metadata={"help": "loss on the alignment scores: vse_hinge (TERAN) | info_nce"}
+    )
+    itm_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of the matching head's BCE on positives and hard negatives mined by the dual "
+                  "encoder (0: off); trains a TemdeForImageTextRetrieval"},
+    )  # fmt: skip
+    itm_negatives: str = field(
+        default="sample",
+        metadata={"help": "sample: one negative per query drawn by the softmax of the dual encoder's scores "
+                  "(ALBEF/BLIP) | hardest: its highest-scoring negative"},
+    )  # fmt: skip
+    itm_detach_tokens: bool = field(
+        default=False,
+        metadata={"help": "train the matching head on top of the dual encoder: its loss does not reach the tokens"},
+    )  # fmt: skip
+    distill_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of KL(teacher || dual encoder) over each query's in-batch candidates (0: off)"},
+    )  # fmt: skip
+    distill_teacher: str = field(
+        default="alignment",
+        metadata={"help": "alignment: the alignment scores over the whole batch | itm: the matching head over "
+                  "the positive and the dual encoder's top distill_topk - 1"},
+    )  # fmt: skip
+    distill_topk: int = field(default=8, metadata={"help": "candidates per query of the itm teacher"})
+    distill_temperature: float = field(
+        default=1.0,
+        metadata={"help": "the teacher's logits (scale x alignment score, or match logits) / this"},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "delete a previous run's checkpoints and results in output_dir"}
     )
@@ -272,6 +319,17 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
     LOSSES.check(args.loss_type, label=f"--loss_type {args.loss_type!r}")
     _choice("sampling", args.sampling, ("pairs", "images"))
     _choice("feature_cache_dtype", args.feature_cache_dtype, ("float32", "float16", "bfloat16"))
+    _choice("alignment_loss_type", args.alignment_loss_type, tuple(SCORE_LOSSES))
+    _choice("itm_negatives", args.itm_negatives, ("sample", "hardest"))
+    _choice("distill_teacher", args.distill_teacher, ("alignment", "itm"))
+    for name in ("alignment_weight", "itm_weight", "distill_weight"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{name} {value} must be a finite number >= 0 (0 turns the term off)")
+    if args.distill_topk < 2:
+        raise ValueError("--distill_topk must be >= 2 (the positive and at least one candidate)")
+    if not math.isfinite(args.distill_temperature) or args.distill_temperature <= 0:
+        raise ValueError("--distill_temperature must be a finite number > 0")
     if data_args.cv_folds == 1 or data_args.cv_folds < 0:
         raise ValueError("--cv_folds must be 0 (no cross-validation) or at least 2")
     if data_args.cv_folds and not 0 <= data_args.cv_fold < data_args.cv_folds:
@@ -318,6 +376,11 @@ def save_run_settings(
     }
     path.write_text(yaml.safe_dump(payload, sort_keys=False))
     return path
+
+
+def needs_matching_head(args: TemdeTrainingArguments) -> bool:
+    """Whether the run trains (or distils from) the matching head, so the model must have one."""
+    return args.itm_weight > 0 or (args.distill_weight > 0 and args.distill_teacher == "itm")
 
 
 def trainable_layers(args: TemdeTrainingArguments) -> dict[str, int | None]:

@@ -125,6 +125,8 @@ def tower_fingerprint(tower: nn.Module) -> str:
     config = getattr(tower, "config", None)
     if config is not None:
         digest.update(config.to_json_string(use_diff=False).encode())
+        # not in the JSON, but it changes the outputs (e.g. whether a text tower masks its padding)
+        digest.update(str(getattr(config, "_attn_implementation", None)).encode())
     for name, tensor in tower.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())

@@ -8,13 +8,13 @@ with the same weights; DDP's constructor then broadcasts rank 0's parameters any
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .accumulation import encode_pairs
+from .accumulation import encode_batch
 from .batches import EpochBatchSampler, PairCollator, model_inputs
+from .objectives import ContrastiveObjective, LossFn, TrainingObjective, as_objective
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,10 @@ def initialize_sketch(
 def freeze_unused_parameters(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    loss_fn: LossFn | TrainingObjective | ContrastiveObjective,
 ) -> list[str]:
     """Freeze trainable parameters that get no gradient from the loss (e.g. a text tower's pooler under
-    mean pooling, ``logit_scale`` under the hinge loss).
+    mean pooling, ``logit_scale`` under the hinge loss, a matching head that is only a teacher).
 
     DDP expects every trainable parameter to receive a gradient in each step (otherwise it fails at step 2,
     or needs the slower ``find_unused_parameters``); such parameters would never change anyway. One
@@ -90,8 +90,10 @@ def freeze_unused_parameters(
     """
     was_training = model.training
     model.eval()
-    images, texts, scale = encode_pairs(model, batch)
-    loss_fn(images, texts, scale, batch.get("pair_ids")).backward()
+    objective = as_objective(loss_fn)
+    enc, _ = encode_batch(model, batch, tokens=objective.needs_tokens)
+    head = getattr(model, "get_matching_logits", None)  # the live head: its parameters get gradients here
+    objective(enc, batch.get("pair_ids"), head).loss.backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for name, param in model.named_parameters():
         if name in unused:

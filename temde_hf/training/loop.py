@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from .batches import EpochBatchSampler, PairCollator, index_loader, split_micro_
 from .checkpointing import TrainerState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .initialization import freeze_unused_parameters, initialize_sketch
 from .losses import NonFiniteLossError, contrastive_loss
+from .objectives import build_objective
 from .optim import build_optimizer, build_scheduler, train_mode
 from .validation import EvalSet, evaluate
 
@@ -75,18 +75,17 @@ def _sampler(job: TrainingJob, epoch: int = 0, skip: int = 0) -> EpochBatchSampl
     )
 
 
-def _loss_fn(args: TemdeTrainingArguments, max_violation: bool | None = None, negatives: str | None = None):
-    return partial(
-        _loss,
-        loss_type=args.loss_type,
-        margin=args.margin,
-        max_violation=args.max_violation if max_violation is None else max_violation,
-        negatives=negatives or args.negatives,
+def _objective(job: TrainingJob, step: int, max_violation: bool | None = None, negatives: str | None = None):
+    """The step's objective: the contrastive loss, plus the alignment / matching / distillation terms."""
+    aggregation = getattr(job.model.config, "alignment_aggregation", "max_mean")
+    return build_objective(
+        job.args,
+        aggregation,
+        step,
+        max_violation=max_violation,
+        negatives=negatives,
+        contrastive=contrastive_loss,
     )
-
-
-def _loss(images, texts, scale, pair_ids, **kwargs) -> torch.Tensor:
-    return contrastive_loss(images, texts, scale, pair_ids, **kwargs)
 
 
 def _total_steps(args: TemdeTrainingArguments, steps_per_epoch: int) -> int:
@@ -125,7 +124,7 @@ def _optimizer_step(
     loss = forward_backward(
         job.prepared,
         micro,
-        _loss_fn(args, max_violation),
+        _objective(job, state.global_step, max_violation),
         accelerator,
         sketch_weight=sketch_weight,
         where=where,
@@ -240,7 +239,7 @@ def _prepare(job: TrainingJob, resume: Path | None) -> tuple[Any, Any, TrainerSt
         )
     probe = job.collator(next(iter(_sampler(job)))[:4])
     freeze_unused_parameters(
-        model, {k: v.to(accelerator.device) for k, v in probe.items()}, _loss_fn(args, negatives="local")
+        model, {k: v.to(accelerator.device) for k, v in probe.items()}, _objective(job, 0, negatives="local")
     )
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, total, spe)

@@ -27,11 +27,12 @@ from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
 from ..data import load_image_captions, make_synthetic_karpathy
 from ..data.pairs import caption_to_image, flat_captions
-from ..models.temde import TemdeConfig, TemdeModel, TemdeProcessor
+from ..models.temde import TemdeConfig, TemdeForImageTextRetrieval, TemdeModel, TemdeProcessor
 from .arguments import (
     DataArguments,
     ModelArguments,
     TemdeTrainingArguments,
+    needs_matching_head,
     parse_args,
     save_run_settings,
     trainable_layers,
@@ -54,11 +55,29 @@ from .validation import EvalSet
 logger = logging.getLogger("temde_hf.training")
 
 
-def build_model(model_args: ModelArguments) -> TemdeModel:
-    """The model to train, from exactly one source (see `ModelArguments`), with config overrides."""
-    overrides = model_args.config_overrides()
+def _model_class(model_args: ModelArguments, matching_head: bool) -> type[TemdeModel]:
+    """`TemdeForImageTextRetrieval` when the run needs the matching head or continues a model that has one."""
+    if matching_head:
+        return TemdeForImageTextRetrieval
     if model_args.init_from is not None:
-        return TemdeModel.from_pretrained(model_args.init_from, use_safetensors=True, **overrides)
+        config = Path(model_args.init_from) / "config.json"
+        saved = json.loads(config.read_text()) if config.is_file() else {}
+        if TemdeForImageTextRetrieval.__name__ in (saved.get("architectures") or []):
+            return TemdeForImageTextRetrieval  # keep the head it has (it is frozen if unused)
+    return TemdeModel
+
+
+def build_model(model_args: ModelArguments, matching_head: bool = False) -> TemdeModel:
+    """The model to train, from exactly one source (see `ModelArguments`), with config overrides.
+
+    Args:
+        model_args: The model settings.
+        matching_head: Build a `TemdeForImageTextRetrieval` (the dual encoder + its matching head).
+    """
+    overrides = model_args.config_overrides()
+    model_class = _model_class(model_args, matching_head)
+    if model_args.init_from is not None:
+        return model_class.from_pretrained(model_args.init_from, use_safetensors=True, **overrides)
     if model_args.model_config is not None:
         path = Path(model_args.model_config)
         path = path / "config.json" if path.is_dir() else path
@@ -70,8 +89,8 @@ def build_model(model_args: ModelArguments) -> TemdeModel:
             values.pop("n_hyperplanes", None)
         for key in ("model_type", "transformers_version", "architectures", "auto_map"):
             values.pop(key, None)
-        return TemdeModel(TemdeConfig(**{**values, **overrides}))
-    return TemdeModel.from_vision_text_pretrained(
+        return model_class(TemdeConfig(**{**values, **overrides}))
+    return model_class.from_vision_text_pretrained(
         model_args.vision_model_path, model_args.text_model_path, **overrides
     )
 
@@ -391,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         save_run_settings(args.output_dir, model_args, data_args, args)
     accelerator.wait_for_everyone()
     set_seed(args.seed)
-    model = build_model(model_args)
+    model = build_model(model_args, needs_matching_head(args))
     freeze_towers(model, trainable_layers(args))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

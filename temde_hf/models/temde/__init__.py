@@ -4,8 +4,10 @@ Everything here imports only torch, transformers and sibling modules (relative i
 `save_pretrained` can ship these files as Hub remote code.
 """
 
+from .alignment_temde import ALIGNMENT_AGGREGATIONS, alignment_scores, paired_alignment_scores
 from .configuration_temde import TemdeConfig
-from .loss_temde import LOSSES, info_nce_loss, vse_hinge_loss
+from .loss_temde import LOSSES, SCORE_LOSSES, info_nce_loss, vse_hinge_loss
+from .matching_temde import TemdeForImageTextRetrieval, TemdeMatchingHead, TemdeRetrievalOutput
 from .modeling_temde import TemdeEncoderOutput, TemdeModel, TemdeOutput, TemdePreTrainedModel
 from .pooling_temde import POOLING_HEADS
 from .processing_temde import TemdeProcessor
@@ -13,10 +15,17 @@ from .sketch_temde import SKETCH_CODERS, TemdeSketch
 
 
 def register_auto_classes() -> None:
-    """Make the Auto classes (config, model, zero-shot, processor) know "temde" and "efficientnet_lite"."""
+    """Make the Auto classes know "temde" and "efficientnet_lite".
+
+    `AutoModel` / `AutoModelForZeroShotImageClassification` give the dual encoder `TemdeModel`;
+    `AutoModelForPreTraining` gives `TemdeForImageTextRetrieval`, the dual encoder with its image–text
+    matching head (the model with all its training heads, as for BERT's next-sentence or FLAVA's
+    matching head).
+    """
     from transformers import (
         AutoConfig,
         AutoModel,
+        AutoModelForPreTraining,
         AutoModelForZeroShotImageClassification,
         AutoProcessor,
     )
@@ -27,21 +36,29 @@ def register_auto_classes() -> None:
     AutoConfig.register(TemdeConfig.model_type, TemdeConfig, exist_ok=True)
     AutoModel.register(TemdeConfig, TemdeModel, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(TemdeConfig, TemdeModel, exist_ok=True)
+    AutoModelForPreTraining.register(TemdeConfig, TemdeForImageTextRetrieval, exist_ok=True)
     AutoProcessor.register(TemdeConfig, TemdeProcessor, exist_ok=True)
 
 
 __all__ = [
+    "ALIGNMENT_AGGREGATIONS",
     "LOSSES",
     "POOLING_HEADS",
+    "SCORE_LOSSES",
     "SKETCH_CODERS",
     "TemdeConfig",
     "TemdeEncoderOutput",
+    "TemdeForImageTextRetrieval",
+    "TemdeMatchingHead",
     "TemdeModel",
     "TemdeOutput",
     "TemdePreTrainedModel",
     "TemdeProcessor",
+    "TemdeRetrievalOutput",
     "TemdeSketch",
+    "alignment_scores",
     "info_nce_loss",
+    "paired_alignment_scores",
     "register_auto_classes",
     "vse_hinge_loss",
 ]

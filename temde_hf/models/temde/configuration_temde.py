@@ -27,6 +27,8 @@ KERNEL_CHOICES = ("auto", "torch", "triton", "reference")
 # there too (`triton_sketch_temde.MAX_TRITON_HYPERPLANES`). Beyond it a sketch fits no retrieval index
 # (H = 40 would ask for terabytes), so larger H is a configuration error, not a slow run.
 MAX_HYPERPLANES = 12
+# Checked against alignment_temde.ALIGNMENT_AGGREGATIONS by the tests.
+ALIGNMENT_CHOICES = ("max_mean", "max_sum", "symmetric")
 
 
 # Tower configs that ship inside this folder, so remote code resolves them without registration.
@@ -118,6 +120,17 @@ class TemdeConfig(PreTrainedConfig):
         token_layer_norm (`bool`, defaults to `False`): a LayerNorm (per tower) on every tower token before
             the projection, so tokens of towers with very different feature scales (a CNN's post-activation
             map, a transformer's last layer) enter the joint space on a common footing.
+        alignment_aggregation (`str`, defaults to `"max_mean"`): how the token-level (TERAN) alignment
+            score aggregates the word–region cosine similarities of a pair: `"max_mean"` (every word's best
+            region, averaged over words), `"max_sum"` (summed over words: TERAN's MrSw) or `"symmetric"`
+            (the mean of `"max_mean"` and its region-to-word mirror). Parameter-free; it says how this
+            model's tokens are compared by the alignment reranker and the alignment training objective.
+        itm_layers (`int`, defaults to 2): joint-attention transformer layers of the image–text matching
+            head (`TemdeForImageTextRetrieval`); the dual encoder `TemdeModel` ignores it.
+        itm_heads (`int`, defaults to 4): attention heads of those layers (their width must divide).
+        itm_hidden_size (`int`, *optional*): width of the matching head's layers; the joint-space tokens
+            are mapped to it by a linear layer. Defaults to `projection_dim` (no map). A narrower head
+            costs quadratically less per pair.
         logit_scale_init_value (`float`, defaults to 2.6592): initial log of the logit scale (ln(1/0.07)).
         initializer_range (`float`, defaults to 0.02): std of the head's linear layers at init.
 
@@ -154,6 +167,10 @@ class TemdeConfig(PreTrainedConfig):
     sketch_chunk_size: int = 64
     sketch_kernel: str = "auto"
     token_layer_norm: bool = False
+    alignment_aggregation: str = "max_mean"
+    itm_layers: int = 2
+    itm_heads: int = 4
+    itm_hidden_size: int | None = None
     logit_scale_init_value: float = 2.6592
     initializer_range: float = 0.02
 
@@ -200,7 +217,10 @@ class TemdeConfig(PreTrainedConfig):
         _check_choice("sketch_fusion", self.sketch_fusion, FUSION_CHOICES)
         SKETCH_CODERS.check(self.sketch_coder)
         _check_choice("sketch_kernel", self.sketch_kernel, KERNEL_CHOICES)
+        _check_choice("alignment_aggregation", self.alignment_aggregation, ALIGNMENT_CHOICES)
         for field in ("projection_dim", "n_sketches", "sketch_chunk_size", "attention_pooling_heads"):
+            _check_positive(field, getattr(self, field), integer=True)
+        for field in ("itm_layers", "itm_heads"):
             _check_positive(field, getattr(self, field), integer=True)
         for field in ("sketch_temperature", "initializer_range"):
             _check_positive(field, getattr(self, field))
@@ -212,6 +232,14 @@ class TemdeConfig(PreTrainedConfig):
             raise ValueError(
                 f"TemdeConfig.projection_dim={self.projection_dim} must be divisible by "
                 f"attention_pooling_heads={self.attention_pooling_heads} for pooling='attention'."
+            )
+        if self.itm_hidden_size is not None:
+            _check_positive("itm_hidden_size", self.itm_hidden_size, integer=True)
+        itm_width = self.itm_hidden_size or self.projection_dim
+        if itm_width % self.itm_heads:
+            raise ValueError(
+                f"TemdeConfig: the matching head's width {itm_width} (itm_hidden_size, else projection_dim) must "
+                f"be divisible by itm_heads={self.itm_heads}."
             )
 
     @property

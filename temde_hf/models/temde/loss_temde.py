@@ -1,8 +1,10 @@
 """Contrastive losses for paired image/text embeddings, behind the `LOSSES` registry.
 
-Every loss takes row-paired embeddings `image_embeds (n, E)` / `text_embeds (n, E)` (row i of each is a
+Every loss of `LOSSES` takes row-paired embeddings `image_embeds (n, E)` / `text_embeds (n, E)` (row i of each is a
 positive pair, every other row a negative) and returns a scalar. `pair_ids (n,)` marks rows that share
-an image (several captions of one photo in a batch): those are not used as negatives.
+an image (several captions of one photo in a batch): those are not used as negatives. `SCORE_LOSSES`
+holds the same losses on a given `(n, n)` score matrix, for scores that are not one inner product
+(the token-level alignment score of `alignment_temde`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from .registry_temde import Registry
 # Every loss: `(image_embeds (n, E), text_embeds (n, E), *, logit_scale, margin, max_violation, pair_ids)`
 # -> scalar; a new one is a function under `@LOSSES.register(name)`.
 LOSSES = Registry("loss_type", "LOSSES")
+# The same losses on a given score matrix `(n, n)` (e.g. token-level alignment scores); same keys as `LOSSES`.
+SCORE_LOSSES = Registry("alignment_loss_type", "SCORE_LOSSES")
 
 
 def _same_pair_mask(pair_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -23,6 +27,52 @@ def _same_pair_mask(pair_ids: torch.Tensor | None, n: int, device: torch.device)
     if pair_ids is None:
         return eye
     return eye | (pair_ids[:, None] == pair_ids[None, :])
+
+
+@SCORE_LOSSES.register("info_nce")
+def info_nce_scores_loss(
+    scores: torch.Tensor,
+    *,
+    logit_scale: torch.Tensor,
+    pair_ids: torch.Tensor | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """Symmetric InfoNCE on a row-paired score matrix (any score: inner products, alignment scores).
+
+    Args:
+        scores: `(n, n)` unscaled scores, `scores[i, j]` of image i with caption j; the diagonal pairs.
+        logit_scale: scalar, the *exponentiated* scale the scores are multiplied by.
+        pair_ids: optional `(n,)`; off-diagonal rows with the same id are removed from the negatives.
+    """
+    n = scores.shape[0]
+    logits = logit_scale * scores  # (n_image, n_text)
+    positives = _same_pair_mask(pair_ids, n, logits.device)
+    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(positives & ~eye, float("-inf"))
+    labels = torch.arange(n, device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+@SCORE_LOSSES.register("vse_hinge")
+def vse_hinge_scores_loss(
+    scores: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    max_violation: bool = True,
+    pair_ids: torch.Tensor | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """VSE++ bidirectional hinge on a row-paired score matrix `(n, n)` (see `vse_hinge_loss`)."""
+    n = scores.shape[0]
+    diagonal = scores.diagonal()
+    cost_text = (margin + scores - diagonal[:, None]).clamp(min=0)  # image i vs caption j
+    cost_image = (margin + scores - diagonal[None, :]).clamp(min=0)  # caption j vs image i
+    positives = _same_pair_mask(pair_ids, n, scores.device)
+    cost_text = cost_text.masked_fill(positives, 0.0)
+    cost_image = cost_image.masked_fill(positives, 0.0)
+    if max_violation:
+        return (cost_text.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()) / n
+    return (cost_text.sum() + cost_image.sum()) / n
 
 
 @LOSSES.register("info_nce")
@@ -45,13 +95,7 @@ def info_nce_loss(
         logit_scale: scalar, the *exponentiated* scale (e.g. `model.logit_scale.exp()`).
         pair_ids: optional `(n,)`; off-diagonal rows with the same id are removed from the negatives.
     """
-    n = image_embeds.shape[0]
-    logits = logit_scale * image_embeds @ text_embeds.T  # (n_image, n_text)
-    positives = _same_pair_mask(pair_ids, n, logits.device)
-    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
-    logits = logits.masked_fill(positives & ~eye, float("-inf"))
-    labels = torch.arange(n, device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return info_nce_scores_loss(image_embeds @ text_embeds.T, logit_scale=logit_scale, pair_ids=pair_ids)
 
 
 @LOSSES.register("vse_hinge")
@@ -71,14 +115,6 @@ def vse_hinge_loss(
     counts (VSE++); otherwise all negatives are summed (VSE∞'s warm-up). The per-query costs are averaged
     over the batch (VSE++ sums them: the same optimum, a learning rate `n` times smaller).
     """
-    n = image_embeds.shape[0]
-    scores = image_embeds @ text_embeds.T  # (n_image, n_text)
-    diagonal = scores.diagonal()
-    cost_text = (margin + scores - diagonal[:, None]).clamp(min=0)  # image i vs caption j
-    cost_image = (margin + scores - diagonal[None, :]).clamp(min=0)  # caption j vs image i
-    positives = _same_pair_mask(pair_ids, n, scores.device)
-    cost_text = cost_text.masked_fill(positives, 0.0)
-    cost_image = cost_image.masked_fill(positives, 0.0)
-    if max_violation:
-        return (cost_text.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()) / n
-    return (cost_text.sum() + cost_image.sum()) / n
+    return vse_hinge_scores_loss(
+        image_embeds @ text_embeds.T, margin=margin, max_violation=max_violation, pair_ids=pair_ids
+    )

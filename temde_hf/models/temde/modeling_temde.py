@@ -39,6 +39,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_temde.TemdeConfig",
     "AutoModel": "modeling_temde.TemdeModel",
     "AutoModelForZeroShotImageClassification": "modeling_temde.TemdeModel",
+    # the dual encoder with its matching head (see matching_temde): the model with every training head
+    "AutoModelForPreTraining": "matching_temde.TemdeForImageTextRetrieval",
 }
 
 
@@ -179,6 +181,20 @@ def check_inputs(name: str, tensor: Any, layout: str, mask: torch.Tensor | None 
         )
 
 
+def _resolve_attention_implementation(tower: PreTrainedModel) -> None:
+    """Give a tower whose config lost its attention implementation one again.
+
+    Building a `TemdeConfig` from pretrained towers' configs resets their `_attn_implementation` to
+    None, and a BERT tower with None attends to padding (its attention mask is not applied): a caption's
+    tokens then change with the batch's padding. A reloaded checkpoint gets "sdpa" from
+    `from_pretrained`, so without this a freshly composed model (the one a trainer trains) and its saved
+    copy would embed captions differently.
+    """
+    config = tower.config
+    if hasattr(config, "_attn_implementation") and config._attn_implementation is None:
+        config._attn_implementation = "sdpa" if getattr(tower, "_supports_sdpa", False) else "eager"
+
+
 def _build_tower(config: PreTrainedConfig) -> PreTrainedModel:
     """A tower from its config: local architectures first (they ship with this folder), then the Auto map."""
     if config.model_type in LOCAL_TOWERS:
@@ -259,6 +275,8 @@ class TemdeModel(TemdePreTrainedModel):
         # One config object per tower, shared by the tower and this model (saved once, in config.json).
         self.vision_model.config = config.vision_config
         self.text_model.config = config.text_config
+        for tower in (self.vision_model, self.text_model):
+            _resolve_attention_implementation(tower)
 
         d = config.projection_dim
         self.visual_projection = nn.Linear(tower_hidden_size(config.vision_config), d, bias=False)

@@ -1,0 +1,315 @@
+"""Retrieve fast, rerank smart on the real towers and photos: does a second stage lift retrieval?
+
+Four things are measured on Flickr8k-800 with the demo's recipe (`examples/configs/flickr8k_demo.yaml`,
+frozen EfficientNet-Lite0 + MiniLM, cached) through the one trainer and `temde-hf evaluate`'s two-stage
+path: stage 1 alone (the dual encoder's inner product); stage 1 + the token-level alignment rerank
+(TERAN); stage 1 + the matching-head rerank (a cross-encoder trained with hard negatives mined by the
+dual encoder); stage 1 after distillation (VLDeformer-style KL towards the alignment score or the head).
+
+Every training variant runs on each fold x seed of the k-fold split of the train+val images (the
+recipe search's harness: 700 images, the test images never loaded) and every variant x reranker x K is
+scored on the held-out fold, each ordering its K candidates by stage 2 alone or fused with stage 1
+(`fuse_scores`, weights `WEIGHTS`); the variant of each row of the report, and the K and fusion weight
+of each reranker, are chosen by that cross-validated RSUM. Only then is the test split used: every variant is trained on all
+700 images per seed (the same seeds, so differences are paired) and its saved checkpoint evaluated from
+pixels on the 100 test images, with the single-query CPU latency of each stage at K = 20 and 100.
+
+    flock /tmp/temde-heavy.lock python benchmarks/rerank.py --towers-dir outputs [--folds 5] [--seeds 0 1 2]
+    python benchmarks/rerank.py --report     # table + RESULTS.md / README sections from the JSON
+
+Runs are stored in the JSON as they finish, so the search resumes where it stopped; on a shared machine
+take the lock per run: ``until flock LOCK python benchmarks/rerank.py --max-runs 1; do :; done`` (exit
+status 3 while runs remain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
+from common import write_section
+from recipe_search import CONFIG, KEYS, REPO, TEST_FLAGS, cv_flags, mean_std
+
+RESULTS = REPO / "benchmarks" / "results" / "rerank.json"
+KS = (20, 100)
+# fusion weights of stage 1 (`fuse_scores`: z(stage 2) + w·z(stage 1) over each query's K); 0 = stage 2 alone
+WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+# A CPU-sized matching head: 1 joint-attention layer of width 128 costs ~1/8 of 2 layers of width 256 per pair.
+HEAD = ["--itm_layers", "1", "--itm_hidden_size", "128", "--itm_heads", "4"]
+# name -> trainer flags over the demo recipe, and the rerankers its checkpoint is scored with
+VARIANTS: dict[str, dict[str, Any]] = {
+    "base": {"flags": [], "rerankers": ["alignment"]},
+    "alignment loss 0.5": {"flags": ["--alignment_weight", "0.5"], "rerankers": ["alignment"]},
+    "matching head on top": {
+        "flags": ["--itm_weight", "1", "--itm_detach_tokens", "true"],
+        "rerankers": ["itm"],
+    },
+    "matching head joint": {"flags": ["--itm_weight", "1"], "rerankers": ["itm"]},
+    "distill from alignment": {
+        "flags": ["--alignment_weight", "0.5", "--distill_weight", "1"],
+        "rerankers": ["alignment"],
+    },
+    "distill from matching head": {
+        "flags": [*HEAD, "--itm_weight", "1", "--distill_weight", "1", "--distill_teacher", "itm"],
+        "rerankers": ["itm"],
+    },
+}
+DISTILLED = ("distill from alignment", "distill from matching head")
+
+
+def _keys(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: metrics[k] for k in KEYS}
+
+
+def train_and_score(
+    flags: list[str], split_flags: list[str], seed: int, work: Path, towers: tuple[Path, Path],
+    rerankers: list[str], latency_queries: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Train one run, then score its saved checkpoint from pixels: stage 1, and each reranker at each K."""
+    import torch
+
+    from temde_hf.evaluation.encode import encode_dataset
+    from temde_hf.evaluation.metrics import retrieval_metrics
+    from temde_hf.evaluation.rerank import build_reranker, encode_token_sets, two_stage_metrics
+    from temde_hf.loading import load_checkpoint
+    from temde_hf.training.arguments import parse_args
+    from temde_hf.training.train import load_data
+    from temde_hf.training.train import main as train_main
+
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [
+        str(CONFIG), "--vision_model_path", str(towers[0]), "--text_model_path", str(towers[1]),
+        *split_flags, "--seed", str(seed), "--output_dir", str(out), "--feature_cache_dir", str(work / "cache"),
+        "--report_to", "none", "--disable_tqdm", "true", "--save_steps", "0", *flags,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    trained = train_main(argv)
+    seconds = time.perf_counter() - start
+    _, data_args, _ = parse_args(argv)
+    dataset = load_data(data_args, out, seed, accelerator=None).evaluation()
+    model, processor = load_checkpoint(out / "final", with_matching_head="itm" in rerankers)
+    length = data_args.max_text_length
+    with torch.inference_mode():
+        image_embeds, text_embeds, c2i = encode_dataset(model, processor, dataset, max_length=length)
+        images, texts = encode_token_sets(model, processor, dataset, max_length=length)
+        record: dict[str, Any] = {
+            "stage1": _keys(retrieval_metrics(caption_to_image=c2i, image_embeds=image_embeds, text_embeds=text_embeds)),
+            "trainer_eval_rsum": trained.get("eval_rsum"), "train_seconds": seconds, "rerank": {},
+            "token_bytes_per_image": images.bytes_per_item(), "token_bytes_per_caption": texts.bytes_per_item(),
+        }  # fmt: skip
+        for name in rerankers:
+            reranker = build_reranker(name, model)
+            for k in KS:
+                scored = two_stage_metrics(
+                    reranker, image_embeds, text_embeds, c2i, images, texts, k,
+                    latency_queries=latency_queries, stage1_weights=WEIGHTS,
+                )  # fmt: skip
+                record["rerank"][f"{name} K={k}"] = {
+                    "metrics": {f"{w:g}": _keys(m) for w, m in scored["reranked"].items()},
+                    "latency_ms": scored.get("latency_ms"),
+                }
+    shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
+def _reranked(record: dict[str, Any], key: str, weight: str) -> dict[str, float]:
+    return record["rerank"][key]["metrics"][weight]
+
+
+def _per_seed(runs: dict[str, Any], seeds: list[int], folds: int, pick: Any) -> list[float]:
+    """The CV value of each seed: `pick(record)` averaged over the folds."""
+    return [statistics.fmean(pick(runs[f"cv fold {f} seed {s}"]) for f in range(folds)) for s in seeds]
+
+
+def summarise(runs: dict[str, Any], cv_seeds: list[int], seeds: list[int], folds: int) -> dict[str, Any]:
+    """CV and test RSUM of every (variant, stage), the choices made on CV, and the paired test deltas."""
+    rows: dict[str, dict[str, Any]] = {}
+    for variant, spec in VARIANTS.items():
+        store = runs.get(variant, {})
+        cv_keys = [f"cv fold {f} seed {s}" for s in cv_seeds for f in range(folds)]
+        if not all(k in store for k in [*cv_keys, *(f"test seed {s}" for s in seeds)]):
+            continue
+        stages = {"stage 1": lambda r: r["stage1"]}
+        for name in spec["rerankers"]:
+            for k in KS:
+                for w in WEIGHTS:
+                    stages[f"+{name} K={k} w={w:g}"] = partial(
+                        _reranked, key=f"{name} K={k}", weight=f"{w:g}"
+                    )
+        for stage, pick in stages.items():
+            test = [pick(store[f"test seed {s}"])["rsum"] for s in seeds]
+            rows[f"{variant} | {stage}"] = {
+                "variant": variant, "stage": stage,
+                "cv": mean_std(_per_seed(store, cv_seeds, folds, lambda r, pick=pick: pick(r)["rsum"])),
+                "test": mean_std(test), "test_per_seed": test,
+                "test_r1": [statistics.fmean(pick(store[f"test seed {s}"])[k] for s in seeds) for k in ("i2t_r1", "t2i_r1")],
+            }  # fmt: skip
+    if "base | stage 1" not in rows:
+        return {"rows": rows}
+    base = rows["base | stage 1"]
+    for row in rows.values():
+        row["test_paired_delta"] = mean_std(
+            [a - b for a, b in zip(row["test_per_seed"], base["test_per_seed"])]
+        )
+
+    def best(candidates: list[str]) -> str | None:
+        present = [c for c in candidates if c in rows]
+        return max(present, key=lambda c: rows[c]["cv"]["mean"]) if present else None
+
+    choices = {"stage 1 alone": "base | stage 1"}
+    for name, label in (
+        ("alignment", "stage 1 + alignment rerank"),
+        ("itm", "stage 1 + matching-head rerank"),
+    ):
+        chosen = best([k for k, r in rows.items() if r["stage"].startswith(f"+{name} ")])
+        if chosen:
+            choices[label] = chosen
+    chosen = best([f"{v} | stage 1" for v in DISTILLED])
+    if chosen:
+        choices["stage 1 after distillation"] = chosen
+    choices["best by CV overall"] = best(list(rows))
+    return {"rows": rows, "choices": choices}
+
+
+def latency(runs: dict[str, Any], variant: str, key: str, seeds: list[int]) -> dict[str, float]:
+    """Median over the test runs of the per-query milliseconds of each stage (i2t and t2i)."""
+    found = [runs[variant][f"test seed {s}"]["rerank"][key]["latency_ms"] for s in seeds]
+    return {name: statistics.median(f[name] for f in found) for name in found[0]}
+
+
+def tables(
+    summary: dict[str, Any], runs: dict[str, Any], cv_seeds: list[int], seeds: list[int], folds: int
+) -> str:
+    rows, choices = summary["rows"], summary.get("choices", {})
+    lines = [
+        f"**Chosen on {folds}-fold CV (seeds {', '.join(map(str, cv_seeds))}), reported on test** (100 images, "
+        f"500 captions; mean ± std over seeds {', '.join(map(str, seeds))}; Δ = paired difference with stage 1 of "
+        "the base model, same seed):",
+        "",
+        "| row | variant (chosen by CV) | CV RSUM | test RSUM | Δ test | test R@1 i2t / t2i | ms/query stage 1 (i2t / t2i) | ms/query stage 2 at K=20 | at K=100 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for label, key in choices.items():
+        if label == "best by CV overall":
+            continue
+        r = rows[key]
+        ms = {k: "–" for k in ("s1", "20", "100")}
+        if r["stage"].startswith("+"):
+            name = r["stage"][1:].split(" ")[0]  # "+itm K=20 w=0.5" -> "itm"
+            by_k = {k: latency(runs, r["variant"], f"{name} K={k}", seeds) for k in KS}
+            ms["s1"] = f"{by_k[20]['stage1_i2t']:.2f} / {by_k[20]['stage1_t2i']:.2f}"
+            for k in KS:
+                ms[str(k)] = f"{by_k[k]['stage2_i2t']:.1f} / {by_k[k]['stage2_t2i']:.1f}"
+        delta = r["test_paired_delta"]
+        lines.append(
+            f"| {label} | {r['variant']} {r['stage'] if r['stage'] != 'stage 1' else ''} | "
+            f"{r['cv']['mean']:.1f} ± {r['cv']['std']:.1f} | {r['test']['mean']:.1f} ± {r['test']['std']:.1f} | "
+            f"{delta['mean']:+.1f} ± {delta['std']:.1f} | {r['test_r1'][0]:.1f} / {r['test_r1'][1]:.1f} | "
+            f"{ms['s1']} | {ms['20']} | {ms['100']} |"
+        )
+    lines += ["", f"Every variant and stage ({folds}-fold CV on train+val; test):", "",
+              "| variant | stage | CV RSUM | test RSUM | Δ test vs base stage 1 |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows.values():
+        delta = r.get("test_paired_delta", {"mean": 0.0, "std": 0.0})
+        lines.append(
+            f"| {r['variant']} | {r['stage']} | {r['cv']['mean']:.1f} ± {r['cv']['std']:.1f} | "
+            f"{r['test']['mean']:.1f} ± {r['test']['std']:.1f} | {delta['mean']:+.1f} ± {delta['std']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--cv-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the CV runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the test runs")
+    parser.add_argument("--latency-queries", type=int, default=50)
+    parser.add_argument("--work-dir", default="outputs/rerank")
+    parser.add_argument("--towers-dir", default="outputs", help="where the converted vision tower lives")
+    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--report", action="store_true", help="only print the tables and write the sections")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (exit 3)")
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    stored = json.loads(output.read_text()) if output.is_file() else {}
+    runs = stored.setdefault("runs", {})
+
+    def save() -> None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(stored, indent=1))
+
+    done = 0
+    if not args.report:
+        from temde_hf.convert.towers import offline_towers
+
+        towers = offline_towers(args.towers_dir)
+        work = Path(args.work_dir)
+        for variant in args.variants:
+            spec, store = VARIANTS[variant], runs.setdefault(variant, {})
+            jobs = [
+                (f"cv fold {f} seed {s}", cv_flags(f, args.folds), s, 0)
+                for s in args.seeds
+                for f in range(args.folds)
+            ]
+            jobs += [(f"test seed {s}", TEST_FLAGS, s, args.latency_queries) for s in args.seeds]
+            for key, split_flags, seed, timed in jobs:
+                if key in store:
+                    continue  # done in an earlier (interrupted) run
+                if args.max_runs is not None and done >= args.max_runs:
+                    raise SystemExit(3)  # runs remain
+                done += 1
+                store[key] = train_and_score(
+                    spec["flags"], split_flags, seed, work, towers, spec["rerankers"], timed
+                )
+                store[key]["loadavg"] = os.getloadavg()[0]
+                save()
+                best = max(
+                    [store[key]["stage1"]["rsum"]]
+                    + [m["rsum"] for r in store[key]["rerank"].values() for m in r["metrics"].values()]
+                )
+                print(f"{variant} | {key}: stage 1 RSUM {store[key]['stage1']['rsum']:.1f}, best stage 2 {best:.1f} "
+                      f"({store[key]['train_seconds']:.0f} s training)", file=sys.stderr, flush=True)  # fmt: skip
+    stored.update(
+        folds=args.folds, seeds=args.seeds, ks=list(KS), variants={v: VARIANTS[v] for v in VARIANTS}
+    )
+    summary = summarise(runs, args.seeds, args.folds)
+    stored["summary"] = summary
+    save()
+    if "choices" not in summary:
+        print("not every variant has its test runs yet: no report", file=sys.stderr)
+        return stored
+    text = tables(summary, runs, args.cv_seeds, args.seeds, args.folds)
+    print(text)
+    loads = [r["loadavg"] for v in runs.values() for k, r in v.items() if k.startswith("test")]
+    command = (
+        f"flock /tmp/temde-heavy.lock python benchmarks/rerank.py --folds {args.folds} "
+        f"--cv-seeds {' '.join(map(str, args.cv_seeds))} --seeds {' '.join(map(str, args.seeds))}"
+    )
+    header = (
+        f"    {command}\n\nDemo recipe (frozen towers, cached), {args.folds}-fold CV over the 700 train+val images for "
+        f"every choice; test = 100 images / 500 captions. Latency: median single-query CPU milliseconds (2 shared "
+        f"cores, load average {min(loads):.1f}–{max(loads):.1f} during the timed runs), stage-1 embeddings and "
+        "stored fp16 tokens given; stage 1 = scores over the gallery + top-K, stage 2 = re-scoring the K.\n\n"
+    )
+    write_section(
+        REPO / "benchmarks" / "RESULTS.md",
+        "rerank",
+        header + text,
+        heading="Two-stage retrieval: rerank (CPU)",
+    )
+    return stored
+
+
+if __name__ == "__main__":
+    main()
