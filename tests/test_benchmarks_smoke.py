@@ -105,6 +105,26 @@ def test_quality_verdict_chooses_on_val_and_compares_paired_seeds() -> None:
     assert not quality.verdict(small, ["mean", "pooler"], ["T-EMDE a", "T-EMDE b"])["met"]
 
 
+def test_quality_table_and_plot_show_every_head(tmp_path: Path) -> None:
+    quality = _load("quality")
+    metrics = lambda rsum: {"mean": rsum, "std": 1.0, "n": 2}  # noqa: E731
+    head = lambda v, t: {"val": {"rsum": metrics(v), "i2t_r1": metrics(v / 6), "t2i_r1": metrics(v / 6)},  # noqa: E731
+                         "test": {"rsum": metrics(t), "i2t_r1": metrics(t / 6), "t2i_r1": metrics(t / 6)}}  # fmt: skip
+    gain = {"mean": 4.0, "std": 1.0, "per_seed": [3.0, 5.0]}
+    summary = {
+        "frozen": {
+            "heads": {"mean": head(330, 300), "T-EMDE concat soft_dlsh": head(333, 304)},
+            "verdict": {"best_plain_by_val": "mean", "best_temde_by_val": "T-EMDE concat soft_dlsh",
+                        "test_paired_gain": gain, "met": True},
+        }
+    }  # fmt: skip
+    text = quality.table(summary)
+    assert "| frozen | T-EMDE concat soft_dlsh | 333.0 ± 1.0 | 304.0 ± 1.0 |" in text
+    assert "+4.0 ± 1.0 per seed (+3.0, +5.0)" in text and "**met**" in text
+    quality.plot(summary, tmp_path / "quality.png")
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
 def _record(stage1: float, reranked: dict[str, float]) -> dict:
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
     metrics = lambda rsum: {**dict.fromkeys(keys, rsum / 6), "rsum": rsum}  # noqa: E731
