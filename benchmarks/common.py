@@ -200,7 +200,8 @@ def write_section(path: Path, name: str, markdown: str, heading: str | None = No
     by hand or left behind by a change of defaults. A missing section is appended (under `heading`).
     """
     begin, end = f"<!-- BEGIN {name} (generated: do not edit) -->", f"<!-- END {name} -->"
-    block = f"{begin}\n{markdown.strip()}\n{end}"
+    body = markdown.lstrip("\n").rstrip()  # not strip(): a leading indented code line keeps its indent
+    block = f"{begin}\n{body}\n{end}"
     text = path.read_text() if path.is_file() else ""
     if begin in text and end in text:
         before, rest = text.split(begin, 1)

@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_section(
         REPO / "benchmarks" / "RESULTS.md",
         "recipe_search",
-        f"    {command}\n\n{results['data']}; {args.folds} folds x seeds {args.seeds}, paired by (fold, seed).\n\n"
-        + text,
+        f"    {command}\n\n{results['data']}; {args.folds} folds; runs = folds x seeds (0, 1, ...), paired by "
+        "(fold, seed) with the stage's reference.\n\n" + text,
     )
     return results
 
