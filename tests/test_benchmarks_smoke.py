@@ -125,6 +125,18 @@ def test_quality_table_and_plot_show_every_head(tmp_path: Path) -> None:
     assert (tmp_path / "quality.png").stat().st_size > 1000
 
 
+def test_holdout_estimate_table_has_every_seed_and_the_mean() -> None:
+    estimate = _load("holdout_estimate")
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+    runs = {
+        str(seed): {"final": {**dict.fromkeys(keys, 40.0), "rsum": rsum}}
+        for seed, rsum in ((0, 280.0), (1, 290.0))
+    }
+    lines = estimate.table(runs).splitlines()
+    assert lines[2].endswith("| 280.0 |") and lines[3].endswith("| 290.0 |")
+    assert lines[4].endswith("| 285.0 ± 7.1 |")
+
+
 def _record(stage1: float, reranked: dict[str, float]) -> dict:
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
     metrics = lambda rsum: {**dict.fromkeys(keys, rsum / 6), "rsum": rsum}  # noqa: E731
