@@ -1,4 +1,8 @@
-"""Shared test settings: offline, CPU, deterministic, and the `gpu` marker."""
+"""Shared test settings and fixtures: offline, CPU, deterministic, the `gpu` marker, shared data.
+
+Builders (tiny models, checkpoints, galleries, subprocess runners) live in `temde_hf.testing`; this file
+only turns the ones many tests share into fixtures.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
+from temde_hf.testing import make_colour_gallery
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 FLICKR8K_DIR = SHARED_DIR / "data" / "flickr8k-800"
@@ -38,3 +44,9 @@ def flickr8k_dir() -> Path:
             f"the shared Flickr8k sample is missing at {FLICKR8K_DIR}; clone the project beside shared/"
         )
     return FLICKR8K_DIR
+
+
+@pytest.fixture(scope="session")
+def colour_gallery(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`temde_hf.testing.make_colour_gallery`, written once per session (read-only): colour -> PNG path."""
+    return make_colour_gallery(tmp_path_factory.mktemp("colour_gallery"))

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
-from hub_tiny import make_colour_gallery, make_tiny_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
 from temde_hf.hub.publish import export_for_hub, main, push_to_hub
+from temde_hf.testing import run_without_temde_hf, save_tiny_checkpoint
 
 TEXTS = ["a red square", "a blue dog on the grass", "this is a photo of a cat"]
 EVAL = {
@@ -29,47 +25,37 @@ EVAL = {
 
 # Runs in a fresh interpreter, outside the repository, with temde_hf made unimportable: only the
 # exported folder's remote code can build the model.
-CLEAN_LOAD = textwrap.dedent(
-    """
-    import json, sys
+CLEAN_LOAD = """
+import json, sys
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoProcessor, pipeline
 
-    class BlockTemde:
-        def find_spec(self, name, path=None, target=None):
-            if name == "temde_hf" or name.startswith("temde_hf."):
-                raise ModuleNotFoundError("temde_hf is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockTemde())
-    import torch
-    from PIL import Image
-    from safetensors.torch import save_file
-    from transformers import AutoModel, AutoProcessor, pipeline
-
-    export, image_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    texts = json.loads(sys.argv[4])
-    model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
-    batch = processor(images=[Image.open(image_path)], text=texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
-        text = model.get_text_features(input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"]).pooler_output
-    classifier = pipeline("zero-shot-image-classification", model=export, trust_remote_code=True)
-    scores = classifier(Image.open(image_path), candidate_labels=["red", "blue", "green"])
-    save_file({"image": image.contiguous(), "text": text.contiguous()}, out)
-    print(json.dumps({
-        "model_module": type(model).__module__,
-        "processor_class": type(processor).__name__,
-        "pipeline_scores": scores,
-        "temde_hf_loaded": any(m.split(".")[0] == "temde_hf" for m in sys.modules),
-    }))
-    """
-)
+export, image_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+texts = json.loads(sys.argv[4])
+model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+batch = processor(images=[Image.open(image_path)], text=texts, return_tensors="pt", padding=True)
+with torch.no_grad():
+    image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    text = model.get_text_features(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).pooler_output
+classifier = pipeline("zero-shot-image-classification", model=export, trust_remote_code=True)
+scores = classifier(Image.open(image_path), candidate_labels=["red", "blue", "green"])
+save_file({"image": image.contiguous(), "text": text.contiguous()}, out)
+print(json.dumps({
+    "model_module": type(model).__module__,
+    "processor_class": type(processor).__name__,
+    "pipeline_scores": scores,
+    "temde_hf_loaded": any(m.split(".")[0] == "temde_hf" for m in sys.modules),
+}))
+"""
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("publish") / "tiny-temde")
+    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("publish") / "tiny-temde")
     # training leftovers that must never be uploaded
     torch.save({"step": 1}, folder / "optimizer.pt")
     (folder / "pytorch_model.bin").write_bytes(b"not really weights")
@@ -129,27 +115,25 @@ def test_dry_run_uploads_nothing_and_push_uploads_the_export(
 
 
 @pytest.mark.slow
-def test_export_loads_in_clean_subprocess_with_same_embeddings(checkpoint: Path, tmp_path: Path) -> None:
+def test_export_loads_in_clean_subprocess_with_same_embeddings(
+    checkpoint: Path, colour_gallery: dict[str, Path], tmp_path: Path
+) -> None:
     from temde_hf import TemdeModel, TemdeProcessor
 
     export = tmp_path / "export"
     export_for_hub(checkpoint, export, eval_json=EVAL)
-    image_path = make_colour_gallery(tmp_path / "images")["orange"]
-    script = tmp_path / "clean_load.py"
-    script.write_text(CLEAN_LOAD)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    image_path = colour_gallery["orange"]
     out = tmp_path / "embeds.safetensors"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(export), str(image_path), str(out), json.dumps(TEXTS)],
+    stdout = run_without_temde_hf(
+        CLEAN_LOAD,
+        str(export),
+        str(image_path),
+        str(out),
+        json.dumps(TEXTS),
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=240,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = json.loads(stdout.strip().splitlines()[-1])
     assert info["model_module"].startswith("transformers_modules"), info  # remote code, not the package
     assert info["processor_class"] == "TemdeProcessor" and not info["temde_hf_loaded"]
 
@@ -167,7 +151,7 @@ def test_export_loads_in_clean_subprocess_with_same_embeddings(checkpoint: Path,
 
 
 def test_overwrite_never_deletes_the_checkpoint_or_foreign_files(tmp_path: Path) -> None:
-    checkpoint = make_tiny_checkpoint(tmp_path / "runs" / "ckpt")
+    checkpoint = save_tiny_checkpoint(tmp_path / "runs" / "ckpt")
     before = sorted(p.name for p in checkpoint.iterdir())
     for out_dir in (tmp_path / "runs", tmp_path, checkpoint):  # contains it (twice), is it
         with pytest.raises(ValueError, match=r"--out-dir .* (contains|is) the checkpoint"):

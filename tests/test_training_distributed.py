@@ -4,10 +4,6 @@ exactly like one process on the whole batch: every pair is a negative of every o
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -16,13 +12,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from temde_hf.testing import save_tiny_towers, tiny_batch, tiny_model
+from temde_hf.testing import accelerate_launch, save_tiny_towers, tiny_batch, tiny_model
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 from temde_hf.training.initialization import freeze_unused_parameters
 from temde_hf.training.losses import contrastive_loss
 
-REPO = Path(__file__).resolve().parents[1]
 # (name, loss_type, micro-batches per process, negatives, frozen vision tower fed cached outputs)
 CASES = [
     ("info_nce_global", "info_nce", 1, "global", False),
@@ -80,22 +75,6 @@ for name, loss_type, n_micro, negatives, frozen in {cases!r}:
     save_file(grads, str(out / f"{{name}}_rank{{rank}}.safetensors"))
     (out / f"{{name}}_rank{{rank}}.json").write_text(json.dumps({{"loss": float(loss)}}))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def accelerate_launch(*args: str, timeout: int = 300) -> None:
-    """Two CPU processes, every flag explicit (a developer's own accelerate config must not leak in)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), *args]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def _single_process(name: str, loss_type: str, n_micro: int, negatives: str, frozen: bool) -> tuple:

@@ -10,11 +10,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from test_training_distributed import accelerate_launch
 from transformers import AutoModelForPreTraining
 
 from temde_hf import TemdeForImageTextRetrieval
-from temde_hf.testing import tiny_batch, tiny_config
+from temde_hf.testing import accelerate_launch, tiny_batch, tiny_config
 from temde_hf.training.accumulation import encode_batch, forward_backward
 from temde_hf.training.arguments import parse_args
 from temde_hf.training.batches import split_micro_batches
