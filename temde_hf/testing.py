@@ -8,6 +8,7 @@ two CPU processes).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import socket
@@ -19,6 +20,7 @@ import textwrap
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -215,6 +217,20 @@ def truncated_jpeg(path: str | Path, size: int = 64) -> Path:
     path = Path(path)
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     return path
+
+
+def import_script(path: str | Path, name: str | None = None) -> ModuleType:
+    """Import a file outside any package (an example application, a benchmark) as a module named `name`.
+
+    Its ``if __name__ == "__main__":`` block does not run; the module is not added to `sys.modules`.
+    """
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path}: not a Python file that can be imported")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # The folder holding the `temde_hf` this process imported: child processes import the same code.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -17,9 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from temde_hf.testing import make_colour_gallery
+from temde_hf.testing import import_script, make_colour_gallery
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO.parent / "shared"
 FLICKR8K_DIR = SHARED_DIR / "data" / "flickr8k-800"
 
 
@@ -50,3 +52,9 @@ def flickr8k_dir() -> Path:
 def colour_gallery(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`temde_hf.testing.make_colour_gallery`, written once per session (read-only): colour -> PNG path."""
     return make_colour_gallery(tmp_path_factory.mktemp("colour_gallery"))
+
+
+@pytest.fixture(scope="session")
+def space_app() -> ModuleType:
+    """The Gradio search demo, `examples/space/app.py`, imported as a module (not launched)."""
+    return import_script(REPO / "examples" / "space" / "app.py", "temde_space_app")

@@ -11,7 +11,6 @@ from PIL import Image
 
 from temde_hf.evaluation.encode import encode_images, encode_texts
 from temde_hf.hub.gallery import build_gallery_from_folder
-from temde_hf.hub.space_app import SearchApp, read_captions
 from temde_hf.testing import (
     GALLERY_CAPTIONS,
     GALLERY_COLOURS,
@@ -37,7 +36,7 @@ def demo_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pa
     return checkpoint, root / "index", root / "images"
 
 
-def _brute_force_top1(app: SearchApp, query: str) -> str:
+def _brute_force_top1(app, query: str) -> str:
     """The gallery image an exhaustive in-process search ranks first for ``query``."""
     gallery = app.gallery
     embeds = encode_images(app.model, app.processor, gallery.paths, progress=False)  # (n_images, E)
@@ -45,10 +44,10 @@ def _brute_force_top1(app: SearchApp, query: str) -> str:
     return gallery.ids[int(np.argmax(scores))]
 
 
-def test_search_app_logic(demo_files, tmp_path: Path) -> None:
+def test_search_app_logic(space_app, demo_files, tmp_path: Path) -> None:
     checkpoint, index_dir, images = demo_files
     (tmp_path / "captions.txt").write_text("\n".join(GALLERY_CAPTIONS) + "\n\n")
-    app = SearchApp(checkpoint, index_dir, tmp_path / "captions.txt")
+    app = space_app.SearchApp(checkpoint, index_dir, tmp_path / "captions.txt")
     assert app.captions == GALLERY_CAPTIONS
     items, ranking = app.search_images(GALLERY_CAPTIONS[2], k=3)
     assert len(items) == 3 and ranking.startswith(f"1. `{_brute_force_top1(app, GALLERY_CAPTIONS[2])}`")
@@ -61,7 +60,7 @@ def test_search_app_logic(demo_files, tmp_path: Path) -> None:
     assert list(best) == [GALLERY_CAPTIONS[i] for i in np.argsort(-scores, kind="stable")[:4]]
     assert list(best.values()) == sorted(best.values(), reverse=True) and 0 < sum(best.values()) <= 1 + 1e-6
     with pytest.raises(ValueError, match="does not exist"):
-        read_captions(tmp_path / "missing.txt")
+        space_app.read_captions(tmp_path / "missing.txt")
 
 
 def _dominant_colour(png: bytes) -> tuple[int, int, int]:
@@ -78,7 +77,9 @@ def _close(colour: tuple[int, int, int], reference: tuple[int, int, int]) -> boo
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_browser_caption_query_shows_the_brute_force_top_image_first(demo_files, tmp_path: Path) -> None:
+def test_browser_caption_query_shows_the_brute_force_top_image_first(
+    space_app, demo_files, tmp_path: Path
+) -> None:
     if not Path(CHROMIUM).is_file():
         pytest.skip("Chromium is not installed (apt-get install -y chromium chromium-driver)")
     try:
@@ -86,10 +87,8 @@ def test_browser_caption_query_shows_the_brute_force_top_image_first(demo_files,
         from playwright.sync_api import sync_playwright
     except ImportError as err:
         pytest.fail(f"the browser test needs `pip install gradio playwright` ({err})")
-    from temde_hf.hub.space_app import build_demo
-
     checkpoint, index_dir, _ = demo_files
-    demo = build_demo(checkpoint, index_dir, GALLERY_CAPTIONS)
+    demo = space_app.build_demo(checkpoint, index_dir, GALLERY_CAPTIONS)
     app = demo.search_app
     # queries whose brute-force winners differ, so the page cannot pass by showing one fixed image
     expected: dict[str, str] = {}
