@@ -84,8 +84,10 @@ def test_export_holds_exactly_the_hub_files(checkpoint: Path, tmp_path: Path) ->
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     for ref in config["auto_map"].values():  # every auto_map module ships
         assert (tmp_path / "export" / f"{ref.split('.')[0]}.py").is_file()
-    processor_config = json.loads((tmp_path / "export" / "processor_config.json").read_text())
-    assert processor_config["auto_map"]["AutoProcessor"] == "processing_temde.TemdeProcessor"
+    # the processor's auto_map is written by `save_pretrained` itself; the export copies the file as is
+    processor_config = (tmp_path / "export" / "processor_config.json").read_text()
+    assert processor_config == (checkpoint / "processor_config.json").read_text()
+    assert json.loads(processor_config)["auto_map"]["AutoProcessor"] == "processing_temde.TemdeProcessor"
     assert "rsum" in (tmp_path / "export" / "README.md").read_text()
     with pytest.raises(ValueError, match="not empty"):
         export_for_hub(checkpoint, tmp_path / "export")
@@ -96,6 +98,17 @@ def test_export_refuses_pickle_only_weights(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"weights only in a pickle format \(pytorch_model\.bin\)"):
         export_for_hub(tmp_path, tmp_path / "out")
+
+
+def test_export_refuses_a_processor_config_without_auto_map(tmp_path: Path) -> None:
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    config_path = checkpoint / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    del config["auto_map"]  # as written by a processor class that was not registered for AutoProcessor
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"processor_config\.json has no auto_map entry for AutoProcessor"):
+        export_for_hub(checkpoint, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 def test_dry_run_uploads_nothing_and_push_uploads_the_export(
