@@ -1,4 +1,6 @@
-"""Shared pieces of the speed benchmarks: device choice, timing, peak memory, tables and JSON.
+"""Shared pieces of the speed benchmarks: device choice, timing, peak memory and JSON.
+
+Tables come from the library's one formatter, `temde_hf.evaluation.tables.format_table`.
 
 Timings are medians over repeats after warm-up. On CUDA they use CUDA events (GPU time between two
 points in the stream) and `torch.cuda.max_memory_allocated`; on CPU, `time.perf_counter` and no memory
@@ -12,7 +14,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,21 +85,6 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None
 def is_oom(error: BaseException) -> bool:
     """Out of memory on either device (the benchmark records it instead of stopping)."""
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A GitHub-markdown table of `rows` restricted to `columns` (floats with 3 significant digits)."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "–"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write_json(payload: dict[str, Any], output: str | Path) -> Path:

@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this
 from common import (
     build_model,
     device_info,
-    format_table,
     make_batch,
     model_benchmark_args,
     model_variants,
@@ -39,6 +38,8 @@ from common import (
     time_fn,
     write_json,
 )
+
+from temde_hf.evaluation.tables import format_table
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "encode_throughput.json"
 

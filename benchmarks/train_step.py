@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this
 from common import (
     build_model,
     device_info,
-    format_table,
     make_batch,
     model_benchmark_args,
     model_variants,
@@ -29,6 +28,8 @@ from common import (
     write_json,
 )
 from encode_throughput import autocast
+
+from temde_hf.evaluation.tables import format_table
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "train_step.json"
 
