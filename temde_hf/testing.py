@@ -346,3 +346,43 @@ def accelerate_launch(
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+# The start of every two-process training worker: accelerate's CPU processes, rank and world, the output
+# folder (`sys.argv[1]`), and `save_rank_result`, which writes one rank's gradients and loss there.
+_DDP_WORKER_HEADER = """
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+sys.path[:0] = {sys_path!r}
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+accelerator = Accelerator(cpu=True)
+rank, world = accelerator.process_index, accelerator.num_processes
+assert world == 2 and accelerator.distributed_type.value == "MULTI_CPU", (world, accelerator.distributed_type)
+out = Path(sys.argv[1])
+
+
+def save_rank_result(name, model, loss):
+    grads = {{k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None}}
+    save_file(grads, str(out / f"{{name}}_rank{{rank}}.safetensors"))
+    (out / f"{{name}}_rank{{rank}}.json").write_text(json.dumps({{"loss": float(loss)}}))
+"""
+
+
+def launch_ddp_worker(body: str, out: str | Path, sys_path: Sequence[str | Path] = ()) -> Path:
+    """Run `body` in two CPU processes under `accelerate launch`, after the common worker header.
+
+    The header defines `accelerator`, `rank`, `world`, `out` (= `out`) and
+    ``save_rank_result(name, model, loss)``, which writes ``out/{name}_rank{rank}.safetensors`` (the
+    gradients) and ``.json`` (the loss). `sys_path` is prepended to the workers' `sys.path` (e.g. the
+    tests folder, to import a test module's case builders). Returns `out`.
+    """
+    out = Path(out)
+    script = out / "worker.py"
+    header = _DDP_WORKER_HEADER.format(sys_path=[str(p) for p in sys_path])
+    script.write_text(header + textwrap.dedent(body))
+    accelerate_launch(str(script), str(out))
+    return out

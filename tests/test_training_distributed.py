@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from temde_hf.testing import accelerate_launch, save_tiny_towers, tiny_batch, tiny_model
+from temde_hf.testing import accelerate_launch, launch_ddp_worker, save_tiny_towers, tiny_batch, tiny_model
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 from temde_hf.training.initialization import freeze_unused_parameters
@@ -44,22 +44,11 @@ def prepare_case(loss_type: str, frozen_vision: bool) -> tuple[torch.nn.Module, 
 
 
 WORKER = """
-import json, sys
-from pathlib import Path
-import torch
-torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
-from accelerate import Accelerator
-from safetensors.torch import save_file
 from test_training_distributed import prepare_case
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 from temde_hf.training.initialization import freeze_unused_parameters
 
-accelerator = Accelerator(cpu=True)
-rank, world = accelerator.process_index, accelerator.num_processes
-assert world == 2 and accelerator.distributed_type.value == "MULTI_CPU", (world, accelerator.distributed_type)
-out = Path(sys.argv[1])
 for name, loss_type, n_micro, negatives, frozen in {cases!r}:
     model, batch, loss_fn = prepare_case(loss_type, frozen)
     freeze_unused_parameters(model, batch, loss_fn)
@@ -71,9 +60,7 @@ for name, loss_type, n_micro, negatives, frozen in {cases!r}:
         torch.manual_seed(step)
         loss = forward_backward(wrapped, split_micro_batches(local, n_micro),
                                 lambda *a: loss_fn(*a, negatives=negatives), accelerator)
-    grads = {{k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None}}
-    save_file(grads, str(out / f"{{name}}_rank{{rank}}.safetensors"))
-    (out / f"{{name}}_rank{{rank}}.json").write_text(json.dumps({{"loss": float(loss)}}))
+    save_rank_result(name, model, loss)
 """
 
 
@@ -101,11 +88,8 @@ def _single_process(name: str, loss_type: str, n_micro: int, negatives: str, fro
 
 @pytest.fixture(scope="module")
 def worker_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    script = out / "worker.py"
-    script.write_text(WORKER.format(tests=str(Path(__file__).parent), cases=CASES, n=N_PAIRS))
-    accelerate_launch(str(script), str(out))
-    return out
+    body = WORKER.format(cases=CASES, n=N_PAIRS)
+    return launch_ddp_worker(body, tmp_path_factory.mktemp("dist"), sys_path=[Path(__file__).parent])
 
 
 @pytest.mark.slow
