@@ -235,9 +235,9 @@ def import_script(path: str | Path, name: str | None = None) -> ModuleType:
 
 # The folder holding the `temde_hf` this process imported: child processes import the same code.
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-# Runs first in `run_python`'s interpreter: importing a blocked package (or any submodule) fails there as if
-# it were not installed. A meta-path finder, not `sys.modules[name] = None`, so submodules and
-# `importlib.util.find_spec` see the package as absent too.
+# Runs first in `run_python`'s interpreter: importing a blocked package or any of its submodules raises the
+# ModuleNotFoundError of an uninstalled package. (A test inside this process uses
+# `monkeypatch.setitem(sys.modules, name, None)` instead: there the package may already be imported.)
 _IMPORT_BLOCKER = """
 import sys
 
