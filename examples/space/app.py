@@ -31,6 +31,7 @@ from temde_hf.hub.gallery import GalleryIndex, search
 from temde_hf.loading import load_checkpoint
 
 TITLE = "T-EMDE cross-modal search"
+HERE = Path(__file__).resolve().parent  # a Space serves the files beside its app.py
 
 
 def read_captions(captions: Sequence[str] | str | Path) -> list[str]:
@@ -132,15 +133,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Launch the demo (on a Space, with no arguments: the files beside this script)."""
     parser = argparse.ArgumentParser(prog="python examples/space/app.py", description=TITLE)
     parser.add_argument(
-        "--model", default=os.environ.get("TEMDE_CHECKPOINT", "checkpoint"), help="checkpoint folder"
+        "--model",
+        default=os.environ.get("TEMDE_CHECKPOINT", str(HERE / "checkpoint")),
+        help="checkpoint folder",
     )
     parser.add_argument(
         "--index",
-        default=os.environ.get("TEMDE_GALLERY_INDEX", "gallery_index"),
+        default=os.environ.get("TEMDE_GALLERY_INDEX", str(HERE / "gallery_index")),
         help="gallery index folder (temde-hf index)",
     )
     parser.add_argument(
-        "--captions", default=os.environ.get("TEMDE_CAPTIONS", "captions.txt"), help="one caption per line"
+        "--captions",
+        default=os.environ.get("TEMDE_CAPTIONS", str(HERE / "captions.txt")),
+        help="one caption per line",
     )
     # A Space sets GRADIO_SERVER_NAME=0.0.0.0; a local run stays on the loopback interface.
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
