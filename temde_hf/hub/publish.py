@@ -59,13 +59,13 @@ def _check_checkpoint(checkpoint_dir: Path) -> dict[str, Any]:
     # `processor.save_pretrained` writes this entry for a registered processor; without it, a user
     # without temde_hf gets the bare tokenizer from `AutoProcessor`, not the image + text processor.
     processor_path = checkpoint_dir / "processor_config.json"
-    if processor_path.is_file() and "AutoProcessor" not in json.loads(processor_path.read_text()).get(
-        "auto_map", {}
-    ):
-        raise ValueError(
-            f"{processor_path} has no auto_map entry for AutoProcessor: save the processor with "
-            "`temde_hf.TemdeProcessor.save_pretrained` so its remote code is named"
-        )
+    if processor_path.is_file():
+        processor_auto_map = json.loads(processor_path.read_text()).get("auto_map", {})
+        if "AutoProcessor" not in processor_auto_map:
+            raise ValueError(
+                f"{processor_path} has no auto_map entry for AutoProcessor: save the processor with "
+                "`temde_hf.TemdeProcessor.save_pretrained` so its remote code is named"
+            )
     return config
 
 
