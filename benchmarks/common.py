@@ -1,4 +1,6 @@
-"""Shared pieces of the speed benchmarks: device choice, timing, peak memory, tables and JSON.
+"""Shared pieces of the speed benchmarks: device choice, timing, peak memory and JSON.
+
+Tables come from the library's one formatter, `temde_hf.evaluation.tables.format_table`.
 
 Timings are medians over repeats after warm-up. On CUDA they use CUDA events (GPU time between two
 points in the stream) and `torch.cuda.max_memory_allocated`; on CPU, `time.perf_counter` and no memory
@@ -12,7 +14,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,21 +85,6 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None
 def is_oom(error: BaseException) -> bool:
     """Out of memory on either device (the benchmark records it instead of stopping)."""
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A GitHub-markdown table of `rows` restricted to `columns` (floats with 3 significant digits)."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "–"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write_json(payload: dict[str, Any], output: str | Path) -> Path:
@@ -176,21 +163,67 @@ def model_variants(device: torch.device) -> dict[str, tuple[str, str]]:
 
 
 def model_benchmark_args(
-    argv: list[str] | None, doc: str | None, default_output: Path, batch_help: str
+    argv: list[str] | None,
+    doc: str | None,
+    default_output: Path,
+    *,
+    batch_size: tuple[int, int],
+    warmup: int,
+    repeats: int,
 ) -> argparse.Namespace:
-    """The command line shared by the model-level benchmarks (encode throughput, training step)."""
+    """The command line shared by the model-level benchmarks (encode throughput, training step), resolved.
+
+    Args:
+        argv: The arguments (``None``: `sys.argv`).
+        doc: The benchmark's description.
+        default_output: Its JSON path.
+        batch_size: Default batch size `(on CUDA, on CPU)`.
+        warmup: Default warm-up calls; `repeats`: default timed calls (``--quick``: 1 and 3, batch 8).
+
+    Returns:
+        The parsed arguments with `device` a `torch.device`, `batch_size`, `warmup` and `repeats` filled in,
+        and `n_sketches` / `n_hyperplanes` parsed from ``--sketch NxH``.
+    """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if present")
     parser.add_argument("--towers", choices=TOWER_PRESETS, default="tiny")
     parser.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 3 repeats")
-    parser.add_argument("--batch-size", type=int, default=None, help=batch_help)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"default {batch_size[0]} (cuda) / {batch_size[1]} (cpu)"
+    )
     parser.add_argument("--projection-dim", type=int, default=256)
     parser.add_argument("--sketch", default="32x6", help="NxH of the sketch")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on cuda")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None, help=f"default {warmup}")
+    parser.add_argument("--repeats", type=int, default=None, help=f"default {repeats}")
     parser.add_argument("--output", type=Path, default=default_output)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.device = resolve_device(args.device)
+    default_batch = batch_size[0] if args.device.type == "cuda" else batch_size[1]
+    args.batch_size = args.batch_size or (8 if args.quick else default_batch)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else warmup)
+    args.repeats = args.repeats or (3 if args.quick else repeats)
+    args.n_sketches, args.n_hyperplanes = (int(v) for v in args.sketch.lower().split("x"))
+    return args
+
+
+def variant_models(args: argparse.Namespace) -> Iterator[tuple[str, Any, dict[str, int]]]:
+    """`(name, model on args.device, input sizes)` of each `model_variants` entry, built one at a time."""
+    for name, (fusion, kernel) in model_variants(args.device).items():
+        model, sizes = build_model(
+            args.towers, fusion, kernel, args.n_sketches, args.n_hyperplanes, args.projection_dim
+        )
+        yield name, model.to(args.device), sizes
+        del model  # before the next variant is built: never two models in memory at once
+
+
+def model_benchmark_settings(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
+    """The settings a model-level benchmark records in its JSON."""
+    return {
+        "towers": args.towers, "batch_size": args.batch_size, "projection_dim": args.projection_dim,
+        "sketch": args.sketch, "dtype": args.dtype if args.device.type == "cuda" else "fp32",
+        "warmup": args.warmup, "repeats": args.repeats, **sizes,
+    }  # fmt: skip
 
 
 def write_section(path: Path, name: str, markdown: str, heading: str | None = None) -> None:

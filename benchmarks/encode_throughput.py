@@ -29,16 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import (
-    build_model,
     device_info,
-    format_table,
     make_batch,
     model_benchmark_args,
-    model_variants,
-    resolve_device,
+    model_benchmark_settings,
     time_fn,
+    variant_models,
     write_json,
 )
+
+from temde_hf.evaluation.tables import format_table
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "encode_throughput.json"
 
@@ -130,18 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     if "--checkpoint" in argv:
         return backends_main(argv)
-    args = model_benchmark_args(argv, __doc__, DEFAULT_OUTPUT, "default 256 (cuda) / 32 (cpu)")
-    device = resolve_device(args.device)
-    batch_size = args.batch_size or (8 if args.quick else 256 if device.type == "cuda" else 32)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    repeats = args.repeats or (3 if args.quick else 20)
-    n_sketches, n_hyperplanes = (int(v) for v in args.sketch.lower().split("x"))
+    args = model_benchmark_args(argv, __doc__, DEFAULT_OUTPUT, batch_size=(256, 32), warmup=5, repeats=20)
+    device, batch_size, warmup, repeats = args.device, args.batch_size, args.warmup, args.repeats
     rows = []
-    for name, (fusion, kernel) in model_variants(device).items():
-        model, sizes = build_model(
-            args.towers, fusion, kernel, n_sketches, n_hyperplanes, args.projection_dim
-        )
-        model = model.to(device).eval()
+    for name, model, sizes in variant_models(args):
+        model = model.eval()
         batch = make_batch(sizes, batch_size, device)
         with torch.inference_mode(), autocast(device, args.dtype):
             image_ms = time_fn(
@@ -162,10 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         row["image_ratio_vs_plain"] = row["images_per_s"] / base["images_per_s"]
         row["text_ratio_vs_plain"] = row["captions_per_s"] / base["captions_per_s"]
-    settings = {
-        "towers": args.towers, "batch_size": batch_size, "projection_dim": args.projection_dim, "sketch": args.sketch,
-        "dtype": args.dtype if device.type == "cuda" else "fp32", "warmup": warmup, "repeats": repeats, **sizes,
-    }  # fmt: skip
+    settings = model_benchmark_settings(args, sizes)
     payload = {
         "benchmark": "encode_throughput",
         "env": device_info(device),

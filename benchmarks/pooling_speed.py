@@ -46,8 +46,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import device_info, format_table, is_oom, peak_memory_mib, resolve_device, time_fn, write_json
+from common import device_info, is_oom, peak_memory_mib, resolve_device, time_fn, write_json
 
+from temde_hf.evaluation.tables import format_table
 from temde_hf.models.temde import TemdeConfig, TemdeSketch
 from temde_hf.models.temde.triton_sketch_temde import HAS_TRITON
 

@@ -30,6 +30,7 @@ from common import write_section
 from recipe_search import CONFIG, KEYS, REPO, TEST_FLAGS, cv_flags, mean_std, run_one
 
 from temde_hf.convert.towers import offline_towers
+from temde_hf.evaluation.tables import format_table
 
 PLAIN: dict[str, list[str]] = {
     "mean": ["--pooling", "mean", "--sketch_fusion", "none"],
@@ -113,16 +114,19 @@ def run_head(flags: list[str], args: argparse.Namespace, work: Path, towers: tup
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = ["| towers | head | CV RSUM (mean ± std over seeds) | test RSUM | test R@1 i2t / t2i |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for setting, heads in summary.items():
-        for head, r in heads["heads"].items():
-            lines.append(
-                f"| {setting} | {head} | {r['val']['rsum']['mean']:.1f} ± {r['val']['rsum']['std']:.1f} | "
-                f"{r['test']['rsum']['mean']:.1f} ± {r['test']['rsum']['std']:.1f} | "
-                f"{r['test']['i2t_r1']['mean']:.1f} / {r['test']['t2i_r1']['mean']:.1f} |"
-            )
-    lines.append("")
+    rows = [
+        {
+            "towers": setting,
+            "head": head,
+            "cv": f"{r['val']['rsum']['mean']:.1f} ± {r['val']['rsum']['std']:.1f}",
+            "test": f"{r['test']['rsum']['mean']:.1f} ± {r['test']['rsum']['std']:.1f}",
+            "r1": f"{r['test']['i2t_r1']['mean']:.1f} / {r['test']['t2i_r1']['mean']:.1f}",
+        }
+        for setting, heads in summary.items()
+        for head, r in heads["heads"].items()
+    ]
+    headers = ["towers", "head", "CV RSUM (mean ± std over seeds)", "test RSUM", "test R@1 i2t / t2i"]
+    lines = [format_table(rows, ["towers", "head", "cv", "test", "r1"], headers), ""]
     for setting, heads in summary.items():
         v = heads["verdict"]
         gain = v["test_paired_gain"]

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import device_info, format_table, resolve_device, time_fn, write_json
+from common import device_info, resolve_device, time_fn, write_json
 
+from temde_hf.evaluation.tables import format_table
 from temde_hf.hub.gallery.build import BuildSettings, merge_shards, shard_path
 from temde_hf.hub.gallery.index import GalleryIndex
 from temde_hf.hub.gallery.sources import ImageList

@@ -17,18 +17,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import (
-    build_model,
     device_info,
-    format_table,
     make_batch,
     model_benchmark_args,
-    model_variants,
+    model_benchmark_settings,
     peak_memory_mib,
-    resolve_device,
     time_fn,
+    variant_models,
     write_json,
 )
 from encode_throughput import autocast
+
+from temde_hf.evaluation.tables import format_table
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "train_step.json"
 
@@ -48,20 +48,13 @@ def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: to
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = model_benchmark_args(argv, __doc__, DEFAULT_OUTPUT, "default 128 (cuda) / 16 (cpu)")
-    device = resolve_device(args.device)
-    batch_size = args.batch_size or (8 if args.quick else 128 if device.type == "cuda" else 16)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    repeats = args.repeats or (3 if args.quick else 10)
-    n_sketches, n_hyperplanes = (int(v) for v in args.sketch.lower().split("x"))
+    args = model_benchmark_args(argv, __doc__, DEFAULT_OUTPUT, batch_size=(128, 16), warmup=3, repeats=10)
+    device, batch_size = args.device, args.batch_size
     rows = []
-    for name, (fusion, kernel) in model_variants(device).items():
-        model, sizes = build_model(
-            args.towers, fusion, kernel, n_sketches, n_hyperplanes, args.projection_dim
-        )
-        model = model.to(device).train()
+    for name, model, sizes in variant_models(args):
+        model = model.train()
         step = make_step(model, make_batch(sizes, batch_size, device), device, args.dtype)
-        ms = time_fn(step, device, warmup, repeats)
+        ms = time_fn(step, device, args.warmup, args.repeats)
         rows.append(
             {
                 "variant": name,
@@ -73,10 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del model, step
     for row in rows:
         row["ratio_vs_plain"] = row["pairs_per_s"] / rows[0]["pairs_per_s"]
-    settings = {
-        "towers": args.towers, "batch_size": batch_size, "projection_dim": args.projection_dim, "sketch": args.sketch,
-        "dtype": args.dtype if device.type == "cuda" else "fp32", "warmup": warmup, "repeats": repeats, **sizes,
-    }  # fmt: skip
+    settings = model_benchmark_settings(args, sizes)
     payload = {"benchmark": "train_step", "env": device_info(device), "settings": settings, "results": rows}
     path = write_json(payload, args.output)
     print(format_table(rows, ["variant", "step_ms", "pairs_per_s", "ratio_vs_plain", "peak_mib"]))

@@ -85,13 +85,15 @@ def evaluate(args: argparse.Namespace, final: Path) -> dict[str, Any]:
 
 
 def results_table(result: dict[str, Any], minutes: float, command: str) -> str:
-    full = result["full"]
+    from temde_hf.evaluation.tables import format_table
+
+    columns = ["name", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+    row = {**result["full"], "name": CARD_NAME, "rsum": f"**{result['full']['rsum']:.1f}**"}
+    headers = ["test split", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "RSUM"]
     return (
         f"Measured by `{command}` ({minutes:.0f} min on this machine's 2 CPU cores, towers converted and "
         f"features cached included; {result['n_images']} test images, {result['n_captions']} captions):\n\n"
-        "| test split | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |\n|---|---|---|---|---|---|---|---|\n"
-        f"| {CARD_NAME} | {full['i2t_r1']:.1f} | {full['i2t_r5']:.1f} | {full['i2t_r10']:.1f} | "
-        f"{full['t2i_r1']:.1f} | {full['t2i_r5']:.1f} | {full['t2i_r10']:.1f} | **{full['rsum']:.1f}** |"
+        + format_table([row], columns, headers, float_format=".1f")
     )
 
 

@@ -1,19 +1,30 @@
 """Tiny, offline building blocks for tests, examples and smoke benchmarks.
 
 Everything here is built from configs in code: no download, a few thousand parameters, milliseconds.
+Models and processors, a solid-colour image gallery, bad images, and the two ways the tests run code
+in another interpreter (a clean one with some packages made unimportable, or `accelerate launch` of
+two CPU processes).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import os
+import socket
 import string
 import struct
+import subprocess
+import sys
+import textwrap
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import BertConfig, BertTokenizer, ViTConfig, ViTImageProcessor
 
 from .models.temde import TemdeConfig, TemdeForImageTextRetrieval, TemdeModel, TemdeProcessor
@@ -86,12 +97,17 @@ def tiny_processor() -> TemdeProcessor:
     return TemdeProcessor(image_processor, tokenizer)
 
 
-def save_tiny_checkpoint(directory: str | Path, matching_head: bool = False, **overrides: Any) -> Path:
+def save_tiny_checkpoint(
+    directory: str | Path, matching_head: bool = False, seed: int | None = None, **overrides: Any
+) -> Path:
     """Save a tiny model and its processor to `directory` (a loadable checkpoint); returns the folder.
 
-    With `matching_head` the model is a `TemdeForImageTextRetrieval` (the dual encoder + its matching head).
+    With `matching_head` the model is a `TemdeForImageTextRetrieval` (the dual encoder + its matching head);
+    `seed` seeds torch first, so two checkpoints of different seeds hold different weights.
     """
     directory = Path(directory)
+    if seed is not None:
+        torch.manual_seed(seed)
     model = TemdeForImageTextRetrieval(tiny_config(**overrides)) if matching_head else tiny_model(**overrides)
     model.save_pretrained(directory)
     tiny_processor().save_pretrained(directory)
@@ -134,6 +150,49 @@ def tiny_batch(n: int, seed: int = 0, n_images: int | None = None) -> dict[str, 
     }
 
 
+def tiny_processed_batch(processor: TemdeProcessor | None = None) -> dict[str, torch.Tensor]:
+    """Two solid grey 40-px images and two captions through `processor` (default: `tiny_processor()`)."""
+    import numpy as np
+
+    images = [Image.fromarray(np.full((40, 40, 3), grey, dtype=np.uint8)) for grey in (30, 200)]
+    processor = processor if processor is not None else tiny_processor()
+    return processor(images=images, text=["a red circle", "a blue square on the left"])
+
+
+def _gallery_colours() -> dict[str, tuple[int, int, int]]:
+    from .data.synthetic import BACKGROUNDS, COLOURS
+
+    return {**COLOURS, "black": BACKGROUNDS["black"], "white": BACKGROUNDS["white"]}
+
+
+# The colour gallery: one image per colour (its file stem), and captions whose words are all in `tiny_vocab()`.
+GALLERY_COLOURS: dict[str, tuple[int, int, int]] = _gallery_colours()
+GALLERY_CAPTIONS: list[str] = [
+    f"a {colour} square on a {background} background"
+    for colour in GALLERY_COLOURS
+    for background in ("black", "white")
+]
+
+
+def make_colour_gallery(folder: str | Path) -> dict[str, Path]:
+    """Write one 48-px PNG per `GALLERY_COLOURS` entry into `folder`; returns colour name -> path.
+
+    Each image is its colour with an inverse-colour square at its own place, so images differ in
+    layout as well as colour.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for i, (name, rgb) in enumerate(GALLERY_COLOURS.items()):
+        image = Image.new("RGB", (48, 48), rgb)
+        offset = 4 + 4 * i
+        inverse = (255 - rgb[0], 255 - rgb[1], 255 - rgb[2])
+        ImageDraw.Draw(image).rectangle([offset, offset, offset + 10, offset + 10], fill=inverse)
+        paths[name] = folder / f"{name}.png"
+        image.save(paths[name])
+    return paths
+
+
 def png_declaring_size(width: int, height: int) -> bytes:
     """A 1-pixel PNG whose header claims `width` x `height` (a decompression bomb as far as the header
     goes; decoding it would fail, so a test passes only if the size is refused before decoding)."""
@@ -158,3 +217,172 @@ def truncated_jpeg(path: str | Path, size: int = 64) -> Path:
     path = Path(path)
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     return path
+
+
+def import_script(path: str | Path, name: str | None = None) -> ModuleType:
+    """Import a file outside any package (an example application, a benchmark) as a module named `name`.
+
+    Its ``if __name__ == "__main__":`` block does not run; the module is not added to `sys.modules`.
+    """
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path}: not a Python file that can be imported")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The folder holding the `temde_hf` this process imported: child processes import the same code.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# Runs first in `run_python`'s interpreter: importing a blocked package or any of its submodules raises the
+# ModuleNotFoundError of an uninstalled package. (A test inside this process uses
+# `monkeypatch.setitem(sys.modules, name, None)` instead: there the package may already be imported.)
+_IMPORT_BLOCKER = """
+import sys
+
+class _BlockImports:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked in this test)", name=name)
+        return None
+
+assert not [m for m in sys.modules if m.split(".")[0] in {blocked!r}], "a blocked package was already imported"
+sys.meta_path.insert(0, _BlockImports())
+"""
+
+
+def _child_env(env: Mapping[str, str | None] | None) -> dict[str, str]:
+    """`os.environ` offline, with `PACKAGE_ROOT` on `PYTHONPATH`, then `env` (a `None` value removes a key)."""
+    child = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(PACKAGE_ROOT)}
+    for key, value in (env or {}).items():
+        if value is None:
+            child.pop(key, None)
+        else:
+            child[key] = value
+    return child
+
+
+def run_python(
+    code: str,
+    *args: str,
+    blocked: Sequence[str] = (),
+    cwd: str | Path | None = None,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 300,
+) -> str:
+    """Run `code` in a fresh interpreter (`python -c code *args`) with the `blocked` packages unimportable.
+
+    Args:
+        code: Python source (dedented here); `sys.argv[1:]` is `args`.
+        blocked: Top-level package names whose import fails, e.g. ``("temde_hf",)`` to prove a folder
+            loads as Hub remote code alone.
+        cwd: Working folder (default: this one); it is on `sys.path` as with any ``-c`` script.
+        env: Changes to the environment (see `_child_env`); ``{"PYTHONPATH": None}`` drops the package.
+        timeout: Seconds before the run is killed.
+
+    Returns:
+        The child's stdout.
+
+    Raises:
+        AssertionError: The child exited with a non-zero status (the message ends with its stderr).
+    """
+    source = (_IMPORT_BLOCKER.format(blocked=tuple(blocked)) if blocked else "") + textwrap.dedent(code)
+    result = subprocess.run(
+        [sys.executable, "-c", source, *args],
+        cwd=cwd,
+        env=_child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"exit status {result.returncode}:\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def run_without_temde_hf(code: str, *args: str, cwd: str | Path, timeout: float = 300) -> str:
+    """`run_python` as a user without this package runs Hub remote code: temde_hf blocked, not on `PYTHONPATH`.
+
+    `cwd` should lie outside the repository (a test's `tmp_path`); transformers' remote-code module cache
+    goes into ``cwd/hf_modules``, so no copy cached by another run is used. Returns the child's stdout.
+    """
+    env = {"PYTHONPATH": None, "HF_MODULES_CACHE": str(Path(cwd) / "hf_modules")}
+    return run_python(code, *args, blocked=("temde_hf",), cwd=cwd, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a launcher's rendezvous or a web server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(
+    *args: str,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 300,
+) -> str:
+    """`accelerate launch` two CPU processes running `args` (a script or ``-m module`` and its arguments).
+
+    Every launcher flag is explicit, so a developer's own accelerate config cannot leak in; each process
+    gets one thread (two processes share two cores). Returns the launcher's stdout.
+
+    Raises:
+        AssertionError: The launch failed (the message ends with its output).
+    """
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), *args,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command,
+        cwd=cwd,
+        env=_child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+# The start of every two-process training worker: accelerate's CPU processes, rank and world, the output
+# folder (`sys.argv[1]`), and `save_rank_result`, which writes one rank's gradients and loss there.
+_DDP_WORKER_HEADER = """
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+sys.path[:0] = {sys_path!r}
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+accelerator = Accelerator(cpu=True)
+rank, world = accelerator.process_index, accelerator.num_processes
+assert world == 2 and accelerator.distributed_type.value == "MULTI_CPU", (world, accelerator.distributed_type)
+out = Path(sys.argv[1])
+
+
+def save_rank_result(name, model, loss):
+    grads = {{k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None}}
+    save_file(grads, str(out / f"{{name}}_rank{{rank}}.safetensors"))
+    (out / f"{{name}}_rank{{rank}}.json").write_text(json.dumps({{"loss": float(loss)}}))
+"""
+
+
+def launch_ddp_worker(body: str, out: str | Path, sys_path: Sequence[str | Path] = ()) -> Path:
+    """Run `body` in two CPU processes under `accelerate launch`, after the common worker header.
+
+    The header defines `accelerator`, `rank`, `world`, `out` (= `out`) and
+    ``save_rank_result(name, model, loss)``, which writes ``out/{name}_rank{rank}.safetensors`` (the
+    gradients) and ``.json`` (the loss). `sys_path` is prepended to the workers' `sys.path` (e.g. the
+    tests folder, to import a test module's case builders). Returns `out`.
+    """
+    out = Path(out)
+    script = out / "worker.py"
+    header = _DDP_WORKER_HEADER.format(sys_path=[str(p) for p in sys_path])
+    script.write_text(header + textwrap.dedent(body))
+    accelerate_launch(str(script), str(out))
+    return out

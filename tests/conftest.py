@@ -1,9 +1,14 @@
-"""Shared test settings: offline, CPU, deterministic, and the `gpu` marker."""
+"""Shared test settings and fixtures: offline, CPU, deterministic, the `gpu` marker, shared data.
+
+Builders (tiny models, checkpoints, galleries, subprocess runners) live in `temde_hf.testing`; this file
+only turns the ones many tests share into fixtures.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -13,7 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+from temde_hf.testing import import_script, make_colour_gallery
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO.parent / "shared"
 FLICKR8K_DIR = SHARED_DIR / "data" / "flickr8k-800"
 
 
@@ -38,3 +46,15 @@ def flickr8k_dir() -> Path:
             f"the shared Flickr8k sample is missing at {FLICKR8K_DIR}; clone the project beside shared/"
         )
     return FLICKR8K_DIR
+
+
+@pytest.fixture(scope="session")
+def colour_gallery(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`temde_hf.testing.make_colour_gallery`, written once per session (read-only): colour -> PNG path."""
+    return make_colour_gallery(tmp_path_factory.mktemp("colour_gallery"))
+
+
+@pytest.fixture(scope="session")
+def space_app() -> ModuleType:
+    """The Gradio search demo, `examples/space/app.py`, imported as a module (not launched)."""
+    return import_script(REPO / "examples" / "space" / "app.py", "temde_space_app")

@@ -11,7 +11,7 @@ from temde_hf.models.temde.alignment_temde import (
     alignment_scores,
     paired_alignment_scores,
 )
-from temde_hf.models.temde.configuration_temde import ALIGNMENT_CHOICES
+from temde_hf.testing import tiny_config
 
 
 def _reference(image: torch.Tensor, text: torch.Tensor, aggregation: str) -> float:
@@ -40,8 +40,11 @@ def _padded(
     return valid, tokens, mask
 
 
-def test_registry_matches_config_choices() -> None:
-    assert tuple(ALIGNMENT_AGGREGATIONS) == ALIGNMENT_CHOICES
+def test_a_new_aggregation_is_a_config_choice_with_no_other_edit(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="alignment_aggregation='mean_mean'"):
+        tiny_config(alignment_aggregation="mean_mean")
+    monkeypatch.setitem(ALIGNMENT_AGGREGATIONS, "mean_mean", ALIGNMENT_AGGREGATIONS["max_mean"])
+    assert tiny_config(alignment_aggregation="mean_mean").alignment_aggregation == "mean_mean"
 
 
 @pytest.mark.parametrize("aggregation", sorted(ALIGNMENT_AGGREGATIONS))

@@ -6,7 +6,6 @@ how fast anything is: timings here are meaningless.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,14 +13,13 @@ from types import ModuleType
 
 import pytest
 
+from temde_hf.testing import import_script
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(BENCHMARKS / f"{name}.py", f"benchmarks_{name}")
 
 
 def _run(name: str, argv: list[str], tmp_path: Path) -> dict:

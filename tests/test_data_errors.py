@@ -151,7 +151,7 @@ def test_duplicate_image_ids_are_an_error_or_skipped_and_counted(synthetic: Path
     assert "already used" in report.skipped[0][1]
 
 
-def test_non_utf8_text_files_are_named(tmp_path: Path, synthetic: Path) -> None:
+def test_non_utf8_text_files_are_named(tmp_path: Path, synthetic: Path, space_app) -> None:
     latin1 = "image,caption\nimg_00000.png,a caf\u00e9 on a street\n".encode("latin-1")
     (tmp_path / "captions.csv").write_bytes(latin1)
     with pytest.raises(
@@ -163,11 +163,9 @@ def test_non_utf8_text_files_are_named(tmp_path: Path, synthetic: Path) -> None:
     (folder / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "captions": ["caf\xe9"]}\n')
     with pytest.raises(DataError, match=r"metadata\.jsonl: not UTF-8 text.*re-save"):
         load_imagefolder(folder)
-    from temde_hf.hub.space_app import read_captions  # the Space demo's caption list
-
     (tmp_path / "captions.txt").write_bytes(latin1)
     with pytest.raises(DataError, match=r"captions\.txt: not UTF-8 text"):
-        read_captions(tmp_path / "captions.txt")
+        space_app.read_captions(tmp_path / "captions.txt")  # the Space demo's caption list
 
 
 def test_folder_without_metadata_is_named(tmp_path: Path, synthetic: Path) -> None:

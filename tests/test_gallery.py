@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_tiny import CAPTIONS, make_colour_gallery, make_tiny_checkpoint
 from PIL import Image
 
 from temde_hf.evaluation.encode import encode_images, encode_texts, load_encoder
@@ -21,6 +20,7 @@ from temde_hf.hub.gallery import (
     search,
     search_main,
 )
+from temde_hf.testing import GALLERY_CAPTIONS, make_colour_gallery, save_tiny_checkpoint
 
 pytest.importorskip("faiss", reason="gallery search needs faiss-cpu (the `index` extra)")
 
@@ -28,7 +28,7 @@ pytest.importorskip("faiss", reason="gallery search needs faiss-cpu (the `index`
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("gallery")
-    checkpoint = make_tiny_checkpoint(root / "tiny", seed=2)
+    checkpoint = save_tiny_checkpoint(root / "tiny", seed=2)
     make_colour_gallery(root / "images")
     (root / "images" / "nested").mkdir()
     gradient = np.tile(np.linspace(0, 255, 48, dtype=np.uint8)[:, None, None], (1, 48, 3))
@@ -53,7 +53,7 @@ def test_index_save_load_search_equals_brute_force(setup, tmp_path: Path) -> Non
 
     paths = [Path(p) for p in loaded.paths]
     gallery_embeds = encode_images(model, processor, paths, progress=False)
-    text_queries = CAPTIONS[:6]
+    text_queries = GALLERY_CAPTIONS[:6]
     hits = search(loaded, model, processor, texts=text_queries, images=[paths[4]], k=4)
     queries = np.concatenate([encode_texts(model, processor, text_queries), gallery_embeds[4:5]])
     expected = _brute_force(gallery_embeds, queries, 4)
@@ -79,7 +79,7 @@ def test_hnsw_and_dataset_source(setup) -> None:
         progress=False,
         model_and_processor=(model, processor),
     )
-    queries = encode_texts(model, processor, CAPTIONS[:4])
+    queries = encode_texts(model, processor, GALLERY_CAPTIONS[:4])
     gallery_embeds = encode_images(model, processor, files, progress=False)
     expected = _brute_force(gallery_embeds, queries, 3)
     for row, want in zip(gallery.search(queries, 3), expected):  # 8 items: HNSW is exact here
@@ -103,13 +103,13 @@ def test_cli_index_skips_unreadable_images_and_search_equals_brute_force(
     assert meta["index_type"] == "flat" and "fit" in meta["index"]["reason"]  # the automatic choice, recorded
     assert "broken.png" not in meta["ids"]
 
-    hits = search_main(["--index", str(tmp_path / "idx"), "--text", CAPTIONS[0], "-k", "3", "--json"])
+    hits = search_main(["--index", str(tmp_path / "idx"), "--text", GALLERY_CAPTIONS[0], "-k", "3", "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert [h["id"] for h in printed[0]["hits"]] == [h.id for h in hits[0]] and len(hits[0]) == 3
     gallery = GalleryIndex.load(tmp_path / "idx")
     expected = _brute_force(
         encode_images(model, processor, gallery.paths, progress=False),
-        encode_texts(model, processor, CAPTIONS[:1]),
+        encode_texts(model, processor, GALLERY_CAPTIONS[:1]),
         3,
     )[0]
     assert [h.id for h in hits[0]] == [gallery.ids[i] for i in expected]
@@ -118,7 +118,7 @@ def test_cli_index_skips_unreadable_images_and_search_equals_brute_force(
 def test_search_refuses_another_model_and_bad_k(setup, tmp_path: Path) -> None:
     checkpoint, folder, _ = setup
     index_main(["--model", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "idx")])
-    other = make_tiny_checkpoint(tmp_path / "other", seed=5)  # same architecture, other weights
+    other = save_tiny_checkpoint(tmp_path / "other", seed=5)  # same architecture, other weights
     with pytest.raises(SystemExit, match=r"built by another model .* fingerprint"):
         search_main(["--index", str(tmp_path / "idx"), "--model", str(other), "--text", "a red square"])
     for k in ("0", "-3"):

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_tiny import make_colour_gallery, make_tiny_checkpoint
 
 from temde_hf.hub.gallery import GalleryIndex, index_main
 from temde_hf.hub.gallery import build as build_module
+from temde_hf.testing import accelerate_launch, make_colour_gallery, save_tiny_checkpoint
 
 pytest.importorskip("faiss", reason="gallery search needs faiss-cpu (the `index` extra)")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("sharded")
-    checkpoint = make_tiny_checkpoint(root / "tiny", seed=7)
+    checkpoint = save_tiny_checkpoint(root / "tiny", seed=7)
     make_colour_gallery(root / "images")
     return checkpoint, root / "images"
 
@@ -38,24 +33,11 @@ def _vectors(index_dir: Path) -> tuple[list[str], np.ndarray]:
     return gallery.ids, gallery.index.reconstruct_n(0, len(gallery))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_build_equals_one_process(setup, tmp_path: Path) -> None:
     checkpoint, images = setup
     index_main(_args(checkpoint, images, tmp_path / "one"))
-    # Every accelerate flag explicit (a developer's config file would fill in the rest otherwise).
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "temde_hf.cli", "index",
-              *_args(checkpoint, images, tmp_path / "two")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    accelerate_launch("-m", "temde_hf.cli", "index", *_args(checkpoint, images, tmp_path / "two"))
     meta = json.loads((tmp_path / "two" / "gallery.json").read_text())
     assert meta["build"]["processes"] == 2 and meta["build"]["shards"] == 3
     ids_one, vectors_one = _vectors(tmp_path / "one")
@@ -105,7 +87,7 @@ def test_interrupted_build_resumes_without_reencoding(setup, tmp_path: Path, mon
     encoded_starts.clear()
     index_main([*_args(checkpoint, images, out)[:-4], "--index-type", "fp16"])
     assert encoded_starts == [] and GalleryIndex.load(out).index_type == "fp16"
-    other = make_tiny_checkpoint(tmp_path / "other", seed=8)
+    other = save_tiny_checkpoint(tmp_path / "other", seed=8)
     with pytest.raises(SystemExit, match="holds shards of another build"):
         index_main(_args(other, images, out))
 

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hub_tiny import make_tiny_checkpoint
 from huggingface_hub import ModelCard
 
 from temde_hf.evaluation.metrics import metrics_from_ranks
 from temde_hf.hub.model_card import load_eval_results, render_model_card, write_model_card
+from temde_hf.testing import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("card") / "tiny-temde")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("card") / "tiny-temde")
 
 
 def _evaluate_layout(seed: int = 3) -> dict:

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
-from hub_tiny import make_colour_gallery, make_tiny_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
 from temde_hf.hub.publish import export_for_hub, main, push_to_hub
+from temde_hf.testing import run_without_temde_hf, save_tiny_checkpoint
 
 TEXTS = ["a red square", "a blue dog on the grass", "this is a photo of a cat"]
 EVAL = {
@@ -29,47 +25,37 @@ EVAL = {
 
 # Runs in a fresh interpreter, outside the repository, with temde_hf made unimportable: only the
 # exported folder's remote code can build the model.
-CLEAN_LOAD = textwrap.dedent(
-    """
-    import json, sys
+CLEAN_LOAD = """
+import json, sys
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoProcessor, pipeline
 
-    class BlockTemde:
-        def find_spec(self, name, path=None, target=None):
-            if name == "temde_hf" or name.startswith("temde_hf."):
-                raise ModuleNotFoundError("temde_hf is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockTemde())
-    import torch
-    from PIL import Image
-    from safetensors.torch import save_file
-    from transformers import AutoModel, AutoProcessor, pipeline
-
-    export, image_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    texts = json.loads(sys.argv[4])
-    model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
-    batch = processor(images=[Image.open(image_path)], text=texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
-        text = model.get_text_features(input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"]).pooler_output
-    classifier = pipeline("zero-shot-image-classification", model=export, trust_remote_code=True)
-    scores = classifier(Image.open(image_path), candidate_labels=["red", "blue", "green"])
-    save_file({"image": image.contiguous(), "text": text.contiguous()}, out)
-    print(json.dumps({
-        "model_module": type(model).__module__,
-        "processor_class": type(processor).__name__,
-        "pipeline_scores": scores,
-        "temde_hf_loaded": any(m.split(".")[0] == "temde_hf" for m in sys.modules),
-    }))
-    """
-)
+export, image_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+texts = json.loads(sys.argv[4])
+model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+batch = processor(images=[Image.open(image_path)], text=texts, return_tensors="pt", padding=True)
+with torch.no_grad():
+    image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    text = model.get_text_features(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).pooler_output
+classifier = pipeline("zero-shot-image-classification", model=export, trust_remote_code=True)
+scores = classifier(Image.open(image_path), candidate_labels=["red", "blue", "green"])
+save_file({"image": image.contiguous(), "text": text.contiguous()}, out)
+print(json.dumps({
+    "model_module": type(model).__module__,
+    "processor_class": type(processor).__name__,
+    "pipeline_scores": scores,
+    "temde_hf_loaded": any(m.split(".")[0] == "temde_hf" for m in sys.modules),
+}))
+"""
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("publish") / "tiny-temde")
+    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("publish") / "tiny-temde")
     # training leftovers that must never be uploaded
     torch.save({"step": 1}, folder / "optimizer.pt")
     (folder / "pytorch_model.bin").write_bytes(b"not really weights")
@@ -98,8 +84,10 @@ def test_export_holds_exactly_the_hub_files(checkpoint: Path, tmp_path: Path) ->
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     for ref in config["auto_map"].values():  # every auto_map module ships
         assert (tmp_path / "export" / f"{ref.split('.')[0]}.py").is_file()
-    processor_config = json.loads((tmp_path / "export" / "processor_config.json").read_text())
-    assert processor_config["auto_map"]["AutoProcessor"] == "processing_temde.TemdeProcessor"
+    # the processor's auto_map is written by `save_pretrained` itself; the export copies the file as is
+    processor_config = (tmp_path / "export" / "processor_config.json").read_text()
+    assert processor_config == (checkpoint / "processor_config.json").read_text()
+    assert json.loads(processor_config)["auto_map"]["AutoProcessor"] == "processing_temde.TemdeProcessor"
     assert "rsum" in (tmp_path / "export" / "README.md").read_text()
     with pytest.raises(ValueError, match="not empty"):
         export_for_hub(checkpoint, tmp_path / "export")
@@ -110,6 +98,17 @@ def test_export_refuses_pickle_only_weights(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"weights only in a pickle format \(pytorch_model\.bin\)"):
         export_for_hub(tmp_path, tmp_path / "out")
+
+
+def test_export_refuses_a_processor_config_without_auto_map(tmp_path: Path) -> None:
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    config_path = checkpoint / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    del config["auto_map"]  # as written by a processor class that was not registered for AutoProcessor
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"processor_config\.json has no auto_map entry for AutoProcessor"):
+        export_for_hub(checkpoint, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 def test_dry_run_uploads_nothing_and_push_uploads_the_export(
@@ -129,27 +128,25 @@ def test_dry_run_uploads_nothing_and_push_uploads_the_export(
 
 
 @pytest.mark.slow
-def test_export_loads_in_clean_subprocess_with_same_embeddings(checkpoint: Path, tmp_path: Path) -> None:
+def test_export_loads_in_clean_subprocess_with_same_embeddings(
+    checkpoint: Path, colour_gallery: dict[str, Path], tmp_path: Path
+) -> None:
     from temde_hf import TemdeModel, TemdeProcessor
 
     export = tmp_path / "export"
     export_for_hub(checkpoint, export, eval_json=EVAL)
-    image_path = make_colour_gallery(tmp_path / "images")["orange"]
-    script = tmp_path / "clean_load.py"
-    script.write_text(CLEAN_LOAD)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    image_path = colour_gallery["orange"]
     out = tmp_path / "embeds.safetensors"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(export), str(image_path), str(out), json.dumps(TEXTS)],
+    stdout = run_without_temde_hf(
+        CLEAN_LOAD,
+        str(export),
+        str(image_path),
+        str(out),
+        json.dumps(TEXTS),
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=240,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = json.loads(stdout.strip().splitlines()[-1])
     assert info["model_module"].startswith("transformers_modules"), info  # remote code, not the package
     assert info["processor_class"] == "TemdeProcessor" and not info["temde_hf_loaded"]
 
@@ -167,7 +164,7 @@ def test_export_loads_in_clean_subprocess_with_same_embeddings(checkpoint: Path,
 
 
 def test_overwrite_never_deletes_the_checkpoint_or_foreign_files(tmp_path: Path) -> None:
-    checkpoint = make_tiny_checkpoint(tmp_path / "runs" / "ckpt")
+    checkpoint = save_tiny_checkpoint(tmp_path / "runs" / "ckpt")
     before = sorted(p.name for p in checkpoint.iterdir())
     for out_dir in (tmp_path / "runs", tmp_path, checkpoint):  # contains it (twice), is it
         with pytest.raises(ValueError, match=r"--out-dir .* (contains|is) the checkpoint"):

@@ -8,12 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_remote_code_and_pipelines import inputs, run_without_temde_hf
 from transformers import AutoModel, AutoModelForPreTraining, AutoProcessor
 
 import temde_hf  # noqa: F401  (registers the Auto classes)
 from temde_hf import TemdeForImageTextRetrieval, TemdeModel
-from temde_hf.testing import tiny_batch, tiny_config, tiny_processor
+from temde_hf.testing import (
+    run_without_temde_hf,
+    tiny_batch,
+    tiny_config,
+    tiny_processed_batch,
+    tiny_processor,
+)
 
 
 def _model(**overrides) -> TemdeForImageTextRetrieval:
@@ -112,7 +117,7 @@ def test_remote_code_round_trip_without_the_package(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "ckpt")
     tiny_processor().save_pretrained(tmp_path / "ckpt")
     processor = AutoProcessor.from_pretrained(tmp_path / "ckpt")
-    batch = inputs(processor)
+    batch = tiny_processed_batch(processor)
     torch.save(dict(batch), tmp_path / "batch.pt")
     with torch.no_grad():
         expected = model(**batch, use_itm_head=True).itm_logits

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hub_tiny import CAPTIONS, make_colour_gallery, make_tiny_checkpoint
 
 from temde_hf.evaluation.encode import encode_images, encode_texts, load_encoder
+from temde_hf.testing import GALLERY_CAPTIONS, make_colour_gallery, save_tiny_checkpoint
 
 pytest.importorskip("onnxruntime", reason="the ONNX backend is the `onnx` extra")
 pytest.importorskip("onnx", reason="the ONNX backend is the `onnx` extra")
@@ -24,7 +24,7 @@ from temde_hf.export.onnx_runtime import OnnxTemdeEncoder
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("onnx")
     # A sketch chunk of 8 tokens: captions span several chunks, so the traced loop is exercised.
-    checkpoint = make_tiny_checkpoint(root / "tiny", seed=3, sketch_chunk_size=8)
+    checkpoint = save_tiny_checkpoint(root / "tiny", seed=3, sketch_chunk_size=8)
     export_main([str(checkpoint), "--int8", "--max-text-length", "32"])
     make_colour_gallery(root / "images")
     return checkpoint
@@ -43,7 +43,7 @@ def test_onnxruntime_matches_eager(exported: Path) -> None:
         atol=1e-5,
     )
     # Lengths from 3 to > 3 chunks, padded in one batch: padding must add nothing to the sketch.
-    captions = [*CAPTIONS[:3], "a " * 20 + "dog", "red"]
+    captions = [*GALLERY_CAPTIONS[:3], "a " * 20 + "dog", "red"]
     np.testing.assert_allclose(
         encode_texts(onnx, processor, captions, progress=False),
         encode_texts(eager, processor, captions, progress=False),
@@ -80,7 +80,7 @@ def test_missing_onnxruntime_gives_install_hint(exported: Path, monkeypatch: pyt
     assert not isinstance(model, OnnxTemdeEncoder)
     with pytest.raises(ImportError, match=r"pip install 'temde_hf\[onnx\]'"):
         load_encoder(exported, backend="onnx")
-    checkpoint = make_tiny_checkpoint(exported.parent / "plain", seed=4)
+    checkpoint = save_tiny_checkpoint(exported.parent / "plain", seed=4)
     with pytest.raises(SystemExit, match="needs onnxruntime"):
         export_main([str(checkpoint)])
 
@@ -131,16 +131,16 @@ def test_published_handler_serves_through_onnxruntime(exported: Path, tmp_path: 
     image = Image.open(exported.parent / "images" / "green.png").convert("RGB")
     served = torch.tensor(handler({"inputs": image})["image_embeds"])
     np.testing.assert_allclose(served, encode_images(eager, processor, [image], progress=False), atol=1e-5)
-    served = torch.tensor(handler({"inputs": CAPTIONS[:2]})["text_embeds"])
+    served = torch.tensor(handler({"inputs": GALLERY_CAPTIONS[:2]})["text_embeds"])
     np.testing.assert_allclose(
-        served, encode_texts(eager, processor, CAPTIONS[:2], progress=False), atol=1e-5
+        served, encode_texts(eager, processor, GALLERY_CAPTIONS[:2], progress=False), atol=1e-5
     )
 
 
 def test_saturated_sketch_logits_stay_finite(tmp_path: Path) -> None:
     # A tiny temperature saturates every hyperplane sigmoid, as real photos do for some hyperplanes:
     # the graph must compute log σ without underflowing to −inf (−inf · 0 would give NaN).
-    checkpoint = make_tiny_checkpoint(tmp_path / "cold", seed=6, sketch_temperature=1e-3)
+    checkpoint = save_tiny_checkpoint(tmp_path / "cold", seed=6, sketch_temperature=1e-3)
     export_main([str(checkpoint)])
     onnx, _ = load_encoder(checkpoint, backend="onnx")
     eager, _ = load_encoder(checkpoint, backend="torch")

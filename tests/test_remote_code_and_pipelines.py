@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,43 +11,12 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, pipeline
 
-from temde_hf.testing import save_tiny_checkpoint, tiny_processor
-
-# Run in a fresh interpreter, outside the repo, with temde_hf made unimportable.
-BLOCKER = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "temde_hf" or name.startswith("temde_hf."):
-                raise ImportError("temde_hf is blocked in this test")
-    sys.meta_path.insert(0, _Block())
-    """
-)
-
-
-def run_without_temde_hf(code: str, cwd: Path) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+from temde_hf.testing import run_without_temde_hf, save_tiny_checkpoint, tiny_processed_batch, tiny_processor
 
 
 @pytest.fixture
 def checkpoint(tmp_path) -> Path:
     return save_tiny_checkpoint(tmp_path / "ckpt", pooling="attention", sketch_coder="anchor")
-
-
-def inputs(processor) -> dict[str, torch.Tensor]:
-    images = [Image.fromarray(np.full((40, 40, 3), c, dtype=np.uint8)) for c in (30, 200)]
-    return processor(images=images, text=["a red circle", "a blue square on the left"])
 
 
 @pytest.mark.slow
@@ -64,7 +29,7 @@ def test_remote_code_loads_without_the_package(checkpoint: Path, tmp_path) -> No
         "AutoModelForPreTraining",
     }
     processor = AutoProcessor.from_pretrained(checkpoint)
-    batch = inputs(processor)
+    batch = tiny_processed_batch(processor)
     torch.save(dict(batch), tmp_path / "batch.pt")
     from transformers import AutoModel
 
@@ -93,7 +58,7 @@ def test_remote_code_loads_without_the_package(checkpoint: Path, tmp_path) -> No
 
 def test_processor_round_trip(checkpoint: Path) -> None:
     processor = AutoProcessor.from_pretrained(checkpoint)
-    batch = inputs(processor)
+    batch = tiny_processed_batch(processor)
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].shape == batch["input_ids"].shape
     reference = tiny_processor()(text=["a red circle"])

@@ -38,18 +38,17 @@ def pickle_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_evaluate_space_app_and_publish_refuse_pickle_weights(
-    pickle_checkpoint: Path, tmp_path: Path
+    pickle_checkpoint: Path, space_app, tmp_path: Path
 ) -> None:
     from temde_hf.evaluation.cli import main as evaluate
     from temde_hf.hub.publish import export_for_hub
-    from temde_hf.hub.space_app import SearchApp
 
     data = make_synthetic_karpathy(tmp_path / "syn", n_images=4, seed=1)
     message = r"ckpt: weights only in a pickle format \(pytorch_model\.bin\).*refused.*model\.safetensors"
     with pytest.raises(ValueError, match=message):
         evaluate([str(pickle_checkpoint), "--data", str(data), "--output-dir", str(tmp_path / "eval")])
     with pytest.raises(ValueError, match=message):
-        SearchApp(pickle_checkpoint, tmp_path / "index", ["a caption"])
+        space_app.SearchApp(pickle_checkpoint, tmp_path / "index", ["a caption"])
     with pytest.raises(ValueError, match=message):
         export_for_hub(pickle_checkpoint, tmp_path / "export")
     assert not (tmp_path / "export").exists()

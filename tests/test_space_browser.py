@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_tiny import CAPTIONS, COLOURS, make_colour_gallery, make_tiny_checkpoint
 from PIL import Image
 
 from temde_hf.evaluation.encode import encode_images, encode_texts
 from temde_hf.hub.gallery import build_gallery_from_folder
-from temde_hf.hub.space_app import SearchApp, read_captions
+from temde_hf.testing import (
+    GALLERY_CAPTIONS,
+    GALLERY_COLOURS,
+    free_port,
+    make_colour_gallery,
+    save_tiny_checkpoint,
+)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -26,13 +30,13 @@ CHROMIUM_ARGS = [
 def demo_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     pytest.importorskip("faiss", reason="the demo's gallery needs faiss-cpu (the `index` extra)")
     root = tmp_path_factory.mktemp("space")
-    checkpoint = make_tiny_checkpoint(root / "tiny", seed=4)
+    checkpoint = save_tiny_checkpoint(root / "tiny", seed=4)
     make_colour_gallery(root / "images")
     build_gallery_from_folder(checkpoint, root / "images", progress=False).save(root / "index")
     return checkpoint, root / "index", root / "images"
 
 
-def _brute_force_top1(app: SearchApp, query: str) -> str:
+def _brute_force_top1(app, query: str) -> str:
     """The gallery image an exhaustive in-process search ranks first for ``query``."""
     gallery = app.gallery
     embeds = encode_images(app.model, app.processor, gallery.paths, progress=False)  # (n_images, E)
@@ -40,29 +44,23 @@ def _brute_force_top1(app: SearchApp, query: str) -> str:
     return gallery.ids[int(np.argmax(scores))]
 
 
-def test_search_app_logic(demo_files, tmp_path: Path) -> None:
+def test_search_app_logic(space_app, demo_files, tmp_path: Path) -> None:
     checkpoint, index_dir, images = demo_files
-    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n\n")
-    app = SearchApp(checkpoint, index_dir, tmp_path / "captions.txt")
-    assert app.captions == CAPTIONS
-    items, ranking = app.search_images(CAPTIONS[2], k=3)
-    assert len(items) == 3 and ranking.startswith(f"1. `{_brute_force_top1(app, CAPTIONS[2])}`")
+    (tmp_path / "captions.txt").write_text("\n".join(GALLERY_CAPTIONS) + "\n\n")
+    app = space_app.SearchApp(checkpoint, index_dir, tmp_path / "captions.txt")
+    assert app.captions == GALLERY_CAPTIONS
+    items, ranking = app.search_images(GALLERY_CAPTIONS[2], k=3)
+    assert len(items) == 3 and ranking.startswith(f"1. `{_brute_force_top1(app, GALLERY_CAPTIONS[2])}`")
     assert app.search_images("   ")[0] == []
     best = app.rank_captions(Image.open(images / "blue.png"), k=4)
     scores = (
-        encode_texts(app.model, app.processor, CAPTIONS)
+        encode_texts(app.model, app.processor, GALLERY_CAPTIONS)
         @ encode_images(app.model, app.processor, [images / "blue.png"], progress=False)[0]
     )
-    assert list(best) == [CAPTIONS[i] for i in np.argsort(-scores, kind="stable")[:4]]
+    assert list(best) == [GALLERY_CAPTIONS[i] for i in np.argsort(-scores, kind="stable")[:4]]
     assert list(best.values()) == sorted(best.values(), reverse=True) and 0 < sum(best.values()) <= 1 + 1e-6
     with pytest.raises(ValueError, match="does not exist"):
-        read_captions(tmp_path / "missing.txt")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        space_app.read_captions(tmp_path / "missing.txt")
 
 
 def _dominant_colour(png: bytes) -> tuple[int, int, int]:
@@ -79,7 +77,9 @@ def _close(colour: tuple[int, int, int], reference: tuple[int, int, int]) -> boo
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_browser_caption_query_shows_the_brute_force_top_image_first(demo_files, tmp_path: Path) -> None:
+def test_browser_caption_query_shows_the_brute_force_top_image_first(
+    space_app, demo_files, tmp_path: Path
+) -> None:
     if not Path(CHROMIUM).is_file():
         pytest.skip("Chromium is not installed (apt-get install -y chromium chromium-driver)")
     try:
@@ -87,20 +87,18 @@ def test_browser_caption_query_shows_the_brute_force_top_image_first(demo_files,
         from playwright.sync_api import sync_playwright
     except ImportError as err:
         pytest.fail(f"the browser test needs `pip install gradio playwright` ({err})")
-    from temde_hf.hub.space_app import build_demo
-
     checkpoint, index_dir, _ = demo_files
-    demo = build_demo(checkpoint, index_dir, CAPTIONS)
+    demo = space_app.build_demo(checkpoint, index_dir, GALLERY_CAPTIONS)
     app = demo.search_app
     # queries whose brute-force winners differ, so the page cannot pass by showing one fixed image
     expected: dict[str, str] = {}
-    for caption in CAPTIONS:
+    for caption in GALLERY_CAPTIONS:
         top = _brute_force_top1(app, caption)
         if top not in expected.values():
             expected[caption] = top
         if len(expected) == 2:
             break
-    port = _free_port()
+    port = free_port()
     demo.launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False
     )
@@ -117,10 +115,10 @@ def test_browser_caption_query_shows_the_brute_force_top_image_first(demo_files,
                 ranking = page.inner_text("#image-ranking").strip().splitlines()
                 assert ranking[0].startswith(top_id), (query, ranking)
                 labels = page.eval_on_selector_all("#image-results img", "els => els.map(e => e.alt)")
-                assert labels[0].startswith(f"1. {top_id} ") and len(labels) == min(6, len(COLOURS))
+                assert labels[0].startswith(f"1. {top_id} ") and len(labels) == min(6, len(GALLERY_COLOURS))
                 # the first thumbnail really is that image: its dominant colour is the file's background
                 thumbnail = page.locator("#image-results img").first.screenshot()
-                assert _close(_dominant_colour(thumbnail), COLOURS[Path(top_id).stem]), top_id
+                assert _close(_dominant_colour(thumbnail), GALLERY_COLOURS[Path(top_id).stem]), top_id
             # second tab: drop an image, read the best caption (the in-process ranking's first)
             image_path = demo_files[2] / "purple.png"
             best_caption = next(iter(app.rank_captions(Image.open(image_path), k=1)))
@@ -146,5 +144,5 @@ def test_browser_caption_query_shows_the_brute_force_top_image_first(demo_files,
     colours = {tuple(c) for c in (image.reshape(-1, 3) // 32).tolist()}
     assert len(colours) >= 8, "screenshot looks blank"
     for name in expected.values():  # the top images' colours are on the page
-        rgb = np.array(COLOURS[Path(name).stem])
+        rgb = np.array(GALLERY_COLOURS[Path(name).stem])
         assert (np.abs(image.astype(int) - rgb).max(axis=-1) <= 24).sum() > 500, name

@@ -4,10 +4,6 @@ exactly like one process on the whole batch: every pair is a negative of every o
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -16,13 +12,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from temde_hf.testing import save_tiny_towers, tiny_batch, tiny_model
+from temde_hf.testing import accelerate_launch, launch_ddp_worker, save_tiny_towers, tiny_batch, tiny_model
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 from temde_hf.training.initialization import freeze_unused_parameters
 from temde_hf.training.losses import contrastive_loss
 
-REPO = Path(__file__).resolve().parents[1]
 # (name, loss_type, micro-batches per process, negatives, frozen vision tower fed cached outputs)
 CASES = [
     ("info_nce_global", "info_nce", 1, "global", False),
@@ -49,22 +44,11 @@ def prepare_case(loss_type: str, frozen_vision: bool) -> tuple[torch.nn.Module, 
 
 
 WORKER = """
-import json, sys
-from pathlib import Path
-import torch
-torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
-from accelerate import Accelerator
-from safetensors.torch import save_file
 from test_training_distributed import prepare_case
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 from temde_hf.training.initialization import freeze_unused_parameters
 
-accelerator = Accelerator(cpu=True)
-rank, world = accelerator.process_index, accelerator.num_processes
-assert world == 2 and accelerator.distributed_type.value == "MULTI_CPU", (world, accelerator.distributed_type)
-out = Path(sys.argv[1])
 for name, loss_type, n_micro, negatives, frozen in {cases!r}:
     model, batch, loss_fn = prepare_case(loss_type, frozen)
     freeze_unused_parameters(model, batch, loss_fn)
@@ -76,26 +60,8 @@ for name, loss_type, n_micro, negatives, frozen in {cases!r}:
         torch.manual_seed(step)
         loss = forward_backward(wrapped, split_micro_batches(local, n_micro),
                                 lambda *a: loss_fn(*a, negatives=negatives), accelerator)
-    grads = {{k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None}}
-    save_file(grads, str(out / f"{{name}}_rank{{rank}}.safetensors"))
-    (out / f"{{name}}_rank{{rank}}.json").write_text(json.dumps({{"loss": float(loss)}}))
+    save_rank_result(name, model, loss)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def accelerate_launch(*args: str, timeout: int = 300) -> None:
-    """Two CPU processes, every flag explicit (a developer's own accelerate config must not leak in)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), *args]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def _single_process(name: str, loss_type: str, n_micro: int, negatives: str, frozen: bool) -> tuple:
@@ -122,11 +88,8 @@ def _single_process(name: str, loss_type: str, n_micro: int, negatives: str, fro
 
 @pytest.fixture(scope="module")
 def worker_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    script = out / "worker.py"
-    script.write_text(WORKER.format(tests=str(Path(__file__).parent), cases=CASES, n=N_PAIRS))
-    accelerate_launch(str(script), str(out))
-    return out
+    body = WORKER.format(cases=CASES, n=N_PAIRS)
+    return launch_ddp_worker(body, tmp_path_factory.mktemp("dist"), sys_path=[Path(__file__).parent])
 
 
 @pytest.mark.slow

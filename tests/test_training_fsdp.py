@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 from functools import partial
@@ -22,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from temde_hf.testing import tiny_batch, tiny_model
+from temde_hf.testing import free_port, tiny_batch, tiny_model
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 from temde_hf.training.initialization import freeze_unused_parameters
@@ -48,6 +47,10 @@ class Fsdp2Engine:
     @staticmethod
     def backward(loss: torch.Tensor) -> None:
         loss.backward()
+
+    @staticmethod
+    def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+        return model  # `fully_shard` changes the module in place: there is no wrapper to remove
 
 
 def case() -> tuple[torch.nn.Module, dict, partial]:
@@ -89,12 +92,9 @@ dist.destroy_process_group()
 def test_fsdp2_gradient_caching_matches_one_process(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(port), str(script), str(tmp_path)]  # fmt: skip
+               "--master_port", str(free_port()), str(script), str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sharded = load_file(tmp_path / "grads.safetensors")

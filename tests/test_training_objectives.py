@@ -10,11 +10,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from test_training_distributed import accelerate_launch
 from transformers import AutoModelForPreTraining
 
 from temde_hf import TemdeForImageTextRetrieval
-from temde_hf.testing import tiny_batch, tiny_config
+from temde_hf.testing import launch_ddp_worker, tiny_batch, tiny_config
 from temde_hf.training.accumulation import encode_batch, forward_backward
 from temde_hf.training.arguments import parse_args
 from temde_hf.training.batches import split_micro_batches
@@ -125,21 +124,10 @@ def test_bad_settings_are_named() -> None:
 
 
 WORKER = """
-import json, sys
-from pathlib import Path
-import torch
-torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
-from accelerate import Accelerator
-from safetensors.torch import save_file
 from test_training_objectives import OPTIONS, objective, prepare_case
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 
-accelerator = Accelerator(cpu=True)
-rank, world = accelerator.process_index, accelerator.num_processes
-assert world == 2 and accelerator.distributed_type.value == "MULTI_CPU", (world, accelerator.distributed_type)
-out = Path(sys.argv[1])
 for name, n_micro in {cases!r}:
     model, batch = prepare_case(name)
     wrapped = accelerator.prepare(model)
@@ -148,9 +136,7 @@ for name, n_micro in {cases!r}:
         model.zero_grad(set_to_none=True)
         obj = objective(**OPTIONS[name], aggregation=model.config.alignment_aggregation)
         loss = forward_backward(wrapped, split_micro_batches(local, n_micro), obj, accelerator)
-    grads = {{k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None}}
-    save_file(grads, str(out / f"{{name}}_rank{{rank}}.safetensors"))
-    (out / f"{{name}}_rank{{rank}}.json").write_text(json.dumps({{"loss": float(loss)}}))
+    save_rank_result(name, model, loss)
 """
 # (options, micro-batches per process): the head through DDP with and without accumulation, every term
 CASES = [("itm_sampled", 1), ("all", 2)]
@@ -159,9 +145,7 @@ CASES = [("itm_sampled", 1), ("all", 2)]
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_the_whole_batch(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(Path(__file__).parent), cases=CASES))
-    accelerate_launch(str(script), str(tmp_path))
+    launch_ddp_worker(WORKER.format(cases=CASES), tmp_path, sys_path=[Path(__file__).parent])
     for name, n_micro in CASES:
         model, batch = prepare_case(name)
         for _ in range(2):

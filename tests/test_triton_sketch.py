@@ -6,14 +6,13 @@ module decorates its kernels lazily, at first use, so the variable only has to b
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from temde_hf.models.temde import triton_sketch_temde as tsk
+from temde_hf.testing import run_python
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(not tsk.HAS_TRITON, reason="triton is not installed (pip install triton)")
@@ -141,16 +140,16 @@ def test_dispatch_uses_kernel_when_it_can(interpret) -> None:
 def test_module_imports_without_triton() -> None:
     """Hub remote code must load where triton is absent: HAS_TRITON is False and torch still works."""
     path = REPO_ROOT / "temde_hf" / "models" / "temde" / "triton_sketch_temde.py"
-    code = (
-        "import sys, importlib.util, torch\n"
-        "sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-        f"spec = importlib.util.spec_from_file_location('tsk', {str(path)!r})\n"
-        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
-        "assert mod.HAS_TRITON is False\n"
-        "out = mod.soft_dlsh_histogram(torch.randn(1, 3, 2, 2), torch.ones(1, 3))\n"
-        "assert out.shape == (1, 2, 4)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    code = f"""
+    import importlib.util, torch
+    spec = importlib.util.spec_from_file_location("tsk", {str(path)!r})
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.HAS_TRITON is False
+    out = mod.soft_dlsh_histogram(torch.randn(1, 3, 2, 2), torch.ones(1, 3))
+    assert out.shape == (1, 2, 4)
+    """
+    run_python(code, blocked=("triton",), timeout=120)
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ from .folds import evaluate_embeddings
 from .metrics import retrieval_ranks
 from .plots import plot_recall_at_k
 from .rerank import RERANKERS, rerank_report
+from .tables import format_table
 
 logger = logging.getLogger("temde_hf.evaluation")
 
@@ -119,31 +120,41 @@ def _loader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of the ``full`` and ``folds_mean`` metrics."""
-    columns = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"]
-    rows = [(f"all {result['n_images']} images", result["full"])]
+METRIC_COLUMNS = (
+    "i2t_r1",
+    "i2t_r5",
+    "i2t_r10",
+    "t2i_r1",
+    "t2i_r5",
+    "t2i_r10",
+    "rsum",
+    "i2t_medr",
+    "t2i_medr",
+)
+
+
+def metrics_table(result: dict[str, Any]) -> str:
+    """A Markdown table of the ``full`` and ``folds_mean`` metrics (and the reranked ones, if any)."""
+    rows = [{"set": f"all {result['n_images']} images", **result["full"]}]
     if "folds_mean" in result:  # COCO: 5K = all, 1K = mean of five 1,000-image folds
-        rows.append((f"{result['fold_size']}-img folds (x{len(result['folds'])})", result["folds_mean"]))
+        rows.append(
+            {"set": f"{result['fold_size']}-img folds (x{len(result['folds'])})", **result["folds_mean"]}
+        )
     rerank = result.get("rerank")
     if rerank:  # stage 2 on the same sets
         label = f"+{rerank['reranker']} K={rerank['k']}"
         label += f" w={rerank['stage1_weight']:g}" if rerank.get("stage1_weight") else ""
-        rows.append((f"{label}, all images", rerank["full"]))
+        rows.append({"set": f"{label}, all images", **rerank["full"]})
         if "folds_mean" in rerank:
-            rows.append((f"{label}, folds", rerank["folds_mean"]))
-    width = max(24, *(len(name) + 2 for name, _ in rows))
-    header = f"{'set':<{width}}" + "".join(f"{c:>9}" for c in columns)
-    lines = [header, "-" * len(header)]
-    for name, metrics in rows:
-        lines.append(f"{name:<{width}}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
+            rows.append({"set": f"{label}, folds", **rerank["folds_mean"]})
+    text = format_table(rows, ["set", *METRIC_COLUMNS], float_format=".1f")
     if rerank and rerank.get("latency_ms"):
         ms = rerank["latency_ms"]
-        lines.append(
-            "per-query latency (ms, median): stage 1 i2t {stage1_i2t:.2f} / t2i {stage1_t2i:.2f}; stage 2 i2t "
+        text += (
+            "\nper-query latency (ms, median): stage 1 i2t {stage1_i2t:.2f} / t2i {stage1_t2i:.2f}; stage 2 i2t "
             "{stage2_i2t:.2f} / t2i {stage2_t2i:.2f}".format(**ms)
         )
-    return "\n".join(lines)
+    return text
 
 
 def evaluate_checkpoint(
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "encoder_backend": getattr(model, "backend", "torch"),
     }
     result = evaluate_checkpoint(model, processor, dataset, output_dir, args, extra)
-    print(format_table(result))
+    print(metrics_table(result))
     if report.n_skipped:
         print(f"skipped {report.n_skipped} bad images/entries (listed in metrics.json)")
     print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'recall_at_k.png'}")

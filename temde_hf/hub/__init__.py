@@ -1,5 +1,5 @@
-"""Publishing and serving: model cards, Hub export/push, the Endpoints handler, gallery search, the demo.
+"""Publishing and serving: model cards, Hub export/push, the Endpoints handler, gallery search.
 
-Modules are imported on use (``temde_hf.hub.gallery`` needs faiss, ``temde_hf.hub.space_app`` gradio),
-so importing this package costs nothing.
+Modules are imported on use (``temde_hf.hub.gallery`` needs faiss), so importing this package costs
+nothing. The Gradio search demo is an application over these, in ``examples/space/app.py``.
 """

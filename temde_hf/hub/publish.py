@@ -31,7 +31,6 @@ ALLOWED_SUFFIXES = {".safetensors", ".json", ".py", ".txt", ".model", ".jinja", 
 # Training-run files that are JSON/text but are not part of a model repo.
 RUN_FILES = {"trainer_state.json", "training_args.json", "optimizer.json", "scheduler.json", "rng_state.json"}
 GENERATED = {"README.md", *GENERATED_SOURCES}
-PROCESSOR_CLASS = "TemdeProcessor"
 
 
 @dataclass
@@ -57,6 +56,16 @@ def _check_checkpoint(checkpoint_dir: Path) -> dict[str, Any]:
     missing = sorted(m for m in modules if not (checkpoint_dir / f"{m}.py").is_file())
     if missing:
         raise ValueError(f"{config_path}: auto_map names {missing} but those .py files are not in the folder")
+    # `processor.save_pretrained` writes this entry for a registered processor; without it, a user
+    # without temde_hf gets the bare tokenizer from `AutoProcessor`, not the image + text processor.
+    processor_path = checkpoint_dir / "processor_config.json"
+    if processor_path.is_file():
+        processor_auto_map = json.loads(processor_path.read_text()).get("auto_map", {})
+        if "AutoProcessor" not in processor_auto_map:
+            raise ValueError(
+                f"{processor_path} has no auto_map entry for AutoProcessor: save the processor with "
+                "`temde_hf.TemdeProcessor.save_pretrained` so its remote code is named"
+            )
     return config
 
 
@@ -73,22 +82,6 @@ def _classify(path: Path) -> str | None:
     if path.suffix not in ALLOWED_SUFFIXES:
         return f"unexpected file type {path.suffix or '(none)'}"
     return None
-
-
-def _ensure_processor_auto_map(out_dir: Path) -> None:
-    """Point `AutoProcessor` at the shipped processor code when the saved processor config does not.
-
-    Without an ``auto_map`` entry a user without temde_hf installed gets the bare tokenizer from
-    `AutoProcessor`, not the processor that also prepares images.
-    """
-    config_path = out_dir / "processor_config.json"
-    if not config_path.is_file() or not (out_dir / "processing_temde.py").is_file():
-        return
-    config = json.loads(config_path.read_text())
-    if config.get("processor_class") != PROCESSOR_CLASS or "AutoProcessor" in config.get("auto_map", {}):
-        return
-    config.setdefault("auto_map", {})["AutoProcessor"] = f"processing_temde.{PROCESSOR_CLASS}"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _prepare_out_dir(
@@ -178,7 +171,6 @@ def export_for_hub(
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in report.files:
         shutil.copy2(checkpoint_dir / name, out_dir / name)
-    _ensure_processor_auto_map(out_dir)
     card.save(out_dir / "README.md")
     for name, source in GENERATED_SOURCES.items():
         shutil.copy2(source, out_dir / name)

@@ -29,6 +29,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+# The model's own reshape of tower outputs, so cached tokens are laid out as the live forward's.
+from ..models.temde.modeling_temde import _as_tokens
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,14 +70,9 @@ class TowerOutputs:
         return cls(hidden=tensors["hidden"], pooled=tensors["pooled"], mask=tensors.get("mask"))
 
 
-def _tokens(hidden: torch.Tensor) -> torch.Tensor:
-    """`(B, C, h, w)` feature maps -> `(B, h·w, C)` tokens; token sequences unchanged."""
-    return hidden.flatten(2).transpose(1, 2) if hidden.ndim == 4 else hidden
-
-
 def _pooled(output: Any) -> torch.Tensor:
     pooled = getattr(output, "pooler_output", None)
-    return (pooled if pooled is not None else _tokens(output.last_hidden_state)[:, 0]).flatten(1)
+    return (pooled if pooled is not None else _as_tokens(output.last_hidden_state)[:, 0]).flatten(1)
 
 
 @torch.inference_mode()
@@ -108,7 +106,7 @@ def compute_tower_outputs(
         else:
             output = tower(**inputs, return_dict=True)
             masks.append(inputs["attention_mask"].cpu())
-        hidden.append(_tokens(output.last_hidden_state).to("cpu", dtype))
+        hidden.append(_as_tokens(output.last_hidden_state).to("cpu", dtype))
         pooled.append(_pooled(output).to("cpu", dtype))
     if not masks:
         return TowerOutputs(torch.cat(hidden), torch.cat(pooled))

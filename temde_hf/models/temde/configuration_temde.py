@@ -14,6 +14,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .alignment_temde import ALIGNMENT_AGGREGATIONS
 from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .pooling_temde import POOLING_HEADS
 from .sketch_temde import SKETCH_CODERS
@@ -27,8 +28,6 @@ KERNEL_CHOICES = ("auto", "torch", "triton", "reference")
 # there too (`triton_sketch_temde.MAX_TRITON_HYPERPLANES`). Beyond it a sketch fits no retrieval index
 # (H = 40 would ask for terabytes), so larger H is a configuration error, not a slow run.
 MAX_HYPERPLANES = 12
-# Checked against alignment_temde.ALIGNMENT_AGGREGATIONS by the tests.
-ALIGNMENT_CHOICES = ("max_mean", "max_sum", "symmetric")
 
 
 # Tower configs that ship inside this folder, so remote code resolves them without registration.
@@ -217,7 +216,7 @@ class TemdeConfig(PreTrainedConfig):
         _check_choice("sketch_fusion", self.sketch_fusion, FUSION_CHOICES)
         SKETCH_CODERS.check(self.sketch_coder)
         _check_choice("sketch_kernel", self.sketch_kernel, KERNEL_CHOICES)
-        _check_choice("alignment_aggregation", self.alignment_aggregation, ALIGNMENT_CHOICES)
+        _check_choice("alignment_aggregation", self.alignment_aggregation, tuple(ALIGNMENT_AGGREGATIONS))
         for field in ("projection_dim", "n_sketches", "sketch_chunk_size", "attention_pooling_heads"):
             _check_positive(field, getattr(self, field), integer=True)
         for field in ("itm_layers", "itm_heads"):

@@ -1,0 +1,50 @@
+"""The shared test building blocks of `temde_hf.testing` do what the tests rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from temde_hf.testing import GALLERY_CAPTIONS, GALLERY_COLOURS, run_python, tiny_processor
+
+
+def test_run_python_blocks_packages_and_their_submodules(tmp_path: Path) -> None:
+    code = """
+    import importlib, sys
+    for name in sys.argv[1:]:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            print(name, "blocked" if "blocked in this test" in str(error) else "missing")
+        else:
+            print(name, "imported")
+    """
+    out = run_python(code, "json", "email.mime", "xml", "xml.dom", blocked=("xml", "email"), cwd=tmp_path)
+    assert out.split("\n")[:-1] == ["json imported", "email.mime blocked", "xml blocked", "xml.dom blocked"]
+
+
+def test_run_python_reports_the_childs_error_and_sets_the_environment(tmp_path: Path) -> None:
+    code = (
+        "import os, sys; print(os.environ.get('TEMDE_X'), 'PYTHONPATH' in os.environ); sys.exit(sys.argv[1])"
+    )
+    with pytest.raises(AssertionError, match="exit status 1:\nwhy it failed"):
+        run_python(code, "why it failed", env={"TEMDE_X": "1"})
+    out = run_python(code.replace("sys.exit(sys.argv[1])", "pass"), env={"PYTHONPATH": None}, cwd=tmp_path)
+    assert out == "None False\n"
+
+
+def test_colour_gallery_is_distinct_images_and_in_vocabulary_captions(
+    colour_gallery: dict[str, Path],
+) -> None:
+    assert list(colour_gallery) == list(GALLERY_COLOURS)
+    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in colour_gallery.values()]
+    for name, image in zip(colour_gallery, pixels):
+        assert tuple(image[-1, -1]) == GALLERY_COLOURS[name]  # the corner is the image's own colour
+    assert len({image.tobytes() for image in pixels}) == len(pixels)
+    tokenizer = tiny_processor().tokenizer
+    ids = tokenizer(GALLERY_CAPTIONS)["input_ids"]
+    assert len(set(GALLERY_CAPTIONS)) == len(GALLERY_CAPTIONS) == 2 * len(GALLERY_COLOURS)
+    assert all(tokenizer.unk_token_id not in row for row in ids)  # the tiny BERT sees real words
