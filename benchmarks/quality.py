@@ -32,10 +32,12 @@ from recipe_search import CONFIG, KEYS, REPO, TEST_FLAGS, cv_flags, mean_std, ru
 from temde_hf.convert.towers import offline_towers
 from temde_hf.evaluation.tables import format_table
 
+# A λ = 0 warm-up of the recipe's sketch applies to `concat` only (the other heads have no λ to switch).
+NO_WARMUP = ["--sketch_warmup_epochs", "0"]
 PLAIN: dict[str, list[str]] = {
-    "mean": ["--pooling", "mean", "--sketch_fusion", "none"],
-    "transformer layer + mean": ["--pooling", "attention", "--sketch_fusion", "none"],
-    "tower pooler": ["--pooling", "pooler", "--sketch_fusion", "none"],
+    "mean": ["--pooling", "mean", "--sketch_fusion", "none", *NO_WARMUP],
+    "transformer layer + mean": ["--pooling", "attention", "--sketch_fusion", "none", *NO_WARMUP],
+    "tower pooler": ["--pooling", "pooler", "--sketch_fusion", "none", *NO_WARMUP],
 }
 TEMDE: dict[str, list[str]] = {
     "T-EMDE concat soft_dlsh": [
@@ -47,7 +49,7 @@ TEMDE: dict[str, list[str]] = {
         "soft_dlsh",
     ],
     "T-EMDE concat anchor": ["--pooling", "mean", "--sketch_fusion", "concat", "--sketch_coder", "anchor"],
-    "T-EMDE replace soft_dlsh": ["--sketch_fusion", "replace", "--sketch_coder", "soft_dlsh"],
+    "T-EMDE replace soft_dlsh": ["--sketch_fusion", "replace", "--sketch_coder", "soft_dlsh", *NO_WARMUP],
 }
 # Tower settings on top of the demo recipe: both towers frozen (the demo's choice, by cross-validation),
 # and the text tower's last two layers fine-tuned (`recipe_search.py`'s "text" stage candidate).
