@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({**stored, "runs": runs}, indent=1))
 
-    summary = {}
+    # Settings run by earlier invocations stay in the report while the recipe file is the same one.
+    recipe = hashlib.sha256(CONFIG.read_text().encode()).hexdigest()[:16]
+    summary = {k: v for k, v in stored.get("summary", {}).items() if v.get("recipe") == recipe}
     for setting in args.settings:
         heads = {}
         for head in args.heads:
@@ -200,17 +202,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 [*flags, *SETTINGS[setting]], args, Path(args.work_dir), towers, store, save
             )
             print(f"{setting} | {head}: CV RSUM {heads[head]['val']['rsum']['mean']:.1f}", file=sys.stderr)
-        summary[setting] = {"heads": heads, "verdict": verdict(heads, plain, temde)}
-    stored.update(folds=args.folds, seeds=args.seeds, summary=summary)
+        command = " ".join([
+            "python benchmarks/quality.py --settings", setting, "--heads", *(f'"{h}"' for h in args.heads),
+            "--folds", str(args.folds), "--seeds", *map(str, args.seeds),
+        ])  # fmt: skip
+        summary[setting] = {"heads": heads, "verdict": verdict(heads, plain, temde), "recipe": recipe,
+                            "command": command}  # fmt: skip
+    stored.update(summary=summary)
     save()
     text = table(summary)
     print(text)
     plot(summary, output.with_suffix(".png"))
-    command = " ".join([
-        "python benchmarks/quality.py --settings", *args.settings, "--heads", *(f'"{h}"' for h in args.heads),
-        "--folds", str(args.folds), "--seeds", *map(str, args.seeds),
-    ])  # fmt: skip
-    header = f"    {command}\n\n{args.folds}-fold CV over the 700 train+val images, seeds {args.seeds}.\n\n"
+    commands = "\n".join(f"    {v['command']}" for v in summary.values())
+    header = f"{commands}\n\nCV folds over the 700 train+val images and paired seeds as in each command.\n\n"
     write_section(REPO / "benchmarks" / "RESULTS.md", "quality", header + text)
     write_section(REPO / "README.md", "quality_summary", header + text)
     return stored
