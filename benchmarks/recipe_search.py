@@ -1,6 +1,7 @@
 """Choose the demo's training recipe by k-fold cross-validation, never on the test split.
 
-Every recipe is a set of `temde-hf train` flags over `examples/configs/flickr8k_demo.yaml`. Each runs on
+Every recipe is a set of `temde-hf train` flags over `benchmarks/configs/recipe_search_base.yaml` (the
+chosen one is written out as `examples/configs/flickr8k_demo.yaml`). Each runs on
 every fold of a k-fold split of the images of the train *and* val splits (Flickr8k-800: 700 images; the
 100 test images are never loaded) and for several seeds; fold `f` and seed `s` are the same data and the
 same initial head for every recipe, so recipes compare pair by pair. The frozen towers' outputs are
@@ -29,7 +30,8 @@ from common import write_section
 from temde_hf.convert.towers import offline_towers
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "examples" / "configs" / "flickr8k_demo.yaml"
+CONFIG = REPO / "examples" / "configs" / "flickr8k_demo.yaml"  # the chosen recipe (quality, holdout, rerank)
+BASE_CONFIG = REPO / "benchmarks" / "configs" / "recipe_search_base.yaml"  # what this search's flags modify
 RESULTS = REPO / "benchmarks" / "results" / "recipe_search.json"
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -91,7 +93,12 @@ TEST_FLAGS = ["--train_split", "train,val", "--eval_split", "test"]  # reporting
 
 
 def run_one(
-    flags: list[str], split_flags: list[str], seed: int, work: Path, towers: tuple[Path, Path]
+    flags: list[str],
+    split_flags: list[str],
+    seed: int,
+    work: Path,
+    towers: tuple[Path, Path],
+    config: Path = CONFIG,
 ) -> dict:
     """One training run (`split_flags` says what it trains and evaluates on); its final eval metrics,
     eval curve, the sketch parts' RSUM (concat models) and its time."""
@@ -100,7 +107,7 @@ def run_one(
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     argv = [
-        str(CONFIG), "--vision_model_path", str(towers[0]), "--text_model_path", str(towers[1]),
+        str(config), "--vision_model_path", str(towers[0]), "--text_model_path", str(towers[1]),
         *split_flags, "--seed", str(seed),
         "--output_dir", str(out), "--feature_cache_dir", str(work / "cache"), "--report_to", "none",
         "--disable_tqdm", "true", "--save_steps", "0", "--eval_steps", "10", "--logging_steps", "10", *flags,
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for recipe, runs in recipes.items():
             recipes[recipe] = {"fold" + key.split("| fold", 1)[1] if "| fold" in key else key: run
                                for key, run in runs.items()}  # fmt: skip
-    results.update(folds=args.folds, config=str(CONFIG.relative_to(REPO)),
+    results.update(folds=args.folds, config=str(BASE_CONFIG.relative_to(REPO)),
                    data="flickr8k-800 train+val (700 images); the 100 test images are never loaded")  # fmt: skip
     if not args.report:
         work = Path(args.work_dir)
@@ -198,7 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         key = _key(fold, seed)
                         if key in runs:
                             continue  # done in an earlier (interrupted) search
-                        runs[key] = run_one(flags, cv_flags(fold, args.folds), seed, work, towers)
+                        runs[key] = run_one(
+                            flags, cv_flags(fold, args.folds), seed, work, towers, BASE_CONFIG
+                        )
                         output.parent.mkdir(parents=True, exist_ok=True)
                         output.write_text(json.dumps(results, indent=1))
                         print(f"{recipe} | {key}: RSUM {runs[key]['final']['rsum']:.1f} ({runs[key]['seconds']:.0f} s)",
