@@ -31,11 +31,14 @@ def plot_training_curves(log_history: list[dict[str, Any]], path: str | Path, ti
     ax = axes[0][0]
     if train:
         steps, losses = zip(*train)
-        ax.plot(steps, losses, lw=0.8, color="tab:blue", alpha=0.35, label="per logged step")
         window = max(1, len(losses) // 25)  # a moving average shows the trend under the batch noise
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                  for i in range(len(losses))]  # fmt: skip
-        ax.plot(steps, smooth, lw=1.6, color="tab:blue", label=f"mean of {window}")
+        if window == 1:
+            ax.plot(steps, losses, lw=1.6, color="tab:blue", label="per logged step")
+        else:
+            ax.plot(steps, losses, lw=0.8, color="tab:blue", alpha=0.35, label="per logged step")
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                      for i in range(len(losses))]  # fmt: skip
+            ax.plot(steps, smooth, lw=1.6, color="tab:blue", label=f"mean of {window} logged steps")
         ax.set_yscale("log")  # contrastive losses fall by orders of magnitude; a linear axis hides the tail
         ax.legend(fontsize=8)
     ax.set_xlabel("step")
