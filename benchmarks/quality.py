@@ -39,18 +39,16 @@ PLAIN: dict[str, list[str]] = {
     "transformer layer + mean": ["--pooling", "attention", "--sketch_fusion", "none", *NO_WARMUP],
     "tower pooler": ["--pooling", "pooler", "--sketch_fusion", "none", *NO_WARMUP],
 }
+# The T-EMDE heads take the sketch settings the recipe search found best for `concat` (N 16, H 4, a λ = 0
+# first epoch); `replace` has no λ to warm up.
+SKETCH = ["--n_sketches", "16", "--n_hyperplanes", "4"]
 TEMDE: dict[str, list[str]] = {
-    "T-EMDE concat soft_dlsh": [
-        "--pooling",
-        "mean",
-        "--sketch_fusion",
-        "concat",
-        "--sketch_coder",
-        "soft_dlsh",
-    ],
-    "T-EMDE concat anchor": ["--pooling", "mean", "--sketch_fusion", "concat", "--sketch_coder", "anchor"],
-    "T-EMDE replace soft_dlsh": ["--sketch_fusion", "replace", "--sketch_coder", "soft_dlsh", *NO_WARMUP],
-}
+    "T-EMDE concat soft_dlsh": ["--sketch_fusion", "concat", "--sketch_coder", "soft_dlsh", *SKETCH,
+                                "--sketch_warmup_epochs", "1"],
+    "T-EMDE concat anchor": ["--sketch_fusion", "concat", "--sketch_coder", "anchor", *SKETCH,
+                             "--sketch_warmup_epochs", "1"],
+    "T-EMDE replace soft_dlsh": ["--sketch_fusion", "replace", "--sketch_coder", "soft_dlsh", *SKETCH, *NO_WARMUP],
+}  # fmt: skip
 # Tower settings on top of the demo recipe: both towers frozen (the demo's choice, by cross-validation),
 # and the text tower's last two layers fine-tuned (`recipe_search.py`'s "text" stage candidate).
 SETTINGS: dict[str, list[str]] = {
