@@ -45,13 +45,19 @@ def _data_exists(data: str) -> bool:
     return path.exists() or (not path.is_absolute() and data.count("/") == 1 and not data.startswith("."))
 
 
+def _relative(path: str | Path) -> str:
+    """`path` relative to the working directory when it is local: the run settings and the card record
+    where the towers and data were relative to the run, not one machine's absolute paths."""
+    return os.path.relpath(path) if Path(path).exists() else str(path)
+
+
 def train(args: argparse.Namespace, trainer_flags: list[str], towers: tuple[Path, Path]) -> None:
     """`accelerate launch` of the trainer in one CPU process (every launcher flag explicit)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "examples" / "train_temde.py"),
-        str(CONFIG), "--vision_model_path", str(towers[0]), "--text_model_path", str(towers[1]),
-        "--data", args.data, "--output_dir", args.output_dir,
+        str(CONFIG), "--vision_model_path", _relative(towers[0]), "--text_model_path", _relative(towers[1]),
+        "--data", _relative(args.data), "--output_dir", args.output_dir,
         "--feature_cache_dir", str(Path(args.work_dir) / "feature_cache"),
         *(["--image_root", args.image_root] if args.image_root else []), *trainer_flags,
     ]  # fmt: skip

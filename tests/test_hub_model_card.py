@@ -146,3 +146,13 @@ def test_card_from_a_real_evaluate_run(checkpoint: Path, tmp_path: Path) -> None
     assert values["rsum"] == result["full"]["rsum"]
     assert values["i2t_r1"] == result["full"]["i2t_r1"] and values["t2i_r10"] == result["full"]["t2i_r10"]
     assert ModelCard.load(card_path).data.datasets == ["synthetic"]
+
+
+@pytest.mark.parametrize("fusion", ["none", "concat"])
+def test_card_describes_the_pooling_the_checkpoint_has(fusion: str, tmp_path: Path) -> None:
+    """A checkpoint without a sketch is not advertised as sketch pooling; base models are not pinned on a tower."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt", sketch_fusion=fusion)
+    text = str(render_model_card(checkpoint, _evaluate_layout(), base_models=["someone/text-tower"]))
+    assert ("sketch switched off" in text) == (fusion == "none")
+    assert ("with **T-EMDE** sketch pooling" in text) == (fusion != "none")
+    assert "- **Initialised from:** someone/text-tower" in text and "(initialised from" not in text

@@ -116,7 +116,8 @@ def metrics_from_ranks(i2t: torch.Tensor, t2i: torch.Tensor, ks: Sequence[int] =
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         ranks = ranks.double()
         for k in ks:
-            out[f"{name}_r{k}"] = 100.0 * float((ranks < k).double().mean())
+            # hits * 100 / n (not 100 * mean): 181 of 500 is 36.2, not 36.199999999999996
+            out[f"{name}_r{k}"] = float((ranks < k).sum()) * 100.0 / ranks.numel()
         out[f"{name}_medr"] = float(torch.floor(ranks.median() if ranks.numel() % 2 else _median(ranks)) + 1)
         out[f"{name}_meanr"] = float(ranks.mean() + 1)
     out["rsum"] = sum(out[f"{name}_r{k}"] for name in ("i2t", "t2i") for k in ks)
