@@ -1,7 +1,8 @@
 """Retrieve fast, rerank smart on the real towers and photos: does a second stage lift retrieval?
 
-Four things are measured on Flickr8k-800 with the demo's recipe (`examples/configs/flickr8k_demo.yaml`,
-frozen EfficientNet-Lite0 + MiniLM, cached) through the one trainer and `temde-hf evaluate`'s two-stage
+Four things are measured on Flickr8k-800 with the recipe search's base recipe
+(`benchmarks/configs/recipe_search_base.yaml`: T-EMDE concat N 32 H 6 over frozen, cached EfficientNet-Lite0
++ MiniLM; the recipe the runs were made with, kept fixed so stored runs keep their meaning) through the one trainer and `temde-hf evaluate`'s two-stage
 path: stage 1 alone (the dual encoder's inner product); stage 1 + the token-level alignment rerank
 (TERAN); stage 1 + the matching-head rerank (a cross-encoder trained with hard negatives mined by the
 dual encoder); stage 1 after distillation (VLDeformer-style KL towards the alignment score or the head).
@@ -14,8 +15,9 @@ of each reranker, are chosen by that cross-validated RSUM. Only then is the test
 700 images per seed (the same seeds, so differences are paired) and its saved checkpoint evaluated from
 pixels on the 100 test images, with the single-query CPU latency of each stage at K = 20 and 100.
 
-    flock /tmp/temde-heavy.lock python benchmarks/rerank.py --towers-dir outputs [--folds 5] [--seeds 0 1 2]
-    python benchmarks/rerank.py --report     # table + RESULTS.md / README sections from the JSON
+    python benchmarks/rerank.py --towers-dir outputs [--folds 3] [--cv-seeds 0]
+        [--seeds 0 1]
+    python benchmarks/rerank.py --report     # tables + the RESULTS.md and README sections from the JSON
 
 Runs are stored in the JSON as they finish, so the search resumes where it stopped; on a shared machine
 take the lock per run: ``until flock LOCK python benchmarks/rerank.py --max-runs 1; do :; done`` (exit
@@ -37,23 +39,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import write_section
-from recipe_search import CONFIG, KEYS, REPO, TEST_FLAGS, cv_flags, mean_std
+from recipe_search import BASE_CONFIG as CONFIG
+from recipe_search import KEYS, REPO, TEST_FLAGS, cv_flags, mean_std
 
 RESULTS = REPO / "benchmarks" / "results" / "rerank.json"
 KS = (20, 100)
 # fusion weights of stage 1 (`fuse_scores`: z(stage 2) + w·z(stage 1) over each query's K); 0 = stage 2 alone
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 # A CPU-sized matching head: 1 joint-attention layer of width 128 costs ~1/8 of 2 layers of width 256 per pair.
+# Every variant with a head uses it: re-scoring K = 100 candidates of each of ~1,400 CV queries per run is
+# the benchmark's largest cost on 2 shared cores.
 HEAD = ["--itm_layers", "1", "--itm_hidden_size", "128", "--itm_heads", "4"]
 # name -> trainer flags over the demo recipe, and the rerankers its checkpoint is scored with
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {"flags": [], "rerankers": ["alignment"]},
     "alignment loss 0.5": {"flags": ["--alignment_weight", "0.5"], "rerankers": ["alignment"]},
     "matching head on top": {
-        "flags": ["--itm_weight", "1", "--itm_detach_tokens", "true"],
+        "flags": [*HEAD, "--itm_weight", "1", "--itm_detach_tokens", "true"],
         "rerankers": ["itm"],
     },
-    "matching head joint": {"flags": ["--itm_weight", "1"], "rerankers": ["itm"]},
+    "matching head joint": {"flags": [*HEAD, "--itm_weight", "1"], "rerankers": ["itm"]},
     "distill from alignment": {
         "flags": ["--alignment_weight", "0.5", "--distill_weight", "1"],
         "rerankers": ["alignment"],
@@ -187,9 +192,10 @@ def latency(runs: dict[str, Any], variant: str, key: str, seeds: list[int]) -> d
     return {name: statistics.median(f[name] for f in found) for name in found[0]}
 
 
-def tables(
+def choices_table(
     summary: dict[str, Any], runs: dict[str, Any], cv_seeds: list[int], seeds: list[int], folds: int
-) -> str:
+) -> list[str]:
+    """The issue's rows (each chosen on CV) with their test RSUM, paired Δ and per-query latencies."""
     rows, choices = summary["rows"], summary.get("choices", {})
     lines = [
         f"**Chosen on {folds}-fold CV (seeds {', '.join(map(str, cv_seeds))}), reported on test** (100 images, "
@@ -217,6 +223,14 @@ def tables(
             f"{delta['mean']:+.1f} ± {delta['std']:.1f} | {r['test_r1'][0]:.1f} / {r['test_r1'][1]:.1f} | "
             f"{ms['s1']} | {ms['20']} | {ms['100']} |"
         )
+    return lines
+
+
+def tables(
+    summary: dict[str, Any], runs: dict[str, Any], cv_seeds: list[int], seeds: list[int], folds: int
+) -> str:
+    rows = summary["rows"]
+    lines = choices_table(summary, runs, cv_seeds, seeds, folds)
     lines += ["", f"Every variant and stage ({folds}-fold CV on train+val; test):", "",
               "| variant | stage | CV RSUM | test RSUM | Δ test vs base stage 1 |", "|---|---|---|---|---|"]  # fmt: skip
     for r in rows.values():
@@ -231,9 +245,10 @@ def tables(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--cv-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the CV runs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the test runs")
+    # default: what the JSON's runs used, else 3 folds, CV seed 0, test seeds 0 1
+    parser.add_argument("--folds", type=int, default=None)
+    parser.add_argument("--cv-seeds", type=int, nargs="+", default=None, help="seeds of the CV runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the test runs")
     parser.add_argument("--latency-queries", type=int, default=50)
     parser.add_argument("--work-dir", default="outputs/rerank")
     parser.add_argument("--towers-dir", default="outputs", help="where the converted vision tower lives")
@@ -244,6 +259,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output = Path(args.output)
     stored = json.loads(output.read_text()) if output.is_file() else {}
     runs = stored.setdefault("runs", {})
+    for name, default in (("folds", 3), ("cv_seeds", [0]), ("seeds", [0, 1])):
+        if getattr(args, name) is None:
+            setattr(args, name, stored.get(name, default))
 
     def save() -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             spec, store = VARIANTS[variant], runs.setdefault(variant, {})
             jobs = [
                 (f"cv fold {f} seed {s}", cv_flags(f, args.folds), s, 0)
-                for s in args.seeds
+                for s in args.cv_seeds
                 for f in range(args.folds)
             ]
             jobs += [(f"test seed {s}", TEST_FLAGS, s, args.latency_queries) for s in args.seeds]
@@ -281,9 +299,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"{variant} | {key}: stage 1 RSUM {store[key]['stage1']['rsum']:.1f}, best stage 2 {best:.1f} "
                       f"({store[key]['train_seconds']:.0f} s training)", file=sys.stderr, flush=True)  # fmt: skip
     stored.update(
-        folds=args.folds, seeds=args.seeds, ks=list(KS), variants={v: VARIANTS[v] for v in VARIANTS}
-    )
-    summary = summarise(runs, args.seeds, args.folds)
+        folds=args.folds, cv_seeds=args.cv_seeds, seeds=args.seeds, ks=list(KS), weights=list(WEIGHTS),
+        variants={v: VARIANTS[v] for v in VARIANTS},
+    )  # fmt: skip
+    summary = summarise(runs, args.cv_seeds, args.seeds, args.folds)
     stored["summary"] = summary
     save()
     if "choices" not in summary:
@@ -293,11 +312,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(text)
     loads = [r["loadavg"] for v in runs.values() for k, r in v.items() if k.startswith("test")]
     command = (
-        f"flock /tmp/temde-heavy.lock python benchmarks/rerank.py --folds {args.folds} "
+        f"python benchmarks/rerank.py --folds {args.folds} "
         f"--cv-seeds {' '.join(map(str, args.cv_seeds))} --seeds {' '.join(map(str, args.seeds))}"
     )
     header = (
-        f"    {command}\n\nDemo recipe (frozen towers, cached), {args.folds}-fold CV over the 700 train+val images for "
+        f"    {command}\n\nT-EMDE concat N32 H6 recipe (`benchmarks/configs/recipe_search_base.yaml`, frozen towers, cached), {args.folds}-fold CV over the 700 train+val images for "
         f"every choice; test = 100 images / 500 captions. Latency: median single-query CPU milliseconds (2 shared "
         f"cores, load average {min(loads):.1f}–{max(loads):.1f} during the timed runs), stage-1 embeddings and "
         "stored fp16 tokens given; stage 1 = scores over the gallery + top-K, stage 2 = re-scoring the K.\n\n"
@@ -307,6 +326,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rerank",
         header + text,
         heading="Two-stage retrieval: rerank (CPU)",
+    )
+    summary_lines = choices_table(summary, runs, args.cv_seeds, args.seeds, args.folds)
+    write_section(
+        REPO / "README.md",
+        "rerank_summary",
+        f"Measured on Flickr8k-800 with the demo recipe by `{command}` (every choice made on CV of the "
+        "train+val images; all variants in [benchmarks/RESULTS.md](benchmarks/RESULTS.md)):\n\n"
+        + "\n".join(summary_lines),
     )
     return stored
 

@@ -178,6 +178,39 @@ def test_rerank_benchmark_chooses_on_cv_and_pairs_test_seeds() -> None:
     assert summary["rows"]["base | stage 1"]["cv"]["mean"] == 300
 
 
+def test_rerank_benchmark_report_writes_its_sections(tmp_path: Path) -> None:
+    """``--report`` summarises the JSON's runs (with the seeds and folds they used) and writes the
+    RESULTS.md section and the README summary itself."""
+    rerank = _load("rerank")
+    rerank.REPO, rerank.WEIGHTS = tmp_path, (0.0, 1.0)  # the report's Markdown targets; `_record`'s weights
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "README.md").write_text(
+        "# x\n<!-- BEGIN rerank_summary (generated: do not edit) -->\n<!-- END rerank_summary -->\n"
+    )
+    ms = {"stage1_i2t": 0.1, "stage1_t2i": 0.2, "stage2_i2t": 1.5, "stage2_t2i": 2.5}
+    runs = {}
+    for i, (variant, spec) in enumerate(rerank.VARIANTS.items()):
+        keys = [f"{name} K={k}" for name in spec["rerankers"] for k in rerank.KS]
+        runs[variant] = {f"cv fold {f} seed 0": _record(300 + i, dict.fromkeys(keys, 310)) for f in range(2)}
+        for seed in (0, 1):
+            record = _record(350 + i + seed, dict.fromkeys(keys, 360 + seed))
+            for key in keys:
+                record["rerank"][key]["latency_ms"] = ms
+            runs[variant][f"test seed {seed}"] = {**record, "loadavg": 2.0}
+    output = tmp_path / "rerank.json"
+    output.write_text(json.dumps({"runs": runs, "folds": 2, "cv_seeds": [0], "seeds": [0, 1]}))
+    stored = rerank.main(["--report", "--output", str(output)])
+    assert set(stored["summary"]["choices"]) >= {"stage 1 alone", "stage 1 + alignment rerank",
+                                                 "stage 1 + matching-head rerank", "stage 1 after distillation"}  # fmt: skip
+    readme = (tmp_path / "README.md").read_text()
+    assert "--folds 2 --cv-seeds 0 --seeds 0 1" in readme and "| stage 1 + matching-head rerank |" in readme
+    assert "| 1.5 / 2.5 |" in readme  # stage-2 latency at K = 20 (i2t / t2i)
+    results = (tmp_path / "benchmarks" / "RESULTS.md").read_text()
+    assert (
+        "<!-- BEGIN rerank (generated: do not edit) -->" in results and "Every variant and stage" in results
+    )
+
+
 @pytest.mark.slow
 def test_rerank_benchmark_trains_and_scores_one_run(tmp_path: Path) -> None:
     """One run of the benchmark's harness on tiny towers and synthetic data: stage 1, every reranker at

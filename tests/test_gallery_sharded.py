@@ -1,4 +1,5 @@
-"""The sharded index build: 2 processes equal 1, an interrupted build resumes, sources and checks."""
+"""The sharded index build: 2 processes equal 1, an interrupted build resumes (with stored tokens too),
+sources and checks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from temde_hf.hub.gallery import GalleryIndex, index_main
 from temde_hf.hub.gallery import build as build_module
@@ -36,19 +38,29 @@ def _vectors(index_dir: Path) -> tuple[list[str], np.ndarray]:
 @pytest.mark.slow
 def test_two_process_build_equals_one_process(setup, tmp_path: Path) -> None:
     checkpoint, images = setup
-    index_main(_args(checkpoint, images, tmp_path / "one"))
-    accelerate_launch("-m", "temde_hf.cli", "index", *_args(checkpoint, images, tmp_path / "two"))
+    index_main(_args(checkpoint, images, tmp_path / "one", "--store-tokens"))
+    accelerate_launch(
+        "-m", "temde_hf.cli", "index", *_args(checkpoint, images, tmp_path / "two", "--store-tokens")
+    )
     meta = json.loads((tmp_path / "two" / "gallery.json").read_text())
     assert meta["build"]["processes"] == 2 and meta["build"]["shards"] == 3
     ids_one, vectors_one = _vectors(tmp_path / "one")
     ids_two, vectors_two = _vectors(tmp_path / "two")
     assert ids_one == ids_two and len(ids_one) == 8
     np.testing.assert_allclose(vectors_two, vectors_one, atol=1e-6)
+    tokens_one = GalleryIndex.load(tmp_path / "one").tokens
+    tokens_two = GalleryIndex.load(tmp_path / "two").tokens  # shards of both ranks, merged in row order
+    assert torch.equal(tokens_two.mask, tokens_one.mask)
+    torch.testing.assert_close(tokens_two.tokens, tokens_one.tokens, atol=1e-3, rtol=0)
 
 
-def test_interrupted_build_resumes_without_reencoding(setup, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("store_tokens", [False, True], ids=["embeddings", "with-tokens"])
+def test_interrupted_build_resumes_without_reencoding(
+    setup, tmp_path: Path, monkeypatch, store_tokens: bool
+) -> None:
     checkpoint, images = setup
     out = tmp_path / "idx"
+    tokens_flag = ["--store-tokens"] if store_tokens else []
     write_shard = build_module._write_shard
     calls = {"n": 0}
 
@@ -61,32 +73,47 @@ def test_interrupted_build_resumes_without_reencoding(setup, tmp_path: Path, mon
 
     monkeypatch.setattr(build_module, "_write_shard", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
-        index_main(_args(checkpoint, images, out))
+        index_main(_args(checkpoint, images, out, *tokens_flag))
     finished = sorted((out / "shards").glob("*.safetensors"))
     assert [p.name for p in finished] == ["shard-00000.safetensors", "shard-00001.safetensors"]
     stamps = {p: p.stat().st_mtime_ns for p in finished}
 
     encoded_starts = []
-    real_iter = build_module.iter_image_embeddings
+    real_iter = build_module.iter_image_features
 
     def counting_iter(*args, **kwargs):
         encoded_starts.append(kwargs["start"])
         return real_iter(*args, **kwargs)
 
     monkeypatch.setattr(build_module, "_write_shard", write_shard)
-    monkeypatch.setattr(build_module, "iter_image_embeddings", counting_iter)
-    index_main(_args(checkpoint, images, out))
+    monkeypatch.setattr(build_module, "iter_image_features", counting_iter)
+    index_main(_args(checkpoint, images, out, *tokens_flag))
     assert encoded_starts == [6]  # only the unfinished shard (rows 6-7) was encoded again
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
-    index_main(_args(checkpoint, images, tmp_path / "fresh"))
+    index_main(_args(checkpoint, images, tmp_path / "fresh", *tokens_flag))
     ids, vectors = _vectors(out)
     fresh_ids, fresh_vectors = _vectors(tmp_path / "fresh")
     assert ids == fresh_ids
     np.testing.assert_allclose(vectors, fresh_vectors, atol=1e-6)
-    # Re-indexing the same shards with another index type re-uses them (nothing encoded).
+    resumed, fresh = GalleryIndex.load(out), GalleryIndex.load(tmp_path / "fresh")
+    if store_tokens:  # the resumed build's token file holds every image's tokens, in the index's row order
+        assert resumed.tokens.tokens.shape[0] == 8 and torch.equal(resumed.tokens.mask, fresh.tokens.mask)
+        assert torch.equal(resumed.tokens.tokens, fresh.tokens.tokens)
+        meta = json.loads((out / "gallery.json").read_text())
+        assert (
+            meta["tokens"]["bytes_per_image"] == 17 * 16 * 2 + 4
+        )  # 16 patches + CLS, 16-d, fp16, int32 length
+    else:
+        assert resumed.tokens is None and not (out / "tokens.fp16.safetensors").exists()
+    # Re-indexing the same shards with another index type re-uses them (nothing encoded); tokens are
+    # only kept when asked for again.
     encoded_starts.clear()
     index_main([*_args(checkpoint, images, out)[:-4], "--index-type", "fp16"])
     assert encoded_starts == [] and GalleryIndex.load(out).index_type == "fp16"
+    assert GalleryIndex.load(out).tokens is None
+    if not store_tokens:  # shards without tokens cannot serve a build that asks for them
+        with pytest.raises(SystemExit, match=r"shards encoded without token embeddings.*--store-tokens"):
+            index_main(_args(checkpoint, images, out, "--store-tokens"))
     other = save_tiny_checkpoint(tmp_path / "other", seed=8)
     with pytest.raises(SystemExit, match="holds shards of another build"):
         index_main(_args(other, images, out))

@@ -91,11 +91,49 @@ def _raw_batches(
         yield first, list(images[first : min(first + batch_size, stop)])
 
 
-def iter_image_embeddings(
+@dataclass
+class EncodedBatch:
+    """One encoded batch: retrieval embeddings and, when asked for, the joint-space tokens behind them.
+
+    Attributes:
+        rows: The input rows encoded (images skipped as unreadable are missing).
+        embeds: `(len(rows), E)` float32 retrieval embeddings on the CPU.
+        tokens: `(len(rows), L, D)` joint-space tokens (``token_embeds``) in the requested dtype, or None.
+        token_mask: `(len(rows), L)` bool, True for real tokens, or None.
+    """
+
+    rows: list[int]
+    embeds: torch.Tensor
+    tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+
+
+def _check_token_model(model: Any) -> None:
+    if not hasattr(model, "get_image_features"):
+        raise ValueError(
+            f"token embeddings come from the eager PyTorch model, not {type(model).__name__} (ONNX graphs "
+            "return only the pooled embedding); load the checkpoint with backend='torch' (--backend torch)"
+        )
+
+
+def _encoded(rows: list[int], out: Any, token_dtype: torch.dtype | None) -> EncodedBatch:
+    """`get_*_features` output -> an `EncodedBatch` on the CPU (tokens only when `token_dtype` is given)."""
+    if token_dtype is None:
+        return EncodedBatch(rows, out.float().cpu())
+    return EncodedBatch(
+        rows,
+        out.pooler_output.float().cpu(),
+        out.token_embeds.to("cpu", token_dtype),
+        out.token_mask.bool().cpu(),
+    )
+
+
+def iter_image_features(
     model: Any,
     processor: Any,
     images: Sequence[Any] | datasets.Dataset,
     *,
+    token_dtype: torch.dtype | None = None,
     batch_size: int = 32,
     device: str | None = None,
     start: int = 0,
@@ -105,22 +143,26 @@ def iter_image_embeddings(
     image_column: str = "image",
     progress: bool = True,
     desc: str = "encode images",
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Stream the embeddings of ``images[start:stop]``, one batch at a time.
+) -> Iterator[EncodedBatch]:
+    """Stream the embeddings (and, with `token_dtype`, the tokens) of ``images[start:stop]`` by batch.
 
     Args:
-        model: Has ``encode_image(pixel_values)`` (a `TemdeModel` or an `OnnxTemdeEncoder`).
+        model: Has ``encode_image(pixel_values)`` (a `TemdeModel` or an `OnnxTemdeEncoder`); for tokens,
+            ``get_image_features`` (eager PyTorch only).
         processor: A `TemdeProcessor` (or anything with an ``image_processor``).
         images: PIL images, paths, `datasets.Image` dicts, or a `datasets.Dataset` with ``image_column``.
+        token_dtype: Also return the joint-space tokens, stored in this dtype (one forward pass gives
+            both); None: embeddings only.
         start, stop: The rows to encode (default: all).
         on_error: ``"raise"`` a `DataError` naming an unreadable image, or ``"skip"`` it.
         skipped: Where skipped images are appended (with ``on_error="skip"``).
 
     Yields:
-        `(rows, embeds)`: the input rows that were encoded (skipped ones are missing) and their
-        `(len(rows), E)` float32 embeddings on the CPU.
+        `EncodedBatch` per batch of images.
     """
     check_on_error(on_error)
+    if token_dtype is not None:
+        _check_token_model(model)
     device = device or model_device(model)
     stop = len(images) if stop is None else min(stop, len(images))
     n_batches = max(0, -(-(stop - start) // batch_size))
@@ -142,7 +184,18 @@ def iter_image_embeddings(
             if not opened:
                 continue
             pixel_values = _image_inputs(processor, opened).to(device)
-            yield rows, model.encode_image(pixel_values).float().cpu()
+            if token_dtype is None:
+                yield _encoded(rows, model.encode_image(pixel_values), None)
+            else:
+                yield _encoded(rows, model.get_image_features(pixel_values=pixel_values), token_dtype)
+
+
+def iter_image_embeddings(
+    model: Any, processor: Any, images: Sequence[Any] | datasets.Dataset, **kwargs: Any
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """`(rows, (len(rows), E) float32 embeddings)` per batch: `iter_image_features` without tokens."""
+    for batch in iter_image_features(model, processor, images, **kwargs):
+        yield batch.rows, batch.embeds
 
 
 def encode_images(
@@ -176,6 +229,41 @@ def encode_images(
     return torch.cat(parts) if parts else torch.empty(0, 0)
 
 
+def iter_text_features(
+    model: Any,
+    processor: Any,
+    texts: Sequence[str],
+    batch_size: int = 128,
+    device: str | None = None,
+    max_length: int | None = None,
+    *,
+    token_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Iterator[EncodedBatch]:
+    """Stream the embeddings (and, with `token_dtype`, the tokens) of ``texts`` by batch.
+
+    Args:
+        model: Has ``encode_text(input_ids, attention_mask)``; for tokens, ``get_text_features``.
+        token_dtype: Also return the joint-space tokens in this dtype (one forward pass gives both).
+    """
+    if token_dtype is not None:
+        _check_token_model(model)
+    device = device or model_device(model)
+    texts = list(texts)
+    with torch.inference_mode():
+        for start in tqdm(
+            range(0, len(texts), batch_size), desc="encode captions", unit="batch", disable=not progress
+        ):
+            batch = _text_inputs(processor, texts[start : start + batch_size], max_length)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            rows = list(range(start, start + len(ids)))
+            if token_dtype is None:
+                yield _encoded(rows, model.encode_text(ids, mask), None)
+            else:
+                out = model.get_text_features(input_ids=ids, attention_mask=mask)
+                yield _encoded(rows, out, token_dtype)
+
+
 def encode_texts(
     model: Any,
     processor: Any,
@@ -187,20 +275,13 @@ def encode_texts(
     progress: bool = True,
 ) -> torch.Tensor:
     """`(n_texts, E)` float32 embeddings via ``model.encode_text``."""
-    device = device or model_device(model)
-    texts = list(texts)
-    out = []
-    with torch.inference_mode():
-        for start in tqdm(
-            range(0, len(texts), batch_size), desc="encode captions", unit="batch", disable=not progress
-        ):
-            batch = _text_inputs(processor, texts[start : start + batch_size], max_length)
-            out.append(
-                model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                .float()
-                .cpu()
-            )
-    return torch.cat(out) if out else torch.empty(0, 0)
+    parts = [
+        batch.embeds
+        for batch in iter_text_features(
+            model, processor, texts, batch_size, device, max_length, progress=progress
+        )
+    ]
+    return torch.cat(parts) if parts else torch.empty(0, 0)
 
 
 def encode_dataset(

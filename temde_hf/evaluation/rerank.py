@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import torch
-from tqdm.auto import tqdm
+from torch.nn import functional as F
 
-from ..data.common import open_image
 from ..data.pairs import flat_captions
 from ..models.temde.alignment_temde import paired_alignment_scores
-from .encode import _image_inputs, _text_inputs
+from .encode import EncodedBatch, iter_image_features, iter_text_features
 from .metrics import metrics_from_ranks
 
 
@@ -235,7 +234,24 @@ def rerank_candidates(
     return candidates.gather(1, order), scores.gather(1, order)
 
 
-@torch.inference_mode()
+def token_set_of(batches: Iterable[EncodedBatch]) -> tuple[torch.Tensor, TokenSet]:
+    """Concatenate encoded batches (with tokens): `(n, E)` embeddings and their `TokenSet`.
+
+    Batches may hold different token lengths (captions are padded per batch); shorter ones are
+    zero-padded to the longest, with the mask marking the padding.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("nothing was encoded: no tokens to collect")
+    if any(batch.tokens is None for batch in batches):
+        raise ValueError("token_set_of needs batches encoded with token_dtype (tokens requested)")
+    length = max(batch.tokens.shape[1] for batch in batches)
+    tokens = [F.pad(batch.tokens, (0, 0, 0, length - batch.tokens.shape[1])) for batch in batches]
+    masks = [F.pad(batch.token_mask, (0, length - batch.token_mask.shape[1])) for batch in batches]
+    embeds = torch.cat([batch.embeds for batch in batches])
+    return embeds, TokenSet(torch.cat(tokens), torch.cat(masks))
+
+
 def encode_token_sets(
     model: Any,
     processor: Any,
@@ -247,6 +263,9 @@ def encode_token_sets(
 ) -> tuple[TokenSet, TokenSet]:
     """The joint-space tokens of a dataset's images and captions (`get_*_features(...).token_embeds`).
 
+    Encodes through `temde_hf.evaluation.encode` (the one encode path), like a gallery that stores
+    its tokens (``temde-hf index --store-tokens``).
+
     Args:
         model: A `TemdeModel` (or subclass).
         processor: Its processor.
@@ -256,28 +275,19 @@ def encode_token_sets(
     Returns:
         Image tokens `(n_images, L_image, D)` and caption tokens `(n_captions, L_text, D)`.
     """
-    device = device or str(next(model.parameters()).device)
-    raw = dataset.cast_column("image", datasets.Image(decode=False)).select_columns(["image"])
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"image": [], "text": []}
-    for start in tqdm(range(0, len(raw), batch_size), desc="image tokens", unit="batch"):
-        images = [open_image(v) for v in raw[start : start + batch_size]["image"]]
-        out = model.get_image_features(pixel_values=_image_inputs(processor, images).to(device))
-        parts["image"].append((out.token_embeds.to("cpu", dtype), out.token_mask.bool().cpu()))
-    captions = flat_captions(dataset)
-    for start in tqdm(range(0, len(captions), 4 * batch_size), desc="caption tokens", unit="batch"):
-        batch = _text_inputs(processor, captions[start : start + 4 * batch_size], max_length)
-        out = model.get_text_features(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        )
-        parts["text"].append((out.token_embeds.to("cpu", dtype), out.token_mask.bool().cpu()))
-    return tuple(_concat(parts[kind]) for kind in ("image", "text"))
-
-
-def _concat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> TokenSet:
-    length = max(t.shape[1] for t, _ in parts)
-    tokens = [torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t, _ in parts]
-    masks = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m in parts]
-    return TokenSet(torch.cat(tokens), torch.cat(masks))
+    image_batches = iter_image_features(
+        model,
+        processor,
+        dataset,
+        token_dtype=dtype,
+        batch_size=batch_size,
+        device=device,
+        desc="image tokens",
+    )
+    text_batches = iter_text_features(
+        model, processor, flat_captions(dataset), 4 * batch_size, device, max_length, token_dtype=dtype
+    )
+    return token_set_of(image_batches)[1], token_set_of(text_batches)[1]
 
 
 def two_stage_ranks(
@@ -513,6 +523,7 @@ __all__ = [
     "rerank_candidates",
     "rerank_report",
     "score_candidates",
+    "token_set_of",
     "two_stage_metrics",
     "two_stage_ranks",
 ]

@@ -6,8 +6,9 @@ model's ``logits_per_text`` would (exactly for ``flat``; the other types trade a
 memory and speed, see `spec`).
 
 Modules: `spec` (index types and the automatic choice), `index` (`GalleryIndex`: build, search,
-save/load), `sources` (folder / file list / dataset), `build` (sharded, resumable encoding with
-`accelerate`), `api` (in-memory build and query), `cli` (``temde-hf index`` / ``search``).
+save/load), `tokens` (the images' stored token embeddings, for a second-stage rerank), `sources`
+(folder / file list / dataset), `build` (sharded, resumable encoding with `accelerate`), `api`
+(in-memory build and query), `cli` (``temde-hf index`` / ``search``).
 """
 
 from .api import (

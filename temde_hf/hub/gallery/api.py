@@ -18,9 +18,11 @@ from ...evaluation.encode import (
     SkippedImage,
     encode_images,
     encode_texts,
-    iter_image_embeddings,
+    iter_image_features,
+    iter_text_features,
     load_encoder,
 )
+from ...evaluation.rerank import token_set_of
 from ...export.fingerprint import checkpoint_fingerprint
 from .build import global_dim_of
 from .index import GalleryIndex, SearchHit
@@ -46,34 +48,42 @@ def build_gallery(
     image_column: str = "image",
     progress: bool = True,
     model_and_processor: tuple[Any, Any] | None = None,
+    store_tokens: bool = False,
 ) -> GalleryIndex:
-    """Encode ``images`` with the checkpoint at ``model_path`` and index them (unreadable ones skipped)."""
+    """Encode ``images`` with the checkpoint at ``model_path`` and index them (unreadable ones skipped).
+
+    With ``store_tokens`` the index also keeps the images' joint-space tokens (float16), which
+    ``search(..., rerank=...)`` re-scores each query's candidates from.
+    """
     model, processor = model_and_processor or load_encoder(model_path, backend="torch", device="cpu")
     skipped: list[SkippedImage] = []
-    rows, parts = [], []
-    for batch_rows, embeds in iter_image_embeddings(
-        model,
-        processor,
-        images,
-        batch_size=batch_size,
-        on_error="skip",
-        skipped=skipped,
-        image_column=image_column,
-        progress=progress,
-    ):
-        rows += batch_rows
-        parts.append(embeds)
-    if not parts:
+    batches = list(
+        iter_image_features(
+            model,
+            processor,
+            images,
+            token_dtype=torch.float16 if store_tokens else None,
+            batch_size=batch_size,
+            on_error="skip",
+            skipped=skipped,
+            image_column=image_column,
+            progress=progress,
+        )
+    )
+    if not batches:
         raise ValueError(f"none of the {len(ids)} images could be read: nothing to index")
+    rows = [row for batch in batches for row in batch.rows]
+    embeds, tokens = token_set_of(batches) if store_tokens else (torch.cat([b.embeds for b in batches]), None)
     paths = list(paths) if paths is not None else [None] * len(ids)
     gallery = GalleryIndex(
-        torch.cat(parts).numpy(),
+        embeds.numpy(),
         [ids[r] for r in rows],
         paths=[paths[r] for r in rows],
         model_path=str(Path(model_path).resolve()),
         model_fingerprint=checkpoint_fingerprint(model_path),
         index_type=index_type,
         global_dim=global_dim_of(model_path),
+        tokens=tokens,
     )
     gallery.skipped = [vars(s) for s in skipped]
     return gallery
@@ -112,17 +122,45 @@ def search(
     texts: Iterable[str] = (),
     images: Iterable[Image.Image | str | Path] = (),
     k: int = 5,
+    rerank: str | None = None,
+    rerank_k: int = 20,
+    rerank_fusion: float = 0.0,
     **settings: Any,
 ) -> list[list[SearchHit]]:
     """Query the gallery by texts and/or images (text queries first), top-``k`` each.
 
-    ``settings`` (``nprobe``, ``k_factor``) override the index's saved search settings.
+    Args:
+        gallery: A `GalleryIndex` built by ``model``'s checkpoint.
+        model: The checkpoint's model (eager PyTorch when reranking; with ``rerank="itm"`` a
+            `TemdeForImageTextRetrieval`, e.g. ``load_checkpoint(path, with_matching_head=True)``).
+        processor: Its processor.
+        texts: Caption queries; images: image queries (never reranked: the rerankers score captions
+            against images).
+        k: Results per query.
+        rerank: Re-score each text query's stage-1 top-``rerank_k`` with this reranker
+            (``"alignment"`` or ``"itm"``) from the gallery's stored tokens (`GalleryIndex.search`).
+        rerank_fusion: Fuse the reranker's score with stage 1 (`fuse_scores`); 0: stage 2 alone.
+        settings: ``nprobe`` / ``k_factor``, overriding the index's saved search settings.
     """
     texts, images = list(texts), list(images)
     if not texts and not images:
         raise ValueError("give at least one text or image query")
+    if rerank is not None and images:
+        raise ValueError(
+            f"rerank={rerank!r} re-scores caption -> image matches; image queries are searched by stage 1 "
+            "alone: query the images without rerank"
+        )
     hits: list[list[SearchHit]] = []
-    if texts:
+    if texts and rerank is not None:
+        # one forward pass gives each query's stage-1 embedding and the tokens stage 2 reads
+        embeds, tokens = token_set_of(
+            iter_text_features(model, processor, texts, token_dtype=torch.float32, progress=False)
+        )
+        hits += gallery.search(
+            embeds, k, rerank=rerank, rerank_k=rerank_k, text_tokens=tokens, model=model,
+            rerank_fusion=rerank_fusion, **settings,
+        )  # fmt: skip
+    elif texts:
         hits += gallery.search(encode_texts(model, processor, texts, progress=False), k, **settings)
     if images:
         hits += gallery.search(encode_images(model, processor, images, progress=False), k, **settings)

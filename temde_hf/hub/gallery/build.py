@@ -9,6 +9,10 @@ skipped as unreadable, atomically (temporary file + rename), so a shard on disk 
 After a barrier, rank 0 trains the index on a sample of the shards and adds them one at a time, so no
 process ever holds the whole gallery's embeddings. Run the same command again after an interruption
 and every finished shard is kept: only the missing ones are encoded.
+
+With ``--store-tokens`` each shard also carries its images' joint-space tokens (float16, padded rows +
+lengths, from the same forward pass), and rank 0 streams them shard by shard into the index folder's
+``tokens.fp16.safetensors`` (see `tokens`), the store a second-stage rerank reads.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...evaluation.encode import SkippedImage, iter_image_embeddings, load_encoder
+from ...evaluation.encode import SkippedImage, iter_image_features, load_encoder
+from ...evaluation.rerank import TokenSet, token_set_of
 from ...export.fingerprint import checkpoint_fingerprint
 from .index import GalleryIndex
 from .sources import ImageList
 from .spec import DEFAULT_MEMORY_BUDGET, IndexSpec, parse_spec
+from .tokens import TOKENS_FILE, read_token_file, token_lengths, write_token_file
 
 logger = logging.getLogger("temde_hf.gallery")
 
@@ -50,6 +56,8 @@ class BuildSettings:
         backend: Encoder backend (`temde_hf.evaluation.encode.BACKENDS`).
         shard_dtype: ``"float32"`` (exact) or ``"float16"`` (half the disk) for the shard files.
         on_error: ``"skip"`` unreadable images (counted and listed) or ``"raise"``.
+        store_tokens: Also keep every image's joint-space tokens (float16) for a second-stage rerank;
+            needs the eager PyTorch encoder (``backend`` ``"auto"`` then means ``"torch"``).
     """
 
     index_type: str = "auto"
@@ -60,6 +68,18 @@ class BuildSettings:
     shard_dtype: str = "float32"
     on_error: str = "skip"
     spec_overrides: dict[str, Any] | None = None
+    store_tokens: bool = False
+
+    def encoder_backend(self) -> str:
+        """The backend the shards are encoded with (tokens come from eager PyTorch only)."""
+        if not self.store_tokens:
+            return self.backend
+        if self.backend.startswith("onnx"):
+            raise ValueError(
+                f"--store-tokens reads the token embeddings, which --backend {self.backend} does not return; "
+                "drop --backend (auto) or pass --backend torch"
+            )
+        return "torch"
 
 
 def shard_path(out_dir: Path, shard: int) -> Path:
@@ -67,13 +87,20 @@ def shard_path(out_dir: Path, shard: int) -> Path:
 
 
 def _write_shard(
-    path: Path, rows: list[int], embeds: torch.Tensor, skipped: list[SkippedImage], dtype: str
+    path: Path,
+    rows: list[int],
+    embeds: torch.Tensor,
+    skipped: list[SkippedImage],
+    dtype: str,
+    tokens: TokenSet | None = None,
 ) -> None:
     """Write one shard atomically: readers never see a half-written file."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"rows": torch.tensor(rows, dtype=torch.int64), "embeds": embeds.to(getattr(torch, dtype))}
+    if tokens is not None:  # (m, L, D) float16 + (m,) lengths, the layout of the index's token file
+        tensors.update(tokens=tokens.tokens.to(torch.float16), lengths=token_lengths(tokens.mask))
     skip_path = path.with_suffix(".skipped.json")
     tmp_skip = skip_path.with_name(skip_path.name + ".tmp")
     tmp_skip.write_text(json.dumps([vars(s) for s in skipped]))
@@ -99,24 +126,49 @@ def shard_embeds(path: Path) -> np.ndarray:
         return handle.get_tensor("embeds").astype(np.float32, copy=False)
 
 
+def _no_tokens(path: Path) -> ValueError:
+    return ValueError(
+        f"{path} holds no token embeddings (encoded without --store-tokens); pass a new --out, or delete the "
+        "folder to encode again with --store-tokens"
+    )
+
+
+def shard_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """`(m, L, D)` float16 tokens and `(m,)` lengths of one shard built with ``store_tokens``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        if "tokens" not in handle.keys():  # noqa: SIM118 (a safe_open handle is no container)
+            raise _no_tokens(path)
+        return handle.get_tensor("tokens"), handle.get_tensor("lengths")
+
+
 def shard_skipped(path: Path) -> list[dict[str, Any]]:
     """The images this shard skipped: ``{"row", "source", "reason"}`` each."""
     return json.loads(path.with_suffix(".skipped.json").read_text())
 
 
 def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    """A resumed build must be the same build: same model, same image list, same sharding."""
+    """A resumed build must be the same build: same model, same image list, same sharding.
+
+    Shards that carry tokens serve a build without them (the tokens are ignored), not the reverse.
+    """
     path = out_dir / MANIFEST
     if not path.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(manifest, indent=1))
         return
     saved = json.loads(path.read_text())
-    changed = [key for key in manifest if saved.get(key) != manifest[key]]
+    changed = [key for key in manifest if key != "store_tokens" and saved.get(key) != manifest[key]]
     if changed:
         raise ValueError(
             f"{out_dir} holds shards of another build ({', '.join(changed)} differ); pass a new --out, or "
             "delete the folder to start over"
+        )
+    if manifest["store_tokens"] and not saved.get("store_tokens"):
+        raise ValueError(
+            f"{out_dir} holds shards encoded without token embeddings; pass a new --out, or delete the folder "
+            "to encode them again with --store-tokens"
         )
 
 
@@ -139,28 +191,38 @@ def encode_shards(
     counts["resumed"] = len(mine) - len(todo)
     if not todo:
         return counts
-    model, processor = load_encoder(model_path, backend=settings.backend)
+    model, processor = load_encoder(model_path, backend=settings.encoder_backend())
     for shard in todo:
         start = shard * settings.shard_size
         stop = min(start + settings.shard_size, len(source))
-        rows, parts, skipped = [], [], []
-        for batch_rows, embeds in iter_image_embeddings(
-            model,
-            processor,
-            source.images,
-            batch_size=settings.batch_size,
-            start=start,
-            stop=stop,
-            on_error=settings.on_error,
-            skipped=skipped,
-            image_column=source.image_column,
-            progress=progress,
-            desc=f"shard {shard + 1}/{n_shards} (rank {rank})",
-        ):
-            rows += batch_rows
-            parts.append(embeds)
-        embeds = torch.cat(parts) if parts else torch.empty(0, 0)
-        _write_shard(shard_path(out_dir, shard), rows, embeds, skipped, settings.shard_dtype)
+        skipped: list[SkippedImage] = []
+        batches = list(
+            iter_image_features(
+                model,
+                processor,
+                source.images,
+                token_dtype=torch.float16 if settings.store_tokens else None,
+                batch_size=settings.batch_size,
+                start=start,
+                stop=stop,
+                on_error=settings.on_error,
+                skipped=skipped,
+                image_column=source.image_column,
+                progress=progress,
+                desc=f"shard {shard + 1}/{n_shards} (rank {rank})",
+            )
+        )
+        rows = [row for batch in batches for row in batch.rows]
+        tokens = None
+        if not batches:  # every image of the shard was unreadable
+            embeds = torch.empty(0, 0)
+            if settings.store_tokens:
+                tokens = TokenSet(torch.empty(0, 0, 0), torch.empty(0, 0, dtype=torch.bool))
+        elif settings.store_tokens:
+            embeds, tokens = token_set_of(batches)
+        else:
+            embeds = torch.cat([batch.embeds for batch in batches])
+        _write_shard(shard_path(out_dir, shard), rows, embeds, skipped, settings.shard_dtype, tokens)
         counts["encoded"] += 1
     return counts
 
@@ -230,10 +292,28 @@ def merge_shards(
     gallery.model_path = str(Path(model_path).resolve())
     gallery.model_fingerprint = checkpoint_fingerprint(model_path)
     gallery.skipped = skipped
+    if settings.store_tokens:
+        token_file = merge_shard_tokens([f for f, _ in nonempty], out_dir / TOKENS_FILE)
+        gallery.attach_tokens(read_token_file(token_file), token_file)
     gallery.build_info.update(
         shards=len(files), shard_size=settings.shard_size, shard_dtype=settings.shard_dtype
     )
     return gallery
+
+
+def merge_shard_tokens(files: list[Path], out_path: Path) -> Path:
+    """Stream the shards' tokens, in row order, into the index's token file (one shard in memory)."""
+    from safetensors import safe_open
+
+    lengths, dim = [], 0
+    for file in files:
+        with safe_open(str(file), framework="numpy") as handle:
+            if "tokens" not in handle.keys():  # noqa: SIM118 (a safe_open handle is no container)
+                raise _no_tokens(file)
+            lengths.append(handle.get_tensor("lengths"))
+            dim = max(dim, handle.get_slice("tokens").get_shape()[2])
+    batches = (shard_tokens(f)[0] for f in tqdm(files, desc="copy shard tokens", unit="shard"))
+    return write_token_file(out_path, np.concatenate(lengths), dim, batches)
 
 
 def global_dim_of(model_path: str | Path) -> int | None:
@@ -267,7 +347,9 @@ def build_gallery_sharded(
         "n_images": len(source),
         "shard_size": settings.shard_size,
         "shard_dtype": settings.shard_dtype,
+        "store_tokens": settings.store_tokens,
     }
+    settings.encoder_backend()  # refuse --store-tokens with an ONNX backend before any work
     if state.is_main_process:
         _check_manifest(out_dir, manifest)
     state.wait_for_everyone()

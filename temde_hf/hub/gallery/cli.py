@@ -3,17 +3,21 @@
 temde-hf index --model CKPT --images photos/ --out gallery_index/            # one process
 accelerate launch -m temde_hf.cli index --model CKPT --images photos/ --out gallery_index/
 temde-hf search --index gallery_index/ --text "a dog runs on the beach" -k 5
+temde-hf index ... --store-tokens && temde-hf search ... --rerank alignment --rerank-k 20   # two stages
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from ...evaluation.encode import BACKENDS, load_encoder
+from ...evaluation.rerank import RERANKERS
+from ...loading import load_checkpoint
 from .api import SearchHit, search
 from .build import BuildSettings, build_gallery_sharded
 from .index import GalleryIndex
@@ -73,6 +77,11 @@ def index_parser() -> argparse.ArgumentParser:
     for name in ("nlist", "nprobe", "pq-m", "k-factor"):
         parser.add_argument(f"--{name}", type=int, default=None, help="override the chosen index setting")
     parser.add_argument("--opq", action="store_true", default=None, help="ivfpq: learn an OPQ rotation")
+    parser.add_argument(
+        "--store-tokens",
+        action="store_true",
+        help="also keep every image's token embeddings (fp16) for `search --rerank` (eager torch encoder)",
+    )
     return parser
 
 
@@ -91,6 +100,7 @@ def index_main(argv: Sequence[str] | None = None) -> GalleryIndex | None:
         shard_dtype=args.shard_dtype,
         on_error=args.on_error,
         spec_overrides={k: v for k, v in overrides.items() if v is not None},
+        store_tokens=args.store_tokens,
     )
     try:
         gallery = build_gallery_sharded(args.model, _source(args), args.out, settings)
@@ -103,6 +113,13 @@ def index_main(argv: Sequence[str] | None = None) -> GalleryIndex | None:
             f"{info['index']['faiss_factory']}), skipped {len(gallery.skipped)} unreadable"
             f"{' (listed in gallery.json)' if gallery.skipped else ''} -> {args.out}"
         )
+        if info["tokens"]:
+            tokens = info["tokens"]
+            print(
+                f"stored token embeddings: {tokens['bytes_per_image'] / 1024:.1f} KiB/image (fp16, up to "
+                f"{tokens['max_tokens']} x {tokens['dim']}; {tokens['valid_bytes_per_image'] / 1024:.1f} KiB of "
+                f"real tokens), {gallery.build_info['token_bytes'] / 2**20:.1f} MiB in all"
+            )
     return gallery
 
 
@@ -120,18 +137,37 @@ def search_main(argv: Sequence[str] | None = None) -> list[list[SearchHit]]:
         "--k-factor", type=int, default=None, help="shortlist = k_factor x k (default: saved)"
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument(
+        "--rerank",
+        choices=sorted(RERANKERS),
+        default=None,
+        help="re-score each text query's stage-1 top-K from the tokens the index stores (index --store-tokens): "
+        "alignment (token-level, any checkpoint) or itm (the checkpoint's matching head)",
+    )
+    parser.add_argument("--rerank-k", type=int, default=20, help="candidates per query re-scored (--rerank)")
+    parser.add_argument(
+        "--rerank-fusion",
+        type=float,
+        default=0.0,
+        help="order the K candidates by z(stage 2) + W * z(stage 1) (--rerank); 0: by stage 2 alone",
+    )
     args = parser.parse_args(argv)
-    if args.top_k < 1:
-        raise SystemExit(f"temde-hf search: -k must be a positive number of results, got {args.top_k}")
-    if not args.text and not args.image:
-        raise SystemExit("temde-hf search: give at least one --text or --image query")
+    _check_search_args(args)
     try:
         gallery = GalleryIndex.load(args.index)
+        if args.rerank is not None:
+            gallery.require_tokens(args.rerank)  # before the model is loaded
         model_path = args.model or gallery.model_path
         check_same_model(gallery, model_path, args.index)
-        model, processor = load_encoder(model_path, backend=args.backend, device="cpu")
+        if args.rerank is None:
+            model, processor = load_encoder(model_path, backend=args.backend, device="cpu")
+        else:  # stage 2 reads token embeddings, which only the eager model returns
+            model, processor = load_checkpoint(model_path, "cpu", with_matching_head=args.rerank == "itm")
         settings = {"nprobe": args.nprobe, "k_factor": args.k_factor}
-        hits = search(gallery, model, processor, texts=args.text, images=args.image, k=args.top_k, **settings)
+        rerank = {"rerank": args.rerank, "rerank_k": args.rerank_k, "rerank_fusion": args.rerank_fusion}
+        hits = search(
+            gallery, model, processor, texts=args.text, images=args.image, k=args.top_k, **rerank, **settings
+        )
     except (ValueError, ImportError) as err:
         raise SystemExit(f"temde-hf search: {err}") from err
     queries = [f"text: {t}" for t in args.text] + [f"image: {p}" for p in args.image]
@@ -142,8 +178,37 @@ def search_main(argv: Sequence[str] | None = None) -> list[list[SearchHit]]:
         for query, row in zip(queries, hits):
             print(query)
             for hit in row:
-                print(f"  {hit.rank:>3}  {hit.score:8.4f}  {hit.id}")
+                second = f"  {args.rerank} {hit.rerank_score:8.4f}" if hit.rerank_score is not None else ""
+                print(f"  {hit.rank:>3}  {hit.score:8.4f}{second}  {hit.id}")
     return hits
+
+
+def _check_search_args(args: argparse.Namespace) -> None:
+    """One line per bad argument, before anything is loaded."""
+    if args.top_k < 1:
+        raise SystemExit(f"temde-hf search: -k must be a positive number of results, got {args.top_k}")
+    if not args.text and not args.image:
+        raise SystemExit("temde-hf search: give at least one --text or --image query")
+    if args.rerank is None:
+        return
+    if args.rerank_k < 1:
+        raise SystemExit(
+            f"temde-hf search: --rerank-k must be a positive number of candidates, got {args.rerank_k}"
+        )
+    if not math.isfinite(args.rerank_fusion) or args.rerank_fusion < 0:
+        raise SystemExit(
+            f"temde-hf search: --rerank-fusion {args.rerank_fusion}: must be a finite number >= 0"
+        )
+    if args.image:
+        raise SystemExit(
+            f"temde-hf search: --rerank {args.rerank} re-scores caption -> image matches; search the --image "
+            "queries in a separate call without --rerank"
+        )
+    if args.backend.startswith("onnx"):
+        raise SystemExit(
+            f"temde-hf search: --rerank reads token embeddings, which --backend {args.backend} does not return; "
+            "drop --backend (auto runs eager torch with --rerank)"
+        )
 
 
 def check_same_model(gallery: GalleryIndex, model_path: str | Path | None, index_dir: str | Path) -> None:

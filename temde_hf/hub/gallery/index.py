@@ -5,8 +5,12 @@ Saved folder:
 - ``index.faiss``: the FAISS index searched first (loaded into memory);
 - ``vectors.fp16.faiss``: the full fused vectors as fp16 codes, only for index types that re-rank a
   shortlist exactly (memory-mapped on load: a query reads only its shortlist's rows);
+- ``tokens.fp16.safetensors``: the images' joint-space token embeddings, only when the index was built
+  with ``store_tokens`` (``temde-hf index --store-tokens``; memory-mapped on load, see `tokens`): what a
+  second-stage reranker re-scores each query's top-K from (``search(..., rerank="alignment")``);
 - ``gallery.json``: ids, paths, the checkpoint and its fingerprint, the index settings and why they
-  were chosen, the images skipped as unreadable, and how the index was built.
+  were chosen, the images skipped as unreadable, the stored tokens' layout and bytes per image, and how
+  the index was built.
 """
 
 from __future__ import annotations
@@ -19,14 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from ...evaluation.rerank import Reranker, TokenSet, build_reranker, rerank_candidates
 from .spec import IndexSpec, parse_spec
+from .tokens import TOKENS_FILE, read_token_file, token_info, write_token_file
 
 INDEX_FILE = "index.faiss"
 STORE_FILE = "vectors.fp16.faiss"
 META_FILE = "gallery.json"
 FORMAT_VERSION = 2
 _RERANK_CHUNK = 64  # queries re-ranked at once: bounds the gathered (chunk, k_factor·k, E) block
+_TOKEN_WRITE_ROWS = 4096  # token rows copied to disk at once when saving
 
 
 def faiss_module() -> Any:
@@ -40,12 +48,22 @@ def faiss_module() -> Any:
 
 @dataclass
 class SearchHit:
-    """One search result."""
+    """One search result.
+
+    Attributes:
+        rank: 1-based position in the result list.
+        id: The item's id.
+        score: Its stage-1 score (the inner product of the fused embeddings).
+        path: Its file path, if known.
+        rerank_score: When the search reranked this item, the score that ordered the reranked items:
+            the reranker's, or with ``rerank_fusion`` its fusion with stage 1 (`fuse_scores`); else None.
+    """
 
     rank: int
     id: str
     score: float
     path: str | None = None
+    rerank_score: float | None = None
 
 
 def _as_float32(vectors: Any) -> np.ndarray:
@@ -67,6 +85,8 @@ class GalleryIndex:
         model_fingerprint: Its `checkpoint_fingerprint`, checked by ``temde-hf search``.
         index_type: ``"auto"``, one of `INDEX_TYPES`, or an `IndexSpec`.
         global_dim: Width of the global part of a ``concat`` embedding (for ``global`` / ``auto``).
+        tokens: The items' joint-space tokens `(n_items, L, D)` (kept for a second-stage rerank; saved
+            as float16), or None.
     """
 
     def __init__(
@@ -79,6 +99,7 @@ class GalleryIndex:
         model_fingerprint: str | None = None,
         index_type: str | IndexSpec = "flat",
         global_dim: int | None = None,
+        tokens: TokenSet | None = None,
     ) -> None:
         embeddings = _as_float32(embeddings)
         if embeddings.ndim != 2 or len(ids) != embeddings.shape[0]:
@@ -93,6 +114,7 @@ class GalleryIndex:
         )
         self.__dict__.update(built.__dict__)
         self.model_path, self.model_fingerprint = model_path, model_fingerprint
+        self.attach_tokens(tokens)
 
     @classmethod
     def build(
@@ -112,6 +134,7 @@ class GalleryIndex:
         self.paths = list(paths) if paths is not None else [None] * len(self.ids)
         self.model_path = self.model_fingerprint = None
         self.skipped, self.build_info = [], {}
+        self.tokens, self.token_file, self.index_dir = None, None, None
         base_dim = spec.base_dim(dim)
         self.index = faiss.index_factory(base_dim, spec.factory(dim), faiss.METRIC_INNER_PRODUCT)
         started = time.perf_counter()
@@ -155,6 +178,12 @@ class GalleryIndex:
     @property
     def index_type(self) -> str:
         return self.spec.kind
+
+    def attach_tokens(self, tokens: TokenSet | None, file: Path | None = None) -> None:
+        """Keep the items' tokens for reranking (`file`: the token file they are mapped from, if any)."""
+        if tokens is not None and len(tokens) != len(self.ids):
+            raise ValueError(f"{len(tokens)} token rows for {len(self.ids)} gallery items")
+        self.tokens, self.token_file = tokens, file
 
     def _apply_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         faiss = faiss_module()
@@ -208,17 +237,103 @@ class GalleryIndex:
             )
         return out_scores, out_rows
 
-    def search(self, queries: Any, k: int = 5, **settings: Any) -> list[list[SearchHit]]:
-        """Top-``k`` items per query row of `(n_queries, embed_dim)`, best first."""
-        scores, rows = self.search_vectors(queries, k, **settings)
-        return [
-            [
-                SearchHit(rank=r + 1, id=self.ids[i], score=float(s), path=self.paths[i])
-                for r, (s, i) in enumerate(zip(score_row, row))
-                if i >= 0
+    def search(
+        self,
+        queries: Any,
+        k: int = 5,
+        *,
+        rerank: str | None = None,
+        rerank_k: int = 20,
+        text_tokens: TokenSet | None = None,
+        model: Any = None,
+        rerank_fusion: float = 0.0,
+        **settings: Any,
+    ) -> list[list[SearchHit]]:
+        """Top-``k`` items per query row of `(n_queries, embed_dim)`, best first.
+
+        With ``rerank``, each text query's stage-1 top-``rerank_k`` is re-scored by that reranker
+        (`temde_hf.evaluation.rerank.RERANKERS`, the code ``temde-hf evaluate --rerank`` scores with)
+        from the queries' tokens and the gallery's stored tokens, and reordered: the set of candidates
+        never changes, and items beyond them follow in stage-1 order.
+
+        Args:
+            queries: `(n_queries, embed_dim)` stage-1 embeddings.
+            k: Results per query.
+            rerank: ``"alignment"`` or ``"itm"`` (needs ``model`` with a matching head), or None.
+            rerank_k: Stage-1 candidates re-scored per query.
+            text_tokens: The queries' caption tokens `(n_queries, L, D)` (`temde_hf.hub.gallery.search`
+                encodes them), needed with ``rerank``.
+            model: The checkpoint's model (the reranker reads its config or its matching head).
+            rerank_fusion: Order the candidates by `z(stage 2) + w·z(stage 1)` (`fuse_scores`); 0: by
+                stage 2 alone.
+            settings: ``nprobe`` / ``k_factor`` for this call.
+        """
+        if rerank is None:
+            scores, rows = self.search_vectors(queries, k, **settings)
+            return [
+                [self._hit(r, i, s) for r, (s, i) in enumerate(zip(score_row, row)) if i >= 0]
+                for score_row, row in zip(scores, rows)
             ]
-            for score_row, row in zip(scores, rows)
+        reranker = self._reranker(rerank, rerank_k, text_tokens, model, len(_as_float32(queries)))
+        scores, rows = self.search_vectors(queries, max(k, rerank_k), **settings)
+        return [
+            self._reranked_hits(reranker, text_tokens, q, scores[q], rows[q], k, rerank_k, rerank_fusion)
+            for q in range(len(rows))
         ]
+
+    def require_tokens(self, rerank: str) -> None:
+        """Raise a one-line ValueError (with the fix) when the index keeps no tokens to rerank from."""
+        if self.tokens is None:
+            raise ValueError(
+                f"{self.index_dir or 'this gallery index'} stores no token embeddings, which rerank {rerank!r} "
+                "re-scores: rebuild it with temde-hf index --store-tokens (store_tokens=True in Python)"
+            )
+
+    def _hit(self, rank: int, row: int, score: float, rerank_score: float | None = None) -> SearchHit:
+        return SearchHit(rank + 1, self.ids[row], float(score), self.paths[row], rerank_score)
+
+    def _reranker(
+        self, name: str, rerank_k: int, text_tokens: TokenSet | None, model: Any, n_queries: int
+    ) -> Reranker:
+        """The reranker `name` for this search, after checking everything it needs is there."""
+        self.require_tokens(name)
+        if rerank_k < 1:
+            raise ValueError(f"rerank_k must be a positive number of candidates, got {rerank_k}")
+        if model is None or text_tokens is None:
+            raise ValueError(
+                "rerank needs the checkpoint's model and the queries' text_tokens; "
+                "temde_hf.hub.gallery.search(gallery, model, processor, texts=..., rerank=...) passes both"
+            )
+        if len(text_tokens) != n_queries:
+            raise ValueError(f"{len(text_tokens)} query token sets for {n_queries} queries")
+        return build_reranker(name, model)
+
+    def _reranked_hits(
+        self,
+        reranker: Reranker,
+        text_tokens: TokenSet,
+        query: int,
+        scores: np.ndarray,
+        rows: np.ndarray,
+        k: int,
+        rerank_k: int,
+        fusion: float,
+    ) -> list[SearchHit]:
+        """One query: its stage-1 top-`rerank_k` reordered by the reranker, then the rest, `k` kept."""
+        found = int((rows >= 0).sum())  # FAISS pads with -1 at the end when it found fewer
+        n = min(rerank_k, found)
+        candidates = torch.from_numpy(rows[None, :n].astype(np.int64))  # (1, n)
+        stage1 = dict(zip(rows[:found].tolist(), scores[:found].tolist()))
+        reordered, second = rerank_candidates(
+            reranker, text_tokens, torch.tensor([query]), self.tokens, candidates, query_is_image=False,
+            stage1_scores=torch.from_numpy(scores[None, :n].copy()), stage1_weight=fusion,
+        )  # fmt: skip
+        hits = [
+            self._hit(r, i, stage1[i], s)
+            for r, (i, s) in enumerate(zip(reordered[0].tolist(), second[0].tolist()))
+        ]
+        hits += [self._hit(n + r, i, stage1[i]) for r, i in enumerate(rows[n:found].tolist())]
+        return hits[:k]
 
     # ------------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -232,6 +347,7 @@ class GalleryIndex:
             "n_items": len(self),
             "index_type": self.spec.kind,
             "index": {**self.spec.to_dict(), "faiss_factory": self.spec.factory(self.embed_dim)},
+            "tokens": token_info(self.tokens) if self.tokens is not None else None,
             "n_skipped": len(self.skipped),
             "skipped": self.skipped,
             "build": self.build_info,
@@ -240,7 +356,7 @@ class GalleryIndex:
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``index.faiss`` (+ ``vectors.fp16.faiss``) + ``gallery.json`` into ``out_dir``."""
+        """Write ``index.faiss`` (+ ``vectors.fp16.faiss``, + ``tokens.fp16.safetensors``) + ``gallery.json``."""
         faiss = faiss_module()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -250,12 +366,27 @@ class GalleryIndex:
         self.build_info["index_bytes"] = (out_dir / INDEX_FILE).stat().st_size
         if self.store is not None:
             self.build_info["store_bytes"] = (out_dir / STORE_FILE).stat().st_size
+        if self.tokens is not None:
+            self._save_tokens(out_dir / TOKENS_FILE)
+            self.build_info["token_bytes"] = (out_dir / TOKENS_FILE).stat().st_size
         (out_dir / META_FILE).write_text(json.dumps(self.metadata(), indent=1))
         return out_dir
 
+    def _save_tokens(self, path: Path) -> None:
+        """Stream the tokens to `path` (nothing to do when they are already mapped from that file)."""
+        if self.token_file is not None and Path(self.token_file).resolve() == path.resolve():
+            return
+        lengths = self.tokens.mask.sum(dim=1)
+        chunks = (
+            self.tokens.tokens[start : start + _TOKEN_WRITE_ROWS]
+            for start in range(0, len(self.tokens), _TOKEN_WRITE_ROWS)
+        )
+        write_token_file(path, lengths, self.tokens.tokens.shape[2], chunks)
+
     @classmethod
     def load(cls, index_dir: str | Path, *, mmap_store: bool = True) -> GalleryIndex:
-        """Read a folder written by `save` (the re-rank store memory-mapped unless ``mmap_store=False``)."""
+        """Read a folder written by `save` (the re-rank store and the tokens memory-mapped unless
+        ``mmap_store=False``)."""
         faiss = faiss_module()
         index_dir = Path(index_dir)
         meta_path = index_dir / META_FILE
@@ -285,5 +416,9 @@ class GalleryIndex:
         self.skipped, self.build_info = meta.get("skipped", []), meta.get("build", {})
         if len(self.ids) != self.index.ntotal:
             raise ValueError(f"{meta_path} lists {len(self.ids)} ids but the index holds {self.index.ntotal}")
+        self.index_dir, self.tokens, self.token_file = index_dir, None, None
+        if meta.get("tokens"):
+            token_file = index_dir / meta["tokens"]["file"]
+            self.attach_tokens(read_token_file(token_file, mmap=mmap_store), token_file)
         self._apply_search_params()
         return self
