@@ -174,7 +174,7 @@ def test_rerank_errors_name_the_fix(setup, tmp_path: Path) -> None:
         search_main([*argv, "--rerank", "alignment"])
     with pytest.raises(SystemExit, match="search the --image queries in a separate call without --rerank"):
         search_main([*argv, "--image", str(root / "images" / "red.png"), "--rerank", "alignment"])
-    with pytest.raises(SystemExit, match="--rerank-k must be a positive number of candidates, got 0"):
+    with pytest.raises(SystemExit, match="--rerank-k 0: must be >= 1"):
         search_main([*argv, "--rerank", "alignment", "--rerank-k", "0"])
     # a checkpoint without a matching head: itm is refused, alignment works
     plain = save_tiny_checkpoint(tmp_path / "plain", seed=4)

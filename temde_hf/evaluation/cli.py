@@ -71,20 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-split", default="train", help="parquet / Hub data: the `datasets` split to read"
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="for checkpoints of other packages")
-    parser.add_argument(
-        "--rerank",
-        default=None,
-        choices=sorted(RERANKERS),
-        help="also re-score each query's stage-1 top-K: alignment (token-level, any checkpoint) or itm (the "
+    add_rerank_arguments(
+        parser,
+        "also re-score each query's stage-1 top-K: alignment (token-level, any checkpoint) or itm (the "
         "matching head of a TemdeForImageTextRetrieval checkpoint); both stages are reported",
-    )
-    parser.add_argument("--rerank-k", type=int, default=20, help="candidates per query re-scored (--rerank)")
-    parser.add_argument(
-        "--rerank-fusion",
-        type=float,
-        default=0.0,
-        help="order the K candidates by z(stage 2) + W * z(stage 1), standardised per query (--rerank); "
-        "0: by stage 2 alone",
     )
     parser.add_argument(
         "--latency-queries",
@@ -100,6 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
         "so it always runs eager torch",
     )
     return parser
+
+
+def add_rerank_arguments(parser: argparse.ArgumentParser, rerank_help: str) -> None:
+    """``--rerank NAME --rerank-k K --rerank-fusion W``: the second stage, as ``evaluate`` and ``search`` take it."""
+    parser.add_argument("--rerank", default=None, choices=sorted(RERANKERS), help=rerank_help)
+    parser.add_argument("--rerank-k", type=int, default=20, help="candidates per query re-scored (--rerank)")
+    parser.add_argument(
+        "--rerank-fusion",
+        type=float,
+        default=0.0,
+        help="order the K candidates by z(stage 2) + W * z(stage 1), standardised per query (--rerank); "
+        "0: by stage 2 alone",
+    )
+
+
+def check_rerank_arguments(args: argparse.Namespace) -> None:
+    """One-line ValueErrors for a bad ``--rerank-k`` / ``--rerank-fusion``."""
+    if args.rerank_k < 1:
+        raise ValueError(f"--rerank-k {args.rerank_k}: must be >= 1")
+    if not math.isfinite(args.rerank_fusion) or args.rerank_fusion < 0:
+        raise ValueError(f"--rerank-fusion {args.rerank_fusion}: must be a finite number >= 0")
 
 
 def _loader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -218,10 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
-    if args.rerank_k < 1:
-        raise ValueError(f"--rerank-k {args.rerank_k}: must be >= 1")
-    if not math.isfinite(args.rerank_fusion) or args.rerank_fusion < 0:
-        raise ValueError(f"--rerank-fusion {args.rerank_fusion}: must be a finite number >= 0")
+    check_rerank_arguments(args)
     if args.rerank is not None and args.backend.startswith("onnx"):
         raise ValueError(
             f"--rerank {args.rerank} reads token embeddings, which the ONNX graphs do not return; "

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ...evaluation.cli import add_rerank_arguments, check_rerank_arguments
 from ...evaluation.encode import BACKENDS, load_encoder
-from ...evaluation.rerank import RERANKERS
 from ...loading import load_checkpoint
 from .api import SearchHit, search
 from .build import BuildSettings, build_gallery_sharded
@@ -137,19 +136,10 @@ def search_main(argv: Sequence[str] | None = None) -> list[list[SearchHit]]:
         "--k-factor", type=int, default=None, help="shortlist = k_factor x k (default: saved)"
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
-    parser.add_argument(
-        "--rerank",
-        choices=sorted(RERANKERS),
-        default=None,
-        help="re-score each text query's stage-1 top-K from the tokens the index stores (index --store-tokens): "
+    add_rerank_arguments(
+        parser,
+        "re-score each text query's stage-1 top-K from the tokens the index stores (index --store-tokens): "
         "alignment (token-level, any checkpoint) or itm (the checkpoint's matching head)",
-    )
-    parser.add_argument("--rerank-k", type=int, default=20, help="candidates per query re-scored (--rerank)")
-    parser.add_argument(
-        "--rerank-fusion",
-        type=float,
-        default=0.0,
-        help="order the K candidates by z(stage 2) + W * z(stage 1) (--rerank); 0: by stage 2 alone",
     )
     args = parser.parse_args(argv)
     _check_search_args(args)
@@ -191,14 +181,10 @@ def _check_search_args(args: argparse.Namespace) -> None:
         raise SystemExit("temde-hf search: give at least one --text or --image query")
     if args.rerank is None:
         return
-    if args.rerank_k < 1:
-        raise SystemExit(
-            f"temde-hf search: --rerank-k must be a positive number of candidates, got {args.rerank_k}"
-        )
-    if not math.isfinite(args.rerank_fusion) or args.rerank_fusion < 0:
-        raise SystemExit(
-            f"temde-hf search: --rerank-fusion {args.rerank_fusion}: must be a finite number >= 0"
-        )
+    try:
+        check_rerank_arguments(args)
+    except ValueError as err:
+        raise SystemExit(f"temde-hf search: {err}") from err
     if args.image:
         raise SystemExit(
             f"temde-hf search: --rerank {args.rerank} re-scores caption -> image matches; search the --image "
