@@ -139,13 +139,36 @@ def test_card_from_a_real_evaluate_run(checkpoint: Path, tmp_path: Path) -> None
     data = make_synthetic_karpathy(tmp_path / "synthetic", n_images=20, seed=1)
     data_json = next(data.glob("dataset_*.json")) if data.is_dir() else data
     result = evaluate_main(
-        [str(checkpoint), "--data", str(data_json), "--split", "test", "--output-dir", str(tmp_path / "eval")]
-    )
+        [str(checkpoint), "--data", str(data_json), "--split", "test", "--output-dir", str(tmp_path / "eval"),
+         "--rerank", "alignment", "--rerank-k", "5", "--rerank-fusion", "2"]
+    )  # fmt: skip
     card_path = write_model_card(checkpoint, tmp_path / "eval" / "metrics.json", tmp_path / "README.md")
-    values = _model_index_metrics(card_path)
+    values = _model_index_metrics(card_path)  # the model-index reports stage 1, the model's own score
     assert values["rsum"] == result["full"]["rsum"]
     assert values["i2t_r1"] == result["full"]["i2t_r1"] and values["t2i_r10"] == result["full"]["t2i_r10"]
     assert ModelCard.load(card_path).data.datasets == ["synthetic"]
+    text = card_path.read_text()
+    assert f"**RSUM with the second stage: {result['rerank']['full']['rsum']}**" in text
+    assert "--rerank alignment --rerank-k 5 --rerank-fusion 2" in text
+
+
+def test_card_shows_the_second_stage_only_when_evaluated_with_one(checkpoint: Path) -> None:
+    metrics = _evaluate_layout()
+    plain = render_model_card(checkpoint, metrics)
+    assert "second stage" not in str(plain)
+    reranked = _evaluate_layout(seed=4)["full"]
+    metrics["rerank"] = {
+        "reranker": "itm",
+        "k": 20,
+        "stage1_weight": 0.5,
+        "full": reranked,
+        "latency_ms": None,
+    }
+    card = str(render_model_card(checkpoint, metrics))
+    assert f"**RSUM with the second stage: {reranked['rsum']}**" in card
+    assert f"| text → image | {reranked['t2i_r1']} | {reranked['t2i_r5']} |" in card
+    assert "--rerank itm --rerank-k 20 --rerank-fusion 0.5" in card
+    assert f"**RSUM: {metrics['full']['rsum']}**" in card  # stage 1 stays the headline
 
 
 @pytest.mark.parametrize("fusion", ["none", "concat"])

@@ -75,15 +75,33 @@ def _from_flat(metrics: Mapping[str, Any], block_name: str, source: str) -> dict
         "n_captions": metrics.get("n_captions"),
         "rsum": block.get("rsum"),
     }
-    for direction in DIRECTIONS:
-        canonical[direction] = {
+    canonical.update(_directions(block))
+    if block_name == "folds_mean":
+        canonical["note"] = f"Mean over {len(metrics.get('folds', []))} folds."
+    rerank = metrics.get("rerank")
+    if isinstance(rerank, Mapping) and isinstance(rerank.get(block_name), Mapping):
+        # `temde-hf evaluate --rerank`: the same queries with the second stage, and how it was run
+        canonical["second_stage"] = {
+            "reranker": rerank.get("reranker"),
+            "k": rerank.get("k"),
+            "stage1_weight": rerank.get("stage1_weight") or 0,
+            "rsum": rerank[block_name].get("rsum"),
+            "latency_ms": rerank.get("latency_ms"),
+            **_directions(rerank[block_name]),
+        }
+    return canonical
+
+
+def _directions(block: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"i2t": {"R@1": .., "medr": ..}, "t2i": {..}}`` from a flat block (``i2t_r1``, ``t2i_medr``, ...)."""
+    return {
+        direction: {
             key: block[f"{direction}_{key.lower().replace('@', '')}"]
             for key in RECALL_KEYS + RANK_KEYS
             if f"{direction}_{key.lower().replace('@', '')}" in block
         }
-    if block_name == "folds_mean":
-        canonical["note"] = f"Mean over {len(metrics.get('folds', []))} folds."
-    return canonical
+        for direction in DIRECTIONS
+    }
 
 
 def load_eval_results(eval_json: str | Path | Mapping[str, Any], *, block: str = "full") -> dict[str, Any]:
