@@ -167,7 +167,7 @@ def test_rerank_benchmark_chooses_on_cv_and_pairs_test_seeds() -> None:
         "distill from alignment": runs((305, {a20: 300, a100: 300}), [(351, {a20: 1, a100: 1}), (354, {a20: 1, a100: 1})]),
         "distill from matching head": runs((302, {i20: 300, i100: 300}), [(360, {i20: 1, i100: 1}), (362, {i20: 1, i100: 1})]),
     }  # fmt: skip
-    summary = rerank.summarise(stored, cv_seeds, seeds, folds)
+    summary = rerank.summarise(stored, cv_seeds, seeds, folds, rerank.WEIGHTS)
     choices = summary["choices"]
     # the test split never chooses: alignment K=100 and the joint head win on test but lose on CV
     assert choices["stage 1 + alignment rerank"] == "alignment loss 0.5 | +alignment K=20 w=0"

@@ -112,7 +112,7 @@ def test_rerank_reorders_only_the_top_k(setup, name: str) -> None:
     _, root, model, processor = setup
     gallery = GalleryIndex.load(root / "index")
     plain = search(gallery, model, processor, texts=QUERIES, k=8)
-    hits = search(gallery, model, processor, texts=QUERIES, k=8, rerank=name, rerank_k=4)
+    hits = search(gallery, model, processor, texts=QUERIES, k=8, rerank=name, rerank_k=4, rerank_fusion=0)
     _, _, texts = _fresh(model, processor, gallery.paths, QUERIES)
     expected = _all_scores(build_reranker(name, model), gallery.tokens, texts)
     changed = 0
@@ -135,7 +135,7 @@ def test_rerank_reorders_only_the_top_k(setup, name: str) -> None:
 def test_rerank_k_covering_the_gallery_is_full_rescoring(setup, name: str) -> None:
     _, root, model, processor = setup
     gallery = GalleryIndex.load(root / "index")
-    hits = search(gallery, model, processor, texts=QUERIES, k=5, rerank=name, rerank_k=100)
+    hits = search(gallery, model, processor, texts=QUERIES, k=5, rerank=name, rerank_k=100, rerank_fusion=0)
     images, _, texts = _fresh(model, processor, gallery.paths, QUERIES)
     # the reference scores every (caption, image) from freshly encoded float32 tokens
     full = _all_scores(build_reranker(name, model), images, texts)
@@ -155,7 +155,12 @@ def test_cli_index_store_tokens_and_search_rerank(
     hits = search_main([*argv, "--rerank", "itm", "--rerank-k", "6", "--json"])
     printed = json.loads(capsys.readouterr().out)
     gallery = GalleryIndex.load(tmp_path / "idx")
+    # the command line and the Python API share their defaults (the fusion weight chosen on CV)
     expected = search(gallery, model, processor, texts=QUERIES[:1], k=3, rerank="itm", rerank_k=6)
+    alone = search(
+        gallery, model, processor, texts=QUERIES[:1], k=3, rerank="itm", rerank_k=6, rerank_fusion=0
+    )
+    assert [h.rerank_score for h in expected[0]] != pytest.approx([h.rerank_score for h in alone[0]])
     assert [h["id"] for h in printed[0]["hits"]] == [h.id for h in hits[0]] == [h.id for h in expected[0]]
     assert [h["rerank_score"] for h in printed[0]["hits"]] == pytest.approx(
         [h.rerank_score for h in expected[0]]

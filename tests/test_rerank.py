@@ -119,6 +119,8 @@ def test_evaluate_with_k_equal_to_the_gallery_is_full_rescoring(
         name,
         "--latency-queries",
         "3",
+        "--rerank-fusion",
+        "0",  # stage 2 alone (the default fuses it with stage 1)
     ]
     result = evaluate_main([*argv, "--rerank-k", "60", "--output-dir", str(tmp_path / "all")])  # 60 captions
     # the reference: the reranker's score of every (image, caption), ranked as usual

@@ -27,7 +27,7 @@ from .encode import BACKENDS, encode_dataset, load_encoder
 from .folds import evaluate_embeddings
 from .metrics import retrieval_ranks
 from .plots import plot_recall_at_k
-from .rerank import RERANKERS, rerank_report
+from .rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT, RERANKERS, rerank_report
 from .tables import format_table
 
 logger = logging.getLogger("temde_hf.evaluation")
@@ -95,13 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
 def add_rerank_arguments(parser: argparse.ArgumentParser, rerank_help: str) -> None:
     """``--rerank NAME --rerank-k K --rerank-fusion W``: the second stage, as ``evaluate`` and ``search`` take it."""
     parser.add_argument("--rerank", default=None, choices=sorted(RERANKERS), help=rerank_help)
-    parser.add_argument("--rerank-k", type=int, default=20, help="candidates per query re-scored (--rerank)")
+    parser.add_argument(
+        "--rerank-k", type=int, default=DEFAULT_RERANK_K, help="candidates per query re-scored (--rerank)"
+    )
     parser.add_argument(
         "--rerank-fusion",
         type=float,
-        default=0.0,
-        help="order the K candidates by z(stage 2) + W * z(stage 1), standardised per query (--rerank); "
-        "0: by stage 2 alone",
+        default=DEFAULT_STAGE1_WEIGHT,
+        help="order the K candidates by z(stage 2) + W * z(stage 1), standardised per query (--rerank; "
+        f"default {DEFAULT_STAGE1_WEIGHT:g}, chosen on cross-validation); 0: by stage 2 alone",
     )
 
 

@@ -32,6 +32,13 @@ from ..models.temde.alignment_temde import paired_alignment_scores
 from .encode import EncodedBatch, iter_image_features, iter_text_features
 from .metrics import metrics_from_ranks
 
+# The second stage's defaults wherever a user reranks (`temde-hf evaluate` / `search`, `GalleryIndex.search`):
+# re-score each query's top 20 and order them by z(stage 2) + 4·z(stage 1). Chosen on cross-validation by
+# benchmarks/rerank.py: on every model measured, stage 2 alone ranked below stage 1, and CV picked the
+# largest stage-1 weight searched (benchmarks/RESULTS.md, "Two-stage retrieval").
+DEFAULT_RERANK_K = 20
+DEFAULT_STAGE1_WEIGHT = 4.0
+
 
 @dataclass
 class TokenSet:

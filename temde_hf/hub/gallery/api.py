@@ -22,7 +22,7 @@ from ...evaluation.encode import (
     iter_text_features,
     load_encoder,
 )
-from ...evaluation.rerank import token_set_of
+from ...evaluation.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT, token_set_of
 from ...export.fingerprint import checkpoint_fingerprint
 from .build import global_dim_of
 from .index import GalleryIndex, SearchHit
@@ -123,8 +123,8 @@ def search(
     images: Iterable[Image.Image | str | Path] = (),
     k: int = 5,
     rerank: str | None = None,
-    rerank_k: int = 20,
-    rerank_fusion: float = 0.0,
+    rerank_k: int = DEFAULT_RERANK_K,
+    rerank_fusion: float = DEFAULT_STAGE1_WEIGHT,
     **settings: Any,
 ) -> list[list[SearchHit]]:
     """Query the gallery by texts and/or images (text queries first), top-``k`` each.
@@ -139,7 +139,9 @@ def search(
         k: Results per query.
         rerank: Re-score each text query's stage-1 top-``rerank_k`` with this reranker
             (``"alignment"`` or ``"itm"``) from the gallery's stored tokens (`GalleryIndex.search`).
-        rerank_fusion: Fuse the reranker's score with stage 1 (`fuse_scores`); 0: stage 2 alone.
+        rerank_k: Candidates per text query re-scored.
+        rerank_fusion: Order the candidates by the reranker's score fused with stage 1 (`fuse_scores`);
+            0: stage 2 alone.
         settings: ``nprobe`` / ``k_factor``, overriding the index's saved search settings.
     """
     texts, images = list(texts), list(images)

@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...evaluation.rerank import Reranker, TokenSet, build_reranker, rerank_candidates
+from ...evaluation.rerank import (
+    DEFAULT_RERANK_K,
+    DEFAULT_STAGE1_WEIGHT,
+    Reranker,
+    TokenSet,
+    build_reranker,
+    rerank_candidates,
+)
 from .spec import IndexSpec, parse_spec
 from .tokens import TOKENS_FILE, read_token_file, token_info, write_token_file
 
@@ -243,10 +250,10 @@ class GalleryIndex:
         k: int = 5,
         *,
         rerank: str | None = None,
-        rerank_k: int = 20,
+        rerank_k: int = DEFAULT_RERANK_K,
         text_tokens: TokenSet | None = None,
         model: Any = None,
-        rerank_fusion: float = 0.0,
+        rerank_fusion: float = DEFAULT_STAGE1_WEIGHT,
         **settings: Any,
     ) -> list[list[SearchHit]]:
         """Top-``k`` items per query row of `(n_queries, embed_dim)`, best first.
