@@ -76,7 +76,7 @@ def test_card_yaml_parses_and_model_index_equals_eval_json(checkpoint: Path, tmp
     assert card.data.widget and card.data.widget[0]["candidate_labels"]
     assert {r.metric_value for r in card.data.eval_results} >= {full["rsum"], full["i2t_r1"]}
     # the results table in the prose shows the same numbers, and the settings come from config.json
-    assert f"**RSUM: {full['rsum']}**" in card.text
+    assert f"**RSUM: {round(full['rsum'], 2)}**" in card.text  # the prose rounds, the model-index does not
     assert "| `n_sketches` | 4 |" in card.text and "| `sketch_width` | 8 |" in card.text
     assert "| `epochs` | 3 |" in card.text
     assert "2105.04242" in card.text and "2006.01894" in card.text
@@ -148,7 +148,7 @@ def test_card_from_a_real_evaluate_run(checkpoint: Path, tmp_path: Path) -> None
     assert values["i2t_r1"] == result["full"]["i2t_r1"] and values["t2i_r10"] == result["full"]["t2i_r10"]
     assert ModelCard.load(card_path).data.datasets == ["synthetic"]
     text = card_path.read_text()
-    assert f"**RSUM with the second stage: {result['rerank']['full']['rsum']}**" in text
+    assert f"**RSUM with the second stage: {round(result['rerank']['full']['rsum'], 2)}**" in text
     assert "--rerank alignment --rerank-k 5 --rerank-fusion 2" in text
 
 
@@ -165,10 +165,10 @@ def test_card_shows_the_second_stage_only_when_evaluated_with_one(checkpoint: Pa
         "latency_ms": None,
     }
     card = str(render_model_card(checkpoint, metrics))
-    assert f"**RSUM with the second stage: {reranked['rsum']}**" in card
-    assert f"| text → image | {reranked['t2i_r1']} | {reranked['t2i_r5']} |" in card
+    assert f"**RSUM with the second stage: {round(reranked['rsum'], 2)}**" in card
+    assert f"| text → image | {round(reranked['t2i_r1'], 2)} | {round(reranked['t2i_r5'], 2)} |" in card
     assert "--rerank itm --rerank-k 20 --rerank-fusion 0.5" in card
-    assert f"**RSUM: {metrics['full']['rsum']}**" in card  # stage 1 stays the headline
+    assert f"**RSUM: {round(metrics['full']['rsum'], 2)}**" in card  # stage 1 stays the headline
 
 
 @pytest.mark.parametrize("fusion", ["none", "concat"])
