@@ -344,7 +344,12 @@ def accelerate_launch(
         text=True,
         timeout=timeout,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if result.returncode:
+        # a process's own error usually sits far above the launcher's summary: keep its lines too
+        causes = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
+        raise AssertionError(
+            "\n".join(causes[:20]) + "\n...\n" + result.stdout[-3000:] + result.stderr[-3000:]
+        )
     return result.stdout
 
 
