@@ -32,14 +32,17 @@ SPLIT_FLAGS = ["--train_split", "train", "--eval_split", "val,test"]  # 600 imag
 RERANKED = (f"alignment K={DEFAULT_RERANK_K}", f"{DEFAULT_STAGE1_WEIGHT:g}")  # the defaults' stored metrics
 
 
+def _metrics(run: dict[str, Any], key: str, weight: str) -> dict[str, float]:
+    """A run's metrics with the second stage `key` ("alignment K=20") at fusion weight `weight`."""
+    return run["rerank"][key]["metrics"][weight]
+
+
 def table(runs: dict[str, dict[str, Any]]) -> str:
     """Per seed and mean ± std: R@1/5/10 both ways and RSUM on the 200-image gallery, stage 1 and reranked."""
     key, weight = RERANKED
     stages = {
         "stage 1": lambda run: run["stage1"],
-        f"+ alignment rerank (K={DEFAULT_RERANK_K}, w={weight})": lambda run: run["rerank"][key]["metrics"][
-            weight
-        ],
+        f"+ alignment rerank (K={DEFAULT_RERANK_K}, w={weight})": lambda run: _metrics(run, key, weight),
     }
     lines = [
         "| seed | stage | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |",
