@@ -1,0 +1,15 @@
+import pytest
+
+from temde_hf.data.text import is_visible_text, text_problem
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\t\n", "\u200b", "\u200b \ufeff\u2060", None, 42, ["a"]])
+def test_blank_or_non_string_text_is_refused(value):
+    assert not is_visible_text(value)
+    assert text_problem(value)
+
+
+@pytest.mark.parametrize("value", ["a dog", " \u200bcat ", "犬"])
+def test_visible_text_is_accepted(value):
+    assert is_visible_text(value)
+    assert text_problem(value) is None
