@@ -13,3 +13,8 @@ def test_blank_or_non_string_text_is_refused(value):
 def test_visible_text_is_accepted(value):
     assert is_visible_text(value)
     assert text_problem(value) is None
+
+
+def test_the_reason_names_the_value_the_way_a_json_file_writes_it():
+    assert text_problem(None) == "missing (null / None), not a string"
+    assert text_problem(["a", "b"]) == "not a string (list ['a', 'b'])"

@@ -23,6 +23,8 @@ def text_problem(value: object) -> str | None:
     Returns:
         A short reason such as ``"not a string (int 42)"`` or ``"empty or invisible text"``.
     """
+    if value is None:
+        return "missing (null / None), not a string"
     if not isinstance(value, str):
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         return f"not a string ({type(value).__name__} {shown})"
