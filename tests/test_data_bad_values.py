@@ -161,6 +161,7 @@ BAD_SOURCES: list[tuple[str, Callable[[Path], tuple[Path, dict]], str]] = [
     ("filename null", lambda s: (_karpathy(s, _image(1, filename=None)), {}), r"images\[1\]: file name None is not"),
     ("filename escapes", lambda s: (_karpathy(s, _image(1, filename="../x.png")), {}), r"images\[1\]: file name '\.\./x\.png' leaves the dataset's folder"),
     ("filename absolute", lambda s: (_karpathy(s, _image(1, filename="/etc/hosts")), {}), r"images\[1\]: file name '/etc/hosts' leaves"),
+    ("filename a folder", lambda s: (_karpathy(s, _image(1, filename=".")), {}), r"images\[1\]: file name '\.' names a folder, not a file"),
     ("filepath int", lambda s: (_karpathy(s, _image(1, filepath=3)), {}), r"images\[1\]: file name 3 is not"),
     ("split null", lambda s: (_karpathy(s, _image(1, split=None)), {}), r"images\[1\] \(img_00001\.png\): split None is not a string"),
     ("split list", lambda s: (_karpathy(s, _image(1, split=["test"])), {}), r"split \['test'\] is not a string or an integer. Fix"),
@@ -185,6 +186,7 @@ BAD_SOURCES: list[tuple[str, Callable[[Path], tuple[Path, dict]], str]] = [
     ("parquet int captions", lambda s: (_parquet(s, [[1, 2, 3, 4, 5]] * N_IMAGES), {}), r"data\.parquet: row 0 \(id 0\): caption 0 is not a string \(int 1\)"),
     ("parquet captions without raw", lambda s: (_parquet(s, [[{"text": "a"}] * 5] * N_IMAGES), {}), r"data\.parquet: the captions in column 'captions' are objects with keys \['text'\], none named 'raw'; pass caption_key"),
     ("parquet column missing", lambda s: (_parquet(s, [["a"] * 5] * N_IMAGES), {"image_column": "n"}), r"data\.parquet: no column\(s\) \['n'\]; the dataset has \['image', 'captions'\]"),
+    ("parquet unknown hf split", lambda s: (_parquet(s, [["a"] * 5] * N_IMAGES), {"hf_split": "test"}), r"data\.parquet: Unknown split \"test\".*\['train'\].*--hf-split NAME"),
     ("parquet empty file", lambda s: (_text(s, "z.parquet", b""), {}), r"z\.parquet: cannot be read as a dataset \(ArrowInvalid"),
     ("missing local dataset folder", lambda s: (s.parent / "no" / "such_dataset", {}), r"no/such_dataset: no such local file or folder, and no Hub dataset"),
 ]  # fmt: skip

@@ -63,10 +63,13 @@ BAD_FLAGS = [
     ("--batch-size", "0", r"--batch-size 0: must be >= 1"),  # was a raw ZeroDivisionError
     ("--batch-size", "-3", r"--batch-size -3: must be >= 1"),
     ("--fold-size", "-1", r"--fold-size -1: must be >= 0 .*0 for no folds"),
+    ("--fold-size", "1", r"--fold-size 1: a fold of one image ranks it first .*pass --fold-size 0"),
     ("--max-images", "0", r"--max-images 0: must be >= 2"),
     ("--max-images", "1", r"--max-images 1: must be >= 2 .*at least 2 candidates"),
     ("--max-length", "0", r"--max-length 0: must be >= 3"),
     ("--max-length", "2", r"--max-length 2: must be >= 3 .*\[CLS\] and \[SEP\]"),
+    # beyond the tiny text tower's 64 positions: was a raw tensor-size error once a caption was long
+    ("--max-length", "65", r"--max-length 65: the checkpoint's text tower reads at most 64 tokens"),
     ("--chunk-size", "0", r"--chunk-size 0: must be >= 1"),
     ("--latency-queries", "-1", r"--latency-queries -1: must be >= 0"),
     ("--rerank-k", "0", r"--rerank-k 0: must be >= 1"),

@@ -110,6 +110,8 @@ def file_name_problem(name: object) -> str | None:
         return f"file name {name!r} is not a non-empty string"
     if Path(name).is_absolute() or ".." in Path(name).parts:
         return f"file name {name!r} leaves the dataset's folder (absolute, or with '..')"
+    if Path(name).name in ("", "."):
+        return f"file name {name!r} names a folder, not a file"
     return None
 
 

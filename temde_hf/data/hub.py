@@ -51,6 +51,13 @@ def _short(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
 
 
+def _unreadable(source: object, exc: BaseException) -> str:
+    return (
+        f"{source}: cannot be read as a dataset ({type(exc).__name__}: {_short(exc)}); check that the "
+        "file is complete (download or write it again) and of the format given"
+    )
+
+
 def _check_columns(
     table: datasets.Dataset,
     source: object,
@@ -153,11 +160,12 @@ def load_hub_dataset(
             f"{source}: no such local file or folder, and no Hub dataset of that name could be loaded "
             f"({type(exc).__name__}: {_short(exc)}); check the path or the dataset id"
         ) from exc
+    except ValueError as exc:
+        if "Unknown split" not in str(exc):
+            raise DataError(_unreadable(source, exc)) from exc
+        raise DataError(f"{source}: {_short(exc)}; pass one of those as hf_split (--hf-split NAME)") from exc
     except Exception as exc:  # a damaged file fails deep inside pyarrow / datasets with its own types
-        raise DataError(
-            f"{source}: cannot be read as a dataset ({type(exc).__name__}: {_short(exc)}); check that the "
-            "file is complete (download or write it again) and of the format given"
-        ) from exc
+        raise DataError(_unreadable(source, exc)) from exc
     wanted = [c for c in (image_column, captions_column, image_id_column, split_column) if c]
     missing = [c for c in wanted if c not in table.column_names]
     if missing:

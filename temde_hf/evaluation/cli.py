@@ -143,8 +143,32 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"{flag} {value}: must be >= {minimum} ({meaning}); pass {flag} {minimum} or more"
             )
+    if args.fold_size == 1:
+        raise ValueError(
+            "--fold-size 1: a fold of one image ranks it first for every query (a perfect score from any "
+            "model); pass --fold-size 0 (no folds) or 2 or more"
+        )
     check_rerank_arguments(args)
     check_device(args.device, "--device")
+
+
+def check_max_length(args: argparse.Namespace) -> None:
+    """Refuse a ``--max-length`` beyond the checkpoint's text positions (read from its ``config.json``).
+
+    Longer captions would otherwise fail inside the text tower with a raw tensor-size error.
+    """
+    if args.max_length is None:
+        return
+    try:
+        text_config = json.loads((Path(args.checkpoint) / "config.json").read_text()).get("text_config", {})
+    except (OSError, ValueError, AttributeError):
+        return  # the loader names a missing or damaged config.json itself
+    limit = text_config.get("max_position_embeddings") if isinstance(text_config, dict) else None
+    if isinstance(limit, int) and args.max_length > limit:
+        raise ValueError(
+            f"--max-length {args.max_length}: the checkpoint's text tower reads at most {limit} tokens; "
+            f"pass --max-length {limit} or less (or leave it out: captions are cut to the tokenizer's limit)"
+        )
 
 
 def check_device(device: str | None, flag: str) -> None:
@@ -311,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "drop --backend onnx (the default auto runs eager torch with --rerank)"
         )
     check_checkpoint_dir(args.checkpoint)  # both checked first: no work is done for a refused run
+    check_max_length(args)
     output_dir = _output_dir(args)
     report = LoadReport()
     dataset = load_image_captions(
