@@ -115,3 +115,17 @@ def test_too_few_images_say_why(checkpoint: Path, tmp_path: Path) -> None:
         main([str(checkpoint), "--data", str(json_path), "--image-root", str(tmp_path), "--split", "all",
               "--on-error", "skip", *out])  # fmt: skip
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_captions_csv_without_splits_says_how_to_give_them(checkpoint: Path, tmp_path: Path) -> None:
+    json_path = make_synthetic_karpathy(tmp_path / "syn", n_images=10, seed=1)
+    data = json.loads(json_path.read_text())
+    csv_path = tmp_path / "syn" / "captions.txt"
+    lines = [f"{e['filename']},{s['raw']}" for e in data["images"] for s in e["sentences"]]
+    csv_path.write_text("image,caption\n" + "\n".join(lines) + "\n")
+    args = [str(checkpoint), "--data", str(csv_path), "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"no images of split 'test' .*--splits-from dataset_NAME\.json"):
+        main(args)  # the default --split test: every CSV image is in the default split, train
+    assert main([*args, "--splits-from", str(json_path)])["n_images"] == sum(
+        e["split"] == "test" for e in data["images"]
+    )

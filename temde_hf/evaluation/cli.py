@@ -308,7 +308,11 @@ def check_evaluable(dataset: Any, report: LoadReport, args: argparse.Namespace) 
             f"(e.g. {reasons}); fix them, or pass --on-error raise to stop at the first one"
         )
     others = f" (it has other splits: {report.other_splits})" if report.other_splits else ""
-    raise SystemExit(f"temde-hf evaluate: no images of {where}{others}; pass --split NAME or 'all'")
+    fix = "pass --split NAME or 'all'"
+    if Path(str(args.data)).suffix in (".csv", ".txt") and not args.splits_from:
+        # a captions CSV has no split column: every image is in the default split "train"
+        fix = "a captions CSV has no splits: pass --splits-from dataset_NAME.json (Karpathy), or --split all"
+    raise SystemExit(f"temde-hf evaluate: no images of {where}{others}; {fix}")
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
