@@ -22,6 +22,7 @@ import math
 import shutil
 import sys
 import xml.etree.ElementTree as ElementTree
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,7 @@ def summarize(steps_tsv: Path, out: Path, mode: str, env_path: Path, junit: Path
     return {
         "benchmark": "gpu_suite",
         "mode": mode,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "env": env,
         "gpu_tests": tests,
         "steps": steps,
@@ -254,11 +256,11 @@ def render_section(folder: Path, suite: dict[str, Any]) -> str:
             else []
         ),
         "    bash benchmarks/gpu_suite.sh          # on the GPU machine (see benchmarks/README.md)",
-        "    python benchmarks/gpu_suite.py report OUT   # here: this section and results/*_cuda*.json",
+        "    bash benchmarks/gpu_suite.sh --report OUT   # here: this section and results/*_cuda*.json",
         "",
         f"**{device}**, Python {env.get('python')}, torch {versions.get('torch')} (CUDA {env.get('torch_cuda')}), "
         f"triton {versions.get('triton')}, transformers {versions.get('transformers')}, "
-        f"accelerate {versions.get('accelerate')}. Suite mode: `{suite['mode']}`.",
+        f"accelerate {versions.get('accelerate')}. Suite mode: `{suite['mode']}`, finished {suite.get('finished_at')}.",
         "",
         format_table(suite["steps"], ["step", "status", "seconds", "detail"], float_format=".0f"),
     ]
