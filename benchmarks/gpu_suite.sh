@@ -122,8 +122,10 @@ run_step() {  # NAME CAP_S FUNCTION: FUNCTION in a child bash, limited to CAP_S 
   cap=$((cap * CAP_SCALE))
   left=$((BUDGET - SECONDS - 15)) # 15 s kept for the summary
   limit=$((cap < left ? cap : left))
-  if [ "$limit" -lt 5 ]; then
-    skip_step "$name" "the suite's ${BUDGET} s budget is spent"
+  if [ "$limit" -lt 5 ]; then # a step the suite owed and did not run is a failure, not a skip
+    echo
+    echo "=== $name: not run: the suite's ${BUDGET} s budget is spent"
+    record "$name" failed 0 "not run: the suite's ${BUDGET} s budget is spent"
     return
   fi
   echo

@@ -228,3 +228,12 @@ def test_the_wheel_folder_is_ignored_and_documented() -> None:
     readme = (REPO / "benchmarks" / "README.md").read_text()
     assert "bash benchmarks/gpu_suite.sh --prepare" in readme
     assert 'carry: [".gpu_suite_wheels"]' in readme
+
+
+def test_steps_past_the_budget_are_failures_not_silent_skips(tmp_path: Path) -> None:
+    result = run_suite("--dry-run", out=tmp_path / "out", GPU_SUITE_BUDGET_S="16")
+    assert result.returncode == 1
+    summary = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == STEPS
+    assert summary["failed"] == STEPS[1:]  # install is the dry run's own skip
+    assert all(s["detail"] == "not run: the suite's 16 s budget is spent" for s in summary["steps"][1:])
