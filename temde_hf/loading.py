@@ -21,6 +21,21 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """The checkpoint folder's ``config.json`` as a dict, or one line naming it and the fix."""
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{config_path}: not valid JSON ({_one_line(exc)}); the file is truncated or damaged: copy the "
+            "checkpoint again (or save it again with save_pretrained)"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: not a JSON object; copy the checkpoint again")
+    return config
+
+
 def check_checkpoint_dir(path: str | Path) -> Path:
     """Check that `path` is a local checkpoint folder with safetensors weights, before loading it.
 
@@ -46,6 +61,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         runs = [name for name in ("final", "best") if (path / name / "config.json").is_file()]
         hint = f"this looks like a training run: pass {path / runs[0]}" if runs else "pass a folder"
         raise ValueError(f"{path / 'config.json'}: not found; {hint} written by save_pretrained")
+    read_config(path)
     if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -79,11 +95,18 @@ def load_checkpoint(
     from safetensors import SafetensorError
 
     import temde_hf  # noqa: F401  (registers the "temde" Auto classes)
+    from temde_hf.models.temde import TemdeConfig
 
     path = check_checkpoint_dir(path)
+    config = read_config(path)
+    if not trust_remote_code and config.get("model_type") != TemdeConfig.model_type:
+        raise ValueError(
+            f"{path / 'config.json'}: model_type {config.get('model_type')!r} is not a T-EMDE checkpoint "
+            f"(expected {TemdeConfig.model_type!r}); pass a folder written by TemdeModel.save_pretrained"
+        )
     auto_class = transformers.AutoModel
     if with_matching_head:
-        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        architectures = config.get("architectures") or []
         if "TemdeForImageTextRetrieval" not in architectures:
             raise ValueError(
                 f"{path}: has no trained matching head (config.json architectures: {architectures}); train one "
