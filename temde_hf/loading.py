@@ -12,9 +12,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+# The one check of path-like model arguments (towers, --init_from), shared with the model folder, whose
+# `from_vision_text_pretrained` must run without this package (Hub remote code).
+from temde_hf.models.temde.loading_temde import CheckpointMismatchError, NoSuchFolderError, require_folder
+
 # Pickle formats execute code when loaded: never loaded, never shipped, whatever else a folder holds.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "CheckpointMismatchError",
+    "NoSuchFolderError",
+    "check_checkpoint_dir",
+    "load_checkpoint",
+    "read_config",
+    "require_folder",
+]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -51,7 +66,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(
+        raise NoSuchFolderError(
             f"{path}: no such folder; pass the folder written by save_pretrained (for a Hub checkpoint, "
             "download it first: `hf download REPO_ID --local-dir DIR`)"
         )

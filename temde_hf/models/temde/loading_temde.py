@@ -161,8 +161,10 @@ class StrictLoadingMixin:
             )
 
 
-class NoSuchFolderError(FileNotFoundError):
-    """A path-like model argument names no folder (it is never retried as a Hub id)."""
+class NoSuchFolderError(FileNotFoundError, ValueError):
+    """A path-like model argument names no folder (it is never retried as a Hub id).
+
+    A `ValueError` too, like every other refused argument."""
 
 
 def looks_like_path(value: str | os.PathLike) -> bool:
