@@ -11,7 +11,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -131,10 +131,8 @@ def released_after(fifo: Path, seconds: float) -> Iterator[None]:
 
     def release() -> None:
         while not done.wait(seconds):
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO while nobody reads
-            except OSError:
-                pass
+            with suppress(OSError):  # ENXIO while nobody reads
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
     thread = threading.Thread(target=release, daemon=True)
     thread.start()
