@@ -349,7 +349,13 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
         )
     if model_args.vision_model_path is not None and model_args.text_model_path is None:
         raise ValueError("--vision_model_path needs --text_model_path (the text tower folder)")
-    for name in ("init_from", "vision_model_path", "text_model_path", "image_processor_path", "tokenizer_path"):
+    for name in (
+        "init_from",
+        "vision_model_path",
+        "text_model_path",
+        "image_processor_path",
+        "tokenizer_path",
+    ):
         if getattr(model_args, name) is not None:  # a mistyped folder is never looked up on the Hub
             fix = "pass an existing folder written by save_pretrained" + (
                 "" if name == "init_from" else " (a Hub id has the form ORG/NAME)"
