@@ -14,6 +14,7 @@ from typing import Any
 
 # The one check of path-like model arguments (towers, --init_from), shared with the model folder, whose
 # `from_vision_text_pretrained` must run without this package (Hub remote code).
+from temde_hf.models.temde.configuration_temde import TemdeConfig
 from temde_hf.models.temde.loading_temde import CheckpointMismatchError, NoSuchFolderError, require_folder
 
 # Pickle formats execute code when loaded: never loaded, never shipped, whatever else a folder holds.
@@ -49,6 +50,16 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: not a JSON object; copy the checkpoint again")
     return config
+
+
+def check_model_type(path: Path, config: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose ``config.json`` is not a T-EMDE model (it would load as another model)."""
+    expected = TemdeConfig.model_type
+    if config.get("model_type") != expected:
+        raise ValueError(
+            f"{path / 'config.json'}: model_type {config.get('model_type')!r} is not a T-EMDE checkpoint "
+            f"(expected {expected!r}); pass a folder written by TemdeModel.save_pretrained"
+        )
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:
@@ -110,15 +121,11 @@ def load_checkpoint(
     from safetensors import SafetensorError
 
     import temde_hf  # noqa: F401  (registers the "temde" Auto classes)
-    from temde_hf.models.temde import TemdeConfig
 
     path = check_checkpoint_dir(path)
     config = read_config(path)
-    if not trust_remote_code and config.get("model_type") != TemdeConfig.model_type:
-        raise ValueError(
-            f"{path / 'config.json'}: model_type {config.get('model_type')!r} is not a T-EMDE checkpoint "
-            f"(expected {TemdeConfig.model_type!r}); pass a folder written by TemdeModel.save_pretrained"
-        )
+    if not trust_remote_code:
+        check_model_type(path, config)
     auto_class = transformers.AutoModel
     if with_matching_head:
         architectures = config.get("architectures") or []
@@ -133,6 +140,8 @@ def load_checkpoint(
             str(path), trust_remote_code=trust_remote_code, use_safetensors=True
         )
         processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (CheckpointMismatchError, NoSuchFolderError):
+        raise  # already one line naming the file and the fix
     except SafetensorError as exc:
         raise ValueError(
             f"{path}: the safetensors weights cannot be read ({_one_line(exc)}); the file is truncated or "
@@ -143,4 +152,6 @@ def load_checkpoint(
             f"{path}: cannot load the checkpoint ({_one_line(exc)}); a file is missing, truncated or "
             "damaged: copy the checkpoint again"
         ) from exc
+    except ValueError as exc:  # the config's own checks (a missing tower config, a bad field): name the file
+        raise ValueError(f"{path / 'config.json'}: {_one_line(exc)}") from exc
     return model.to(device).eval(), processor

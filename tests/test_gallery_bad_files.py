@@ -160,3 +160,20 @@ def test_a_fifo_or_a_folder_as_image_is_refused_not_read(checkpoint: Path, tmp_p
         assert "skipped 2 unreadable" in capsys.readouterr().out
         with pytest.raises(SystemExit, match=r"pipe\.png: is a named pipe \(FIFO\), not an image file"):
             search_main(["--index", str(tmp_path / "idx"), "--image", str(fifo)])
+
+
+def test_index_out_that_is_a_file_is_named(checkpoint: Path, tmp_path: Path) -> None:
+    make_colour_gallery(tmp_path / "images")
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(SystemExit, match=r"--out .*out: is a file; pass a folder for the index"):
+        index_main(
+            ["--model", str(checkpoint), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")]
+        )
+
+
+def test_faiss_errors_reach_the_user_without_their_cpp_location(tmp_path: Path) -> None:
+    folder = saved_gallery(tmp_path / "idx")
+    (folder / "index.faiss").write_bytes(bytes(64))
+    with pytest.raises(ValueError, match=r"an index file cannot be read \(Index type 0x00000000") as caught:
+        GalleryIndex.load(folder)
+    assert ".cpp" not in str(caught.value) and "Error in" not in str(caught.value)

@@ -186,3 +186,66 @@ def test_a_missing_tower_folder_is_not_looked_up_on_the_hub(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     with pytest.raises(NoSuchFolderError, match=r"text tower towers/txt: no such folder; pass a folder"):
         TemdeModel.from_vision_text_pretrained(vision, "towers/txt")  # "towers/" exists here: a path
+
+
+def test_training_refuses_missing_model_folders_before_anything_else(tmp_path: Path) -> None:
+    from temde_hf.training.arguments import parse_args
+
+    vision, text = save_tiny_towers(tmp_path / "towers")
+    common = ["--synthetic_images", "8", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(NoSuchFolderError, match=r"--init_from .*runs/none: no such folder; pass an existing"):
+        parse_args(["--init_from", str(tmp_path / "runs" / "none"), *common])
+    with pytest.raises(NoSuchFolderError, match=r"--init_from final: no such folder"):
+        parse_args(["--init_from", "final", *common])  # a saved model is always a local folder
+    with pytest.raises(NoSuchFolderError, match=r"--text_model_path \./towers/txt: no such folder"):
+        parse_args(["--vision_model_path", str(vision), "--text_model_path", "./towers/txt", *common])
+    model_args, _, _ = parse_args(
+        ["--vision_model_path", str(vision), "--text_model_path", str(text), *common]
+    )
+    assert model_args.text_model_path == str(text)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: (d / "config.json").write_text("{oops"),
+            r"config\.json: not valid JSON .*copy the checkpoint",
+        ),
+        (lambda d: (d / "config.json").write_text("[]"), r"config\.json: not a JSON object"),
+        (
+            lambda d: (d / "config.json").write_text('{"model_type": "bert"}'),
+            r"config\.json: model_type 'bert' is not a T-EMDE checkpoint .*TemdeModel\.save_pretrained",
+        ),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"\x08" + bytes(40)),
+            r"safetensors weights cannot be read .*truncated or damaged: copy the checkpoint again",
+        ),
+    ],
+)
+def test_a_damaged_checkpoint_folder_is_named_by_every_loader(
+    checkpoint: Path, tmp_path: Path, change, message
+) -> None:
+    from temde_hf.hub.publish import export_for_hub
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    change(folder)
+    with pytest.raises(ValueError, match=message) as caught:
+        load_checkpoint(folder)
+    assert "\n" not in str(caught.value)
+    if "safetensors" not in message:  # publish reads config.json, not the weights
+        with pytest.raises(ValueError, match=message):
+            export_for_hub(folder, tmp_path / "export")
+
+
+def test_a_config_error_names_the_config_file(checkpoint: Path, tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["vision_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"ckpt/config\.json: TemdeConfig\.vision_config is missing"):
+        load_checkpoint(folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from temde_hf.hub.model_card import render_model_card
-from temde_hf.loading import PICKLE_SUFFIXES, check_checkpoint_dir
+from temde_hf.loading import PICKLE_SUFFIXES, check_checkpoint_dir, check_model_type, read_config
 
 # Written by the export itself: the Endpoints handler and the one image decoder it uses.
 GENERATED_SOURCES = {
@@ -46,7 +46,8 @@ def _check_checkpoint(checkpoint_dir: Path) -> dict[str, Any]:
     """Validate the folder before copying anything; returns its config."""
     check_checkpoint_dir(checkpoint_dir)  # a folder, config.json, safetensors weights (never pickles)
     config_path = checkpoint_dir / "config.json"
-    config = json.loads(config_path.read_text())
+    config = read_config(checkpoint_dir)
+    check_model_type(checkpoint_dir, config)
     auto_map = config.get("auto_map")
     if not auto_map:
         raise ValueError(

@@ -359,6 +359,10 @@ def build_gallery_sharded(
 
     settings = settings or BuildSettings()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(
+            f"--out {out_dir}: is a file; pass a folder for the index (new, or an earlier build)"
+        )
     # Without CUDA, `cpu=True` is what makes a multi-process launch really distributed (gloo).
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
     manifest = {

@@ -16,6 +16,7 @@ Saved folder:
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -117,11 +118,16 @@ def file_inside(folder: Path, name: Any, what: str) -> Path:
     return path
 
 
+# FAISS prefixes its messages with the C++ function and source line: not for a user.
+_FAISS_LOCATION = re.compile(
+    r"(Error in .*?\.(cpp|h):\d+: ?|Error: '.*?' failed: ?|Faiss assertion .*? failed in .*?$)"
+)
+
+
 def _first_line(err: BaseException) -> str:
-    """The gist of a (possibly multi-line, C++-wrapped) FAISS error."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Error in", "Faiss assertion"))]
-    return (useful or lines or [type(err).__name__])[-1][:200]
+    """The gist of a (possibly multi-line, C++-wrapped) FAISS error, on one line."""
+    text = _FAISS_LOCATION.sub("", " ".join(str(err).split())).strip()
+    return text[:200] or type(err).__name__
 
 
 def _as_float32(vectors: Any) -> np.ndarray:
