@@ -249,3 +249,26 @@ def test_a_config_error_names_the_config_file(checkpoint: Path, tmp_path: Path) 
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"ckpt/config\.json: TemdeConfig\.vision_config is missing"):
         load_checkpoint(folder)
+
+
+def test_resume_refuses_a_weights_file_that_does_not_fit_the_model(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    from temde_hf.testing import tiny_model
+    from temde_hf.training.checkpointing import CheckpointError, TrainerState, save_checkpoint
+    from temde_hf.training.checkpointing import load_checkpoint as resume_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainerState()
+    saved = save_checkpoint(accelerator, state, tmp_path / "run", keep=2)
+    weights = saved / "model.safetensors"
+    save_file(without_projections(load_file(weights)), weights, metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: does not fit the model .*projection"
+    ) as caught:
+        resume_checkpoint(accelerator, saved, tmp_path / "run")
+    assert "--overwrite_output_dir" in str(caught.value) or "--resume" in str(caught.value)
