@@ -4,6 +4,12 @@ The one loader of `temde-hf evaluate`, the Space demo and the gallery commands. 
 (``pytorch_model.bin``, ``*.pt``, ...) are refused, never loaded: unpickling a file runs any code it
 carries, so a checkpoint folder from someone else must not be able to execute anything. (transformers
 itself would still load a folder holding only ``pytorch_model.bin``.)
+
+Loading is strict: our models' `from_pretrained` refuses a weights file that lacks tensors, holds
+foreign ones or has them in another shape (`CheckpointMismatchError`, see the model folder's
+``loading_temde.py``), so every loader (this one, the Endpoints handler through remote code, training's
+``--init_from``) gets one line naming the file instead of a model with random weights. A path-like
+model argument that names no folder is refused by `require_folder`, never looked up on the Hub.
 """
 
 from __future__ import annotations
