@@ -43,6 +43,16 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _unreadable_json(path: Path) -> Path | None:
+    """The first ``*.json`` file of the folder that is not valid JSON, if any."""
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return file
+    return None
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The checkpoint folder's ``config.json`` as a dict, or one line naming it and the fix."""
     config_path = path / "config.json"
@@ -154,8 +164,9 @@ def load_checkpoint(
             "damaged: copy the checkpoint again"
         ) from exc
     except (OSError, json.JSONDecodeError) as exc:
+        where = _unreadable_json(path) or path  # a JSON error does not say which file it was
         raise ValueError(
-            f"{path}: cannot load the checkpoint ({_one_line(exc)}); a file is missing, truncated or "
+            f"{where}: cannot load the checkpoint ({_one_line(exc)}); a file is missing, truncated or "
             "damaged: copy the checkpoint again"
         ) from exc
     except ValueError as exc:  # the config's own checks (a missing tower config, a bad field): name the file

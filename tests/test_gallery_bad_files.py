@@ -67,6 +67,11 @@ def test_the_token_file_named_in_gallery_json_stays_in_its_folder(tmp_path: Path
         (lambda f: edit_meta(f, lambda m: m.pop("ids")), r"gallery\.json: missing or malformed entry.*ids"),
         (lambda f: edit_meta(f, lambda m: m["index"].update(nprobe=0)), r"gallery\.json: .*--nprobe 0"),
         (
+            lambda f: edit_meta(f, lambda m: m.update(paths="abc")),
+            r"gallery\.json: 'ids' and 'paths' must be",
+        ),
+        (lambda f: edit_meta(f, lambda m: m.update(paths=[])), r"gallery\.json lists 6 ids and 0 paths"),
+        (
             lambda f: (f / "index.faiss").write_bytes(b"garbage" * 10),
             r"an index file cannot be read.*rebuild",
         ),

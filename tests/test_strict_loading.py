@@ -218,6 +218,10 @@ def test_training_refuses_missing_model_folders_before_anything_else(tmp_path: P
             r"config\.json: model_type 'bert' is not a T-EMDE checkpoint .*TemdeModel\.save_pretrained",
         ),
         (
+            lambda d: (d / "tokenizer_config.json").write_text("{garbled"),
+            r"ckpt/tokenizer_config\.json: cannot load the checkpoint .*copy the checkpoint again",
+        ),
+        (
             lambda d: (d / "model.safetensors").write_bytes(b"\x08" + bytes(40)),
             r"safetensors weights cannot be read .*truncated or damaged: copy the checkpoint again",
         ),
@@ -234,7 +238,7 @@ def test_a_damaged_checkpoint_folder_is_named_by_every_loader(
     with pytest.raises(ValueError, match=message) as caught:
         load_checkpoint(folder)
     assert "\n" not in str(caught.value)
-    if "safetensors" not in message:  # publish reads config.json, not the weights
+    if message.startswith(r"config\.json"):  # publish reads config.json, not the weights or the tokenizer
         with pytest.raises(ValueError, match=message):
             export_for_hub(folder, tmp_path / "export")
 

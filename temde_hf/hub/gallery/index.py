@@ -499,8 +499,13 @@ class GalleryIndex:
             raise ValueError(
                 f"{meta_path}: missing or malformed entry ({_one_line(err)}); {rebuild}"
             ) from err
-        if len(self.ids) != self.index.ntotal:
-            raise ValueError(f"{meta_path} lists {len(self.ids)} ids but the index holds {self.index.ntotal}")
+        if not isinstance(meta["ids"], list) or not isinstance(meta["paths"], list):
+            raise ValueError(f"{meta_path}: 'ids' and 'paths' must be JSON lists; {rebuild}")
+        if len(self.ids) != self.index.ntotal or len(self.paths) != len(self.ids):
+            raise ValueError(
+                f"{meta_path} lists {len(self.ids)} ids and {len(self.paths)} paths but the index holds "
+                f"{self.index.ntotal} vectors; {rebuild}"
+            )
         self.index_dir, self.tokens, self.token_file = index_dir, None, None
         if token_name is not None:
             token_file = file_inside(index_dir, token_name, f"{meta_path} tokens.file")
