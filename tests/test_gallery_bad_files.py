@@ -122,6 +122,11 @@ def test_index_settings_are_checked_before_faiss(checkpoint: Path, tmp_path: Pat
     with pytest.raises(SystemExit, match=r"--nlist 64: more IVF lists than the 8 training vectors"):
         index_main(["--model", str(checkpoint), "--images", str(tmp_path / "images"), "--out",
                     str(tmp_path / "idx2"), "--index-type", "global", "--nlist", "64"])  # fmt: skip
+    with pytest.raises(
+        SystemExit, match=r"--nlist / --nprobe apply to IVF indexes .*not 'flat' \(the automatic"
+    ):
+        index_main(["--model", str(checkpoint), "--images", str(tmp_path / "images"), "--out",
+                    str(tmp_path / "idx3"), "--nlist", "2"])  # fmt: skip
     with pytest.raises(ValueError, match=r"--pq-m 3: must divide the embedding width 8"):
         GalleryIndex(
             np.eye(8, dtype=np.float32)[:8], list("abcdefgh"), index_type=IndexSpec("ivfpq", 1, 1, 3)

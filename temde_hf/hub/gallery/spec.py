@@ -104,6 +104,14 @@ class IndexSpec:
         if self.kind not in INDEX_TYPES:
             raise ValueError(f"index type {self.kind!r} unknown; choose one of {('auto', *INDEX_TYPES)}")
         check_index_settings(self.to_dict())
+        if self.kind not in RERANK_TYPES and (self.nlist is not None or self.nprobe is not None):
+            raise ValueError(
+                f"--nlist / --nprobe apply to IVF indexes (--index-type ivfpq or global), not {self.kind!r}"
+                f"{' (the automatic choice: ' + self.reason + ')' if self.reason != 'asked for' else ''}; "
+                "drop them, or pass --index-type ivfpq / global"
+            )
+        if self.pq_m is not None and self.kind != "ivfpq":
+            raise ValueError(f"--pq-m applies to --index-type ivfpq, not {self.kind!r}; drop it")
         if self.k_factor and self.kind not in RERANK_TYPES:
             raise ValueError(f"k_factor (exact re-ranking) applies to {RERANK_TYPES}, not {self.kind!r}")
 
