@@ -187,3 +187,18 @@ def test_faiss_errors_reach_the_user_without_their_cpp_location(tmp_path: Path) 
     with pytest.raises(ValueError, match=r"an index file cannot be read \(Index type 0x00000000") as caught:
         GalleryIndex.load(folder)
     assert ".cpp" not in str(caught.value) and "Error in" not in str(caught.value)
+
+
+def test_a_resumed_build_names_a_damaged_shard_listing(checkpoint: Path, tmp_path: Path) -> None:
+    make_colour_gallery(tmp_path / "images")
+    argv = ["--model", str(checkpoint), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "idx")]
+    index_main(argv)
+    listing = next((tmp_path / "idx" / "shards").glob("*.skipped.json"))
+    listing.write_text("{garbled")
+    with pytest.raises(
+        SystemExit, match=r"skipped\.json: unreadable .*delete it and shard-00000\.safetensors"
+    ):
+        index_main(argv)
+    (tmp_path / "idx" / "build.json").write_text("nonsense")
+    with pytest.raises(SystemExit, match=r"build\.json: not the JSON object temde-hf index writes"):
+        index_main(argv)
