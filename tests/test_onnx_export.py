@@ -148,3 +148,20 @@ def test_saturated_sketch_logits_stay_finite(tmp_path: Path) -> None:
     out = onnx.encode_image(pixel_values)
     assert torch.isfinite(out).all()
     np.testing.assert_allclose(out, eager.encode_image(pixel_values).detach(), atol=1e-5)
+
+
+def test_damaged_graphs_or_export_record_are_named(exported: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for path in exported.iterdir():
+        if path.is_file():
+            (damaged / path.name).write_bytes(path.read_bytes())
+    graph = damaged / "image_encoder.onnx"
+    graph.write_bytes(graph.read_bytes()[:200])  # truncated protobuf
+    with pytest.raises(
+        ValueError, match=r"image_encoder\.onnx: not a readable ONNX graph .*re-run: temde-hf export-onnx"
+    ):
+        OnnxTemdeEncoder(damaged)
+    (damaged / "onnx_export.json").write_text("{garbled")
+    with pytest.raises(ValueError, match=r"onnx_export\.json: unreadable .*re-run: temde-hf export-onnx"):
+        OnnxTemdeEncoder(damaged)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from ..loading import require_folder
 from ..models.temde.loss_temde import LOSSES, SCORE_LOSSES
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -348,6 +349,18 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
         )
     if model_args.vision_model_path is not None and model_args.text_model_path is None:
         raise ValueError("--vision_model_path needs --text_model_path (the text tower folder)")
+    for name in (
+        "init_from",
+        "vision_model_path",
+        "text_model_path",
+        "image_processor_path",
+        "tokenizer_path",
+    ):
+        if getattr(model_args, name) is not None:  # a mistyped folder is never looked up on the Hub
+            fix = "pass an existing folder written by save_pretrained" + (
+                "" if name == "init_from" else " (a Hub id has the form ORG/NAME)"
+            )
+            require_folder(getattr(model_args, name), f"--{name}", fix, hub_ids=name != "init_from")
     if data_args.data is None and data_args.synthetic_images <= 0:
         raise ValueError("no training data: set --data (e.g. a Karpathy split JSON) or --synthetic_images N")
     if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:

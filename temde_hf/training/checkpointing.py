@@ -203,5 +203,11 @@ def load_checkpoint(accelerator: Any, path: str | Path, output_dir: str | Path) 
     """Verify, then restore model weights, optimizer, scheduler and RNG states; return the trainer state."""
     path = Path(path)
     state = verify_checkpoint(path, accelerator.process_index, output_dir)
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as error:  # the weights file lacks tensors of the model, or holds others
+        if "state_dict" not in str(error):
+            raise
+        detail = " ".join(str(error).split())[:300]
+        raise _damaged(path / MODEL_FILE, f"does not fit the model ({detail})", Path(output_dir)) from error
     return state
