@@ -117,6 +117,8 @@ def test_stream_resumes_exactly_from_a_json_state(tmp_path: Path, photos: list, 
     resumed = _stream(pattern)
     resumed.load_state_dict(state)
     assert head + run(resumed, 2 * N_PHOTOS - 7) == whole
+    with pytest.raises(ValueError, match="--shuffle_buffer_size 4 and --seed 0, this run 5"):
+        _stream(pattern, buffer_size=5).load_state_dict(state)  # other blocks: refused, not silently different
 
 
 def test_processes_read_disjoint_shards_and_uneven_shards_are_refused(tmp_path: Path, photos: list) -> None:

@@ -269,9 +269,22 @@ class ShuffledStream:
             "block": self.block,
             "taken": self.taken,
             "block_start": self.block_start,
+            "buffer_size": self.buffer_size,
+            "seed": self.seed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` was taken.
+
+        Raises:
+            ValueError: `state` was taken with another buffer size or seed (its blocks would differ).
+        """
+        saved = (state.get("buffer_size"), state.get("seed"))
+        if saved != (self.buffer_size, self.seed):
+            raise ValueError(
+                f"the checkpoint's stream used --shuffle_buffer_size {saved[0]} and --seed {saved[1]}, "
+                f"this run {self.buffer_size} and {self.seed}; resume with the checkpoint's settings"
+            )
         self.epoch, self.block, self.taken = int(state["epoch"]), int(state["block"]), int(state["taken"])
         self.block_start = state["block_start"]
 

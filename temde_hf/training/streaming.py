@@ -34,6 +34,7 @@ from ..data.streaming import (
     prepare_stream,
     shard_for_process,
 )
+from .arguments import DataArguments, TemdeTrainingArguments
 from .batches import TextInputs
 from .checkpointing import STREAM_STATE_FILE
 
@@ -43,7 +44,7 @@ SKIPPED_FILE = "skipped_samples.json"  # in the output folder at the end of a ru
 KEYS_FOLDER = "stream_keys"  # --streaming_log_keys: one JSON line per step and process
 
 
-def check_streaming_args(data_args: Any, args: Any) -> None:
+def check_streaming_args(data_args: DataArguments, args: TemdeTrainingArguments) -> None:
     """Reject settings a stream cannot serve, naming the flag and the fix.
 
     Raises:
@@ -89,7 +90,7 @@ class StreamBatches:
     """
 
     def __init__(
-        self, data_args: Any, processor: Any, accelerator: Any, batch_size: int, seed: int, flip: bool,
+        self, data_args: DataArguments, processor: Any, accelerator: Any, batch_size: int, seed: int, flip: bool,
         output_dir: str | Path,
     ) -> None:  # fmt: skip
         self.source = data_args.dataset_name or data_args.train_files
