@@ -118,7 +118,9 @@ def test_stream_resumes_exactly_from_a_json_state(tmp_path: Path, photos: list, 
     resumed.load_state_dict(state)
     assert head + run(resumed, 2 * N_PHOTOS - 7) == whole
     with pytest.raises(ValueError, match="--shuffle_buffer_size 4 and --seed 0, this run 5"):
-        _stream(pattern, buffer_size=5).load_state_dict(state)  # other blocks: refused, not silently different
+        _stream(pattern, buffer_size=5).load_state_dict(
+            state
+        )  # other blocks: refused, not silently different
 
 
 def test_processes_read_disjoint_shards_and_uneven_shards_are_refused(tmp_path: Path, photos: list) -> None:
@@ -218,6 +220,24 @@ def test_streaming_run_from_a_dataset_folder_skips_and_counts_bad_samples(
     assert report["n_skipped"] == len(report["first"]) >= 2
     assert any("skipped" in r.message and "bad sample" in r.message for r in caplog.records)
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_streaming_run_resumed_at_the_end_of_an_epoch_goes_on_with_the_next(
+    tmp_path: Path, photos: list
+) -> None:
+    """A run pre-empted right after an epoch's last full step resumes into the next epoch, on the same
+    samples as an uninterrupted run (one process; two are tested below)."""
+    from temde_hf.training.train import main
+
+    torch.set_num_threads(1)
+    write_parquet_shards(tmp_path / "shards", photos[:8], 2)
+    towers = save_tiny_towers(tmp_path / "towers")
+    files = ("--train_files", str(tmp_path / "shards" / "*.parquet"), "--max_steps", "4")
+    main(_argv(towers, tmp_path / "whole", *files))
+    main(_argv(towers, tmp_path / "parts", *files, "--stop_after_steps", "2"))  # 8 samples = 2 steps of 3
+    main(_argv(towers, tmp_path / "parts", *files, "--resume", "latest"))
+    assert [s["epoch"] for s in _key_log(tmp_path / "whole", 0)] == [0, 0, 1, 1]
+    assert _key_log(tmp_path / "parts", 0) == _key_log(tmp_path / "whole", 0)
 
 
 def test_streaming_run_needs_max_steps(tmp_path: Path) -> None:

@@ -174,6 +174,7 @@ class StreamBatches:
             step: The run's global step before the first batch (for the key log).
         """
         epoch, n_batches = self.stream.epoch, 0
+        from_start = self.stream.block == 0 and self.stream.taken == 0  # not resumed at the epoch's end
         local = self._local_batches(self.stream, self.report)
         while True:
             batch, keys = next(local, (None, []))
@@ -188,7 +189,7 @@ class StreamBatches:
                 with self.key_log.open("a") as file:
                     file.write(json.dumps({"epoch": epoch, "step": step + n_batches, "keys": keys}) + "\n")
             yield batch
-        if n_batches == 0:
+        if n_batches == 0 and from_start:
             raise DataError(
                 f"{self.source}: epoch {epoch} gave no full step ({self.batch_size} usable samples on each of "
                 f"{self.world} process(es)); add data or lower --per_device_train_batch_size"
