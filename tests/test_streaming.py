@@ -210,7 +210,7 @@ def test_streaming_run_from_a_dataset_folder_skips_and_counts_bad_samples(
     write_parquet_shards(tmp_path / "hub-folder" / "data", good + bad, 2)
     out = tmp_path / "run"
     main(_argv(save_tiny_towers(tmp_path / "towers"), out, "--dataset_name", str(tmp_path / "hub-folder"),
-               "--max_steps", "5", "--per_device_train_batch_size", "4"))  # fmt: skip
+               "--max_steps", "5", "--per_device_train_batch_size", "4", "--freeze_vision_tower", "true"))  # fmt: skip
     steps = _key_log(out, 0)
     assert [s["epoch"] for s in steps] == [0, 0, 0, 1, 1]  # 12 good samples = 3 steps of 4 per epoch
     epoch0 = [k for s in steps[:3] for k in s["keys"]]

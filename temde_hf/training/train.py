@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         stream = StreamBatches(data_args, processor, accelerator, batch_size, args.seed,
                                args.image_flip_augmentation, args.output_dir)  # fmt: skip
         job = TrainingJob(model, processor, accelerator, args, data_args, None, None, None, stream=stream)
+        if args.cache_tower_outputs and frozen_tower_names(model):
+            logger.info("--streaming: frozen towers run every step (a stream has no fixed items to cache)")
         name = stream.name
     else:
         splits = load_data(data_args, args.output_dir, args.seed, accelerator)
