@@ -39,7 +39,7 @@ def _argv(setup: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
         "--vision_model_path", str(setup["vision"]), "--text_model_path", str(setup["text"]),
         "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3",
         "--data", str(setup["data"]), "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+        "--per_device_train_batch_size", "8", "--gradient_cache_micro_batches", "2",
         "--learning_rate", "2e-3", "--warmup_steps", "2", "--logging_steps", "1",
         "--report_to", "none", "--disable_tqdm", "true", "--seed", "7", *extra,
     ]  # fmt: skip
@@ -87,7 +87,7 @@ def test_killed_run_resumes_with_identical_losses(setup: dict[str, Path], tmp_pa
     main(_argv(setup, cut, *extra, "--stop_after_steps", "7"))  # pre-empted mid-epoch 2
     assert [p.name for p in list_checkpoints(cut)] == ["step-00000007"]
     assert not (cut / "final").exists()
-    main(_argv(setup, cut, *extra, "--resume", "latest"))
+    main(_argv(setup, cut, *extra, "--resume_from_checkpoint", "true"))
     expected, resumed = _losses(full), _losses(cut)
     assert sorted(expected) == sorted(resumed) == list(range(1, 11))
     for step in range(8, 11):
@@ -123,7 +123,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
 
 @pytest.mark.slow
 def test_sigkilled_process_resumes_with_identical_losses(setup: dict[str, Path], tmp_path: Path) -> None:
-    """A real kill (SIGKILL, possibly mid-save) of a `temde-hf train` process, then `--resume latest`."""
+    """A real kill (SIGKILL, possibly mid-save) of a `temde-hf train` process, then `--resume_from_checkpoint true`."""
     torch.set_num_threads(1)
     extra = ("--max_steps", "24", "--save_steps", "1", "--save_total_limit", "2", "--max_eval_images", "0")
     full = tmp_path / "full"
@@ -141,7 +141,7 @@ def test_sigkilled_process_resumes_with_identical_losses(setup: dict[str, Path],
     last = list_checkpoints(killed)[-1]
     done = int(last.name.split("-")[1])
     assert 3 <= done < 24, "killed too late to test anything"
-    main(_argv(setup, killed, *extra, "--resume", "latest"))
+    main(_argv(setup, killed, *extra, "--resume_from_checkpoint", "true"))
     expected, resumed = _losses(full), _losses(killed)
     for step in range(done + 1, 25):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
@@ -185,12 +185,12 @@ def test_damaged_checkpoint_is_named_and_nothing_is_unpickled(
         damaged = last / damage
         _truncate(damaged)
     with pytest.raises(CheckpointError) as error:
-        main(_argv(setup, out, *extra, "--resume", "latest"))
+        main(_argv(setup, out, *extra, "--resume_from_checkpoint", "latest"))
     message = str(error.value)
     assert str(damaged) in message and "--resume" in message and "step-00000002" in message
     assert not marker.exists()
     # the named fix works: resume from the previous checkpoint and finish
-    metrics = main(_argv(setup, out, *extra, "--resume", str(list_checkpoints(out)[0])))
+    metrics = main(_argv(setup, out, *extra, "--resume_from_checkpoint", str(list_checkpoints(out)[0])))
     assert metrics["global_step"] == 6
 
 
@@ -200,7 +200,7 @@ def test_new_run_refuses_a_finished_run_folder(setup: dict[str, Path], tmp_path:
     extra = ("--max_steps", "2", "--max_eval_images", "0")
     main(_argv(setup, out, *extra))
     before = (out / "final" / "model.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="--resume latest"):
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint true"):
         main(_argv(setup, out, *extra, "--learning_rate", "1e-2"))
     assert (out / "final" / "model.safetensors").read_bytes() == before
     main(_argv(setup, out, *extra, "--learning_rate", "1e-2", "--overwrite_output_dir", "true"))
