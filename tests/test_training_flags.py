@@ -177,6 +177,7 @@ def test_run_clip_command_line_flags() -> None:
     ])  # fmt: skip
     assert model_args.init_from == "saved" and data_args.data == "pairs.parquet"
     assert data_args.max_text_length == 24 and data_args.eval_split == "val" and args.learning_rate == 1e-4
+    assert parse_args(["--init_from", "m", "--data", "d.json", "--max-steps", "3"])[2].max_steps == 3
     with pytest.raises(ValueError, match=r"^command line: unknown setting --logging_dir; see"):
         parse_args(["--init_from", "saved", "--data", "d.json", "--logging_dir", "runs"])
     with pytest.raises(ValueError, match=r"--do_train false: this command only trains"):

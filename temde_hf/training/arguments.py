@@ -436,7 +436,7 @@ def _flag_values(argv: list[str]) -> list[tuple[str, list[str]]]:
     for token in argv:
         if token.startswith("--"):
             name, eq, value = token[2:].partition("=")
-            pairs.append((name, [value] if eq else []))
+            pairs.append((name.replace("-", "_"), [value] if eq else []))  # --max-steps is --max_steps
         elif pairs:
             pairs[-1][1].append(token)
         else:
@@ -448,6 +448,8 @@ def _flag_values(argv: list[str]) -> list[tuple[str, list[str]]]:
 
 def _translate_argv(argv: list[str]) -> list[str]:
     """The command line with run_clip's flags under our names (see `_translate`)."""
+    if "-h" in argv or "--help" in argv:
+        return argv  # the parser prints the help and exits
     pairs = _flag_values(argv)
     known = {name: values for name, values in pairs}
     translated, problems = _translate(

@@ -39,6 +39,7 @@ from .optim import build_optimizer, build_scheduler, train_mode
 from .validation import EvalSet, evaluate
 
 logger = logging.getLogger("temde_hf.training")
+COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper holds the model under this name
 
 
 @dataclass
@@ -184,6 +185,8 @@ def _save_best(job: TrainingJob, state: TrainerState, metrics: dict[str, float])
 def export_model(job: TrainingJob, folder: Path) -> None:
     """`save_pretrained` of the trained model + processor (collective: the state dict may be sharded)."""
     state_dict = job.accelerator.get_state_dict(job.prepared)
+    # under --torch_compile the unwrapped model is still the compiled wrapper, whose names carry a prefix
+    state_dict = {k.removeprefix(COMPILED_PREFIX): v for k, v in state_dict.items()}
     if job.accelerator.is_main_process:
         job.model.save_pretrained(folder, state_dict=state_dict)
         job.processor.save_pretrained(folder)
