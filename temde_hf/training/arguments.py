@@ -638,6 +638,13 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
         raise ValueError(
             "--synthetic_images must be >= 2: a contrastive batch needs at least two distinct images"
         )
+    if args.gradient_accumulation_steps > 1 and args.gradient_cache_micro_batches == 1:
+        # the name meant gradient caching here before it took transformers' meaning: say what it does now
+        logger.warning(
+            "--gradient_accumulation_steps %d: each of the %d batches of a step has only its own pairs as "
+            "negatives; --gradient_cache_micro_batches %d keeps all of them as negatives of each other",
+            *(args.gradient_accumulation_steps,) * 3,
+        )
     if args.push_to_hub and args.stop_after_steps > 0:
         raise ValueError("--push_to_hub with --stop_after_steps: a stopped run has no final model to push")
 
