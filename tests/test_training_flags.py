@@ -6,9 +6,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -108,6 +105,7 @@ def test_an_uninstalled_tracker_is_one_clear_line() -> None:
     assert _args("--report_to", "all")[2].report_to == "all"
     assert _args("--report_to", "None")[2].report_to == "none"
     assert _args("--report_to", "tensorboard")[2].report_to == "tensorboard"
+    assert _args("--report_to", "tensorboard", "tensorboard")[2].report_to == "tensorboard"  # `a b` form
 
 
 def test_transformers_flag_names_and_deprecated_aliases(caplog: pytest.LogCaptureFixture) -> None:
@@ -315,7 +313,8 @@ def test_gradient_accumulation_averages_separate_contrastive_batches(monkeypatch
     assert max((whole[n] - expected[n]).abs().max() for n in expected) > 1e-4  # not vacuous
 
 
-def test_output_dir_lock_refuses_a_second_run_and_a_killed_holder_never_blocks(tmp_path: Path) -> None:
+def test_output_dir_lock_refuses_a_second_run_but_not_the_same_runs_other_ranks(tmp_path: Path) -> None:
+    # (a holder in another process, killed, is in test_training_main: the kernel frees its lock)
     out = tmp_path / "run"
     with output_dir_lock(out):
         with (
@@ -327,26 +326,8 @@ def test_output_dir_lock_refuses_a_second_run_and_a_killed_holder_never_blocks(t
             pass
         with output_dir_lock(out, is_main_process=False):  # other ranks of the same run pass through
             pass
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from temde_hf.training.checkpointing import output_dir_lock\n"
-         "with output_dir_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(OutputDirInUseError, match=rf"process {holder.pid}"), output_dir_lock(out):
-            pass
-    finally:
-        holder.kill()
-        holder.wait()
-    deadline = time.monotonic() + 10
-    while True:  # the kernel drops a dead holder's lock: the folder is free again, no stale lock
-        try:
-            with output_dir_lock(out):
-                break
-        except OutputDirInUseError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    with output_dir_lock(out):  # released at the end of the run
+        pass
 
 
 def test_resume_settings_must_match() -> None:

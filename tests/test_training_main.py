@@ -339,6 +339,7 @@ def _train_in_a_fresh_process(setup: dict[str, Path], out: Path, *extra: str) ->
     return metrics
 
 
+@pytest.mark.slow  # a fresh process (accelerate's precision is per process): ~15 s
 def test_bf16_trains_on_cpu(setup: dict[str, Path], tmp_path: Path) -> None:
     """--bf16: accelerate's bfloat16 autocast, which CPUs have (fp16 is refused there, see test_training_flags)."""
     out = tmp_path / "bf16"

@@ -464,6 +464,8 @@ def _translate_argv(argv: list[str]) -> list[str]:
         values = known.get(name)
         if values is None:  # a mapped name: its value as given under the run_clip name
             values = value if isinstance(value, list) else [str(value)]
+        if name == "report_to" and len(values) > 1:  # transformers' `--report_to a b` form
+            values = [",".join(values)]
         out += [f"--{name}", *values]
     return out
 
@@ -538,7 +540,7 @@ def report_to_list(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     items = value if isinstance(value, list) else str(value).split(",")
-    names = [str(item).strip().lower() for item in items if str(item).strip()]
+    names = list(dict.fromkeys(str(item).strip().lower() for item in items if str(item).strip()))
     return [] if names in ([], ["none"]) else names
 
 
