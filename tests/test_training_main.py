@@ -83,6 +83,10 @@ def test_smoke_run_saves_a_checkpoint_that_reloads_and_evaluates(
     assert reloaded["rsum"] == pytest.approx(metrics["eval_rsum"], abs=1e-6)
     card = json.loads((final / "eval_results.json").read_text())
     assert card["rsum"] == pytest.approx(metrics["eval_rsum"])
+    # the card records the run's settings under their current names (gradient caching, not accumulation)
+    settings = (final / "README.md").read_text()
+    assert "gradient_cache_micro_batches: 2" in settings and "gradient_accumulation_steps: 1" in settings
+    assert "bf16: false" in settings and "report_to: tensorboard" in settings
 
 
 def test_killed_run_resumes_with_identical_losses(setup: dict[str, Path], tmp_path: Path) -> None:

@@ -338,6 +338,7 @@ NO_OP_NAMES = {
     "overwrite_cache": "nothing is preprocessed into a datasets cache",
     "use_fast_tokenizer": "the tokenizer folder decides",
     "trust_remote_code": "T-EMDE's own classes load every checkpoint",
+    "use_auth_token": "the Hub token is --hub_token (default: the logged-in one)",
 }
 # run_clip settings with no counterpart here: the fix for each.
 UNSUPPORTED_NAMES = {
