@@ -246,7 +246,9 @@ def test_cached_tower_outputs_train_the_same_model(
         torch.testing.assert_close(value, weights[1][key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_a_second_run_into_a_folder_in_use_is_refused(setup: dict[str, Path], tmp_path: Path) -> None:
+def test_a_second_run_into_a_folder_in_use_is_refused(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """Two runs into one output folder: the second refuses with one line; a killed run leaves no stale lock."""
     out = tmp_path / "busy"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -257,12 +259,18 @@ def test_a_second_run_into_a_folder_in_use_is_refused(setup: dict[str, Path], tm
         while not (out / "run_settings.yaml").exists():  # written once the first run holds the folder
             assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
             time.sleep(0.05)
-        settings = (out / "run_settings.yaml").read_bytes()
         with pytest.raises(OutputDirInUseError, match=rf"{out} is in use by another training run \(process "):
             main(_argv(setup, out, "--max_steps", "2", "--learning_rate", "1e-2"))
-        assert (out / "run_settings.yaml").read_bytes() == settings  # the second run wrote nothing
-        code = cli_main(["train", *_argv(setup, out, "--max_steps", "2")])
-        assert code == 1
+        assert (
+            "learning_rate: 0.01" not in (out / "run_settings.yaml").read_text()
+        )  # the second wrote nothing
+        capsys.readouterr()
+        assert cli_main(["train", *_argv(setup, out, "--max_steps", "2")]) == 1
+        err = capsys.readouterr().err  # (log lines of the process may come before it)
+        errors = [line for line in err.splitlines() if line.startswith("temde-hf train:")]
+        assert (
+            len(errors) == 1 and errors[0].startswith("temde-hf train: error: ") and str(out) in errors[0]
+        ), err
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
