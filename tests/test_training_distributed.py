@@ -128,7 +128,7 @@ def test_two_process_training_matches_one_process_and_resumes(tmp_path: Path) ->
             "--vision_model_path", str(vision), "--text_model_path", str(text), "--projection_dim", "16",
             "--n_sketches", "4", "--n_hyperplanes", "3", "--data", str(data),
             "--output_dir", str(out), "--per_device_train_batch_size", str(per_device),
-            "--gradient_accumulation_steps", "2", "--max_steps", "4", "--save_steps", "0",
+            "--gradient_cache_micro_batches", "2", "--max_steps", "4", "--save_steps", "0",
             "--learning_rate", "2e-3", "--max_eval_images", "6", "--eval_steps", "4", "--logging_steps", "1",
             "--report_to", "none", "--disable_tqdm", "true", "--freeze_vision_tower", "true", *extra,
         ]  # fmt: skip
@@ -136,7 +136,7 @@ def test_two_process_training_matches_one_process_and_resumes(tmp_path: Path) ->
     main(argv(tmp_path / "one", 8))  # one process, 16 pairs per step
     two = tmp_path / "two"
     accelerate_launch("-m", "temde_hf.cli", "train", *argv(two, 4, "--stop_after_steps", "2"))
-    accelerate_launch("-m", "temde_hf.cli", "train", *argv(two, 4, "--resume", "latest"))
+    accelerate_launch("-m", "temde_hf.cli", "train", *argv(two, 4, "--resume_from_checkpoint", "true"))
 
     def history(out: Path, key: str) -> list[float]:
         state = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())

@@ -179,7 +179,7 @@ def test_main_trains_a_retrieval_model_that_evaluate_reranks(tmp_path: Path) -> 
     metrics = main([
         "--vision_model_path", str(vision), "--text_model_path", str(text), "--projection_dim", "16",
         "--n_sketches", "4", "--n_hyperplanes", "3", "--itm_layers", "1", "--data", str(data),
-        "--output_dir", str(out), "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+        "--output_dir", str(out), "--per_device_train_batch_size", "8", "--gradient_cache_micro_batches", "2",
         "--max_steps", "3", "--learning_rate", "2e-3", "--report_to", "none", "--disable_tqdm", "true",
         "--freeze_vision_tower", "true", "--itm_weight", "1", "--alignment_weight", "0.5",
         "--distill_weight", "0.5", "--distill_teacher", "itm", "--max_eval_images", "4",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..models.temde.loss_temde import LOSSES, SCORE_LOSSES
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SECTIONS = ("model", "data", "training")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,6 +114,13 @@ class DataArguments:
     max_train_images: int | None = field(default=None, metadata={"help": "keep the first N train images"})
     max_eval_images: int | None = field(default=None, metadata={"help": "keep the first N eval images"})
     max_text_length: int = field(default=64, metadata={"help": "truncate captions to this many tokens"})
+    image_column: str | None = field(
+        default=None, metadata={"help": "parquet / Hub data: the column of the images (default: image)"}
+    )
+    caption_column: str | None = field(
+        default=None,
+        metadata={"help": "parquet / Hub data: the column of the captions, a list or one per row (default: captions)"},
+    )  # fmt: skip
     dataloader_num_workers: int = field(default=0)
     # Streaming (`temde_hf.data.streaming`): train from a stream instead of --data; needs --max_steps.
     streaming: bool = field(
@@ -132,6 +141,11 @@ class DataArguments:
         default=False, metadata={"help": "streaming: log each step's sample keys to OUTPUT_DIR/stream_keys/"}
     )
 
+    def loader_kwargs(self) -> dict[str, str]:
+        """The column names that were set, as `load_hub_dataset` keyword arguments."""
+        columns = {"image_column": self.image_column, "captions_column": self.caption_column}
+        return {k: v for k, v in columns.items() if v is not None}
+
 
 @dataclass
 class TemdeTrainingArguments:
@@ -141,10 +155,21 @@ class TemdeTrainingArguments:
     seed: int = field(default=42)
     num_train_epochs: float = field(default=1.0)
     max_steps: int = field(default=-1, metadata={"help": "> 0 overrides num_train_epochs"})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "micro-batch per process"})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "micro-batches per step; all of their pairs are negatives of each other"}
+    per_device_train_batch_size: int = field(
+        default=32,
+        metadata={"help": "pairs per process in one forward (a micro-batch with gradient caching)"},
     )
+    gradient_cache_micro_batches: int = field(
+        default=1,
+        metadata={"help": "gradient caching: a contrastive batch is this many micro-batches of "
+                  "per_device_train_batch_size pairs per process, all negatives of each other (the memory of "
+                  "one micro-batch, the gradients of the whole batch, one extra forward)"},
+    )  # fmt: skip
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "as in transformers: sum the gradients of N contrastive batches per optimizer step "
+                  "(each batch's pairs are negatives only of each other; gradient caching keeps them all)"},
+    )  # fmt: skip
     per_device_eval_batch_size: int = field(default=64)
     loss_type: str = field(default="info_nce", metadata={"help": "info_nce | vse_hinge"})
     margin: float = field(default=0.2, metadata={"help": "hinge margin (vse_hinge)"})
@@ -161,9 +186,20 @@ class TemdeTrainingArguments:
     adam_beta1: float = field(default=0.9)
     adam_beta2: float = field(default=0.98)
     adam_epsilon: float = field(default=1e-6)
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine | step | constant"})
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": "a transformers schedule (linear | cosine | cosine_with_restarts | polynomial | "
+                  "constant | constant_with_warmup | inverse_sqrt | cosine_with_min_lr | ...) or step "
+                  "(VSE++: x lr_step_gamma every lr_step_epochs)"},
+    )  # fmt: skip
+    lr_scheduler_kwargs: str | None = field(
+        default=None,
+        metadata={"help": 'more arguments of the schedule, a JSON object (e.g. {"min_lr_rate": 0.1})'},
+    )
     warmup_steps: int = field(default=0)
-    warmup_ratio: float = field(default=0.0, metadata={"help": "used when warmup_steps is 0"})
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "fraction of the steps; used when warmup_steps is 0"}
+    )
     lr_step_size: int = field(
         default=0, metadata={"help": "step schedule: decay every N steps (0: per epoch)"}
     )
@@ -171,8 +207,23 @@ class TemdeTrainingArguments:
         default=0.0, metadata={"help": "step schedule: decay every N epochs (overrides lr_step_size)"}
     )
     lr_step_gamma: float = field(default=0.1, metadata={"help": "step schedule: decay factor"})
-    max_grad_norm: float = field(default=2.0, metadata={"help": "<= 0 disables clipping"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    max_grad_norm: float = field(
+        default=2.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"}
+    )
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (accelerate's autocast)"})
+    fp16: bool = field(
+        default=False, metadata={"help": "float16 mixed precision with loss scaling (GPU only)"}
+    )
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "deprecated: use --bf16 true or --fp16 true"}
+    )
+    torch_compile: bool = field(default=False, metadata={"help": "compile the model with torch.compile"})
+    torch_compile_backend: str | None = field(
+        default=None, metadata={"help": "torch.compile backend (default: inductor); implies --torch_compile"}
+    )
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode (default | reduce-overhead | max-autotune)"}
+    )
     use_cpu: bool = field(default=False, metadata={"help": "train on CPU even if a GPU is visible"})
     gradient_checkpointing: bool = field(default=False)
     freeze_vision_tower: bool = field(default=False, metadata={"help": "train no vision tower weight"})
@@ -254,11 +305,29 @@ class TemdeTrainingArguments:
     )
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     save_total_limit: int = field(default=3, metadata={"help": "keep the last N checkpoints"})
-    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "a checkpoint folder, or true (= latest) to continue this output_dir's run"},
+    )
+    resume: str | None = field(default=None, metadata={"help": "deprecated: use --resume_from_checkpoint"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: every epoch)"})
     metric_for_best_model: str = field(default="rsum")
     logging_steps: int = field(default=10)
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none"})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "accelerate trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, "
+                  "clearml, dvclive, swanlab, trackio; all (every installed one) | none"},
+    )  # fmt: skip
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "upload the final model (with its card) to the Hub after training"}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "the Hub repo, user/name (default: the output_dir's name)"}
+    )
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token (default: the logged-in one); never written to the run"}
+    )
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "create the Hub repo as private"})
     stop_after_steps: int = field(
         default=-1, metadata={"help": "simulate a pre-emption: checkpoint and stop after N steps"}
     )
@@ -266,6 +335,53 @@ class TemdeTrainingArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TemdeTrainingArguments)
+FIELD_NAMES = frozenset(f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls))
+
+# Settings of transformers' contrastive-image-text example (run_clip.py, its TrainingArguments) that mean
+# the same thing here under another name. (Most TrainingArguments names are the same here already.)
+RUN_CLIP_NAMES = {
+    "model_name_or_path": "init_from",
+    "dataset_name": "data",
+    "train_file": "data",
+    "max_seq_length": "max_text_length",
+    "image_processor_name": "image_processor_path",
+    "tokenizer_name": "tokenizer_path",
+    "freeze_vision_model": "freeze_vision_tower",
+    "freeze_text_model": "freeze_text_tower",
+    "token": "hub_token",
+}
+# run_clip settings that change nothing here: accepted, with a warning saying why.
+NO_OP_NAMES = {
+    "do_train": "this command always trains",
+    "remove_unused_columns": "the collator reads only the image and caption columns",
+    "overwrite_cache": "nothing is preprocessed into a datasets cache",
+    "use_fast_tokenizer": "the tokenizer folder decides",
+    "trust_remote_code": "T-EMDE's own classes load every checkpoint",
+    "use_auth_token": "the Hub token is --hub_token (default: the logged-in one)",
+}
+# run_clip settings with no counterpart here: the fix for each.
+UNSUPPORTED_NAMES = {
+    "validation_file": "the evaluation images are --data's --eval_split",
+    "test_file": "score a trained model with `temde-hf evaluate`",
+    "do_predict": "score a trained model with `temde-hf evaluate`",
+    "max_train_samples": "use --max_train_images (it counts images, each with all its captions)",
+    "max_eval_samples": "use --max_eval_images (it counts images, each with all its captions)",
+    "config_name": "use --model_config (a TemdeConfig JSON)",
+    "dataset_config_name": "point --data at the dataset's files or a Hub id without a config",
+    "data_dir": "point --data at the dataset and --image_root at its images",
+    "cache_dir": "towers are read from local folders (--vision_model_path, --text_model_path)",
+    "model_revision": "towers are read from local folders (--vision_model_path, --text_model_path)",
+    "preprocessing_num_workers": "use --dataloader_num_workers",
+}
+_TRUE, _FALSE = {"true", "1", "yes", "y"}, {"false", "0", "no", "n"}
+
+
+def _truthy(value: Any) -> bool | None:
+    """A bool setting's value (``None``: not a boolean)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -274,7 +390,11 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as error:
         raise FileNotFoundError(f"training config {path} cannot be read: {error}") from error
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ValueError(f"{path}: not valid {kind} ({' '.join(str(error).split())}); fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -288,19 +408,95 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return flat
 
 
-def _check_keys(values: dict[str, Any], source: Path) -> None:
-    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown setting(s) {unknown}; see `train_temde.py --help` for the valid names"
-        )
+def _translate(values: dict[str, Any], source: str, flag: str = "") -> tuple[dict[str, Any], list[str]]:
+    """Map run_clip names to ours, drop no-op settings (warning), and list one problem line per bad key.
+
+    Args:
+        values: Setting name -> value.
+        source: Where they come from (the config file, or "command line"), for the messages.
+        flag: ``"--"`` for command-line flags, so the messages show them as typed.
+
+    Returns:
+        The settings under our names, and the problems (one line each; empty when all are known).
+    """
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    do_eval = None
+    for key, value in values.items():
+        name = RUN_CLIP_NAMES.get(key, key)
+        if name in FIELD_NAMES:
+            if name in out and name != key:
+                problems.append(
+                    f"{source}: {flag}{key} and {flag}{name} are the same setting; keep {flag}{name}"
+                )
+            out.setdefault(name, value) if name != key else out.update({name: value})
+        elif key == "do_eval":
+            do_eval = _truthy(value)
+        elif key in NO_OP_NAMES:
+            if key == "do_train" and _truthy(value) is False:
+                problems.append(f"{source}: {flag}do_train false: this command only trains; drop the setting")
+            else:
+                logger.warning("%s: %s%s ignored (%s)", source, flag, key, NO_OP_NAMES[key])
+        elif key in UNSUPPORTED_NAMES:
+            problems.append(
+                f"{source}: {flag}{key} is not a setting of this trainer; {UNSUPPORTED_NAMES[key]}"
+            )
+        else:
+            problems.append(
+                f"{source}: unknown setting {flag}{key}; see `temde-hf train --help` for the valid names"
+            )
+    if do_eval is False:  # run_clip's switch for evaluation: our --eval_split none
+        out.setdefault("eval_split", "none")
+    return out, problems
+
+
+def _flag_values(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """``--name value ...`` tokens as (name, values); ``--name=value`` split. Values never start with ``--``."""
+    pairs: list[tuple[str, list[str]]] = []
+    for token in argv:
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            pairs.append((name.replace("-", "_"), [value] if eq else []))  # --max-steps is --max_steps
+        elif pairs:
+            pairs[-1][1].append(token)
+        else:
+            raise ValueError(
+                f"unexpected argument {token!r}: settings are --flag value pairs after the config file"
+            )
+    return pairs
+
+
+def _translate_argv(argv: list[str]) -> list[str]:
+    """The command line with run_clip's flags under our names (see `_translate`)."""
+    if "-h" in argv or "--help" in argv:
+        return argv  # the parser prints the help and exits
+    pairs = _flag_values(argv)
+    known = {name: values for name, values in pairs}
+    translated, problems = _translate(
+        {name: (values[0] if len(values) == 1 else values or "true") for name, values in pairs},
+        "command line",
+        "--",
+    )
+    if problems:
+        raise ValueError("\n".join(problems))
+    out: list[str] = []
+    for name, value in translated.items():
+        values = known.get(name)
+        if values is None:  # a mapped name: its value as given under the run_clip name
+            values = value if isinstance(value, list) else [str(value)]
+        if name == "report_to" and len(values) > 1:  # transformers' `--report_to a b` form
+            values = [",".join(values)]
+        out += [f"--{name}", *values]
+    return out
 
 
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, TemdeTrainingArguments]:
     """Parse ``[CONFIG.yaml|json] [--flag value ...]``: file values first, CLI flags over them.
+
+    Settings named as in transformers' ``run_clip.py`` example are mapped to ours (`RUN_CLIP_NAMES`),
+    the ones that change nothing here are ignored with a warning (`NO_OP_NAMES`).
 
     Args:
         argv: Arguments without the program name (``None``: an empty list, never ``sys.argv``).
@@ -309,17 +505,20 @@ def parse_args(
         The three settings dataclasses.
 
     Raises:
-        ValueError: An unknown key in the config file, or an invalid choice.
+        ValueError: Unknown settings (one line per setting, naming it), or an invalid value.
     """
     argv = list(argv or [])
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
         path = Path(argv.pop(0))
-        values = _read_config_file(path)
-        _check_keys(values, path)
+        values, problems = _translate(_read_config_file(path), str(path))
+        if problems:
+            raise ValueError("\n".join(problems))
+        if isinstance(values.get("report_to"), list):  # transformers' list form
+            values["report_to"] = ",".join(map(str, values["report_to"]))
         # file values become the parser's defaults, so explicit flags still win
         parser.set_defaults(**values)
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=_translate_argv(argv))
     validate(model_args, data_args, train_args)
     return model_args, data_args, train_args
 
@@ -329,36 +528,124 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"--{name} {value!r} is not one of {list(allowed)}")
 
 
+def _check_number(
+    name: str, value: float | None, low: float, high: float = math.inf, *, low_open: bool = False,
+    high_open: bool = False, note: str = "",
+) -> None:  # fmt: skip
+    """Refuse a value outside ``low .. high`` (open ends excluded), NaN or inf, naming the flag and the range."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        if high == math.inf:
+            rule = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"--{name} {value!r} must be a finite number {rule}{note}")
+
+
+# Optimizer steps of these schedules need no more than the run's length and warm-up; the others
+# (reduce_lr_on_plateau, greedy) need the evaluation loss and are not offered.
+TRANSFORMERS_SCHEDULES = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+)  # fmt: skip
+SCHEDULES = (*TRANSFORMERS_SCHEDULES, "step")
+
+
+def report_to_list(value: str | list[str] | None) -> list[str]:
+    """``--report_to`` as accelerate tracker names (``[]`` for none; ``["all"]`` for every installed one)."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = list(dict.fromkeys(str(item).strip().lower() for item in items if str(item).strip()))
+    return [] if names in ([], ["none"]) else names
+
+
+def _check_trackers(names: list[str]) -> None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    installed = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name == "none" and len(names) > 1:
+            raise ValueError(f"--report_to {','.join(names)}: 'none' cannot be combined with trackers")
+        if name == "all":
+            continue
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(
+                f"--report_to {name!r} is not one of {sorted(LOGGER_TYPE_TO_CLASS)} (or all / none)"
+            )
+        if name not in installed:
+            raise ValueError(
+                f"--report_to {name}: the {name} package is not installed; pip install {name}, or report "
+                f"to an installed tracker ({', '.join(sorted(installed)) or 'none is installed'}) or none"
+            )
+
+
+def _resolve_deprecated(args: TemdeTrainingArguments) -> None:
+    """Move the deprecated ``--resume`` / ``--mixed_precision`` to their transformers names (warning)."""
+    if args.resume is not None:
+        logger.warning(
+            "--resume is deprecated: use --resume_from_checkpoint (a folder, or true for the latest)"
+        )
+        if args.resume_from_checkpoint is not None and args.resume_from_checkpoint != args.resume:
+            raise ValueError(
+                "--resume and --resume_from_checkpoint differ: give only --resume_from_checkpoint"
+            )
+        args.resume_from_checkpoint, args.resume = args.resume, None
+    if args.mixed_precision is not None:
+        _choice("mixed_precision", args.mixed_precision, ("no", "fp16", "bf16"))
+        logger.warning("--mixed_precision is deprecated: use --bf16 true or --fp16 true")
+        args.bf16 = args.bf16 or args.mixed_precision == "bf16"
+        args.fp16 = args.fp16 or args.mixed_precision == "fp16"
+        args.mixed_precision = None
+    value = args.resume_from_checkpoint
+    if value is not None:  # transformers' forms: a folder, or True for the latest checkpoint
+        flag = _truthy(value)
+        args.resume_from_checkpoint = (
+            None if flag is False else "latest" if flag or value == "latest" else value
+        )
+
+
+def mixed_precision(args: TemdeTrainingArguments) -> str:
+    """accelerate's ``mixed_precision`` of ``--bf16`` / ``--fp16``."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+
+
 def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTrainingArguments) -> None:
-    """Reject inconsistent settings early, naming the flag and the fix."""
-    _choice("mixed_precision", args.mixed_precision, ("no", "fp16", "bf16"))
-    _choice("lr_scheduler_type", args.lr_scheduler_type, ("cosine", "step", "constant"))
+    """Reject inconsistent settings early, naming the flag and the fix.
+
+    Also moves deprecated flags to their new names and normalises ``--report_to`` and
+    ``--resume_from_checkpoint``, so the recorded settings use one name for each.
+    """
+    _resolve_deprecated(args)
+    if args.bf16 and args.fp16:
+        raise ValueError("--bf16 and --fp16 exclude each other: pick one")
+    if args.torch_compile_backend is not None or args.torch_compile_mode is not None:
+        args.torch_compile = True  # as in transformers
+    _choice("lr_scheduler_type", args.lr_scheduler_type, SCHEDULES)
     _choice("negatives", args.negatives, ("global", "local"))
-    _choice("report_to", args.report_to, ("tensorboard", "none"))
+    trackers = report_to_list(args.report_to)
+    _check_trackers(trackers)
+    args.report_to = ",".join(trackers) or "none"
     LOSSES.check(args.loss_type, label=f"--loss_type {args.loss_type!r}")
     _choice("sampling", args.sampling, ("pairs", "images"))
     _choice("feature_cache_dtype", args.feature_cache_dtype, ("float32", "float16", "bfloat16"))
     _choice("alignment_loss_type", args.alignment_loss_type, tuple(SCORE_LOSSES))
     _choice("itm_negatives", args.itm_negatives, ("sample", "hardest"))
     _choice("distill_teacher", args.distill_teacher, ("alignment", "itm"))
-    for name in ("alignment_weight", "itm_weight", "distill_weight"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"--{name} {value} must be a finite number >= 0 (0 turns the term off)")
-    if args.distill_topk < 2:
-        raise ValueError("--distill_topk must be >= 2 (the positive and at least one candidate)")
-    if not math.isfinite(args.distill_temperature) or args.distill_temperature <= 0:
-        raise ValueError("--distill_temperature must be a finite number > 0")
-    if data_args.cv_folds == 1 or data_args.cv_folds < 0:
+    _validate_numbers(model_args, data_args, args)
+    if args.lr_scheduler_type == "constant" and (args.warmup_steps or args.warmup_ratio):
+        raise ValueError(
+            "--lr_scheduler_type constant has no warm-up (as in transformers): use constant_with_warmup, "
+            "or set --warmup_steps 0 and --warmup_ratio 0"
+        )
+    if data_args.cv_folds == 1:
         raise ValueError("--cv_folds must be 0 (no cross-validation) or at least 2")
     if data_args.cv_folds and not 0 <= data_args.cv_fold < data_args.cv_folds:
         raise ValueError(f"--cv_fold {data_args.cv_fold} must be in 0 .. {data_args.cv_folds - 1}")
-    for tower in ("vision", "text"):
-        layers = getattr(args, f"{tower}_trainable_layers")
-        if layers is not None and layers < 0:
-            raise ValueError(
-                f"--{tower}_trainable_layers must be >= 0 (leave it unset to train the whole tower)"
-            )
     sources = [model_args.init_from, model_args.model_config, model_args.vision_model_path]
     if sum(s is not None for s in sources) != 1:
         raise ValueError(
@@ -383,10 +670,85 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
         raise ValueError(
             "no training data: set --data (e.g. a Karpathy split JSON), --synthetic_images N or --streaming"
         )
-    if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
-        raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
-    if args.max_logit_scale <= 1.0:
-        raise ValueError("--max_logit_scale must be > 1 (it bounds exp(logit_scale); CLIP uses 100)")
+    if data_args.data is None and not data_args.streaming and data_args.synthetic_images < 2:
+        raise ValueError(
+            "--synthetic_images must be >= 2: a contrastive batch needs at least two distinct images"
+        )
+    if args.gradient_accumulation_steps > 1 and args.gradient_cache_micro_batches == 1:
+        # the name meant gradient caching here before it took transformers' meaning: say what it does now
+        logger.warning(
+            "--gradient_accumulation_steps %d: each of the %d batches of a step has only its own pairs as "
+            "negatives; --gradient_cache_micro_batches %d keeps all of them as negatives of each other",
+            *(args.gradient_accumulation_steps,) * 3,
+        )
+    if args.push_to_hub and args.stop_after_steps > 0:
+        raise ValueError("--push_to_hub with --stop_after_steps: a stopped run has no final model to push")
+
+
+def _validate_numbers(
+    model_args: ModelArguments, data_args: DataArguments, args: TemdeTrainingArguments
+) -> None:
+    """Every numeric flag within its range (NaN and inf refused everywhere)."""
+    for name in (
+        "projection_dim",
+        "n_sketches",
+        "n_hyperplanes",
+        "itm_layers",
+        "itm_heads",
+        "itm_hidden_size",
+    ):
+        _check_number(name, getattr(model_args, name), 1)
+    _check_number("sketch_temperature", model_args.sketch_temperature, 0, low_open=True)
+    _check_number("sketch_weight", model_args.sketch_weight, 0)
+    _check_number("synthetic_images", data_args.synthetic_images, 0, note=" (0: use --data)")
+    _check_number("cv_folds", data_args.cv_folds, 0, note=" (0: no cross-validation, else >= 2)")
+    _check_number(
+        "max_train_images", data_args.max_train_images, 2, note=" (a contrastive batch needs 2 images)"
+    )
+    _check_number("max_eval_images", data_args.max_eval_images, 0, note=" (0: no evaluation)")
+    _check_number("max_text_length", data_args.max_text_length, 3, note=" (tokens, with [CLS] and [SEP])")
+    _check_number("dataloader_num_workers", data_args.dataloader_num_workers, 0)
+    _check_number("num_train_epochs", args.num_train_epochs, 0, low_open=True)
+    if args.max_steps != -1:
+        _check_number("max_steps", args.max_steps, 1, note=" (or -1: use --num_train_epochs)")
+    for name in ("per_device_train_batch_size", "gradient_cache_micro_batches", "gradient_accumulation_steps",
+                 "per_device_eval_batch_size", "logging_steps", "save_total_limit"):  # fmt: skip
+        _check_number(name, getattr(args, name), 1)
+    _check_number("margin", args.margin, 0)
+    _check_number("learning_rate", args.learning_rate, 0, low_open=True)
+    _check_number("vision_lr_multiplier", args.vision_lr_multiplier, 0)
+    _check_number("text_lr_multiplier", args.text_lr_multiplier, 0)
+    _check_number("weight_decay", args.weight_decay, 0)
+    _check_number("adam_beta1", args.adam_beta1, 0, 1, high_open=True)
+    _check_number("adam_beta2", args.adam_beta2, 0, 1, high_open=True)
+    _check_number("adam_epsilon", args.adam_epsilon, 0, low_open=True)
+    _check_number("warmup_steps", args.warmup_steps, 0)
+    _check_number("warmup_ratio", args.warmup_ratio, 0, 1, note=" (a fraction of the run's steps)")
+    _check_number("lr_step_size", args.lr_step_size, 0, note=" (0: every epoch)")
+    _check_number("lr_step_epochs", args.lr_step_epochs, 0, note=" (0: use --lr_step_size)")
+    _check_number("lr_step_gamma", args.lr_step_gamma, 0, 1, low_open=True)
+    _check_number("max_grad_norm", args.max_grad_norm, 0, note=" (0: no clipping)")
+    _check_number(
+        "max_logit_scale",
+        args.max_logit_scale,
+        1,
+        low_open=True,
+        note=" (it bounds exp(logit_scale); CLIP uses 100)",
+    )
+    _check_number("vse_warmup_epochs", args.vse_warmup_epochs, 0)
+    _check_number("sketch_init_batches", args.sketch_init_batches, 0, note=" (0: no median init)")
+    _check_number("sketch_warmup_epochs", args.sketch_warmup_epochs, 0)
+    for name in ("alignment_weight", "itm_weight", "distill_weight"):
+        _check_number(name, getattr(args, name), 0, note=" (0 turns the term off)")
+    _check_number("distill_topk", args.distill_topk, 2, note=" (the positive and at least one candidate)")
+    _check_number("distill_temperature", args.distill_temperature, 0, low_open=True)
+    for tower in ("vision", "text"):
+        _check_number(f"{tower}_trainable_layers", getattr(args, f"{tower}_trainable_layers"), 0,
+                      note=" (leave it unset to train the whole tower)")  # fmt: skip
+    _check_number("save_steps", args.save_steps, 0, note=" (0: only at the end)")
+    _check_number("eval_steps", args.eval_steps, 0, note=" (0: every epoch)")
+    if args.stop_after_steps != -1:
+        _check_number("stop_after_steps", args.stop_after_steps, 1, note=" (or -1: no simulated stop)")
 
 
 def save_run_settings(
@@ -405,10 +767,35 @@ def save_run_settings(
     payload = {
         "model": dataclasses.asdict(model_args),
         "data": dataclasses.asdict(data_args),
-        "training": dataclasses.asdict(train_args),
+        "training": recordable(train_args),
     }
     path.write_text(yaml.safe_dump(payload, sort_keys=False))
     return path
+
+
+def recordable(args: TemdeTrainingArguments) -> dict[str, Any]:
+    """The training settings as written to the run folder, the card and trackers: secrets left out."""
+    values = dataclasses.asdict(args)
+    values["hub_token"] = None  # a credential: never written anywhere
+    return values
+
+
+# The settings that decide which pairs each optimizer step sees, in which order: a resume with other
+# values would not continue the run it resumes (`checkpointing.check_resume_settings`).
+DATA_ORDER_SETTINGS = (
+    "per_device_train_batch_size", "gradient_cache_micro_batches", "gradient_accumulation_steps", "seed",
+    "sampling", "image_flip_augmentation",
+    "data", "data_format", "image_root", "synthetic_images", "train_split", "cv_folds", "cv_fold", "cv_seed",
+    "max_train_images", "image_column", "caption_column",
+)  # fmt: skip
+
+
+def data_order_settings(
+    data_args: DataArguments, args: TemdeTrainingArguments, num_processes: int
+) -> dict[str, Any]:
+    """`DATA_ORDER_SETTINGS` of this run, and the number of processes (``num_processes``)."""
+    values = {**dataclasses.asdict(data_args), **dataclasses.asdict(args)}
+    return {**{name: values[name] for name in DATA_ORDER_SETTINGS}, "num_processes": num_processes}
 
 
 def needs_matching_head(args: TemdeTrainingArguments) -> bool:

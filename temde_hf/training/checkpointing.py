@@ -9,18 +9,20 @@ plain containers; nothing is registered with `register_for_checkpointing` (those
 loaded with full pickle).
 
 It is written to ``.tmp-step-...`` and renamed when complete, so a run killed while saving leaves the
-previous checkpoints intact and ``--resume latest`` never picks a half-written one. Before a resume, every
+previous checkpoints intact and ``--resume_from_checkpoint true`` never picks a half-written one. Before a resume, every
 file is checked: a damaged one stops the run with its path and the previous complete checkpoint to use
 (accelerate itself would only log an unreadable RNG file and continue with different random numbers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 STREAM_STATE_FILE = "stream_state_{rank}.json"  # a streaming run's position, one per process
+LOCK_FILE = ".run.lock"
 # What a run leaves in its output folder; a new run never silently replaces it. (Its run_settings.yaml
 # alone, from a run that stopped before its first checkpoint, records nothing to lose.)
 RUN_ARTIFACTS = (CHECKPOINTS, "final", "best", "final_metrics.json")
@@ -43,6 +46,14 @@ RUN_ARTIFACTS = (CHECKPOINTS, "final", "best", "final_metrics.json")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing or damaged; the message names it and the checkpoint to use instead."""
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another training run holds the output folder."""
+
+
+class ResumeMismatchError(ValueError):
+    """A resume whose data-order settings differ from the run it continues."""
 
 
 @dataclass
@@ -56,6 +67,9 @@ class TrainerState:
     best_metric: float | None = None
     best_step: int | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    # the settings that define the data order (`arguments.data_order_settings`) and the training pairs'
+    # count: a resume must use the same ones to continue exactly
+    data_order: dict[str, Any] | None = None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
@@ -90,14 +104,14 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         found = list_checkpoints(output_dir)
         if not found:
             logger.warning(
-                "--resume latest: %s holds no complete checkpoint, so this is a new run from step 0",
+                "--resume_from_checkpoint true: %s holds no complete checkpoint, so this is a new run from step 0",
                 Path(output_dir) / CHECKPOINTS,
             )
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(
-            f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); pass 'latest' or a "
+            f"--resume_from_checkpoint {resume}: not a complete checkpoint (no {STATE_FILE}); pass true (the latest) or a "
             f"folder like {Path(output_dir) / CHECKPOINTS / (PREFIX + '00000100')}"
         )
     return path
@@ -117,7 +131,7 @@ def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) ->
         return
     if not overwrite:
         raise FileExistsError(
-            f"{output_dir} already holds a run ({', '.join(found)}): continue it with --resume latest, "
+            f"{output_dir} already holds a run ({', '.join(found)}): continue it with --resume_from_checkpoint true, "
             "start over with --overwrite_output_dir true (its checkpoints and results are deleted), or "
             "pick another --output_dir"
         )
@@ -125,6 +139,94 @@ def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) ->
         path = output_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     logger.warning("--overwrite_output_dir: removed %s from %s", ", ".join(found), output_dir)
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str | Path, is_main_process: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `output_dir` for the run (main process only; other ranks pass through).
+
+    A `fcntl.flock` on ``output_dir/.run.lock``: the kernel releases it when the holder exits, even when
+    it is killed, so a stale lock never blocks a later run. Where ``fcntl`` does not exist (Windows), no
+    lock is taken.
+
+    Raises:
+        OutputDirInUseError: Another live run holds the folder.
+    """
+    if not is_main_process:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise OutputDirInUseError(
+                f"{folder} is in use by another training run (process {holder}); wait for it to end, "
+                "or pick another --output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def check_resume_settings(checkpoint: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a resume whose data-order settings differ from those the checkpoint's run used.
+
+    Args:
+        checkpoint: The checkpoint being resumed (for the message).
+        saved: Its `TrainerState.data_order` (``None``: written before it was recorded; not checked).
+        current: This run's settings, the same keys.
+
+    Raises:
+        ResumeMismatchError: Naming the first differing setting, its old and new value, and the fix.
+    """
+    if saved is None:
+        logger.warning(
+            "%s records no data-order settings: the resume cannot check they are unchanged", checkpoint
+        )
+        return
+    for name, new in current.items():
+        if name not in saved or saved[name] == new:
+            continue
+        old = saved[name]
+        if name == "num_processes":
+            fix = f"launch {old} processes (accelerate launch --num_processes {old})"
+        elif name == "n_train_pairs":
+            fix = "train on the same data (its images or captions changed)"
+        else:
+            fix = f"pass --{name} {old}"
+        raise ResumeMismatchError(
+            f"--{name}: {checkpoint} was trained with {old!r}, this run has {new!r}; a resume must keep the "
+            f"data order: {fix}, or start a new run in another --output_dir"
+        )
+
+
+def check_resume(checkpoint: Path | None, current: dict[str, Any]) -> None:
+    """`check_resume_settings` against `checkpoint`'s recorded settings (nothing to check for a new run).
+
+    Reads only its ``trainer_state.json``; a damaged one is left to `verify_checkpoint` to name.
+    """
+    if checkpoint is None:
+        return
+    try:
+        saved = TrainerState.load(checkpoint / STATE_FILE).data_order
+    except (OSError, ValueError, TypeError):
+        return
+    check_resume_settings(checkpoint, saved, current)
 
 
 def save_checkpoint(
@@ -167,7 +269,7 @@ def _damaged(path: Path, problem: str, output_dir: Path) -> CheckpointError:
     checkpoint = path.parent
     earlier = [p for p in list_checkpoints(output_dir) if p.name < checkpoint.name]
     fix = (
-        f"resume from the previous complete checkpoint with --resume {earlier[-1]}"
+        f"resume from the previous complete checkpoint with --resume_from_checkpoint {earlier[-1]}"
         if earlier
         else "no earlier checkpoint exists: start over with --overwrite_output_dir true"
     )

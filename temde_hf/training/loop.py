@@ -10,6 +10,7 @@ averaging each step's gradient equals that of one process on the whole global ba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -21,9 +22,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .accumulation import forward_backward
-from .arguments import DataArguments, TemdeTrainingArguments
+from .arguments import DataArguments, TemdeTrainingArguments, data_order_settings
 from .batches import EpochBatchSampler, PairCollator, index_loader, split_micro_batches
-from .checkpointing import TrainerState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import (
+    TrainerState,
+    check_resume,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from .initialization import freeze_unused_parameters, initialize_sketch, initialize_sketch_from_batches
 from .losses import NonFiniteLossError, contrastive_loss
 from .objectives import build_objective
@@ -32,6 +40,7 @@ from .streaming import load_stream_state
 from .validation import EvalSet, evaluate
 
 logger = logging.getLogger("temde_hf.training")
+COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper holds the model under this name
 
 
 @dataclass
@@ -68,7 +77,9 @@ def _sampler(job: TrainingJob, epoch: int = 0, skip: int = 0) -> EpochBatchSampl
     args, accelerator = job.args, job.accelerator
     return EpochBatchSampler(
         job.caption_to_image,
-        args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        args.per_device_train_batch_size
+        * args.gradient_cache_micro_batches
+        * args.gradient_accumulation_steps,
         accelerator.process_index,
         accelerator.num_processes,
         args.seed,
@@ -124,15 +135,28 @@ def _optimizer_step(
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     sketch_weight, max_violation = _step_settings(job, state.global_step, spe, warmup)
     where = f"step {state.global_step + 1} (epoch {state.epoch})"
-    micro = split_micro_batches(batch, args.gradient_accumulation_steps)
-    loss = forward_backward(
-        job.prepared,
-        micro,
-        _objective(job, state.global_step, max_violation),
-        accelerator,
-        sketch_weight=sketch_weight,
-        where=where,
-    )
+    # gradient accumulation (as in transformers): N contrastive batches, gradients summed, then averaged;
+    # each of them gradient-cached over its micro-batches. Gradients are all-reduced once, in the last one.
+    batches = split_micro_batches(batch, args.gradient_accumulation_steps)
+    losses = []
+    for i, contrastive_batch in enumerate(batches):
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(job.prepared)
+        with sync:
+            losses.append(
+                forward_backward(
+                    job.prepared,
+                    split_micro_batches(contrastive_batch, args.gradient_cache_micro_batches),
+                    _objective(job, state.global_step, max_violation),
+                    accelerator,
+                    sketch_weight=sketch_weight,
+                    where=where,
+                )
+            )
+    if len(batches) > 1:  # the mean of the batches' gradients, as one loss divided by N would give
+        for param in job.prepared.parameters():
+            if param.grad is not None:
+                param.grad.div_(len(batches))
+    loss = torch.stack(losses).mean()
     lrs = dict(zip((g["name"] for g in optimizer.param_groups), scheduler.get_last_lr()))
     logs = {
         "loss": float(loss),
@@ -165,6 +189,8 @@ def _save_best(job: TrainingJob, state: TrainerState, metrics: dict[str, float])
 def export_model(job: TrainingJob, folder: Path) -> None:
     """`save_pretrained` of the trained model + processor (collective: the state dict may be sharded)."""
     state_dict = job.accelerator.get_state_dict(job.prepared)
+    # under --torch_compile the unwrapped model is still the compiled wrapper, whose names carry a prefix
+    state_dict = {k.removeprefix(COMPILED_PREFIX): v for k, v in state_dict.items()}
     if job.accelerator.is_main_process:
         job.model.save_pretrained(folder, state_dict=state_dict)
         job.processor.save_pretrained(folder)
@@ -265,7 +291,14 @@ def _prepare(job: TrainingJob, resume: Path | None) -> tuple[Any, Any, TrainerSt
     if resume is not None:
         logger.info("resumed from %s at step %d", resume, state.global_step)
     state.total_steps = total
+    state.data_order = data_order(job)
     return optimizer, scheduler, state, spe, total
+
+
+def data_order(job: TrainingJob) -> dict[str, Any]:
+    """The settings that define each step's pairs (`arguments.data_order_settings`) and the pairs' count."""
+    order = data_order_settings(job.data_args, job.args, job.accelerator.num_processes)
+    return {**order, "n_train_pairs": len(job.caption_to_image)}
 
 
 def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
@@ -275,7 +308,8 @@ def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
         NonFiniteLossError: The loss became NaN/inf; the message names the last good checkpoint.
     """
     args, accelerator = job.args, job.accelerator
-    resume = resolve_resume(args.output_dir, args.resume)
+    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    check_resume(resume, data_order(job))  # the pairs' count too, now that the data is loaded
     optimizer, scheduler, state, spe, total = _prepare(job, resume)
     warmup = _sketch_warmup_steps(job, spe)
     last_eval: dict[str, float] = {}

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule: per-tower LR multipliers, frozen towers, warm-up + decay.
+"""Optimizer and learning-rate schedule: per-tower LR multipliers, frozen towers, transformers' schedules.
 
 Pretrained towers usually want a smaller LR than the freshly initialised heads (projections, pooling,
 sketch, ``logit_scale``); a tower can also be frozen entirely. Parameters are grouped by their
@@ -7,12 +7,14 @@ checkpoint name prefix (``vision_model.`` / ``text_model.`` / the rest).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_scheduler
 
 from .arguments import TemdeTrainingArguments
 
@@ -128,29 +130,13 @@ def build_optimizer(model: nn.Module, args: TemdeTrainingArguments) -> torch.opt
     )
 
 
-def lr_lambda(
-    kind: str, total_steps: int, warmup_steps: int, step_size: int, gamma: float
-) -> Callable[[int], float]:
-    """The LR multiplier at each step: linear warm-up, then cosine to 0 / step decay / constant.
-
-    Args:
-        kind: ``"cosine"``, ``"step"`` or ``"constant"``.
-        total_steps: Optimizer steps of the whole run.
-        warmup_steps: Steps of linear warm-up from 0.
-        step_size: ``"step"``: multiply by `gamma` every `step_size` steps after warm-up.
-        gamma: ``"step"``: decay factor.
-    """
+def _step_decay(warmup_steps: int, step_size: int, gamma: float) -> Callable[[int], float]:
+    """VSE++'s step decay (transformers has none): warm-up, then x `gamma` every `step_size` steps."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        after = step - warmup_steps
-        if kind == "cosine":
-            progress = after / max(1, total_steps - warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if kind == "step":
-            return gamma ** (after // max(1, step_size))
-        return 1.0
+        return gamma ** ((step - warmup_steps) // max(1, step_size))
 
     return factor
 
@@ -158,11 +144,47 @@ def lr_lambda(
 def build_scheduler(
     optimizer: torch.optim.Optimizer, args: TemdeTrainingArguments, total_steps: int, steps_per_epoch: int
 ) -> LambdaLR:
-    """The LR schedule of `args` for a run of `total_steps` optimizer steps."""
+    """The LR schedule of `args` for a run of `total_steps` optimizer steps.
+
+    Every ``--lr_scheduler_type`` but ``step`` is `transformers.get_scheduler`'s, read one step ahead:
+    with warm-up, a transformers schedule's value at step 0 is an LR of 0, a step that trains nothing.
+    Here optimizer step ``s`` (0-based) takes the value at ``s + 1`` of the schedule with ``warmup + 1``
+    warm-up and ``total_steps + 1`` steps: warm-up step ``s`` runs at ``(s + 1) / (warmup + 1)`` of the LR,
+    and the decay after it is transformers' exactly (cosine: ``0.5 (1 + cos(pi (s - warmup) / (total -
+    warmup)))``, linear: ``(total - s) / (total - warmup)``) — the schedule this trainer has always had.
+    """
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-    step_size = args.lr_step_size or steps_per_epoch
-    if args.lr_step_epochs > 0:
-        step_size = max(1, round(args.lr_step_epochs * steps_per_epoch))
-    return LambdaLR(
-        optimizer, lr_lambda(args.lr_scheduler_type, total_steps, warmup, step_size, args.lr_step_gamma)
+    if args.lr_scheduler_type == "step":
+        step_size = args.lr_step_size or steps_per_epoch
+        if args.lr_step_epochs > 0:
+            step_size = max(1, round(args.lr_step_epochs * steps_per_epoch))
+        return LambdaLR(optimizer, _step_decay(warmup, step_size, args.lr_step_gamma))
+    schedule = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup + 1,
+        num_training_steps=total_steps + 1,
+        scheduler_specific_kwargs=scheduler_kwargs(args),
     )
+    transformers_factor = schedule.lr_lambdas[0]
+
+    def factor(step: int) -> float:  # a plain function: its scheduler state holds no object to pickle
+        return transformers_factor(step + 1)
+
+    return LambdaLR(optimizer, factor)
+
+
+def scheduler_kwargs(args: TemdeTrainingArguments) -> dict:
+    """``--lr_scheduler_kwargs`` (a JSON object, or a mapping from a config file) as a dict."""
+    value = args.lr_scheduler_kwargs
+    if value is None or isinstance(value, dict):
+        return dict(value or {})
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--lr_scheduler_kwargs {value!r} is not a JSON object ({error})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(
+            f"--lr_scheduler_kwargs {value!r} must be a JSON object, e.g. '{{\"min_lr_rate\": 0.1}}'"
+        )
+    return parsed

@@ -2,8 +2,9 @@
 
 A map-style run draws each epoch's order with `batches.EpochBatchSampler`; a streaming run has no length
 and no random access, so its batches are the stream's next usable samples, in order: each process takes
-``per_device_train_batch_size * gradient_accumulation_steps`` pairs per step from its own shards. Tower
-outputs are computed live (a stream has no fixed item list to cache against).
+``per_device_train_batch_size * gradient_cache_micro_batches * gradient_accumulation_steps`` pairs per
+step from its own shards. Tower outputs are computed live (a stream has no fixed item list to cache
+against).
 
 An epoch ends, on every process together, at the first step where some process's shards run out (one
 collective per step says whether every process filled its batch): the processes that still hold

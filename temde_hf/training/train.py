@@ -22,23 +22,28 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
 from ..data import load_image_captions, make_synthetic_karpathy
+from ..data.auto import detect_format
 from ..data.pairs import caption_to_image, flat_captions
 from ..models.temde import TemdeConfig, TemdeForImageTextRetrieval, TemdeModel, TemdeProcessor
 from .arguments import (
     DataArguments,
     ModelArguments,
     TemdeTrainingArguments,
+    data_order_settings,
+    mixed_precision,
     needs_matching_head,
     parse_args,
+    recordable,
+    report_to_list,
     save_run_settings,
     trainable_layers,
 )
 from .batches import ImageInputs, PairCollator, TextInputs
-from .checkpointing import TrainerState, check_output_dir
+from .checkpointing import TrainerState, check_output_dir, check_resume, output_dir_lock, resolve_resume
 from .curves import plot_training_curves
 from .features import (
     DTYPES,
@@ -158,8 +163,9 @@ def load_data(
 
     def load(splits: list[str]) -> datasets.Dataset:
         return load_image_captions(
-            path, format=data_args.data_format, image_root=data_args.image_root, split=splits
-        )
+            path, format=data_args.data_format, image_root=data_args.image_root, split=splits,
+            **_column_kwargs(path, data_args),
+        )  # fmt: skip
 
     pool = load(_splits(data_args.train_split))
     if len(pool) == 0:
@@ -173,13 +179,36 @@ def load_data(
         eval_rows = sorted(held)
     elif data_args.eval_split.lower() != "none":
         evaluation = load(_splits(data_args.eval_split))
+        if len(evaluation) == 0:
+            raise ValueError(
+                f"{path}: no images in split(s) {data_args.eval_split!r} (--eval_split); name a split of "
+                "the data, or none to train without evaluation"
+            )
         eval_rows = list(range(len(pool), len(pool) + len(evaluation)))
         pool = datasets.concatenate_datasets([pool, evaluation])
     if data_args.max_train_images is not None:
         train_rows = train_rows[: data_args.max_train_images]
     if data_args.max_eval_images is not None:
         eval_rows = eval_rows[: data_args.max_eval_images]
+    if len(train_rows) < 2:
+        raise ValueError(
+            f"{path}: {len(train_rows)} training image(s) in --train_split {data_args.train_split!r}; a "
+            "contrastive batch needs at least 2 distinct images: add images (or raise --max_train_images)"
+        )
     return Splits(pool, train_rows, eval_rows, name)
+
+
+def _column_kwargs(path: str | Path, data_args: DataArguments) -> dict[str, str]:
+    """``--image_column`` / ``--caption_column`` for the loaders that read named columns (parquet, Hub)."""
+    columns = data_args.loader_kwargs()
+    if columns:
+        format = detect_format(path) if data_args.data_format == "auto" else data_args.data_format
+        if format not in ("parquet", "hub"):
+            names = " and ".join(f"--{k.replace('captions', 'caption')}" for k in columns)
+            raise ValueError(
+                f"{names}: only parquet files and Hub datasets have named columns; {path} is {format}"
+            )
+    return columns
 
 
 def _tower_caches(
@@ -354,6 +383,8 @@ def _finish(
     if state.global_step >= state.total_steps:  # not after a simulated pre-emption
         final = write_final(job, last_eval, dataset_name, model_args)
         logger.info("final model, processor and card in %s", final)
+        if job.args.push_to_hub and job.accelerator.is_main_process:
+            push_final_model(job, final, model_args)
     if job.accelerator.is_main_process:
         plot_training_curves(state.log_history, output_dir / "training_curves.png", title=output_dir.name)
         (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -369,11 +400,24 @@ def build_accelerator(args: TemdeTrainingArguments) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # without cpu=True, accelerate treats launched CPU processes as independent single-process runs
     cpu = args.use_cpu or (launched > 1 and not torch.cuda.is_available())
+    if args.fp16 and (cpu or not torch.cuda.is_available()):
+        raise ValueError(
+            "--fp16 needs a GPU (its loss scaling is CUDA's); on CPU use --bf16 true, or neither"
+        )
+    dynamo = None
+    if args.torch_compile:
+        dynamo = TorchDynamoPlugin(
+            backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode
+        )
+    trackers = report_to_list(args.report_to)
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=args.mixed_precision,
-        log_with="tensorboard" if args.report_to == "tensorboard" else None,
-        project_dir=args.output_dir,
+        mixed_precision=mixed_precision(args),
+        dynamo_plugin=dynamo,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "tensorboard")
+        ),
         # The schedule counts optimizer steps; accelerate would otherwise step it once per process.
         step_scheduler_with_optimizer=False,
     )
@@ -385,13 +429,35 @@ def build_accelerator(args: TemdeTrainingArguments) -> Accelerator:
     return accelerator
 
 
-def _tracker_config(*groups: Any) -> dict[str, Any]:
+def _tracker_config(
+    model_args: ModelArguments, data_args: DataArguments, args: TemdeTrainingArguments
+) -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    for group in groups:
-        flat.update(
-            {k: v for k, v in dataclasses.asdict(group).items() if isinstance(v, (int, float, str, bool))}
-        )
+    for values in (dataclasses.asdict(model_args), dataclasses.asdict(data_args), recordable(args)):
+        flat.update({k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))})
     return flat
+
+
+def push_final_model(job: TrainingJob, final: Path, model_args: ModelArguments) -> None:
+    """``--push_to_hub``: upload `final` (re-exported with its card for the repo) through `hub.publish`."""
+    from ..hub.publish import push_to_hub
+
+    args = job.args
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    eval_json = final / "eval_results.json"
+    base_models = [m.strip() for m in (model_args.card_base_models or "").split(",") if m.strip()]
+    push_to_hub(
+        final,
+        repo_id,
+        out_dir=Path(args.output_dir) / "hub_export",
+        eval_json=eval_json if eval_json.is_file() else None,
+        private=bool(args.hub_private_repo),
+        token=args.hub_token,
+        overwrite=True,
+        base_models=base_models or None,
+        run_settings=(Path(args.output_dir) / "run_settings.yaml").read_text(),
+    )
+    logger.info("pushed %s to the Hub as %s", final, repo_id)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -406,9 +472,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per saved file otherwise
     accelerator = build_accelerator(args)
+    # one run per output folder: the main process holds its lock until the run ends (or dies)
+    with output_dir_lock(args.output_dir, accelerator.is_main_process):
+        return _run(model_args, data_args, args, accelerator)
+
+
+def _run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: TemdeTrainingArguments,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """`main` once the output folder is this run's."""
+    pairs = args.per_device_train_batch_size * args.gradient_cache_micro_batches * accelerator.num_processes
+    if pairs < 2:
+        raise ValueError(
+            f"--per_device_train_batch_size {args.per_device_train_batch_size} x {accelerator.num_processes} "
+            "process(es): each contrastive batch holds one pair and no negative; use at least 2 pairs"
+        )
+    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    # before the run settings are rewritten: a resume must not change how the data is ordered
+    check_resume(resume, data_order_settings(data_args, args, accelerator.num_processes))
     if accelerator.is_main_process:
         check_output_dir(
-            args.output_dir, resuming=args.resume is not None, overwrite=args.overwrite_output_dir
+            args.output_dir,
+            resuming=args.resume_from_checkpoint is not None,
+            overwrite=args.overwrite_output_dir,
         )
         save_run_settings(args.output_dir, model_args, data_args, args)
     accelerator.wait_for_everyone()
@@ -420,7 +509,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.to(accelerator.device)
     processor = build_processor(model_args)
     if data_args.streaming:  # batches straight from the stream; towers run live (nothing to cache against)
-        batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        batch_size = (  # one optimizer step's pairs, as the map-style sampler draws them
+            args.per_device_train_batch_size
+            * args.gradient_cache_micro_batches
+            * args.gradient_accumulation_steps
+        )
         stream = StreamBatches(data_args, processor, accelerator, batch_size, args.seed,
                                args.image_flip_augmentation, args.output_dir)  # fmt: skip
         job = TrainingJob(model, processor, accelerator, args, data_args, None, None, None, stream=stream)
@@ -432,8 +525,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         collator, train_c2i, eval_set = build_inputs(model, processor, splits, data_args, args, accelerator)
         job = TrainingJob(model, processor, accelerator, args, data_args, collator, train_c2i, eval_set)
         name = splits.name
-    if args.report_to == "tensorboard":
-        accelerator.init_trackers("tensorboard", config=_tracker_config(model_args, data_args, args))
+    if report_to_list(args.report_to):
+        accelerator.init_trackers(
+            Path(args.output_dir).resolve().name, config=_tracker_config(model_args, data_args, args)
+        )
     try:
         state, last_eval = run_training(job)
         metrics = _finish(job, state, last_eval, name, model_args)
