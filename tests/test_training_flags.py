@@ -130,8 +130,11 @@ def test_fp16_on_cpu_is_refused_before_anything_starts() -> None:
 
 
 def test_run_clip_config_maps_its_names_and_names_each_unknown_key(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # --init_from must name a folder that exists
+    (tmp_path / "saved_model").mkdir()
+    (tmp_path / "m").mkdir()
     # the keys of transformers' contrastive-image-text example, as a user would bring them
     config = tmp_path / "clip.json"
     config.write_text(
@@ -168,7 +171,10 @@ def test_run_clip_config_maps_its_names_and_names_each_unknown_key(
         parse_args([str(broken)])
 
 
-def test_run_clip_command_line_flags() -> None:
+def test_run_clip_command_line_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # --init_from must name a folder that exists
+    for name in ("saved", "m"):
+        (tmp_path / name).mkdir()
     model_args, data_args, args = parse_args([
         "--model_name_or_path", "saved", "--train_file", "pairs.parquet", "--max_seq_length=24",
         "--do_train", "--do_eval", "--remove_unused_columns", "False", "--learning_rate", "1e-4",

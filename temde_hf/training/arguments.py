@@ -115,11 +115,15 @@ class DataArguments:
     max_eval_images: int | None = field(default=None, metadata={"help": "keep the first N eval images"})
     max_text_length: int = field(default=64, metadata={"help": "truncate captions to this many tokens"})
     image_column: str | None = field(
-        default=None, metadata={"help": "parquet / Hub data: the column of the images (default: image)"}
+        default=None,
+        metadata={
+            "help": "parquet / Hub / streamed data: the column of the images (default: image; auto when streaming)"
+        },
     )
     caption_column: str | None = field(
         default=None,
-        metadata={"help": "parquet / Hub data: the column of the captions, a list or one per row (default: captions)"},
+        metadata={"help": "parquet / Hub / streamed data: the column of the captions, a list or one per row "
+                  "(default: captions; auto when streaming)"},
     )  # fmt: skip
     dataloader_num_workers: int = field(default=0)
     # Streaming (`temde_hf.data.streaming`): train from a stream instead of --data; needs --max_steps.
@@ -130,10 +134,12 @@ class DataArguments:
         default=None, metadata={"help": "streaming: glob of .parquet or webdataset .tar shards"}
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "streaming: Hub dataset id (or local folder), split --train_split"}
+        default=None,
+        metadata={
+            "help": "Hub dataset id (or local folder), split --train_split: streamed with --streaming, "
+            "else read like --data (run_clip's name)"
+        },
     )
-    image_column: str | None = field(default=None, metadata={"help": "streaming: image column (auto)"})
-    caption_column: str | None = field(default=None, metadata={"help": "streaming: caption column (auto)"})
     shuffle_buffer_size: int = field(
         default=1000, metadata={"help": "streaming: examples per shuffle block (held in memory)"}
     )
@@ -341,7 +347,6 @@ FIELD_NAMES = frozenset(f.name for cls in ARGUMENT_CLASSES for f in dataclasses.
 # the same thing here under another name. (Most TrainingArguments names are the same here already.)
 RUN_CLIP_NAMES = {
     "model_name_or_path": "init_from",
-    "dataset_name": "data",
     "train_file": "data",
     "max_seq_length": "max_text_length",
     "image_processor_name": "image_processor_path",
@@ -519,6 +524,11 @@ def parse_args(
         # file values become the parser's defaults, so explicit flags still win
         parser.set_defaults(**values)
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=_translate_argv(argv))
+    if data_args.dataset_name is not None and not data_args.streaming:
+        # run_clip's --dataset_name names the data a map-style run reads: our --data (one source, not both)
+        if data_args.data is not None:
+            raise ValueError("--dataset_name and --data name the same thing; keep one")
+        data_args.data, data_args.dataset_name = data_args.dataset_name, None
     validate(model_args, data_args, train_args)
     return model_args, data_args, train_args
 

@@ -298,6 +298,8 @@ def _prepare(job: TrainingJob, resume: Path | None) -> tuple[Any, Any, TrainerSt
 def data_order(job: TrainingJob) -> dict[str, Any]:
     """The settings that define each step's pairs (`arguments.data_order_settings`) and the pairs' count."""
     order = data_order_settings(job.data_args, job.args, job.accelerator.num_processes)
+    if job.caption_to_image is None:  # a stream: no fixed pairs to count
+        return order
     return {**order, "n_train_pairs": len(job.caption_to_image)}
 
 
