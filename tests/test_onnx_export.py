@@ -114,24 +114,20 @@ def test_evaluate_through_onnxruntime_equals_eager(exported: Path, tmp_path: Pat
 
 
 def test_published_handler_serves_through_onnxruntime(exported: Path, tmp_path: Path) -> None:
-    from importlib.util import module_from_spec, spec_from_file_location
-
     from PIL import Image
 
     from temde_hf.hub.publish import export_for_hub
+    from temde_hf.testing import load_endpoint_handler
 
     report = export_for_hub(exported, tmp_path / "export")
     assert {"image_encoder.onnx", "text_encoder.onnx", "onnx_export.json"} <= set(report.files)
-    spec = spec_from_file_location("exported_handler", tmp_path / "export" / "handler.py")
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    handler = module.EndpointHandler(str(tmp_path / "export"))
+    handler = load_endpoint_handler(tmp_path / "export").EndpointHandler(str(tmp_path / "export"))
     assert handler.onnx is not None  # CPU + graphs + onnxruntime: the handler serves through them
     eager, processor = load_encoder(exported, backend="torch")
     image = Image.open(exported.parent / "images" / "green.png").convert("RGB")
-    served = torch.tensor(handler({"inputs": image})["image_embeds"])
+    served = torch.tensor(handler({"inputs": image}))
     np.testing.assert_allclose(served, encode_images(eager, processor, [image], progress=False), atol=1e-5)
-    served = torch.tensor(handler({"inputs": GALLERY_CAPTIONS[:2]})["text_embeds"])
+    served = torch.tensor(handler({"inputs": GALLERY_CAPTIONS[:2]}))
     np.testing.assert_allclose(
         served, encode_texts(eager, processor, GALLERY_CAPTIONS[:2], progress=False), atol=1e-5
     )

@@ -21,10 +21,12 @@ from typing import Any
 from temde_hf.hub.model_card import render_model_card
 from temde_hf.loading import PICKLE_SUFFIXES, check_checkpoint_dir
 
-# Written by the export itself: the Endpoints handler and the one image decoder it uses.
+# Written by the export itself: the Endpoints handler and the package modules it imports (the one image
+# decoder and the one text check), which the Endpoints toolkit finds on sys.path beside it.
 GENERATED_SOURCES = {
     "handler.py": Path(__file__).parent / "handler.py",
     "image_decoding.py": Path(__file__).parents[1] / "data" / "image_decoding.py",
+    "text.py": Path(__file__).parents[1] / "data" / "text.py",
 }
 # ONNX graphs (temde-hf export-onnx) are protobuf: data, never executed as code.
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".py", ".txt", ".model", ".jinja", ".onnx"}
