@@ -101,3 +101,48 @@ def test_feature_extraction_pipelines(checkpoint: Path) -> None:
         expected_text = model.encode_text(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(torch.tensor(image_features), expected_image, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(text_features), expected_text, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_composed_model_saves_a_processor_that_auto_classes_and_pipelines_load(tmp_path) -> None:
+    from temde_hf import TemdeModel, TemdeProcessor
+    from temde_hf.testing import save_tiny_towers
+
+    vision_dir, text_dir = save_tiny_towers(tmp_path / "towers")
+    model = TemdeModel.from_vision_text_pretrained(vision_dir, text_dir, projection_dim=8, n_sketches=2)
+    processor = TemdeProcessor.from_vision_text_pretrained(vision_dir, text_dir)
+    assert type(processor.image_processor).__name__.startswith("ViTImageProcessor")
+    assert (
+        processor(text=["a red circle"])["input_ids"].tolist()
+        == tiny_processor()(text=["a red circle"])["input_ids"].tolist()
+    )
+    folder = tmp_path / "composed"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    # A user without temde_hf: AutoProcessor gives the image + text processor, and the pipeline runs.
+    out = run_without_temde_hf(
+        f"""
+        from PIL import Image
+        from transformers import AutoProcessor, pipeline
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        classifier = pipeline("zero-shot-image-classification", model={str(folder)!r}, trust_remote_code=True)
+        result = classifier(Image.new("RGB", (40, 40), "red"), candidate_labels=["red", "blue"])
+        print(type(processor).__name__, sorted(r["label"] for r in result))
+        """,
+        cwd=tmp_path,
+    )
+    assert "TemdeProcessor ['blue', 'red']" in out
+
+
+def test_composed_processor_names_a_tower_without_processor_files(tmp_path) -> None:
+    from temde_hf import TemdeProcessor
+    from temde_hf.testing import save_tiny_towers
+
+    vision_dir, text_dir = save_tiny_towers(tmp_path / "towers")
+    (vision_dir / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match=r"vision tower .*vision: no image processor could be loaded"):
+        TemdeProcessor.from_vision_text_pretrained(vision_dir, text_dir)
+    with pytest.raises(
+        TypeError, match=r"unknown arguments \['use_fast'\]: prefix each with vision_ or text_"
+    ):
+        TemdeProcessor.from_vision_text_pretrained(vision_dir, text_dir, use_fast=True)
