@@ -482,18 +482,27 @@ def _max_positions(config: Any) -> int:
     return int(getattr(text_config, "max_position_embeddings", None) or 512)
 
 
+# Where `temde-hf export-onnx` puts the graphs (image, text, metadata): the `onnx/` layout of
+# transformers.js / optimum, then the flat layout of earlier exports.
+ONNX_LAYOUTS = (
+    ("onnx/vision_model.onnx", "onnx/text_model.onnx", "onnx/onnx_export.json"),
+    ("image_encoder.onnx", "text_encoder.onnx", "onnx_export.json"),
+)
+
+
 def _onnx_sessions(path: str) -> dict[str, Any] | None:
     """onnxruntime sessions of the exported encoder graphs beside the weights, or None."""
     folder = Path(path)
-    graphs = {"image": folder / "image_encoder.onnx", "text": folder / "text_encoder.onnx"}
-    if torch.cuda.is_available() or not all(g.is_file() for g in graphs.values()):
+    layout = next((files for files in ONNX_LAYOUTS if all((folder / f).is_file() for f in files)), None)
+    if torch.cuda.is_available() or layout is None:
         return None
     try:
         import onnxruntime
     except ImportError:
         return None
-    sessions = {
-        k: onnxruntime.InferenceSession(str(g), providers=["CPUExecutionProvider"]) for k, g in graphs.items()
+    sessions: dict[str, Any] = {
+        kind: onnxruntime.InferenceSession(str(folder / graph), providers=["CPUExecutionProvider"])
+        for kind, graph in zip(("image", "text"), layout[:2])
     }
-    sessions["max_text_length"] = json.loads((folder / "onnx_export.json").read_text())["max_text_length"]
+    sessions["max_text_length"] = json.loads((folder / layout[2]).read_text())["max_text_length"]
     return sessions

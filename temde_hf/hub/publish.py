@@ -30,7 +30,10 @@ GENERATED_SOURCES = {
     "image_decoding.py": Path(__file__).parents[1] / "data" / "image_decoding.py",
     "text.py": Path(__file__).parents[1] / "data" / "text.py",
 }
-# ONNX graphs (temde-hf export-onnx) are protobuf: data, never executed as code.
+# ONNX graphs (temde-hf export-onnx) are protobuf: data, never executed as code. They sit in the `onnx/`
+# subfolder that transformers.js and optimum read (the only folder exported), or beside the weights
+# in checkpoints exported before.
+ONNX_DIR = "onnx"
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".py", ".txt", ".model", ".jinja", ".onnx"}
 # Training-run files that are JSON/text but are not part of a model repo.
 RUN_FILES = {"trainer_state.json", "training_args.json", "optimizer.json", "scheduler.json", "rng_state.json"}
@@ -98,6 +101,9 @@ def card_metadata_of(checkpoint_dir: Path) -> dict[str, Any]:
 
 def _classify(path: Path) -> str | None:
     """``None`` if the file belongs in the export, else the reason it is skipped."""
+    if path.is_dir() and path.name == ONNX_DIR and not path.is_symlink():
+        bad = sorted(p.name for p in path.iterdir() if not p.is_file() or p.suffix not in (".onnx", ".json"))
+        return f"holds {bad}, not only ONNX graphs and their metadata" if bad else None
     if path.is_dir():
         return "folder (checkpoints/runs are not exported)"
     if path.suffix in PICKLE_SUFFIXES:
@@ -199,7 +205,12 @@ def export_for_hub(
     _prepare_out_dir(out_dir, checkpoint_dir, {*report.files, *GENERATED}, overwrite, dry_run)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in report.files:
-        shutil.copy2(checkpoint_dir / name, out_dir / name)
+        if (checkpoint_dir / name).is_dir():  # onnx/: its graphs and metadata, file by file
+            (out_dir / name).mkdir()
+            for graph in sorted((checkpoint_dir / name).iterdir()):
+                shutil.copy2(graph, out_dir / name / graph.name)
+        else:
+            shutil.copy2(checkpoint_dir / name, out_dir / name)
     card.save(out_dir / "README.md")
     for name, source in GENERATED_SOURCES.items():
         shutil.copy2(source, out_dir / name)
