@@ -146,3 +146,24 @@ def test_composed_processor_names_a_tower_without_processor_files(tmp_path) -> N
         TypeError, match=r"unknown arguments \['use_fast'\]: prefix each with vision_ or text_"
     ):
         TemdeProcessor.from_vision_text_pretrained(vision_dir, text_dir, use_fast=True)
+
+
+def test_sentence_transformers_embeds_texts_and_images_like_the_model(checkpoint: Path) -> None:
+    """`SentenceTransformer(folder)` finds the model's feature methods: the same embeddings, both modalities."""
+    sentence_transformers = pytest.importorskip("sentence_transformers", reason="the dev extra installs it")
+    from transformers import AutoModel
+
+    encoder = sentence_transformers.SentenceTransformer(str(checkpoint), device="cpu", trust_remote_code=True)
+    model = AutoModel.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    texts = ["a red circle", "a dog on the grass"]
+    images = [Image.fromarray(np.full((40, 40, 3), value, dtype=np.uint8)) for value in (30, 200)]
+    with torch.no_grad():
+        batch = processor(images=images, text=texts)
+        expected_text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        expected_image = model.encode_image(batch["pixel_values"])
+    text_embeds = torch.from_numpy(encoder.encode(texts))
+    image_embeds = torch.from_numpy(encoder.encode(images))
+    assert text_embeds.shape == (2, model.config.embed_dim)
+    torch.testing.assert_close(text_embeds, expected_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(image_embeds, expected_image, atol=1e-5, rtol=1e-5)
