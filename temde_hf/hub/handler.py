@@ -113,6 +113,8 @@ def _base64_bytes(value: str, where: str, must_be_image: bool) -> bytes | None:
     such as "sunshine", which is valid base64 too, stays a text). Image data that does not decode
     whole (truncated, corrupted) is refused.
     """
+    if not must_be_image and " " in value.strip():
+        return None  # base64 has no spaces (the base64 tool wraps with newlines): this is a text
     compact = "".join(value.split())
     if not re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", compact):
         return None

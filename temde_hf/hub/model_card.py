@@ -317,6 +317,7 @@ def render_model_card(
         results=results,
         dataset_name=dataset_name or (results["dataset"] if results else None),
         base_models=towers,
+        trained_on=datasets or [],
         datasets_text=", ".join(datasets) if datasets else "its training data",
         training_info=dict(training_info or {}),
         run_settings=run_settings,
