@@ -226,6 +226,14 @@ def test_feature_extraction_shapes(handler_and_model, shape: str) -> None:
     torch.testing.assert_close(torch.tensor(answer), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("caption", ["sunshine", "Qk0 starts like a bitmap", "iVBORw0KGgo starts like a PNG"])
+def test_captions_that_look_like_base64_stay_texts(handler_and_model, caption: str) -> None:
+    """Valid base64, even of an image file's first bytes, is not an image when it is a caption."""
+    handler, model, processor, _ = handler_and_model
+    expected = _expected_embeds(model, processor, texts=[caption])
+    torch.testing.assert_close(torch.tensor(handler({"inputs": caption})), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_normalize_option_gives_unit_rows(handler_and_model) -> None:
     handler = handler_and_model[0]
     raw = torch.tensor(handler({"inputs": ["a red square", "a dog"]}))

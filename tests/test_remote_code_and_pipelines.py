@@ -167,3 +167,14 @@ def test_sentence_transformers_embeds_texts_and_images_like_the_model(checkpoint
     assert text_embeds.shape == (2, model.config.embed_dim)
     torch.testing.assert_close(text_embeds, expected_text, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(image_embeds, expected_image, atol=1e-5, rtol=1e-5)
+
+
+def test_image_feature_extraction_is_pooled_without_pool_true(checkpoint: Path) -> None:
+    """The README's claim: the pipeline's default answer is already the pooled embedding; `pool=True` is
+    transformers' request for a `pooler_output` field, which this model's output does not have."""
+    extractor = pipeline("image-feature-extraction", model=str(checkpoint))
+    image = Image.fromarray(np.full((40, 40, 3), 90, dtype=np.uint8))
+    features = torch.tensor(extractor(image))
+    assert features.shape == (1, extractor.model.config.embed_dim)
+    with pytest.raises(ValueError, match="No pooled output was returned"):
+        extractor(image, pool=True)
