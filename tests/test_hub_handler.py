@@ -514,7 +514,9 @@ def test_exported_handler_serves_without_the_package(
     )
     served = json.loads(out.strip().splitlines()[-1])
     assert not served["temde_hf_loaded"]
-    assert served["blank"][0] == 422 and "empty or invisible text" in served["blank"][1]  # text.py shipped
+    assert (
+        served["blank"][0] == 422 and "empty or invisible text" in served["blank"][1]
+    )  # the text check of the remote code
     torch.testing.assert_close(
         torch.tensor(served["image_embeds"]), torch.tensor(handler({"inputs": image})), atol=1e-5, rtol=0
     )

@@ -27,9 +27,10 @@ grow with the request. An image with more than ``max_image_pixels`` pixels (`MAX
 ``TEMDE_HF_MAX_IMAGE_PIXELS``) is refused from its header, before it is decoded.
 
 The exported folder runs without ``temde_hf`` installed: the Endpoints toolkit puts the repository folder
-on ``sys.path`` before it loads this file, so the image decoder and the text check, which the export
-ships beside it as ``image_decoding.py`` and ``text.py``, are imported as top-level modules there, and
-from the package otherwise (the same two files either way).
+on ``sys.path`` before it loads this file, so the package's one image decoder (``image_decoding.py``,
+which the export ships beside it) and the one visible-text check (``processing_temde.py``, the model's
+own remote code) are imported there as top-level modules, and from the package otherwise (the same
+files either way).
 
 On a CPU endpoint, embeddings come from onnxruntime when the folder has the graphs of
 ``temde-hf export-onnx`` and onnxruntime is installed (the same fused embeddings, faster).
@@ -53,10 +54,10 @@ from transformers import AutoModel, AutoProcessor
 
 if __name__.startswith("temde_hf."):  # imported from the installed package
     from ..data.image_decoding import ImageDecodeError, ImageTooLargeError, decode_image
-    from ..data.text import text_problem
+    from ..models.temde.processing_temde import is_visible_text
 else:  # the exported folder, which the Endpoints toolkit puts on sys.path
     from image_decoding import ImageDecodeError, ImageTooLargeError, decode_image
-    from text import text_problem
+    from processing_temde import is_visible_text
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 # 50 megapixels (150 MB as RGB): above phone cameras, far below a 12000 x 12000 decompression bomb.
@@ -65,8 +66,6 @@ MAX_IMAGE_PIXELS = 50_000_000
 MAX_ITEMS = 1024
 # Inputs per forward pass: bounds the activations whatever the request size.
 BATCH_SIZE = 64
-# Module files the export ships beside this one (see `temde_hf.hub.publish`).
-SHIPPED_MODULES = ("image_decoding.py", "text.py")
 
 _LABEL_KEYS = ("candidate_labels", "candidateLabels")  # current name; older widgets/clients
 # Root-level options of InferenceClient.feature_extraction (sent beside "inputs", not in "parameters").
@@ -413,13 +412,22 @@ def _reject_unknown(mapping: dict[str, Any], where: str, known: tuple[str, ...])
         raise RequestError(f"{where} has unknown keys {unknown}; known keys: {', '.join(known)}")
 
 
+def _text_problem(value: Any) -> str | None:
+    """Why `value` is no text to embed (an empty text embeds as ``[CLS] [SEP]``), or ``None``."""
+    if not isinstance(value, str):
+        return f"not a string ({type(value).__name__} {_shown(value)})"
+    if not is_visible_text(value):
+        return "empty or invisible text (only whitespace or zero-width characters)"
+    return None
+
+
 def _texts(value: Any, where: str) -> list[str]:
-    """Texts as a list; each must have something visible (an empty text embeds as ``[CLS] [SEP]``)."""
+    """Texts as a list; each must have something visible."""
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts:
         raise RequestError(f"{where} must be a text or a non-empty list of texts; got {_shown(value)}")
     for i, text in enumerate(texts):
-        problem = text_problem(text)
+        problem = _text_problem(text)
         if problem:
             name = f"{where}[{i}]" if isinstance(value, list) else where
             raise RequestError(f"{name}: {problem}; send a text with words in it", 422)
@@ -444,7 +452,7 @@ def _check_labels(labels: Any) -> list[str]:
     """Candidate labels as a list of visible strings (a comma-separated string is split)."""
     if isinstance(labels, str):
         labels = [label.strip() for label in labels.split(",") if label.strip()]
-    if not isinstance(labels, list) or any(text_problem(label) for label in labels):
+    if not isinstance(labels, list) or any(_text_problem(label) for label in labels):
         raise RequestError(
             "'parameters.candidate_labels' must be a list of non-empty strings (or one comma-separated "
             f"string); got {_shown(labels, 80)}"

@@ -23,12 +23,12 @@ from huggingface_hub import ModelCard
 from temde_hf.hub.model_card import render_model_card
 from temde_hf.loading import PICKLE_SUFFIXES, check_checkpoint_dir
 
-# Written by the export itself: the Endpoints handler and the package modules it imports (the one image
-# decoder and the one text check), which the Endpoints toolkit finds on sys.path beside it.
+# Written by the export itself: the Endpoints handler and the package's one image decoder, which the
+# handler imports from beside it (the Endpoints toolkit puts the folder on sys.path; its text check comes
+# from the model's own remote code, processing_temde.py).
 GENERATED_SOURCES = {
     "handler.py": Path(__file__).parent / "handler.py",
     "image_decoding.py": Path(__file__).parents[1] / "data" / "image_decoding.py",
-    "text.py": Path(__file__).parents[1] / "data" / "text.py",
 }
 # ONNX graphs (temde-hf export-onnx) are protobuf: data, never executed as code. They sit in the `onnx/`
 # subfolder that transformers.js and optimum read (the only folder exported), or beside the weights
