@@ -244,3 +244,36 @@ def test_publish_keeps_the_towers_and_names_of_the_checkpoints_card(tmp_path: Pa
         ]
     )
     assert ModelCard.load(report.out_dir / "README.md").data.base_model == ["a/b"]
+
+
+def test_card_copy_never_overwrites_and_a_dry_run_writes_only_its_export(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    weights = checkpoint / "model.safetensors"
+    before = weights.read_bytes()
+    base = ["--repo-id", "user/tiny", "--dry-run"]
+    with pytest.raises(
+        ValueError, match=r"--card-copy .*model\.safetensors: already exists.*pass a new path"
+    ):
+        main([str(checkpoint), *base, "--out-dir", str(tmp_path / "a"), "--card-copy", str(weights)])
+    assert weights.read_bytes() == before and not (tmp_path / "a").exists()  # refused before any export
+    outside = tmp_path / "cards" / "tiny.md"
+    main([str(checkpoint), *base, "--out-dir", str(tmp_path / "b"), "--card-copy", str(outside)])
+    assert not outside.exists() and not outside.parent.exists()  # a dry run writes only into --out-dir
+    inside = tmp_path / "c" / "card-copy.md"
+    main([str(checkpoint), *base, "--out-dir", str(tmp_path / "c"), "--card-copy", str(inside)])
+    assert inside.read_text() == (tmp_path / "c" / "README.md").read_text()
+
+
+def test_symlinks_in_the_checkpoint_are_refused(checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    for path in checkpoint.iterdir():
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
+    secret = tmp_path / "private.json"
+    secret.write_text('{"token": "hf_secret"}')
+    (folder / "extra.json").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"linked/extra\.json: is a symbolic link \(to .*private\.json\)"):
+        export_for_hub(folder, tmp_path / "export")
+    assert not (tmp_path / "export").exists()

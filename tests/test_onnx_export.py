@@ -185,3 +185,30 @@ def test_graphs_are_in_the_onnx_layout_and_the_older_flat_layout_is_still_read(
     export_for_hub(legacy, tmp_path / "export")
     handler = load_endpoint_handler(tmp_path / "export").EndpointHandler(str(tmp_path / "export"))
     assert handler.onnx is not None  # the handler reads the older layout too
+
+
+def test_damaged_graphs_or_export_record_are_named(exported: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported, damaged)
+    graph = damaged / "onnx" / "vision_model.onnx"
+    graph.write_bytes(graph.read_bytes()[:200])  # truncated protobuf
+    with pytest.raises(
+        ValueError, match=r"vision_model\.onnx: not a readable ONNX graph .*re-run: temde-hf export-onnx"
+    ):
+        OnnxTemdeEncoder(damaged)
+    (damaged / "onnx" / "onnx_export.json").write_text("{garbled")
+    with pytest.raises(ValueError, match=r"onnx_export\.json: unreadable .*re-run: temde-hf export-onnx"):
+        OnnxTemdeEncoder(damaged)
+
+
+def test_a_linked_graph_in_the_onnx_folder_is_refused_by_publish(exported: Path, tmp_path: Path) -> None:
+    from temde_hf.hub.publish import export_for_hub
+
+    linked = tmp_path / "linked"
+    shutil.copytree(exported, linked)
+    secret = tmp_path / "elsewhere.onnx"
+    secret.write_bytes(b"not this checkpoint's")
+    (linked / "onnx" / "text_model.onnx").unlink()
+    (linked / "onnx" / "text_model.onnx").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"onnx/text_model\.onnx: is a symbolic link"):
+        export_for_hub(linked, tmp_path / "export")

@@ -17,6 +17,8 @@ What "the picture a model should see" means here:
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -52,6 +54,25 @@ def _check_size(image: Image.Image, limit: int) -> None:
             f"image has {n_pixels:,} pixels ({image.width} x {image.height}), more than the limit of "
             f"{limit:,} (a possible decompression bomb); downscale it, or raise the limit if it is genuine"
         )
+
+
+_KINDS = {
+    stat.S_ISDIR: "a directory",
+    stat.S_ISFIFO: "a named pipe (FIFO)",
+    stat.S_ISSOCK: "a socket",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+}
+
+
+def _require_regular_file(path: str | Path) -> None:
+    """Refuse a path that is not a regular file before opening it: reading a FIFO or a device blocks
+    forever (or never ends), and a directory is no image. `os.stat` follows a link to its target and
+    never blocks."""
+    mode = os.stat(path).st_mode  # FileNotFoundError for a missing path, as before
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS.items() if test(mode)), "not a regular file")
+        raise ImageDecodeError(f"is {kind}, not an image file")
 
 
 def _scale_to_8_bits(image: Image.Image) -> Image.Image:
@@ -100,11 +121,14 @@ def decode_image(
         FileNotFoundError: `source` is a path that does not exist.
         ImageTooLargeError: More than `max_pixels` pixels.
         ImageDecodeError: Not an image, truncated, or damaged (a full decode is done, so a JPEG cut
-            short is caught here and not later).
+            short is caught here and not later); or the path is no regular file (a directory, a FIFO,
+            a device), refused before it is opened.
     """
     limit = default_max_pixels() if max_pixels is None else int(max_pixels)
     if isinstance(source, bytes | bytearray):
         source = io.BytesIO(source)
+    if isinstance(source, str | Path):
+        _require_regular_file(source)
     try:
         if isinstance(source, Image.Image):
             _check_size(source, limit)

@@ -68,7 +68,13 @@ class OnnxTemdeEncoder:
             raise ValueError(
                 f"{checkpoint} has no ONNX graphs ({meta_file}); run: temde-hf export-onnx {checkpoint}"
             )
-        meta = json.loads(meta_path.read_text())
+        rerun = f"re-run: temde-hf export-onnx {checkpoint}{' --int8' * quantized}"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{meta_path}: unreadable ({' '.join(str(err).split())}); {rerun}") from err
         current = checkpoint_fingerprint(checkpoint)
         if meta.get("fingerprint") != current:
             raise ValueError(
@@ -85,12 +91,23 @@ class OnnxTemdeEncoder:
         if threads:
             options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
-        self._image = ort.InferenceSession(str(checkpoint / names[0]), options, providers=providers)
-        self._text = ort.InferenceSession(str(checkpoint / names[1]), options, providers=providers)
+        sessions = []
+        for name in names:
+            try:
+                sessions.append(ort.InferenceSession(str(checkpoint / name), options, providers=providers))
+            except Exception as err:  # onnxruntime's own types (InvalidProtobuf, Fail, ...): a damaged graph
+                detail = " ".join(str(err).split())[:200]
+                raise ValueError(
+                    f"{checkpoint / name}: not a readable ONNX graph ({detail}); {rerun}"
+                ) from err
+        self._image, self._text = sessions
         self.backend = "onnx-int8" if quantized else "onnx"
-        self.embed_dim = int(meta["embed_dim"])
-        self.image_size = tuple(meta["image_size"])
-        self.max_text_length = int(meta["max_text_length"])
+        try:
+            self.embed_dim = int(meta["embed_dim"])
+            self.image_size = tuple(meta["image_size"])
+            self.max_text_length = int(meta["max_text_length"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{meta_path}: missing or malformed entry ({err}); {rerun}") from err
 
     def eval(self) -> OnnxTemdeEncoder:
         """No-op (inference only), so callers can treat this like a model."""

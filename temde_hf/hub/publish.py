@@ -21,7 +21,7 @@ from typing import Any
 from huggingface_hub import ModelCard
 
 from temde_hf.hub.model_card import render_model_card
-from temde_hf.loading import PICKLE_SUFFIXES, check_checkpoint_dir
+from temde_hf.loading import PICKLE_SUFFIXES, check_checkpoint_dir, check_model_type, read_config
 
 # Written by the export itself: the Endpoints handler and the package's one image decoder, which the
 # handler imports from beside it (the Endpoints toolkit puts the folder on sys.path; its text check comes
@@ -53,7 +53,8 @@ def _check_checkpoint(checkpoint_dir: Path) -> dict[str, Any]:
     """Validate the folder before copying anything; returns its config."""
     check_checkpoint_dir(checkpoint_dir)  # a folder, config.json, safetensors weights (never pickles)
     config_path = checkpoint_dir / "config.json"
-    config = json.loads(config_path.read_text())
+    config = read_config(checkpoint_dir)
+    check_model_type(checkpoint_dir, config)
     auto_map = config.get("auto_map")
     if not auto_map:
         raise ValueError(
@@ -115,6 +116,50 @@ def _classify(path: Path) -> str | None:
     if path.suffix not in ALLOWED_SUFFIXES:
         return f"unexpected file type {path.suffix or '(none)'}"
     return None
+
+
+def _check_own_file(path: Path, checkpoint_dir: Path) -> None:
+    """Refuse a file to export that is a link, or resolves outside the checkpoint.
+
+    The export must hold the checkpoint's own files: following a link would publish whatever it
+    points to (another model's weights, a private file).
+    """
+    if path.is_symlink() or not path.resolve().is_relative_to(checkpoint_dir.resolve()):
+        target = path.resolve()
+        raise ValueError(
+            f"{path}: is a symbolic link (to {target}); publish exports only the checkpoint's own files: "
+            "replace the link by a copy of the file, or remove it"
+        )
+
+
+def check_card_copy(card_copy: str | Path, out_dir: str | Path, dry_run: bool) -> Path | None:
+    """Where ``--card-copy`` may write the card: never over an existing file, and on a dry run only
+    inside the dry run's own export folder (None: a dry run that only reports the copy).
+
+    Raises:
+        ValueError: The path exists (it could be the checkpoint's weights); one line with the fix.
+    """
+    card_copy = Path(card_copy)
+    if card_copy.exists() or card_copy.is_symlink():
+        raise ValueError(
+            f"--card-copy {card_copy}: already exists, and publish never overwrites a file; pass a new path "
+            "(or delete that file yourself first)"
+        )
+    if dry_run and not card_copy.resolve().is_relative_to(Path(out_dir).resolve()):
+        return None
+    return card_copy
+
+
+def _write_card_copy(card: Path, card_copy: Path) -> None:
+    """Copy the rendered card to a new file (exclusive create: a file that appeared meanwhile stays)."""
+    card_copy.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(card_copy, "xb") as handle:
+            handle.write(card.read_bytes())
+    except FileExistsError as err:
+        raise ValueError(
+            f"--card-copy {card_copy}: already exists, and publish never overwrites a file; pass a new path"
+        ) from err
 
 
 def _prepare_out_dir(
@@ -198,6 +243,8 @@ def export_for_hub(
         if reason:
             report.skipped[path.name] = reason
         else:
+            for own in [path, *(sorted(path.iterdir()) if path.is_dir() else [])]:  # onnx/: each graph too
+                _check_own_file(own, checkpoint_dir)
             report.files.append(path.name)
     # Rendered before anything is deleted, so a bad evaluation JSON leaves an earlier export intact.
     given = {key: value for key, value in card_kwargs.items() if value is not None}
@@ -295,10 +342,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_training_info(path: str) -> dict[str, Any]:
+    """``--training-info``: a JSON object, or one line naming the file and the fix."""
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"--training-info {path}: not a readable JSON file ({' '.join(str(err).split())})"
+        ) from err
+    if not isinstance(info, dict):
+        raise ValueError(f"--training-info {path}: must hold a JSON object of training settings")
+    return info
+
+
 def main(argv: Sequence[str] | None = None) -> ExportReport:
     """``temde-hf publish``: export (and unless ``--dry-run`` upload) a checkpoint."""
     args = _parser().parse_args(argv)
-    training_info = json.loads(Path(args.training_info).read_text()) if args.training_info else None
+    card_copy = check_card_copy(args.card_copy, args.out_dir, args.dry_run) if args.card_copy else None
+    training_info = _read_training_info(args.training_info) if args.training_info else None
     report = push_to_hub(
         args.checkpoint,
         args.repo_id,
@@ -311,9 +372,10 @@ def main(argv: Sequence[str] | None = None) -> ExportReport:
         datasets=args.dataset or None,
         training_info=training_info,
     )
-    if args.card_copy:
-        Path(args.card_copy).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(report.out_dir / "README.md", args.card_copy)
+    if card_copy is not None:
+        _write_card_copy(report.out_dir / "README.md", card_copy)
+    elif args.card_copy:
+        print(f"would save a copy of the card to {args.card_copy} (a dry run writes only into --out-dir)")
     action = "would upload" if args.dry_run else f"uploaded to {args.repo_id}"
     print(f"{action} {len(report.files)} files from {report.out_dir}:")
     for name in report.files:

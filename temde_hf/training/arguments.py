@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from ..loading import require_folder
 from ..models.temde.loss_temde import LOSSES, SCORE_LOSSES
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -112,6 +113,24 @@ class DataArguments:
     max_eval_images: int | None = field(default=None, metadata={"help": "keep the first N eval images"})
     max_text_length: int = field(default=64, metadata={"help": "truncate captions to this many tokens"})
     dataloader_num_workers: int = field(default=0)
+    # Streaming (`temde_hf.data.streaming`): train from a stream instead of --data; needs --max_steps.
+    streaming: bool = field(
+        default=False, metadata={"help": "train from --train_files or --dataset_name as a stream (no length)"}
+    )
+    train_files: str | None = field(
+        default=None, metadata={"help": "streaming: glob of .parquet or webdataset .tar shards"}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "streaming: Hub dataset id (or local folder), split --train_split"}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "streaming: image column (auto)"})
+    caption_column: str | None = field(default=None, metadata={"help": "streaming: caption column (auto)"})
+    shuffle_buffer_size: int = field(
+        default=1000, metadata={"help": "streaming: examples per shuffle block (held in memory)"}
+    )
+    streaming_log_keys: bool = field(
+        default=False, metadata={"help": "streaming: log each step's sample keys to OUTPUT_DIR/stream_keys/"}
+    )
 
 
 @dataclass
@@ -348,8 +367,22 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
         )
     if model_args.vision_model_path is not None and model_args.text_model_path is None:
         raise ValueError("--vision_model_path needs --text_model_path (the text tower folder)")
-    if data_args.data is None and data_args.synthetic_images <= 0:
-        raise ValueError("no training data: set --data (e.g. a Karpathy split JSON) or --synthetic_images N")
+    for name in (
+        "init_from",
+        "vision_model_path",
+        "text_model_path",
+        "image_processor_path",
+        "tokenizer_path",
+    ):
+        if getattr(model_args, name) is not None:  # a mistyped folder is never looked up on the Hub
+            fix = "pass an existing folder written by save_pretrained" + (
+                "" if name == "init_from" else " (a Hub id has the form ORG/NAME)"
+            )
+            require_folder(getattr(model_args, name), f"--{name}", fix, hub_ids=name != "init_from")
+    if data_args.data is None and data_args.synthetic_images <= 0 and not data_args.streaming:
+        raise ValueError(
+            "no training data: set --data (e.g. a Karpathy split JSON), --synthetic_images N or --streaming"
+        )
     if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
     if args.max_logit_scale <= 1.0:

@@ -35,6 +35,7 @@ PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
+STREAM_STATE_FILE = "stream_state_{rank}.json"  # a streaming run's position, one per process
 # What a run leaves in its output folder; a new run never silently replaces it. (Its run_settings.yaml
 # alone, from a run that stopped before its first checkpoint, records nothing to lose.)
 RUN_ARTIFACTS = (CHECKPOINTS, "final", "best", "final_metrics.json")
@@ -126,8 +127,13 @@ def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) ->
     logger.warning("--overwrite_output_dir: removed %s from %s", ", ".join(found), output_dir)
 
 
-def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: str | Path, keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Any, state: TrainerState, output_dir: str | Path, keep: int, stream: Any = None
+) -> Path:
     """Write a checkpoint atomically (collective: call on every process) and keep the last `keep`.
+
+    With a streaming run's `stream` (`training.streaming.StreamBatches`), every process also writes its
+    stream position (``stream_state_<rank>.json``, plain JSON) beside accelerate's files.
 
     Returns:
         The checkpoint folder.
@@ -140,6 +146,10 @@ def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: str | Pat
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if stream is not None:
+        (tmp / STREAM_STATE_FILE.format(rank=accelerator.process_index)).write_text(
+            json.dumps(stream.state_dict())
+        )
     if accelerator.is_main_process:
         state.save(tmp / STATE_FILE)
     accelerator.wait_for_everyone()
@@ -203,5 +213,11 @@ def load_checkpoint(accelerator: Any, path: str | Path, output_dir: str | Path) 
     """Verify, then restore model weights, optimizer, scheduler and RNG states; return the trainer state."""
     path = Path(path)
     state = verify_checkpoint(path, accelerator.process_index, output_dir)
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as error:  # the weights file lacks tensors of the model, or holds others
+        if "state_dict" not in str(error):
+            raise
+        detail = " ".join(str(error).split())[:300]
+        raise _damaged(path / MODEL_FILE, f"does not fit the model ({detail})", Path(output_dir)) from error
     return state

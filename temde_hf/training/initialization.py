@@ -57,12 +57,32 @@ def initialize_sketch(
     memory. The model runs in eval mode and a dedicated generator draws the subset and the hyperplanes,
     so the run's global RNG (dropout) is untouched.
     """
+    batches = _global_batches(collator, sampler, n_batches)
+    initialize_sketch_from_batches(
+        model, batches, device=device, seed=seed, max_tokens=max_tokens, n_batches=n_batches
+    )
+
+
+@torch.no_grad()
+def initialize_sketch_from_batches(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    seed: int,
+    max_tokens: int = 2**16,
+    n_batches: int | None = None,
+) -> None:
+    """`initialize_sketch` from given batches (a streaming run's first batches), same rules otherwise.
+
+    `n_batches` (default: ``len(batches)``) divides `max_tokens` into each batch's share.
+    """
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    per_batch = max_tokens // max(1, n_batches)
+    per_batch = max_tokens // max(1, len(batches) if n_batches is None else n_batches)
     tokens = []
-    for batch in _global_batches(collator, sampler, n_batches):
+    for batch in batches:
         inputs = model_inputs({k: v.to(device) for k, v in batch.items()})
         out = model(**inputs)
         for features in (out.vision_model_output, out.text_model_output):

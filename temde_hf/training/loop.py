@@ -24,10 +24,11 @@ from .accumulation import forward_backward
 from .arguments import DataArguments, TemdeTrainingArguments
 from .batches import EpochBatchSampler, PairCollator, index_loader, split_micro_batches
 from .checkpointing import TrainerState, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .initialization import freeze_unused_parameters, initialize_sketch
+from .initialization import freeze_unused_parameters, initialize_sketch, initialize_sketch_from_batches
 from .losses import NonFiniteLossError, contrastive_loss
 from .objectives import build_objective
 from .optim import build_optimizer, build_scheduler, train_mode
+from .streaming import load_stream_state
 from .validation import EvalSet, evaluate
 
 logger = logging.getLogger("temde_hf.training")
@@ -46,6 +47,8 @@ class TrainingJob:
         collator: Builds training batches from pair indices (raw or cached inputs).
         caption_to_image: `(n_pairs,)` the image row of every training pair (drives the sampler).
         eval_set: The evaluation split, or ``None``.
+        stream: A streaming run's batches (`streaming.StreamBatches`; then `collator` and
+            `caption_to_image` are ``None``), or ``None``.
         prepared: Filled by `run_training`: the prepared model (DDP wrapper under several processes).
     """
 
@@ -54,9 +57,10 @@ class TrainingJob:
     accelerator: Any
     args: TemdeTrainingArguments
     data_args: DataArguments
-    collator: PairCollator
-    caption_to_image: torch.Tensor
+    collator: PairCollator | None
+    caption_to_image: torch.Tensor | None
     eval_set: EvalSet | None = None
+    stream: Any = None
     prepared: nn.Module | None = field(default=None, repr=False)
 
 
@@ -107,7 +111,7 @@ def _step_settings(job: TrainingJob, step: int, spe: int, warmup: int) -> tuple[
     """`(sketch_weight, max_violation)` for `step`: λ = 0 in the sketch warm-up, VSE∞'s all-negatives epochs."""
     sketch_weight = 0.0 if step < warmup else None
     max_violation = None
-    if job.args.loss_type == "vse_hinge" and step / spe < job.args.vse_warmup_epochs:
+    if job.args.loss_type == "vse_hinge" and spe and step / spe < job.args.vse_warmup_epochs:
         max_violation = False
     return sketch_weight, max_violation
 
@@ -194,7 +198,7 @@ def _after_step(
     args, accelerator = job.args, job.accelerator
     state.global_step += 1
     state.batches_in_epoch += 1
-    epoch_end = state.batches_in_epoch == spe
+    epoch_end = state.batches_in_epoch == spe  # spe = 0 (a stream): the stream says when an epoch ends
     if epoch_end:
         state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     bar.update(1)
@@ -208,7 +212,7 @@ def _after_step(
     if job.eval_set is not None and (eval_now or state.global_step == state.total_steps):
         metrics = _evaluate_and_track(job, state, in_warmup=state.global_step < warmup)
     if (args.save_steps > 0 and state.global_step % args.save_steps == 0) or finished:
-        save_checkpoint(accelerator, state, args.output_dir, args.save_total_limit)
+        save_checkpoint(accelerator, state, args.output_dir, args.save_total_limit, stream=job.stream)
     return finished, metrics
 
 
@@ -220,7 +224,8 @@ def _train_mode(job: TrainingJob) -> None:
 def _prepare(job: TrainingJob, resume: Path | None) -> tuple[Any, Any, TrainerState, int, int]:
     """Initialise (fresh run), prepare model/optimizer/scheduler, restore (resume)."""
     args, accelerator, model = job.args, job.accelerator, job.model
-    spe = _sampler(job).steps_per_epoch
+    # a stream has no length (spe = 0): --max_steps is required (`streaming.check_streaming_args`)
+    spe = 0 if job.stream is not None else _sampler(job).steps_per_epoch
     total = _total_steps(args, spe)
     sketch = getattr(model, "sketch", None)
     if (
@@ -229,15 +234,22 @@ def _prepare(job: TrainingJob, resume: Path | None) -> tuple[Any, Any, TrainerSt
         and args.sketch_init_batches > 0
         and not bool(sketch.initialized)
     ):
-        initialize_sketch(
-            model,
-            job.collator,
-            _sampler(job),
-            args.sketch_init_batches,
-            device=accelerator.device,
-            seed=args.seed,
-        )
-    probe = job.collator(next(iter(_sampler(job)))[:4])
+        if job.stream is not None:  # this process's first batches; DDP then broadcasts rank 0's sketch
+            batches = job.stream.preview(args.sketch_init_batches)
+            initialize_sketch_from_batches(model, batches, device=accelerator.device, seed=args.seed)
+        else:
+            initialize_sketch(
+                model,
+                job.collator,
+                _sampler(job),
+                args.sketch_init_batches,
+                device=accelerator.device,
+                seed=args.seed,
+            )
+    if job.stream is not None:
+        probe = {k: v[:4] for k, v in job.stream.preview(1)[0].items()}
+    else:
+        probe = job.collator(next(iter(_sampler(job)))[:4])
     freeze_unused_parameters(
         model, {k: v.to(accelerator.device) for k, v in probe.items()}, _objective(job, 0, negatives="local")
     )
@@ -245,6 +257,11 @@ def _prepare(job: TrainingJob, resume: Path | None) -> tuple[Any, Any, TrainerSt
     scheduler = build_scheduler(optimizer, args, total, spe)
     job.prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = load_checkpoint(accelerator, resume, args.output_dir) if resume is not None else TrainerState()
+    if job.stream is not None:
+        if resume is not None:
+            job.stream.load_state_dict(load_stream_state(resume, accelerator.process_index))
+        elif job.stream.key_log is not None:
+            job.stream.key_log.unlink(missing_ok=True)  # a new run: not another attempt's keys
     if resume is not None:
         logger.info("resumed from %s at step %d", resume, state.global_step)
     state.total_steps = total
@@ -272,10 +289,13 @@ def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
     )
     _train_mode(job)
     while state.global_step < stop_at:
-        sampler = _sampler(job, state.epoch, state.batches_in_epoch)
-        loader = index_loader(
-            sampler, job.collator, job.data_args.dataloader_num_workers, args.seed + state.epoch
-        )
+        if job.stream is not None:  # the stream's next batches, to the end of its epoch
+            loader = job.stream.epoch_batches(state.global_step)
+        else:
+            sampler = _sampler(job, state.epoch, state.batches_in_epoch)
+            loader = index_loader(
+                sampler, job.collator, job.data_args.dataloader_num_workers, args.seed + state.epoch
+            )
         for batch in loader:
             if warmup and state.global_step == warmup:
                 # λ switches on: draw the partition on the tokens the trained projections now make
@@ -295,5 +315,9 @@ def run_training(job: TrainingJob) -> tuple[TrainerState, dict[str, float]]:
             last_eval = evaluated if evaluated is not None else last_eval
             if finished:
                 break
+        if job.stream is not None and state.global_step < stop_at:  # every process's stream ended an epoch
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     bar.close()
+    if job.stream is not None:
+        job.stream.finish()
     return state, last_eval

@@ -50,6 +50,7 @@ from .features import (
 )
 from .loop import TrainingJob, export_model, run_training
 from .optim import freeze_towers, frozen_tower_names
+from .streaming import StreamBatches, check_streaming_args
 from .validation import EvalSet
 
 logger = logging.getLogger("temde_hf.training")
@@ -400,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ``train_loss`` (last step), ``global_step``, and the last evaluation's ``eval_*`` metrics.
     """
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    if data_args.streaming:
+        check_streaming_args(data_args, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per saved file otherwise
     accelerator = build_accelerator(args)
@@ -416,14 +419,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)
     processor = build_processor(model_args)
-    splits = load_data(data_args, args.output_dir, args.seed, accelerator)
-    collator, train_c2i, eval_set = build_inputs(model, processor, splits, data_args, args, accelerator)
+    if data_args.streaming:  # batches straight from the stream; towers run live (nothing to cache against)
+        batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        stream = StreamBatches(data_args, processor, accelerator, batch_size, args.seed,
+                               args.image_flip_augmentation, args.output_dir)  # fmt: skip
+        job = TrainingJob(model, processor, accelerator, args, data_args, None, None, None, stream=stream)
+        if args.cache_tower_outputs and frozen_tower_names(model):
+            logger.info("--streaming: frozen towers run every step (a stream has no fixed items to cache)")
+        name = stream.name
+    else:
+        splits = load_data(data_args, args.output_dir, args.seed, accelerator)
+        collator, train_c2i, eval_set = build_inputs(model, processor, splits, data_args, args, accelerator)
+        job = TrainingJob(model, processor, accelerator, args, data_args, collator, train_c2i, eval_set)
+        name = splits.name
     if args.report_to == "tensorboard":
         accelerator.init_trackers("tensorboard", config=_tracker_config(model_args, data_args, args))
-    job = TrainingJob(model, processor, accelerator, args, data_args, collator, train_c2i, eval_set)
     try:
         state, last_eval = run_training(job)
-        metrics = _finish(job, state, last_eval, splits.name, model_args)
+        metrics = _finish(job, state, last_eval, name, model_args)
         accelerator.wait_for_everyone()
     finally:
         accelerator.end_training()  # also ends the process group: nothing collective after this

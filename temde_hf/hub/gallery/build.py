@@ -145,7 +145,19 @@ def shard_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def shard_skipped(path: Path) -> list[dict[str, Any]]:
     """The images this shard skipped: ``{"row", "source", "reason"}`` each."""
-    return json.loads(path.with_suffix(".skipped.json").read_text())
+    listing = path.with_suffix(".skipped.json")
+    try:
+        skipped = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{listing}: unreadable ({' '.join(str(err).split())}); delete it and {path.name}, then run "
+            "temde-hf index again to encode that shard anew"
+        ) from err
+    if not isinstance(skipped, list):
+        raise ValueError(
+            f"{listing}: not a JSON list; delete it and {path.name}, then run temde-hf index again"
+        )
+    return skipped
 
 
 def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
@@ -158,7 +170,15 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(manifest, indent=1))
         return
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        saved = err
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{path}: not the JSON object temde-hf index writes; pass a new --out, or delete the folder to "
+            "start over"
+        )
     changed = [key for key in manifest if key != "store_tokens" and saved.get(key) != manifest[key]]
     if changed:
         raise ValueError(
@@ -339,6 +359,10 @@ def build_gallery_sharded(
 
     settings = settings or BuildSettings()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(
+            f"--out {out_dir}: is a file; pass a folder for the index (new, or an earlier build)"
+        )
     # Without CUDA, `cpu=True` is what makes a multi-process launch really distributed (gloo).
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
     manifest = {

@@ -22,7 +22,7 @@ from .api import SearchHit, search
 from .build import BuildSettings, build_gallery_sharded
 from .index import GalleryIndex
 from .sources import ImageList, from_dataset, from_file_list, from_folder
-from .spec import DEFAULT_MEMORY_BUDGET, INDEX_TYPES
+from .spec import DEFAULT_MEMORY_BUDGET, INDEX_TYPES, check_index_settings
 
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -89,6 +89,10 @@ def index_main(argv: Sequence[str] | None = None) -> GalleryIndex | None:
     """``temde-hf index``: encode a gallery (sharded, resumable) and write a search index."""
     args = index_parser().parse_args(argv)
     overrides = {"nlist": args.nlist, "nprobe": args.nprobe, "pq_m": args.pq_m, "k_factor": args.k_factor}
+    try:
+        check_index_settings(overrides)  # before any image is encoded (and before FAISS sees them)
+    except ValueError as err:
+        raise SystemExit(f"temde-hf index: {err}") from err
     if args.opq:
         overrides["opq"] = True
     settings = BuildSettings(
@@ -184,6 +188,10 @@ def _check_search_args(args: argparse.Namespace) -> None:
         problem = text_problem(text)
         if problem is not None:
             raise SystemExit(f"temde-hf search: --text {text!r}: {problem}; give the words to search for")
+    try:
+        check_index_settings({"nprobe": args.nprobe, "k_factor": args.k_factor})
+    except ValueError as err:
+        raise SystemExit(f"temde-hf search: {err}") from err
     if args.rerank is None:
         return
     try:

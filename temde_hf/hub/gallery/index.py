@@ -16,6 +16,7 @@ Saved folder:
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from ...evaluation.rerank import (
     build_reranker,
     rerank_candidates,
 )
-from .spec import IndexSpec, parse_spec
+from .spec import IndexSpec, check_index_settings, parse_spec
 from .tokens import TOKENS_FILE, read_token_file, token_info, write_token_file
 
 INDEX_FILE = "index.faiss"
@@ -71,6 +72,62 @@ class SearchHit:
     score: float
     path: str | None = None
     rerank_score: float | None = None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def _read_meta(meta_path: Path, rebuild: str) -> dict[str, Any]:
+    """``gallery.json`` as a dict of this format version, or one line naming it and the fix."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path}: not valid JSON ({_one_line(err)}); {rebuild}") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: not a JSON object; {rebuild}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}; rebuild the "
+            "index with this version of temde-hf index"
+        )
+    return meta
+
+
+def file_inside(folder: Path, name: Any, what: str) -> Path:
+    """`folder / name` for a file name read from a file in `folder`; it may not lead out of `folder`.
+
+    Args:
+        folder: The folder the naming file lives in (the gallery index folder).
+        name: The relative file name as read (e.g. ``gallery.json``'s token file).
+        what: Where the name was read, for the error (e.g. ``".../gallery.json tokens.file"``).
+
+    Raises:
+        ValueError: `name` is not a string, is absolute, or resolves outside `folder` (``..``, a link).
+    """
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or Path(name).drive:
+        raise ValueError(
+            f"{what} is {name!r}: must be a file name relative to {folder}; rebuild the index with temde-hf index"
+        )
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(
+            f"{what} is {name!r}, which leads outside {folder}; a gallery index only reads its own files: "
+            "rebuild the index with temde-hf index"
+        )
+    return path
+
+
+# FAISS prefixes its messages with the C++ function and source line: not for a user.
+_FAISS_LOCATION = re.compile(
+    r"(Error in .*?\.(cpp|h):\d+: ?|Error: '.*?' failed: ?|Faiss assertion .*? failed in .*?$)"
+)
+
+
+def _first_line(err: BaseException) -> str:
+    """The gist of a (possibly multi-line, C++-wrapped) FAISS error, on one line."""
+    text = _FAISS_LOCATION.sub("", " ".join(str(err).split())).strip()
+    return text[:200] or type(err).__name__
 
 
 def _as_float32(vectors: Any) -> np.ndarray:
@@ -143,12 +200,25 @@ class GalleryIndex:
         self.skipped, self.build_info = [], {}
         self.tokens, self.token_file, self.index_dir = None, None, None
         base_dim = spec.base_dim(dim)
-        self.index = faiss.index_factory(base_dim, spec.factory(dim), faiss.METRIC_INNER_PRODUCT)
+        n_train = 0 if train is None else len(train)
+        if spec.nlist and spec.nlist > n_train:
+            raise ValueError(
+                f"--nlist {spec.nlist}: more IVF lists than the {n_train} training vectors; pass --nlist "
+                f"{max(1, n_train // 39)} or less (or leave it out for the automatic value)"
+            )
+        factory = spec.factory(dim)
         started = time.perf_counter()
-        if not self.index.is_trained:
-            if train is None or len(train) == 0:
-                raise ValueError(f"index type {spec.kind!r} needs training vectors")
-            self.index.train(_as_float32(train)[:, :base_dim])
+        try:  # FAISS reports bad settings as multi-line C++ errors: say which setting, in one line
+            self.index = faiss.index_factory(base_dim, factory, faiss.METRIC_INNER_PRODUCT)
+            if not self.index.is_trained:
+                if n_train == 0:
+                    raise ValueError(f"index type {spec.kind!r} needs training vectors")
+                self.index.train(_as_float32(train)[:, :base_dim])
+        except RuntimeError as err:
+            raise ValueError(
+                f"--index-type {spec.kind}: FAISS cannot build {factory!r} for {n_train} training vectors of "
+                f"{base_dim} dims ({_first_line(err)}); change --nlist / --pq-m or use --index-type auto"
+            ) from err
         trained = time.perf_counter()
         self.store = (
             faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
@@ -216,6 +286,7 @@ class GalleryIndex:
         queries = _as_float32(queries)
         if queries.shape[1] != self.embed_dim:
             raise ValueError(f"query dim {queries.shape[1]} != index dim {self.embed_dim}: same model?")
+        check_index_settings({"nprobe": nprobe, "k_factor": k_factor})
         k = min(k, len(self))
         self._apply_search_params(nprobe)
         factor = self.spec.k_factor if k_factor is None else k_factor
@@ -402,30 +473,42 @@ class GalleryIndex:
                 f"{index_dir} is not a gallery index (needs {INDEX_FILE} and {META_FILE}); build one with "
                 "temde-hf index"
             )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}; rebuild the "
-                "index with this version of temde-hf index"
-            )
+        rebuild = "rebuild the index with temde-hf index"
+        meta = _read_meta(meta_path, rebuild)
         self = cls.__new__(cls)
-        self.index = faiss.read_index(str(index_dir / INDEX_FILE))
-        spec = {k: v for k, v in meta["index"].items() if k != "faiss_factory"}
-        self.spec = IndexSpec.from_dict(spec)
-        self.store = None
-        if self.spec.reranks:
-            # IO_FLAG_MMAP_IFC maps the codes of a flat-codes index; plain IO_FLAG_MMAP would read this
-            # SQ store into anonymous memory whole (4.6 GB at 1M images, measured).
-            flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap_store else 0
-            self.store = faiss.read_index(str(index_dir / STORE_FILE), flags)
-        self.ids, self.paths = meta["ids"], meta["paths"]
-        self.model_path, self.model_fingerprint = meta["model_path"], meta.get("model_fingerprint")
-        self.skipped, self.build_info = meta.get("skipped", []), meta.get("build", {})
-        if len(self.ids) != self.index.ntotal:
-            raise ValueError(f"{meta_path} lists {len(self.ids)} ids but the index holds {self.index.ntotal}")
+        try:
+            self.index = faiss.read_index(str(index_dir / INDEX_FILE))
+            spec = {k: v for k, v in meta["index"].items() if k != "faiss_factory"}
+            self.spec = IndexSpec.from_dict(spec)
+            self.store = None
+            if self.spec.reranks:
+                # IO_FLAG_MMAP_IFC maps the codes of a flat-codes index; plain IO_FLAG_MMAP would read this
+                # SQ store into anonymous memory whole (4.6 GB at 1M images, measured).
+                flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap_store else 0
+                self.store = faiss.read_index(str(index_dir / STORE_FILE), flags)
+            self.ids, self.paths = list(meta["ids"]), list(meta["paths"])
+            self.model_path, self.model_fingerprint = meta["model_path"], meta.get("model_fingerprint")
+            self.skipped, self.build_info = meta.get("skipped", []), meta.get("build", {})
+            tokens = meta.get("tokens")
+            token_name = tokens["file"] if tokens else None
+        except RuntimeError as err:  # FAISS: a truncated or foreign index file
+            raise ValueError(
+                f"{index_dir}: an index file cannot be read ({_first_line(err)}); {rebuild}"
+            ) from err
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(
+                f"{meta_path}: missing or malformed entry ({_one_line(err)}); {rebuild}"
+            ) from err
+        if not isinstance(meta["ids"], list) or not isinstance(meta["paths"], list):
+            raise ValueError(f"{meta_path}: 'ids' and 'paths' must be JSON lists; {rebuild}")
+        if len(self.ids) != self.index.ntotal or len(self.paths) != len(self.ids):
+            raise ValueError(
+                f"{meta_path} lists {len(self.ids)} ids and {len(self.paths)} paths but the index holds "
+                f"{self.index.ntotal} vectors; {rebuild}"
+            )
         self.index_dir, self.tokens, self.token_file = index_dir, None, None
-        if meta.get("tokens"):
-            token_file = index_dir / meta["tokens"]["file"]
+        if token_name is not None:
+            token_file = file_inside(index_dir, token_name, f"{meta_path} tokens.file")
             self.attach_tokens(read_token_file(token_file, mmap=mmap_store), token_file)
         self._apply_search_params()
         return self

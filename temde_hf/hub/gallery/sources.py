@@ -68,7 +68,14 @@ def from_file_list(list_file: str | Path, root: str | Path | None = None) -> Ima
     if not list_file.is_file():
         raise ValueError(f"image list {list_file} does not exist (expected one image path per line)")
     root = Path(root) if root is not None else list_file.parent
-    lines = [line.strip() for line in list_file.read_text().splitlines()]
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"image list {list_file} is not UTF-8 text ({err.reason} at byte {err.start}); write one image "
+            "path per line"
+        ) from err
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
         raise ValueError(f"image list {list_file} has no paths")

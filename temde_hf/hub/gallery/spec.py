@@ -41,6 +41,37 @@ ID_BYTES = 8  # an IVF list stores a 64-bit id beside every code
 RERANK_K_FACTOR = 30
 
 
+# Numeric index settings and their least valid values; FAISS is never handed anything below (with
+# nlist 0 its IVF factory crashes the process with a segmentation fault instead of raising).
+MINIMUM_SETTINGS = {
+    "nlist": 1,
+    "nprobe": 1,
+    "pq_m": 1,
+    "hnsw_m": 2,
+    "ef_search": 1,
+    "k_factor": 0,
+    "global_dim": 1,
+}
+_FLAGS = {"pq_m": "--pq-m", "k_factor": "--k-factor", "hnsw_m": "hnsw_m", "ef_search": "ef_search"}
+
+
+def check_index_settings(settings: dict[str, Any]) -> None:
+    """Refuse a numeric index setting FAISS cannot take (None means "the automatic value").
+
+    Raises:
+        ValueError: One line naming the flag, its value and the fix.
+    """
+    for name, least in MINIMUM_SETTINGS.items():
+        value = settings.get(name)
+        if value is None:
+            continue
+        flag = _FLAGS.get(name, f"--{name}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(
+                f"{flag} {value!r}: must be a whole number >= {least}; leave it out for the automatic value"
+            )
+
+
 @dataclass
 class IndexSpec:
     """One index configuration; serialised into the index folder's ``gallery.json``.
@@ -72,6 +103,15 @@ class IndexSpec:
     def __post_init__(self) -> None:
         if self.kind not in INDEX_TYPES:
             raise ValueError(f"index type {self.kind!r} unknown; choose one of {('auto', *INDEX_TYPES)}")
+        check_index_settings(self.to_dict())
+        if self.kind not in RERANK_TYPES and (self.nlist is not None or self.nprobe is not None):
+            raise ValueError(
+                f"--nlist / --nprobe apply to IVF indexes (--index-type ivfpq or global), not {self.kind!r}"
+                f"{' (the automatic choice: ' + self.reason + ')' if self.reason != 'asked for' else ''}; "
+                "drop them, or pass --index-type ivfpq / global"
+            )
+        if self.pq_m is not None and self.kind != "ivfpq":
+            raise ValueError(f"--pq-m applies to --index-type ivfpq, not {self.kind!r}; drop it")
         if self.k_factor and self.kind not in RERANK_TYPES:
             raise ValueError(f"k_factor (exact re-ranking) applies to {RERANK_TYPES}, not {self.kind!r}")
 
@@ -96,7 +136,11 @@ class IndexSpec:
         if self.kind == "global":
             return f"IVF{self.nlist},SQfp16"
         if dim % self.pq_m:
-            raise ValueError(f"pq_m {self.pq_m} must divide the embedding width {dim}")
+            divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+            raise ValueError(
+                f"--pq-m {self.pq_m}: must divide the embedding width {dim}; pass one of {divisors[-8:]} or "
+                "leave it out for the automatic value"
+            )
         rotation = f"OPQ{self.pq_m}_{dim}," if self.opq else ""
         # "np": no polysemous training (a Hamming pre-filter this search never uses; slow to train)
         return f"{rotation}IVF{self.nlist},PQ{self.pq_m}np"

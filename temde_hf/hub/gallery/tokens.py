@@ -116,22 +116,31 @@ def read_token_file(path: str | Path, *, mmap: bool = True) -> TokenSet:
     rebuild = "rebuild the index with temde-hf index --store-tokens"
     if not path.is_file():
         raise ValueError(f"{path}: not found; {rebuild}")
+    file_size = path.stat().st_size
     with open(path, "rb") as handle:
-        size = struct.unpack("<Q", handle.read(8))[0]
+        prefix = handle.read(8)
+        # The first 8 bytes give the header's length: read no more than the file holds (a damaged
+        # prefix must not become a MemoryError).
+        size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else file_size
+        if size > file_size - 8:
+            raise ValueError(f"{path}: {file_size} bytes, too short for its header: truncated; {rebuild}")
         try:
             header = json.loads(handle.read(size))
             lengths_entry, tokens_entry = header["lengths"], header["tokens"]
-        except (ValueError, KeyError) as err:
+            layout_ok = (
+                lengths_entry["dtype"] == "I32"
+                and tokens_entry["dtype"] == "F16"
+                and len(tokens_entry["shape"]) == 3
+            )
+            n, length, dim = (int(v) for v in tokens_entry["shape"]) if layout_ok else (0, 0, 0)
+            expected = 8 + size + int(tokens_entry["data_offsets"][1])
+        except (ValueError, KeyError, TypeError, IndexError) as err:
             raise ValueError(f"{path}: not a token file of a gallery index ({err}); {rebuild}") from err
-    if lengths_entry["dtype"] != "I32" or tokens_entry["dtype"] != "F16" or len(tokens_entry["shape"]) != 3:
+    if not layout_ok:
         raise ValueError(f"{path}: expected int32 lengths and (n, L, D) float16 tokens; {rebuild}")
     start = 8 + size
-    n, length, dim = tokens_entry["shape"]
-    expected = start + tokens_entry["data_offsets"][1]
-    if path.stat().st_size != expected:
-        raise ValueError(
-            f"{path}: {path.stat().st_size} bytes, the header says {expected}: truncated; {rebuild}"
-        )
+    if file_size != expected or expected - start < n * length * dim * 2:
+        raise ValueError(f"{path}: {file_size} bytes, the header says {expected}: truncated; {rebuild}")
     lengths = np.fromfile(path, dtype="<i4", count=n, offset=start + lengths_entry["data_offsets"][0])
     offset = start + tokens_entry["data_offsets"][0]
     if mmap:

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_efficientnet_lite import EfficientNetLiteConfig
+from .loading_temde import StrictLoadingMixin
 
 
 def _activation(name: str) -> nn.Module:
@@ -199,8 +200,11 @@ class EfficientNetLiteEncoder(nn.Module):
         return hidden_states, all_states
 
 
-class EfficientNetLitePreTrainedModel(PreTrainedModel):
-    """Weight initialisation and loading hooks shared by the EfficientNet-Lite models."""
+class EfficientNetLitePreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    """Weight initialisation and loading hooks shared by the EfficientNet-Lite models.
+
+    `from_pretrained` is strict (see `StrictLoadingMixin`); the ImageNet classifier is the optional head.
+    """
 
     config_class = EfficientNetLiteConfig
     config: EfficientNetLiteConfig
@@ -209,6 +213,7 @@ class EfficientNetLitePreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["EfficientNetLiteBlock"]
+    _optional_head_prefixes = ("classifier.",)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_temde import TemdeConfig
+from .loading_temde import StrictLoadingMixin, require_folder
 from .loss_temde import info_nce_loss
 from .modeling_efficientnet_lite import EfficientNetLiteModel
 from .pooling_temde import POOLING_HEADS
@@ -206,7 +207,9 @@ def _build_tower(config: PreTrainedConfig) -> PreTrainedModel:
     return AutoModel.from_config(config)
 
 
-class TemdePreTrainedModel(PreTrainedModel):
+class TemdePreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    """`from_pretrained` is strict (see `StrictLoadingMixin`): missing or misshapen weights are refused."""
+
     config: TemdeConfig
     config_class = TemdeConfig
     base_model_prefix = "temde"
@@ -214,6 +217,9 @@ class TemdePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
+    # The matching head of `TemdeForImageTextRetrieval`: dropped by `TemdeModel`, fresh from a plain checkpoint.
+    _optional_head_prefixes = ("itm_head.",)
+    _one_element_parameters = _ONE_ELEMENT
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -619,6 +625,8 @@ class TemdeModel(TemdePreTrainedModel):
 def _load_tower(name_or_path: str | Path, kind: str, **kwargs: Any) -> PreTrainedModel:
     """Load one pretrained tower, with a clear error when the folder is not a transformers model."""
     kwargs.setdefault("use_safetensors", True)  # pickle weights can run code when loaded: never read them
+    fix = "pass a folder written by save_pretrained, or a Hub id of the form ORG/NAME"
+    require_folder(name_or_path, f"{kind} tower", fix)  # a mistyped folder is not looked up on the Hub
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(
