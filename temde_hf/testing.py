@@ -233,6 +233,29 @@ def import_script(path: str | Path, name: str | None = None) -> ModuleType:
     return module
 
 
+def load_endpoint_handler(folder: str | Path) -> ModuleType:
+    """Load an exported ``handler.py`` as the Inference Endpoints toolkit does.
+
+    The toolkit puts the repository folder on `sys.path` (so the modules shipped beside the handler
+    import as top-level modules) and names the module ``handler.EndpointHandler``. The folder and those
+    top-level modules are taken out of `sys.path` / `sys.modules` again, so one test's export does not
+    serve another's.
+    """
+    folder = Path(folder)
+    before = set(sys.modules)
+    sys.path.insert(0, str(folder))
+    try:
+        return import_script(folder / "handler.py", name="handler.EndpointHandler")
+    finally:
+        sys.path.remove(str(folder))
+        for name in set(sys.modules) - before:
+            if (
+                getattr(sys.modules[name], "__file__", None)
+                and Path(sys.modules[name].__file__).parent == folder
+            ):
+                del sys.modules[name]
+
+
 # The folder holding the `temde_hf` this process imported: child processes import the same code.
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # Runs first in `run_python`'s interpreter: importing a blocked package or any of its submodules raises the

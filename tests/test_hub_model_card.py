@@ -41,12 +41,21 @@ def _evaluate_layout(seed: int = 3) -> dict:
 
 
 def _model_index_metrics(card_path: Path) -> dict[str, float]:
+    """The model-index metrics by name ("image-to-text R@1": value); each is a Hub `recall` metric."""
     text = card_path.read_text()
     header = yaml.safe_load(text.split("---")[1])
     (entry,) = header["model-index"]
     (result,) = entry["results"]
     assert result["dataset"]["split"] == "test"
-    return {m["type"]: m["value"] for m in result["metrics"]}
+    assert {m["type"] for m in result["metrics"]} == {"recall"}
+    return {m["name"]: m["value"] for m in result["metrics"]}
+
+
+RECALL_NAMES = {
+    f"{label} R@{k}": f"{direction}_r{k}"
+    for direction, label in (("i2t", "image-to-text"), ("t2i", "text-to-image"))
+    for k in (1, 5, 10)
+}
 
 
 def test_card_yaml_parses_and_model_index_equals_eval_json(checkpoint: Path, tmp_path: Path) -> None:
@@ -58,56 +67,121 @@ def test_card_yaml_parses_and_model_index_equals_eval_json(checkpoint: Path, tmp
         eval_path,
         tmp_path / "README.md",
         repo_id="someone/tiny-temde",
-        base_models=["google/vit-base-patch16-224-in21k"],
+        base_models=["google/vit-base-patch16-224-in21k", "sentence-transformers/all-MiniLM-L6-v2"],
         training_info={"epochs": 3, "batch_size": 32},
     )
     values = _model_index_metrics(card_path)
     full = metrics["full"]
-    for direction in ("i2t", "t2i"):
-        for key in ("r1", "r5", "r10", "medr", "meanr"):
-            assert values[f"{direction}_{key}"] == full[f"{direction}_{key}"]
-    assert values["rsum"] == full["rsum"]
+    assert values == {name: round(full[key], 2) for name, key in RECALL_NAMES.items()}  # six recalls, rounded
 
     card = ModelCard.load(card_path)
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "zero-shot-image-classification"
-    assert card.data.base_model == ["google/vit-base-patch16-224-in21k"]
-    assert card.data.datasets == ["flickr8k-800"]
+    assert card.data.base_model == [
+        "google/vit-base-patch16-224-in21k",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ]
+    assert card.data.datasets is None  # "flickr8k-800" is a folder name, not a Hub dataset id
+    assert "- **Trained on:** flickr8k-800" in card.text  # named in the prose instead
     assert card.data.widget and card.data.widget[0]["candidate_labels"]
-    assert {r.metric_value for r in card.data.eval_results} >= {full["rsum"], full["i2t_r1"]}
     # the results table in the prose shows the same numbers, and the settings come from config.json
-    assert f"**RSUM: {round(full['rsum'], 2)}**" in card.text  # the prose rounds, the model-index does not
+    assert f"**RSUM: {round(full['rsum'], 2)}**" in card.text
+    assert f"| image → text | {round(full['i2t_r1'], 2)} |" in card.text
     assert "| `n_sketches` | 4 |" in card.text and "| `sketch_width` | 8 |" in card.text
     assert "| `epochs` | 3 |" in card.text
     assert "2105.04242" in card.text and "2006.01894" in card.text
-    assert "someone/tiny-temde" in card.text
+    assert 'repo = "someone/tiny-temde"' in card.text
+
+
+def test_model_index_is_what_huggingface_hub_writes(checkpoint: Path, tmp_path: Path) -> None:
+    """huggingface_hub's own tools build (`metadata_eval_result`) and read (`model_index_to_eval_results`)
+    the same model-index: task, dataset and metric typed as the Hub expects."""
+    from huggingface_hub import metadata_eval_result
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    full = _evaluate_layout()["full"]
+    card = render_model_card(
+        checkpoint, _evaluate_layout(), model_name="tiny", dataset_name="Flickr8k sample"
+    )
+    header = yaml.safe_load(str(card).split("---")[1])
+    expected = metadata_eval_result(
+        model_pretty_name="tiny",
+        task_pretty_name="Image-text retrieval",
+        task_id="zero-shot-image-classification",
+        metrics_pretty_name="image-to-text R@1",
+        metrics_id="recall",
+        metrics_value=round(full["i2t_r1"], 2),
+        metrics_config=None,
+        dataset_pretty_name="Flickr8k sample",
+        dataset_id="flickr8k-800",
+        dataset_split="test",
+    )["model-index"][0]
+    (result,) = header["model-index"][0]["results"]
+    (expected_result,) = expected["results"]
+    assert result["task"] == expected_result["task"] and result["dataset"] == expected_result["dataset"]
+    first = {k: v for k, v in result["metrics"][0].items() if k != "args"}
+    assert first == {k: v for k, v in expected_result["metrics"][0].items() if k != "verified"}  # unverified
+    assert result["metrics"][0]["args"] == {"k": 1}
+    name, parsed = model_index_to_eval_results(header["model-index"])
+    assert name == "tiny" and len(parsed) == 6
+    assert {(r.task_type, r.metric_type, r.dataset_type) for r in parsed} == {
+        ("zero-shot-image-classification", "recall", "flickr8k-800")
+    }
+    assert all(r.metric_value == round(r.metric_value, 2) for r in parsed)
+
+
+def test_card_embed_dim_is_the_configs(tmp_path: Path) -> None:
+    """An anchor coder's K is not 2^H: the card reads the width from the config, never recomputes it."""
+    from temde_hf import TemdeConfig
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "anchor", sketch_coder="anchor", sketch_width=5)
+    config = TemdeConfig.from_pretrained(checkpoint)
+    assert config.embed_dim == 16 + 4 * 5 != 16 + 4 * 2**config.n_hyperplanes
+    text = str(render_model_card(checkpoint, None))
+    assert f"- **Embedding size:** {config.embed_dim}" in text and "| `sketch_width` | 5 |" in text
+
+
+def test_towers_from_the_hub_are_the_base_models(tmp_path: Path) -> None:
+    """Without explicit base models, the towers' Hub ids recorded in config.json are used; local paths are not."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["vision_config"]["_name_or_path"] = "google/vit-base-patch16-224-in21k"
+    config["text_config"]["_name_or_path"] = str(tmp_path / "some" / "local-bert")
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    card = render_model_card(checkpoint, None, repo_id="someone/x")
+    assert card.data.base_model == ["google/vit-base-patch16-224-in21k"]
+
+
+def test_usage_snippet_never_names_the_folder(checkpoint: Path) -> None:
+    text = str(render_model_card(checkpoint, None, model_name="temde-demo"))
+    assert 'repo = "USER/temde-demo"  # the Hub repo id' in text and 'repo = "tiny-temde"' not in text
 
 
 def test_folds_mean_block_and_nested_layout(checkpoint: Path) -> None:
     metrics = _evaluate_layout(seed=5)
-    card = render_model_card(checkpoint, metrics, eval_block="folds_mean", dataset_name="coco")
+    card = render_model_card(checkpoint, metrics, eval_block="folds_mean", dataset_name="COCO 1K")
     header = yaml.safe_load(str(card).split("---")[1])
-    values = {m["type"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
-    assert values["rsum"] == metrics["folds_mean"]["rsum"] != metrics["full"]["rsum"]
-    assert header["model-index"][0]["results"][0]["dataset"]["type"] == "coco"
+    values = {m["name"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
+    assert values["text-to-image R@5"] == round(metrics["folds_mean"]["t2i_r5"], 2)
+    dataset = header["model-index"][0]["results"][0]["dataset"]
+    assert (dataset["type"], dataset["name"]) == ("flickr8k-800", "COCO 1K")
 
     nested = {
         "dataset": "flickr8k",
         "split": "val",
         "i2t": {"R@1": 10.0, "R@5": 30.0, "R@10": 45.0},
-        "t2i": {"R@1": 8.0, "R@5": 26.0, "R@10": 40.0},
+        "t2i": {"R@1": 8.0, "R@5": 26.0, "R@10": 40.123},
         "rsum": 159.0,
     }
     card = render_model_card(checkpoint, nested)
-    values = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert values == {
-        "i2t_r1": 10.0,
-        "i2t_r5": 30.0,
-        "i2t_r10": 45.0,
-        "t2i_r1": 8.0,
-        "t2i_r5": 26.0,
-        "t2i_r10": 40.0,
-        "rsum": 159.0,
+        "image-to-text R@1": 10.0,
+        "image-to-text R@5": 30.0,
+        "image-to-text R@10": 45.0,
+        "text-to-image R@1": 8.0,
+        "text-to-image R@5": 26.0,
+        "text-to-image R@10": 40.12,
     }
 
 
@@ -144,9 +218,9 @@ def test_card_from_a_real_evaluate_run(checkpoint: Path, tmp_path: Path) -> None
     )  # fmt: skip
     card_path = write_model_card(checkpoint, tmp_path / "eval" / "metrics.json", tmp_path / "README.md")
     values = _model_index_metrics(card_path)  # the model-index reports stage 1, the model's own score
-    assert values["rsum"] == result["full"]["rsum"]
-    assert values["i2t_r1"] == result["full"]["i2t_r1"] and values["t2i_r10"] == result["full"]["t2i_r10"]
-    assert ModelCard.load(card_path).data.datasets == ["synthetic"]
+    assert values["image-to-text R@1"] == round(result["full"]["i2t_r1"], 2)
+    assert values["text-to-image R@10"] == round(result["full"]["t2i_r10"], 2)
+    assert ModelCard.load(card_path).data.datasets is None  # a local folder's name is no Hub dataset id
     text = card_path.read_text()
     assert f"**RSUM with the second stage: {round(result['rerank']['full']['rsum'], 2)}**" in text
     assert "--rerank alignment --rerank-k 5 --rerank-fusion 2" in text

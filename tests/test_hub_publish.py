@@ -88,7 +88,7 @@ def test_export_holds_exactly_the_hub_files(checkpoint: Path, tmp_path: Path) ->
     processor_config = (tmp_path / "export" / "processor_config.json").read_text()
     assert processor_config == (checkpoint / "processor_config.json").read_text()
     assert json.loads(processor_config)["auto_map"]["AutoProcessor"] == "processing_temde.TemdeProcessor"
-    assert "rsum" in (tmp_path / "export" / "README.md").read_text()
+    assert "**RSUM: 35.0**" in (tmp_path / "export" / "README.md").read_text()
     with pytest.raises(ValueError, match="not empty"):
         export_for_hub(checkpoint, tmp_path / "export")
 
@@ -203,6 +203,47 @@ def test_overwrite_replaces_an_earlier_export_but_a_dry_run_deletes_nothing(
     assert (out / "README.md").read_text() == "stale card"
     again = export_for_hub(checkpoint, out, overwrite=True)
     assert again.files == first.files and (out / "README.md").read_text() != "stale card"
+
+
+def test_publish_keeps_the_towers_and_names_of_the_checkpoints_card(tmp_path: Path) -> None:
+    """`publish --dry-run` without --base-model renders the card again, keeping what the trainer wrote."""
+    from huggingface_hub import ModelCard
+
+    from temde_hf.hub.model_card import write_model_card
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "final")
+    towers = ["google/vit-base-patch16-224-in21k", "sentence-transformers/all-MiniLM-L6-v2"]
+    write_model_card(
+        checkpoint,
+        EVAL,
+        checkpoint / "README.md",
+        base_models=towers,
+        model_name="temde-demo",
+        dataset_name="Flickr8k",
+    )
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL))
+    report = main(
+        [str(checkpoint), "--repo-id", "someone/temde-demo", "--out-dir", str(tmp_path / "x"), "--dry-run",
+         "--eval-json", str(tmp_path / "eval.json")]
+    )  # fmt: skip
+    card = ModelCard.load(report.out_dir / "README.md")
+    assert card.data.base_model == towers and card.data.model_name == "temde-demo"
+    assert card.data.eval_results[0].dataset_name == "Flickr8k"
+    assert 'repo = "someone/temde-demo"' in card.text
+    # given on the command line, a tower list replaces the card's
+    report = main(
+        [
+            str(checkpoint),
+            "--repo-id",
+            "someone/t",
+            "--out-dir",
+            str(tmp_path / "y"),
+            "--dry-run",
+            "--base-model",
+            "a/b",
+        ]
+    )
+    assert ModelCard.load(report.out_dir / "README.md").data.base_model == ["a/b"]
 
 
 def test_card_copy_never_overwrites_and_a_dry_run_writes_only_its_export(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_onnxruntime_matches_eager(exported: Path) -> None:
-    meta = json.loads((exported / "onnx_export.json").read_text())
+    meta = json.loads((exported / "onnx" / "onnx_export.json").read_text())
     assert meta["max_text_length"] == 32 and max(meta["max_abs_diff"].values()) < 1e-5
     onnx, processor = load_encoder(exported)  # "auto" picks the graphs beside the weights
     eager, _ = load_encoder(exported, backend="torch")
@@ -63,9 +64,7 @@ def test_onnx_refuses_long_captions_and_stale_graphs(exported: Path, tmp_path: P
         encode_texts(onnx, processor, ["a " * 40 + "dog"], progress=False)
     stale = tmp_path / "stale"
     stale.mkdir()
-    for path in exported.iterdir():
-        if path.is_file():
-            (stale / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(exported, stale, dirs_exist_ok=True)
     model, _ = load_encoder(stale, backend="torch")
     with torch.no_grad():
         model.logit_scale.add_(1.0)  # other weights, same graphs
@@ -114,24 +113,24 @@ def test_evaluate_through_onnxruntime_equals_eager(exported: Path, tmp_path: Pat
 
 
 def test_published_handler_serves_through_onnxruntime(exported: Path, tmp_path: Path) -> None:
-    from importlib.util import module_from_spec, spec_from_file_location
-
     from PIL import Image
 
     from temde_hf.hub.publish import export_for_hub
+    from temde_hf.testing import load_endpoint_handler
 
     report = export_for_hub(exported, tmp_path / "export")
-    assert {"image_encoder.onnx", "text_encoder.onnx", "onnx_export.json"} <= set(report.files)
-    spec = spec_from_file_location("exported_handler", tmp_path / "export" / "handler.py")
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    handler = module.EndpointHandler(str(tmp_path / "export"))
+    assert "onnx" in report.files
+    assert {p.name for p in (tmp_path / "export" / "onnx").iterdir()} == {
+        "vision_model.onnx", "text_model.onnx", "vision_model_quantized.onnx", "text_model_quantized.onnx",
+        "onnx_export.json",
+    }  # fmt: skip
+    handler = load_endpoint_handler(tmp_path / "export").EndpointHandler(str(tmp_path / "export"))
     assert handler.onnx is not None  # CPU + graphs + onnxruntime: the handler serves through them
     eager, processor = load_encoder(exported, backend="torch")
     image = Image.open(exported.parent / "images" / "green.png").convert("RGB")
-    served = torch.tensor(handler({"inputs": image})["image_embeds"])
+    served = torch.tensor(handler({"inputs": image}))
     np.testing.assert_allclose(served, encode_images(eager, processor, [image], progress=False), atol=1e-5)
-    served = torch.tensor(handler({"inputs": GALLERY_CAPTIONS[:2]})["text_embeds"])
+    served = torch.tensor(handler({"inputs": GALLERY_CAPTIONS[:2]}))
     np.testing.assert_allclose(
         served, encode_texts(eager, processor, GALLERY_CAPTIONS[:2], progress=False), atol=1e-5
     )
@@ -150,18 +149,66 @@ def test_saturated_sketch_logits_stay_finite(tmp_path: Path) -> None:
     np.testing.assert_allclose(out, eager.encode_image(pixel_values).detach(), atol=1e-5)
 
 
+def test_graphs_are_in_the_onnx_layout_and_the_older_flat_layout_is_still_read(
+    exported: Path, tmp_path: Path
+) -> None:
+    """transformers.js / optimum read `onnx/vision_model.onnx`-style names; folders exported before keep working."""
+    from temde_hf.hub.publish import export_for_hub
+    from temde_hf.testing import load_endpoint_handler
+
+    meta = json.loads((exported / "onnx" / "onnx_export.json").read_text())
+    assert meta["graphs"] == [
+        "onnx/vision_model.onnx", "onnx/text_model.onnx",
+        "onnx/vision_model_quantized.onnx", "onnx/text_model_quantized.onnx",
+    ]  # fmt: skip
+    assert not list(exported.glob("*.onnx"))  # nothing beside the weights any more
+    legacy = tmp_path / "legacy"
+    shutil.copytree(exported, legacy, ignore=shutil.ignore_patterns("onnx"))
+    renames = {
+        "vision_model.onnx": "image_encoder.onnx",
+        "text_model.onnx": "text_encoder.onnx",
+        "vision_model_quantized.onnx": "image_encoder.int8.onnx",
+        "text_model_quantized.onnx": "text_encoder.int8.onnx",
+        "onnx_export.json": "onnx_export.json",
+    }
+    for new, old in renames.items():
+        shutil.copy2(exported / "onnx" / new, legacy / old)
+    captions = GALLERY_CAPTIONS[:3]
+    for backend in ("onnx", "onnx-int8"):
+        new_model, processor = load_encoder(exported, backend=backend)
+        old_model, _ = load_encoder(legacy, backend=backend)
+        assert isinstance(old_model, OnnxTemdeEncoder)
+        np.testing.assert_allclose(
+            encode_texts(old_model, processor, captions, progress=False),
+            encode_texts(new_model, processor, captions, progress=False),
+        )
+    export_for_hub(legacy, tmp_path / "export")
+    handler = load_endpoint_handler(tmp_path / "export").EndpointHandler(str(tmp_path / "export"))
+    assert handler.onnx is not None  # the handler reads the older layout too
+
+
 def test_damaged_graphs_or_export_record_are_named(exported: Path, tmp_path: Path) -> None:
     damaged = tmp_path / "damaged"
-    damaged.mkdir()
-    for path in exported.iterdir():
-        if path.is_file():
-            (damaged / path.name).write_bytes(path.read_bytes())
-    graph = damaged / "image_encoder.onnx"
+    shutil.copytree(exported, damaged)
+    graph = damaged / "onnx" / "vision_model.onnx"
     graph.write_bytes(graph.read_bytes()[:200])  # truncated protobuf
     with pytest.raises(
-        ValueError, match=r"image_encoder\.onnx: not a readable ONNX graph .*re-run: temde-hf export-onnx"
+        ValueError, match=r"vision_model\.onnx: not a readable ONNX graph .*re-run: temde-hf export-onnx"
     ):
         OnnxTemdeEncoder(damaged)
-    (damaged / "onnx_export.json").write_text("{garbled")
+    (damaged / "onnx" / "onnx_export.json").write_text("{garbled")
     with pytest.raises(ValueError, match=r"onnx_export\.json: unreadable .*re-run: temde-hf export-onnx"):
         OnnxTemdeEncoder(damaged)
+
+
+def test_a_linked_graph_in_the_onnx_folder_is_refused_by_publish(exported: Path, tmp_path: Path) -> None:
+    from temde_hf.hub.publish import export_for_hub
+
+    linked = tmp_path / "linked"
+    shutil.copytree(exported, linked)
+    secret = tmp_path / "elsewhere.onnx"
+    secret.write_bytes(b"not this checkpoint's")
+    (linked / "onnx" / "text_model.onnx").unlink()
+    (linked / "onnx" / "text_model.onnx").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"onnx/text_model\.onnx: is a symbolic link"):
+        export_for_hub(linked, tmp_path / "export")

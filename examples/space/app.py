@@ -4,9 +4,11 @@
 
 The gallery is a `GalleryIndex` built by ``temde-hf index`` with the same checkpoint; the captions are a
 list of sentences (or a text file, one per line) encoded once at start-up. As a Hugging Face Space
-(``sdk: gradio``, this file as ``app.py``, ``temde_hf[index,demo]`` in ``requirements.txt``), put a
-``checkpoint/`` folder, a ``gallery_index/`` folder and a ``captions.txt`` beside it, or point
-``TEMDE_CHECKPOINT``, ``TEMDE_GALLERY_INDEX`` and ``TEMDE_CAPTIONS`` at them.
+(``sdk: gradio``): upload this file as ``app.py``, the ``requirements.txt`` beside it and the wheel it
+names (``python -m build --wheel`` writes it to ``dist/``; temde_hf is not on PyPI, so the wheel, or a
+git URL of the repository, is what pip can install), then put a ``checkpoint/`` folder, a
+``gallery_index/`` folder and a ``captions.txt`` beside them, or point ``TEMDE_CHECKPOINT``,
+``TEMDE_GALLERY_INDEX`` and ``TEMDE_CAPTIONS`` at them.
 
 An application over the library, not part of it: everything it computes comes from `temde_hf`
 (checkpoint loading, the encoders, the gallery index); this file only wires them to a UI.

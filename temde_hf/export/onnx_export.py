@@ -3,15 +3,19 @@
 Each graph computes exactly what the model's public feature functions return, the fused retrieval
 embedding (global part + sketch):
 
-- ``image_encoder.onnx``: ``pixel_values`` `(batch, 3, H, W)` -> ``image_embeds`` `(batch, E)`;
-- ``text_encoder.onnx``: ``input_ids``, ``attention_mask`` `(batch, seq)` -> ``text_embeds`` `(batch, E)`;
-- ``image_encoder.int8.onnx`` / ``text_encoder.int8.onnx`` with ``--int8``: onnxruntime's dynamic int8
-  quantisation of the same graphs. Experimental: on the demo checkpoint it cost 45 test RSUM
-  (``benchmarks/encode_throughput.py --checkpoint``), so no command line runs them;
-- ``onnx_export.json``: the checkpoint's fingerprint, the embedding width, the longest caption the text
-  graph takes, and the largest difference to the eager model measured right after export.
+- ``onnx/vision_model.onnx``: ``pixel_values`` `(batch, 3, H, W)` -> ``image_embeds`` `(batch, E)`;
+- ``onnx/text_model.onnx``: ``input_ids``, ``attention_mask`` `(batch, seq)` -> ``text_embeds`` `(batch, E)`;
+- ``onnx/vision_model_quantized.onnx`` / ``onnx/text_model_quantized.onnx`` with ``--int8``:
+  onnxruntime's dynamic int8 quantisation of the same graphs. Experimental: on the demo checkpoint it
+  cost 45 test RSUM (``benchmarks/encode_throughput.py --checkpoint``), so no command line runs them;
+- ``onnx/onnx_export.json``: the checkpoint's fingerprint, the embedding width, the longest caption the
+  text graph takes, and the largest difference to the eager model measured right after export.
 
-The files are top-level (like the weights) so ``temde-hf publish`` ships them with the checkpoint.
+This is the layout of ONNX weights on the Hub that transformers.js and optimum's exports use: the graphs
+in an ``onnx/`` subfolder beside the weights (``temde-hf publish`` ships it), a dual encoder's halves
+named like CLIP's (``vision_model``, ``text_model``), quantised variants with ``_quantized``. Folders
+exported before, with ``image_encoder.onnx`` / ``text_encoder.onnx`` / ``onnx_export.json`` beside the
+weights, are still read (`onnx_layout`).
 """
 
 from __future__ import annotations
@@ -30,15 +34,30 @@ from .fingerprint import checkpoint_fingerprint
 
 logger = logging.getLogger("temde_hf.export")
 
-IMAGE_GRAPH, TEXT_GRAPH, META_FILE = "image_encoder.onnx", "text_encoder.onnx", "onnx_export.json"
-INT8_SUFFIX = ".int8.onnx"
+ONNX_DIR = "onnx"
+# Paths relative to the checkpoint folder.
+IMAGE_GRAPH, TEXT_GRAPH, META_FILE = "onnx/vision_model.onnx", "onnx/text_model.onnx", "onnx/onnx_export.json"
+INT8_SUFFIX = "_quantized.onnx"
+# The flat layout of earlier exports, still read.
+LEGACY_LAYOUT = ("image_encoder.onnx", "text_encoder.onnx", "onnx_export.json")
+LEGACY_INT8_SUFFIX = ".int8.onnx"
 OPSET = 18  # BitwiseAnd (the sketch's bucket codes) needs opset >= 18
 DEFAULT_MAX_TEXT_LENGTH = 128
 
 
 def int8_name(graph: str) -> str:
-    """``image_encoder.onnx`` -> ``image_encoder.int8.onnx``."""
-    return graph.removesuffix(".onnx") + INT8_SUFFIX
+    """``onnx/vision_model.onnx`` -> ``onnx/vision_model_quantized.onnx`` (older layout: ``x.int8.onnx``)."""
+    suffix = LEGACY_INT8_SUFFIX if graph in LEGACY_LAYOUT else INT8_SUFFIX
+    return graph.removesuffix(".onnx") + suffix
+
+
+def onnx_layout(checkpoint: str | Path) -> tuple[str, str, str]:
+    """`(image graph, text graph, metadata)` paths relative to `checkpoint`: the ``onnx/`` layout, or the
+    flat layout of earlier exports when only that one is there."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / META_FILE).is_file() and (checkpoint / LEGACY_LAYOUT[2]).is_file():
+        return LEGACY_LAYOUT
+    return IMAGE_GRAPH, TEXT_GRAPH, META_FILE
 
 
 class _ImageGraph(nn.Module):
@@ -128,7 +147,7 @@ def quantize_int8(graph: Path) -> Path:
     """onnxruntime dynamic int8 quantisation of one graph (weights int8, activations quantised per batch)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out = graph.with_name(int8_name(graph.name))
+    out = graph.with_name(Path(int8_name(graph.name)).name)
     quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8)
     return out
 
@@ -168,6 +187,7 @@ def export_onnx(
     pixel_values = torch.randn(2, 3, height, width, generator=generator)
     input_ids = torch.randint(1, model.config.text_config.vocab_size, (2, length), generator=generator)
     attention_mask = torch.ones_like(input_ids)
+    (checkpoint / ONNX_DIR).mkdir(exist_ok=True)
     _export(_ImageGraph(model), (pixel_values,), checkpoint / IMAGE_GRAPH, ["pixel_values"], "image_embeds")
     _export(
         _TextGraph(model),
@@ -185,7 +205,10 @@ def export_onnx(
         "graphs": [IMAGE_GRAPH, TEXT_GRAPH],
     }
     if int8:
-        meta["graphs"] += [quantize_int8(checkpoint / g).name for g in (IMAGE_GRAPH, TEXT_GRAPH)]
+        meta["graphs"] += [
+            quantize_int8(checkpoint / g).relative_to(checkpoint).as_posix()
+            for g in (IMAGE_GRAPH, TEXT_GRAPH)
+        ]
     (checkpoint / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if verify:
         meta["max_abs_diff"] = verify_export(model, checkpoint)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .fingerprint import checkpoint_fingerprint
-from .onnx_export import IMAGE_GRAPH, META_FILE, TEXT_GRAPH, int8_name
+from .onnx_export import int8_name, onnx_layout
 
 INSTALL_HINT = "pip install 'temde_hf[onnx]' (onnxruntime + onnx)"
 
@@ -32,7 +32,7 @@ def require_onnxruntime() -> Any:
 def onnx_available(checkpoint: str | Path) -> bool:
     """Whether the checkpoint has exported graphs and onnxruntime is installed."""
     checkpoint = Path(checkpoint)
-    if not all((checkpoint / name).is_file() for name in (IMAGE_GRAPH, TEXT_GRAPH, META_FILE)):
+    if not all((checkpoint / name).is_file() for name in onnx_layout(checkpoint)):
         return False
     try:
         require_onnxruntime()
@@ -62,10 +62,11 @@ class OnnxTemdeEncoder:
     ) -> None:
         ort = require_onnxruntime()
         checkpoint = Path(checkpoint)
-        meta_path = checkpoint / META_FILE
+        image_graph, text_graph, meta_file = onnx_layout(checkpoint)
+        meta_path = checkpoint / meta_file
         if not meta_path.is_file():
             raise ValueError(
-                f"{checkpoint} has no ONNX graphs ({META_FILE}); run: temde-hf export-onnx {checkpoint}"
+                f"{checkpoint} has no ONNX graphs ({meta_file}); run: temde-hf export-onnx {checkpoint}"
             )
         rerun = f"re-run: temde-hf export-onnx {checkpoint}{' --int8' * quantized}"
         try:
@@ -80,7 +81,7 @@ class OnnxTemdeEncoder:
                 f"{meta_path}: the ONNX graphs were exported from other weights (fingerprint "
                 f"{meta.get('fingerprint')} != {current}); re-run: temde-hf export-onnx {checkpoint}"
             )
-        names = [int8_name(IMAGE_GRAPH), int8_name(TEXT_GRAPH)] if quantized else [IMAGE_GRAPH, TEXT_GRAPH]
+        names = [int8_name(image_graph), int8_name(text_graph)] if quantized else [image_graph, text_graph]
         missing = [name for name in names if not (checkpoint / name).is_file()]
         if missing:
             raise ValueError(

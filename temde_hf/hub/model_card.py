@@ -4,6 +4,17 @@ The card is never written by hand. Its YAML header (``ModelCardData``) carries t
 ``model-index`` built from the same evaluation JSON that fills the results table, so the two cannot
 drift apart; the prose comes from ``templates/model_card.md.jinja``.
 
+Metadata a Hub user can rely on:
+- ``model-index``: the task is the Hub task the card is tagged with (``zero-shot-image-classification``:
+  the Hub has no image-text retrieval task; ``text-retrieval`` is text-only and ``visual-document-retrieval``
+  is for documents), each R@K is a ``recall`` metric named by its direction ("image-to-text R@1"),
+  values rounded to two decimals; the dataset ``type`` is an id (a Hub dataset id where one is known),
+  its ``name`` the readable name.
+- ``base_model`` and ``datasets`` hold Hub ids only: a tower or dataset without one (a local folder, the
+  converted EfficientNet-Lite0 weights, Flickr8k, which has no official Hub copy) is named in the
+  prose instead. Without explicit ``base_models``, the towers' ``_name_or_path`` in ``config.json`` are
+  used when they are Hub ids (a model composed from Hub towers records them).
+
 Evaluation JSON: the ``metrics.json`` of ``temde-hf evaluate``
 (``{"full": {"i2t_r1": .., "t2i_r10": .., "rsum": ..}, "split": "test", "data": .., "n_images": ..}``)
 or the nested form it is converted to::
@@ -16,11 +27,14 @@ or the nested form it is converted to::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..models.temde import TemdeConfig
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md.jinja"
 
@@ -37,7 +51,14 @@ RECALL_KEYS = ("R@1", "R@5", "R@10")
 RANK_KEYS = ("medr", "meanr")
 METRIC_NAMES = {"R@1": "R@1", "R@5": "R@5", "R@10": "R@10", "medr": "median rank", "meanr": "mean rank"}
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
-TASK_TYPE = "image-text-retrieval"
+# A Hub task id (huggingface.js `PIPELINE_DATA`): the card's pipeline tag, see the module docstring.
+TASK_TYPE = "zero-shot-image-classification"
+TASK_NAME = "Image-text retrieval"
+METRIC_DECIMALS = 2
+# Evaluation dataset names (the data folder's name) -> Hub dataset ids, only where an official copy is
+# known; every other name stays a plain id in the model-index and out of `datasets:`.
+HUB_DATASET_IDS: dict[str, str] = {}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Config fields shown in the card's settings table, in this order (absent ones are left out).
 SETTING_KEYS = (
@@ -151,35 +172,43 @@ def load_eval_results(eval_json: str | Path | Mapping[str, Any], *, block: str =
     return metrics
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hub repo id (``owner/name``) and is not a local path."""
+    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+
+
 def build_eval_results(metrics: Mapping[str, Any], *, dataset_name: str | None = None) -> list[EvalResult]:
     """Turn evaluation metrics into ``model-index`` entries (one task, one dataset, many metrics).
 
     Args:
         metrics: a validated evaluation dict (see `load_eval_results`).
-        dataset_name: pretty dataset name; defaults to the dataset id.
+        dataset_name: readable dataset name; defaults to the dataset id.
 
     Returns:
-        One `EvalResult` per metric: R@1/5/10 and ranks for both directions, then RSUM.
+        One `EvalResult` per recall (R@1/5/10 of both directions), typed ``recall`` and named e.g.
+        "image-to-text R@1", with the value rounded to `METRIC_DECIMALS`. Ranks and RSUM are not
+        recalls: the prose table shows them.
     """
+    dataset_id = HUB_DATASET_IDS.get(metrics["dataset"], metrics["dataset"])
     common = {
         "task_type": TASK_TYPE,
-        "task_name": "Image-text retrieval",
-        "dataset_type": metrics["dataset"],
+        "task_name": TASK_NAME,
+        "dataset_type": dataset_id,
         "dataset_name": dataset_name or metrics["dataset"],
         "dataset_split": metrics["split"],
     }
     results = []
     for direction, label in DIRECTIONS.items():
-        block = metrics[direction]
-        for key in RECALL_KEYS + RANK_KEYS:
-            if key not in block:
-                continue
-            metric_type = f"{direction}_{key.lower().replace('@', '')}"  # e.g. i2t_r1, t2i_medr
-            name = f"{label} {METRIC_NAMES[key]}"
+        for key in RECALL_KEYS:
             results.append(
-                EvalResult(metric_type=metric_type, metric_name=name, metric_value=block[key], **common)
+                EvalResult(
+                    metric_type="recall",
+                    metric_name=f"{label} {METRIC_NAMES[key]}",
+                    metric_value=round(float(metrics[direction][key]), METRIC_DECIMALS),
+                    metric_args={"k": int(key[2:])},
+                    **common,
+                )
             )
-    results.append(EvalResult(metric_type="rsum", metric_name="RSUM", metric_value=metrics["rsum"], **common))
     return results
 
 
@@ -202,21 +231,18 @@ def read_settings(checkpoint_dir: str | Path) -> dict[str, Any]:
     for key in SETTING_KEYS:
         if key in config:
             settings[key] = config[key]
-    if "sketch_width" not in settings and "n_hyperplanes" in config:
-        settings["sketch_width"] = 2 ** int(config["n_hyperplanes"])
-    if "embed_dim" not in settings:
-        settings["embed_dim"] = _embed_dim(config)
+    # The model's own numbers (K and the embedding width follow from the coder's rules), not a recomputation.
+    temde_config = TemdeConfig.from_pretrained(Path(checkpoint_dir))
+    settings["sketch_width"] = temde_config.sketch_width
+    settings["embed_dim"] = temde_config.embed_dim
     return settings
 
 
-def _embed_dim(config: Mapping[str, Any]) -> int | str:
-    """Final embedding size, for configs that do not store it (D, or D + N*K when concatenated)."""
-    dim = config.get("projection_dim")
-    if dim is None:
-        return "?"
-    if config.get("sketch_fusion", "concat") == "concat":
-        return int(dim) + int(config.get("n_sketches", 0)) * 2 ** int(config.get("n_hyperplanes", 0))
-    return int(dim)
+def tower_hub_ids(checkpoint_dir: str | Path) -> list[str]:
+    """Hub ids the two towers were loaded from (``_name_or_path`` of the sub-configs), where they are ids."""
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    names = [(config.get(f"{kind}_config") or {}).get("_name_or_path") or "" for kind in ("vision", "text")]
+    return [name for name in names if is_hub_id(name)]
 
 
 def render_model_card(
@@ -241,10 +267,13 @@ def render_model_card(
     Args:
         checkpoint_dir: folder written by `save_pretrained` (its ``config.json`` gives the settings).
         eval_json: evaluation JSON path or dict; ``None`` renders a card without results.
-        repo_id: Hub repo id used in the usage snippet (defaults to the folder name).
-        model_name: title and ``model-index`` name (defaults to the repo name).
-        base_models: Hub ids of the pretrained towers (``base_model`` in the metadata).
-        datasets: Hub ids / names of the training data; defaults to the evaluation dataset.
+        repo_id: Hub repo id used in the usage snippet (``temde-hf publish --repo-id``); without one the
+            snippet shows where the id goes.
+        model_name: title and ``model-index`` name (defaults to the repo name, else the folder name).
+        base_models: the pretrained towers; Hub ids go to ``base_model`` (default: `tower_hub_ids`),
+            the others are named in the prose only.
+        datasets: the training data; Hub dataset ids go to ``datasets:``, the others are named in the
+            prose only. Defaults to the evaluation dataset.
         training_info: flat training settings (epochs, batch size, loss, ...) shown as a table.
         run_settings: the run's exact settings (the YAML `temde-hf train` saves), shown verbatim.
         license: SPDX-style license id of the weights.
@@ -259,22 +288,24 @@ def render_model_card(
     """
     settings = read_settings(checkpoint_dir)
     results = load_eval_results(eval_json, block=eval_block) if eval_json is not None else None
-    if results is not None and dataset_name:
-        results["dataset"] = dataset_name
-    repo_id = repo_id or Path(checkpoint_dir).resolve().name
-    model_name = model_name or repo_id.split("/")[-1]
-    datasets = list(datasets) if datasets else ([results["dataset"]] if results else None)
+    model_name = model_name or (repo_id or Path(checkpoint_dir).resolve().name).split("/")[-1]
+    towers = list(base_models) if base_models else tower_hub_ids(checkpoint_dir)
+    if datasets:
+        datasets = list(datasets)
+    elif results:
+        datasets = [HUB_DATASET_IDS.get(results["dataset"], results["dataset"])]
+    hub_datasets = [d for d in datasets or [] if is_hub_id(d)]
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
-        pipeline_tag="zero-shot-image-classification",
+        pipeline_tag=TASK_TYPE,
         license=license,
         language="en",
         tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
-        datasets=datasets,
-        base_model=list(base_models) if base_models else None,
+        datasets=hub_datasets or None,
+        base_model=[m for m in towers if is_hub_id(m)] or None,
         metrics=["recall"] if results else None,
-        eval_results=build_eval_results(results) if results else None,
+        eval_results=build_eval_results(results, dataset_name=dataset_name) if results else None,
         widget=DEFAULT_WIDGET if widget is None else widget,
     )
     return ModelCard.from_template(
@@ -284,7 +315,9 @@ def render_model_card(
         repo_id=repo_id,
         settings=settings,
         results=results,
-        base_models=list(base_models or []),
+        dataset_name=dataset_name or (results["dataset"] if results else None),
+        base_models=towers,
+        trained_on=datasets or [],
         datasets_text=", ".join(datasets) if datasets else "its training data",
         training_info=dict(training_info or {}),
         run_settings=run_settings,

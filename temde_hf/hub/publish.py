@@ -18,15 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCard
+
 from temde_hf.hub.model_card import render_model_card
 from temde_hf.loading import PICKLE_SUFFIXES, check_checkpoint_dir, check_model_type, read_config
 
-# Written by the export itself: the Endpoints handler and the one image decoder it uses.
+# Written by the export itself: the Endpoints handler and the package's one image decoder, which the
+# handler imports from beside it (the Endpoints toolkit puts the folder on sys.path; its text check comes
+# from the model's own remote code, processing_temde.py).
 GENERATED_SOURCES = {
     "handler.py": Path(__file__).parent / "handler.py",
     "image_decoding.py": Path(__file__).parents[1] / "data" / "image_decoding.py",
 }
-# ONNX graphs (temde-hf export-onnx) are protobuf: data, never executed as code.
+# ONNX graphs (temde-hf export-onnx) are protobuf: data, never executed as code. They sit in the `onnx/`
+# subfolder that transformers.js and optimum read (the only folder exported), or beside the weights
+# in checkpoints exported before.
+ONNX_DIR = "onnx"
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".py", ".txt", ".model", ".jinja", ".onnx"}
 # Training-run files that are JSON/text but are not part of a model repo.
 RUN_FILES = {"trainer_state.json", "training_args.json", "optimizer.json", "scheduler.json", "rng_state.json"}
@@ -70,8 +77,34 @@ def _check_checkpoint(checkpoint_dir: Path) -> dict[str, Any]:
     return config
 
 
+def card_metadata_of(checkpoint_dir: Path) -> dict[str, Any]:
+    """The card settings a checkpoint's own ``README.md`` carries, as `render_model_card` keywords.
+
+    The export renders the card again (with the repo id and the evaluation given now); the towers
+    (``base_model``), ``datasets``, the model's name and the evaluation dataset's readable name that the
+    trainer or the demo wrote there are kept unless the caller gives new ones.
+    """
+    path = checkpoint_dir / "README.md"
+    if not path.is_file():
+        return {}
+    data = ModelCard.load(path).data
+    kept: dict[str, Any] = {}
+    if data.base_model:
+        kept["base_models"] = [data.base_model] if isinstance(data.base_model, str) else list(data.base_model)
+    if data.datasets:
+        kept["datasets"] = [data.datasets] if isinstance(data.datasets, str) else list(data.datasets)
+    if data.model_name:
+        kept["model_name"] = data.model_name
+    if data.eval_results:
+        kept["dataset_name"] = data.eval_results[0].dataset_name
+    return kept
+
+
 def _classify(path: Path) -> str | None:
     """``None`` if the file belongs in the export, else the reason it is skipped."""
+    if path.is_dir() and path.name == ONNX_DIR and not path.is_symlink():
+        bad = sorted(p.name for p in path.iterdir() if not p.is_file() or p.suffix not in (".onnx", ".json"))
+        return f"holds {bad}, not only ONNX graphs and their metadata" if bad else None
     if path.is_dir():
         return "folder (checkpoints/runs are not exported)"
     if path.suffix in PICKLE_SUFFIXES:
@@ -196,7 +229,8 @@ def export_for_hub(
             deleted; anything else there is refused, see `_prepare_out_dir`).
         dry_run: the export is only to be looked at: it deletes nothing, even with ``overwrite``.
         **card_kwargs: passed to `render_model_card` (``repo_id``, ``base_models``, ``datasets``,
-            ``training_info``, ...).
+            ``training_info``, ...); those not given (or ``None``) keep the values of the checkpoint's
+            own card (see `card_metadata_of`).
 
     Returns:
         An `ExportReport` listing the exported and the skipped files.
@@ -209,14 +243,21 @@ def export_for_hub(
         if reason:
             report.skipped[path.name] = reason
         else:
-            _check_own_file(path, checkpoint_dir)
+            for own in [path, *(sorted(path.iterdir()) if path.is_dir() else [])]:  # onnx/: each graph too
+                _check_own_file(own, checkpoint_dir)
             report.files.append(path.name)
     # Rendered before anything is deleted, so a bad evaluation JSON leaves an earlier export intact.
-    card = render_model_card(checkpoint_dir, eval_json, **card_kwargs)
+    given = {key: value for key, value in card_kwargs.items() if value is not None}
+    card = render_model_card(checkpoint_dir, eval_json, **{**card_metadata_of(checkpoint_dir), **given})
     _prepare_out_dir(out_dir, checkpoint_dir, {*report.files, *GENERATED}, overwrite, dry_run)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in report.files:
-        shutil.copy2(checkpoint_dir / name, out_dir / name)
+        if (checkpoint_dir / name).is_dir():  # onnx/: its graphs and metadata, file by file
+            (out_dir / name).mkdir()
+            for graph in sorted((checkpoint_dir / name).iterdir()):
+                shutil.copy2(graph, out_dir / name / graph.name)
+        else:
+            shutil.copy2(checkpoint_dir / name, out_dir / name)
     card.save(out_dir / "README.md")
     for name, source in GENERATED_SOURCES.items():
         shutil.copy2(source, out_dir / name)
@@ -279,8 +320,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repo-id", required=True, help="Hub repo id, user/name")
     parser.add_argument("--out-dir", required=True, help="where to write the exported folder")
     parser.add_argument("--eval-json", help="evaluation JSON from `temde-hf evaluate` (card results)")
-    parser.add_argument("--base-model", action="append", default=[], help="Hub id of a pretrained tower")
-    parser.add_argument("--dataset", action="append", default=[], help="training dataset id/name")
+    parser.add_argument(
+        "--base-model",
+        action="append",
+        default=[],
+        help="Hub id of a pretrained tower (repeat for both; default: those of the checkpoint's card)",
+    )
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        help="training dataset Hub id (default: the checkpoint card's)",
+    )
     parser.add_argument("--training-info", help="JSON file of training settings to show on the card")
     parser.add_argument("--dry-run", action="store_true", help="write the export, upload nothing")
     parser.add_argument("--private", action="store_true")

@@ -1,5 +1,8 @@
 """The retrieval metric as an `evaluate` module; this file only makes the folder ship in the wheel.
 
+The folder is a self-contained `evaluate` metric (``retrieval_metric.py`` + ``metrics.py``): copy it
+anywhere, or load it from an installed wheel, without temde_hf.
+
 ``evaluate.load(str(METRIC_PATH))`` (or `load_retrieval_metric`) loads it offline.
 """
 

@@ -1,5 +1,10 @@
 """Image<->text retrieval metrics (R@1/5/10 both ways, RSUM, median and mean rank) for `evaluate`.
 
+The module stands alone, as `evaluate` expects of a metric: it imports datasets, evaluate and torch,
+and ``.metrics``, the package's one implementation of the ranks (``metrics.py`` here is a link to
+``temde_hf/evaluation/metrics.py``, which imports only torch; `evaluate.load` copies it beside this
+script, and a wheel holds it as a file). Nothing here imports temde_hf.
+
 Load offline from this folder::
 
     import evaluate
@@ -18,7 +23,7 @@ import datasets
 import evaluate
 import torch
 
-from temde_hf.evaluation.metrics import retrieval_metrics
+from .metrics import retrieval_metrics
 
 _DESCRIPTION = __doc__
 _CITATION = """\

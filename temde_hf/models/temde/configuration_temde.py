@@ -28,6 +28,23 @@ KERNEL_CHOICES = ("auto", "torch", "triton", "reference")
 # there too (`triton_sketch_temde.MAX_TRITON_HYPERPLANES`). Beyond it a sketch fits no retrieval index
 # (H = 40 would ask for terabytes), so larger H is a configuration error, not a slow run.
 MAX_HYPERPLANES = 12
+# Towers whose first token is no summary of the input, by `model_type`: the `cls` head would pool it
+# (`pooler` takes the tower's pooled output instead, which all of these have).
+_CAUSAL_TEXT = (
+    "its summary is the end-of-text token (the pooled output); under causal attention the first token "
+    "sees only itself, so every caption would get the same embedding"
+)
+_FEATURE_MAP = "a convolutional feature map: its first token is the top-left cell of the image, not a summary"
+NO_SUMMARY_TOKEN = {
+    "clip_text_model": _CAUSAL_TEXT,
+    "siglip_text_model": "it has no [CLS]: its summary is the last token (the pooled output)",
+    "siglip_vision_model": "it has no [CLS]: its tokens are patches, summarised by its attention-pooling head",
+    "siglip2_vision_model": "it has no [CLS]: its tokens are patches, summarised by its attention-pooling head",
+    **{
+        name: _FEATURE_MAP
+        for name in ("convnext", "convnextv2", "resnet", "efficientnet", "efficientnet_lite", "regnet", "bit")
+    },
+}
 
 
 # Tower configs that ship inside this folder, so remote code resolves them without registration.
@@ -227,6 +244,7 @@ class TemdeConfig(PreTrainedConfig):
         scale = self.logit_scale_init_value
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
             raise ValueError(f"TemdeConfig.logit_scale_init_value={scale!r} must be a finite number.")
+        self._check_summary_tokens()
         if self.pooling == "attention" and self.projection_dim % self.attention_pooling_heads:
             raise ValueError(
                 f"TemdeConfig.projection_dim={self.projection_dim} must be divisible by "
@@ -240,6 +258,27 @@ class TemdeConfig(PreTrainedConfig):
                 f"TemdeConfig: the matching head's width {itm_width} (itm_hidden_size, else projection_dim) must "
                 f"be divisible by itm_heads={self.itm_heads}."
             )
+
+    def _check_summary_tokens(self) -> None:
+        """Refuse a head that reads the first token (`cls`, or `pooler` without a pooled output) of a tower
+        whose first token summarises nothing (see `NO_SUMMARY_TOKEN`)."""
+        for side in ("vision", "text"):
+            tower = getattr(self, f"{side}_config")
+            model_type = getattr(tower, "model_type", None)
+            reason = NO_SUMMARY_TOKEN.get(model_type)
+            # A SigLIP vision tower without its attention-pooling head returns no pooled output, so the
+            # `pooler` head would fall back to the first patch.
+            headless = model_type in ("siglip_vision_model", "siglip2_vision_model") and not getattr(
+                tower, "vision_use_head", True
+            )
+            if reason and (self.pooling == "cls" or (self.pooling == "pooler" and headless)):
+                fix = "'mean', 'attention'" + (
+                    "" if headless else " or 'pooler' (the tower's own pooled output)"
+                )
+                raise ValueError(
+                    f"TemdeConfig.pooling={self.pooling!r} reads the first token of the {side} tower "
+                    f"({model_type}), but {reason}; use pooling={fix}."
+                )
 
     @property
     def embed_dim(self) -> int:

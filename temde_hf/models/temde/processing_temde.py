@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from pathlib import Path
 from typing import Any
 
 from transformers import BatchFeature
@@ -79,6 +80,44 @@ class TemdeProcessor(ProcessorMixin):
         if images is not None:
             data.update(self.image_processor(images, return_tensors=return_tensors))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model_name_or_path: str | Path, text_model_name_or_path: str | Path, **kwargs: Any
+    ) -> TemdeProcessor:
+        """The processor of a model composed with `TemdeModel.from_vision_text_pretrained`.
+
+        The image processor comes from the vision tower's folder (or Hub id), the tokenizer from the text
+        tower's; save it beside the composed model so `AutoProcessor` and the pipelines load that folder.
+
+        Args:
+            vision_model_name_or_path / text_model_name_or_path: the same towers the model was built from.
+            **kwargs: `vision_*` / `text_*` keyword arguments go to that side's `from_pretrained`.
+        """
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        vision_kwargs = {k[len("vision_") :]: v for k, v in kwargs.items() if k.startswith("vision_")}
+        text_kwargs = {k[len("text_") :]: v for k, v in kwargs.items() if k.startswith("text_")}
+        unknown = sorted(
+            set(kwargs) - {f"vision_{k}" for k in vision_kwargs} - {f"text_{k}" for k in text_kwargs}
+        )
+        if unknown:
+            raise TypeError(f"unknown arguments {unknown}: prefix each with vision_ or text_")
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path, **vision_kwargs)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"vision tower {vision_model_name_or_path}: no image processor could be loaded ({exc}); the "
+                "folder needs the preprocessor_config.json its image processor's save_pretrained writes"
+            ) from exc
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **text_kwargs)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"text tower {text_model_name_or_path}: no tokenizer could be loaded ({exc}); the folder "
+                "needs the files its tokenizer's save_pretrained writes"
+            ) from exc
+        return cls(image_processor=image_processor, tokenizer=tokenizer)
 
     @property
     def model_input_names(self) -> list[str]:
