@@ -238,7 +238,7 @@ class TemdeConfig(PreTrainedConfig):
         _check_choice("sketch_fusion", self.sketch_fusion, FUSION_CHOICES)
         SKETCH_CODERS.check(self.sketch_coder)
         _check_choice("sketch_kernel", self.sketch_kernel, KERNEL_CHOICES)
-        _check_choice("alignment_aggregation", self.alignment_aggregation, tuple(ALIGNMENT_AGGREGATIONS))
+        ALIGNMENT_AGGREGATIONS.check(self.alignment_aggregation)
         for field in ("projection_dim", "n_sketches", "sketch_chunk_size", "attention_pooling_heads"):
             _check_positive(field, getattr(self, field), integer=True)
         for field in ("itm_layers", "itm_heads"):
