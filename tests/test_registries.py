@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from temde_hf import LOSSES, POOLING_HEADS, SKETCH_CODERS, TemdeModel
+from temde_hf import LOSSES, POOLING_HEADS, SKETCH_CODERS, SketchCoder, TemdeModel
 from temde_hf.models.temde.pooling_temde import PoolingHead
-from temde_hf.models.temde.sketch_temde import SketchCoder
 from temde_hf.testing import save_tiny_towers, tiny_config
 
 
