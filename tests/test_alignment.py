@@ -90,5 +90,8 @@ def test_gradient_never_reaches_padding_and_float16_storage_scores_close() -> No
 
 def test_unknown_aggregation_is_named() -> None:
     tokens, mask = torch.randn(1, 2, 4), torch.ones(1, 2)
-    with pytest.raises(ValueError, match="unknown alignment aggregation 'mean_max'"):
+    with pytest.raises(
+        ValueError,
+        match=r"alignment aggregation 'mean_max' is not supported; choose one of max_mean, max_sum, symmetric",
+    ):
         alignment_scores(tokens, mask, tokens, mask, "mean_max")

@@ -9,6 +9,7 @@ import datasets
 import pytest
 
 from temde_hf.data import (
+    DATA_FORMATS,
     FEATURES,
     LoadReport,
     detect_format,
@@ -243,3 +244,36 @@ def test_every_loader_selects_splits_and_counts_the_others_the_same_way(
     assert report.n_loaded == len(reference)
     assert report.unknown_splits == {"tset": 1}  # the typo is counted, not silently dropped
     assert sum(report.other_splits.values()) == 12 - len(reference)
+
+
+def test_a_registered_format_is_one_loader(synthetic: Path, tmp_path: Path) -> None:
+    """A new format is one decorated loader; `format=` (and the commands' --data_format) then accept it."""
+
+    @DATA_FORMATS.register("karpathy_lines_test")
+    def load_lines(path, image_root, **options):  # "file name<TAB>caption" lines, one split
+        entries: dict[str, list[str]] = {}
+        for line in Path(path).read_text().splitlines():
+            name, caption = line.split("\t")
+            entries.setdefault(name, []).append(caption)
+        karpathy = {"images": [
+            {"filename": n, "split": "train", "sentences": [{"raw": c} for c in cs]} for n, cs in entries.items()
+        ]}  # fmt: skip
+        converted = tmp_path / "converted.json"
+        converted.write_text(json.dumps(karpathy))
+        return load_karpathy(converted, image_root, **options)
+
+    try:
+        reference = load_karpathy(synthetic, split="train")
+        lines = [f"{Path(r['image']['path']).name}\t{c}" for r in reference.cast_column(
+            "image", datasets.Image(decode=False)) for c in r["captions"]]  # fmt: skip
+        (tmp_path / "pairs.tsv").write_text("\n".join(lines))
+        loaded = load_image_captions(
+            tmp_path / "pairs.tsv", format="karpathy_lines_test", image_root=synthetic.parent / "images"
+        )
+        assert sorted(v[:2] for v in links(loaded).values()) == sorted(
+            v[:2] for v in links(reference).values()
+        )
+    finally:
+        del DATA_FORMATS["karpathy_lines_test"]
+    with pytest.raises(ValueError, match=r"format must be one of.*karpathy.*hub"):
+        load_image_captions(tmp_path / "pairs.tsv", format="karpathy_lines_test")

@@ -152,3 +152,49 @@ def test_itm_rerank_refuses_a_checkpoint_without_a_head(synthetic: Path, tmp_pat
             [str(plain), "--data", str(synthetic), "--rerank", "itm", "--output-dir", str(tmp_path / "e")]
         )
     assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+@pytest.fixture
+def mean_token_reranker():
+    from temde_hf.evaluation.rerank import Reranker
+
+    @RERANKERS.register("mean_token_test")
+    class MeanTokenReranker(Reranker):
+        """Cosine of the masked mean tokens: one decorated class, registered from outside the package."""
+
+        def score(self, image_tokens, image_mask, text_tokens, text_mask) -> torch.Tensor:
+            return torch.nn.functional.cosine_similarity(
+                _masked_mean(image_tokens, image_mask), _masked_mean(text_tokens, text_mask), dim=-1
+            )
+
+    yield MeanTokenReranker
+    del RERANKERS["mean_token_test"]
+
+
+def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.float()[..., None]
+    return (tokens.float() * mask).sum(-2) / mask.sum(-2)
+
+
+def test_a_registered_reranker_is_offered_by_evaluate(
+    mean_token_reranker, checkpoint: Path, synthetic: Path, tmp_path: Path
+) -> None:
+    result = evaluate_main([
+        str(checkpoint), "--data", str(synthetic), "--split", "all", "--rerank", "mean_token_test",
+        "--rerank-k", "60", "--rerank-fusion", "0", "--latency-queries", "2", "--output-dir", str(tmp_path / "e"),
+    ])  # fmt: skip
+    model, processor = load_checkpoint(checkpoint)
+    dataset = load_karpathy(synthetic)
+    images, texts = encode_token_sets(model, processor, dataset)
+    image_means = _masked_mean(images.tokens, images.mask)  # (12, D)
+    text_means = _masked_mean(texts.tokens, texts.mask)  # (60, D)
+    full = (
+        torch.nn.functional.normalize(image_means, dim=-1)
+        @ torch.nn.functional.normalize(text_means, dim=-1).T
+    )
+    expected = metrics_from_ranks(*retrieval_ranks(full, caption_to_image(dataset)))
+    assert result["rerank"]["full"] == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(
+        ValueError, match=r"--rerank 'nope' is not supported; choose one of .*mean_token_test"
+    ):
+        build_reranker("nope", model)

@@ -75,6 +75,7 @@ def _args(*flags: str):
         (("--stop_after_steps", "0"), r"--stop_after_steps 0 must be"),
         (("--cv_folds", "-2"), r"--cv_folds -2 must be"),
         (("--projection_dim", "0"), r"--projection_dim 0 must be"),
+        (("--sketch_chunk_size", "0"), r"--sketch_chunk_size 0 must be"),  # a flag derived from the config
         (("--sketch_temperature", "0"), r"--sketch_temperature 0\.0 must be"),
         (("--lr_scheduler_type", "constant", "--warmup_steps", "5"), r"constant has no warm-up.*constant_with_warmup"),
         (("--lr_scheduler_type", "cosine_annealing"), r"--lr_scheduler_type 'cosine_annealing' is not one of"),
@@ -344,3 +345,39 @@ def test_resume_settings_must_match() -> None:
         check_resume_settings(Path("ckpt"), saved, {**saved, "per_device_train_batch_size": 16})
     with pytest.raises(ResumeMismatchError, match=r"--num_processes: .*accelerate launch --num_processes 2"):
         check_resume_settings(Path("ckpt"), saved, {**saved, "num_processes": 1})
+
+
+def test_model_flags_are_the_configs_architecture_fields() -> None:
+    """One source of truth: every `TemdeConfig` field is a flag, typed and documented as the config says."""
+    import dataclasses
+
+    from temde_hf import TemdeConfig
+    from temde_hf.training.arguments import ModelArguments
+
+    own = set(vars(TemdeConfig)["__annotations__"]) - {"vision_config", "text_config", "sub_configs_defaults"}
+    flags = {f.name: f for f in dataclasses.fields(ModelArguments)}
+    assert own <= set(flags)
+    for name in own:  # the help is the config docstring's description, never a hand-written copy
+        assert flags[name].metadata["help"] and flags[name].metadata["help"] != "see TemdeConfig", name
+    assert 'the `"attention"` pooling layer' in flags["attention_pooling_heads"].metadata["help"]
+    # the flags the hand-written list missed reach the config
+    model_args = parse_args([
+        "--vision_model_path", "v", "--text_model_path", "t", "--data", "d.json", "--attention_pooling_heads", "2", "--sketch_kernel", "reference",
+        "--sketch_chunk_size", "8", "--sketch_width", "16", "--learn_sketch_temperature", "false",
+    ])[0]  # fmt: skip
+    overrides = model_args.config_overrides()
+    assert overrides == {
+        "attention_pooling_heads": 2, "sketch_kernel": "reference", "sketch_chunk_size": 8, "sketch_width": 16,
+        "learn_sketch_temperature": False,
+    }  # fmt: skip
+    config = TemdeConfig(**overrides)
+    assert (config.sketch_kernel, config.sketch_chunk_size, config.n_hyperplanes) == ("reference", 8, 4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted(EXAMPLES.glob("*.yaml")) + sorted((EXAMPLES.parents[1] / "benchmarks" / "configs").glob("*.yaml")),
+)
+def test_every_shipped_config_parses(config: Path) -> None:
+    model_args = parse_args([str(config), "--vision_model_path", "v", "--text_model_path", "t"])[0]
+    assert model_args.config_overrides()["n_sketches"] > 0 and model_args.vision_model_path == "v"

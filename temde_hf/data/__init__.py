@@ -6,7 +6,7 @@ Every loader returns one row per image with columns ``image`` (`datasets.Image`,
 
 from __future__ import annotations
 
-from .auto import FORMATS, detect_format, load_image_captions
+from .auto import DATA_FORMATS, detect_format, load_image_captions
 from .coco import load_coco_captions
 from .common import FEATURES, open_image, verify_image
 from .csv_captions import karpathy_split_map, load_caption_csv
@@ -19,8 +19,8 @@ from .pairs import CaptionPairs, caption_to_image, flat_captions
 from .synthetic import make_synthetic_karpathy
 
 __all__ = [
+    "DATA_FORMATS",
     "FEATURES",
-    "FORMATS",
     "CaptionPairs",
     "DataError",
     "LoadReport",

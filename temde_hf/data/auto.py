@@ -1,4 +1,10 @@
-"""One entry point over every loader, choosing the format from the path (used by the commands)."""
+"""One entry point over every loader, choosing the format from the path (used by the commands).
+
+A format is one loader under ``@DATA_FORMATS.register(name)`` taking ``(path, image_root, **options)``
+(the options: ``split``, ``n_captions``, ``verify_images``, ``on_error``, ``report`` and the loader's own
+keywords) and returning the image-level schema; ``--data_format`` / ``format=`` then accept its name.
+`detect_format` guesses one of the built-in formats from the path.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any
 
 import datasets
 
+from ..models.temde.registry_temde import Registry
 from .coco import load_coco_captions
 from .csv_captions import load_caption_csv
 from .errors import DataError, LoadReport, OnError
@@ -17,7 +24,40 @@ from .karpathy import load_karpathy, read_json
 
 # Suffixes that make a path a local file, never a Hub dataset id.
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet")
-FORMATS = ("auto", "karpathy", "coco", "csv", "imagefolder", "parquet", "hub")
+# Name -> loader `(path, image_root, **options) -> datasets.Dataset`; "auto" is `detect_format`.
+DATA_FORMATS = Registry("data_format", "DATA_FORMATS")
+
+
+@DATA_FORMATS.register("karpathy")
+def _karpathy(path: str | Path, image_root: str | Path | None, **options: Any) -> datasets.Dataset:
+    return load_karpathy(path, image_root, **options)
+
+
+@DATA_FORMATS.register("coco")
+def _coco(path: str | Path, image_root: str | Path | None, **options: Any) -> datasets.Dataset:
+    if image_root is None:
+        raise DataError(f"{path}: a COCO captions file needs image_root (the folder of its images)")
+    return load_coco_captions(path, image_root, **options)
+
+
+@DATA_FORMATS.register("csv")
+def _csv(path: str | Path, image_root: str | Path | None, **options: Any) -> datasets.Dataset:
+    return load_caption_csv(path, image_root, **options)
+
+
+@DATA_FORMATS.register("imagefolder")
+def _imagefolder(path: str | Path, image_root: str | Path | None, **options: Any) -> datasets.Dataset:
+    return load_imagefolder(path, **options)
+
+
+@DATA_FORMATS.register("parquet")
+def _parquet(path: str | Path, image_root: str | Path | None, **options: Any) -> datasets.Dataset:
+    return load_hub_dataset("parquet", data_files=str(path), image_root=image_root, **options)
+
+
+@DATA_FORMATS.register("hub")
+def _hub(path: str | Path, image_root: str | Path | None, **options: Any) -> datasets.Dataset:
+    return load_hub_dataset(path, image_root=image_root, **options)
 
 
 def detect_format(path: str | Path) -> str:
@@ -46,7 +86,7 @@ def detect_format(path: str | Path) -> str:
         return "karpathy"
     if not path.exists():
         return "hub"
-    raise DataError(f"{path}: cannot tell the dataset format; pass format= one of {FORMATS[1:]}")
+    raise DataError(f"{path}: cannot tell the dataset format; pass format= one of {tuple(DATA_FORMATS)}")
 
 
 def load_image_captions(
@@ -65,7 +105,7 @@ def load_image_captions(
     Args:
         path: A Karpathy JSON, a COCO captions JSON, an ``image,caption`` CSV, an image folder with
             ``metadata.jsonl``, a parquet file, or a Hub dataset id.
-        format: One of `FORMATS`; ``"auto"`` uses `detect_format`.
+        format: ``"auto"`` (`detect_format`) or a name of `DATA_FORMATS`.
         image_root: Image folder for the JSON / CSV formats (and path columns of parquet / Hub data).
         split: Keep rows of this split (or these) only.
         **kwargs: More arguments of the chosen loader (e.g. ``splits`` for a CSV, column names for
@@ -74,8 +114,8 @@ def load_image_captions(
     Returns:
         Columns ``image``, ``image_id``, ``captions``, ``split``.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format != "auto" and format not in DATA_FORMATS:
+        raise ValueError(f"format must be one of {('auto', *DATA_FORMATS)}, got {format!r}")
     format = detect_format(path) if format == "auto" else format
     # every loader selects the split itself (counting other split values) through the one builder
     common = {
@@ -85,16 +125,4 @@ def load_image_captions(
         "on_error": on_error,
         "report": report,
     }
-    if format == "karpathy":
-        return load_karpathy(path, image_root, **common, **kwargs)
-    if format == "imagefolder":
-        return load_imagefolder(path, **common, **kwargs)
-    if format == "coco":
-        if image_root is None:
-            raise DataError(f"{path}: a COCO captions file needs image_root (the folder of its images)")
-        return load_coco_captions(path, image_root, **common, **kwargs)
-    if format == "csv":
-        return load_caption_csv(path, image_root, **common, **kwargs)
-    if format == "parquet":
-        return load_hub_dataset("parquet", data_files=str(path), image_root=image_root, **common, **kwargs)
-    return load_hub_dataset(path, image_root=image_root, **common, **kwargs)
+    return DATA_FORMATS[format](path, image_root, **common, **kwargs)

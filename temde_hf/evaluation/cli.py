@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..data.auto import FORMATS, load_image_captions
+from ..data.auto import DATA_FORMATS, load_image_captions
 from ..data.errors import LoadReport
 from ..loading import check_checkpoint_dir, load_checkpoint
 from .encode import BACKENDS, encode_dataset, load_encoder
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", required=True, help="Karpathy/COCO JSON, captions CSV, image folder, parquet or Hub id"
     )
-    parser.add_argument("--format", default="auto", choices=FORMATS)
+    parser.add_argument("--format", default="auto", choices=("auto", *DATA_FORMATS))
     parser.add_argument("--image-root", default=None, help="image folder (default: images/ beside the file)")
     parser.add_argument("--split", default="test", help="split to evaluate ('all' for every row)")
     parser.add_argument("--output-dir", default=None, help="default: CHECKPOINT/eval-SPLIT")

@@ -5,7 +5,8 @@ Stage 1 ranks the whole gallery by ``<query, item>``; stage 2 re-scores only eac
 stay ahead of the rest, which keep their stage-1 order. Rerankers read stored joint-space tokens
 (`TokenSet`), so a gallery that keeps its items' tokens is re-scored without running its tower again.
 
-Rerankers live in the `RERANKERS` registry (the tests loop over it):
+Rerankers live in the `RERANKERS` registry (the tests loop over it, ``--rerank`` offers its names); a new one
+is one `Reranker` subclass under ``@RERANKERS.register(name)``:
 
 - ``"alignment"``: the token-level alignment score (TERAN; `alignment_temde`, with the model's
   `alignment_aggregation`), parameter-free;
@@ -29,6 +30,7 @@ from torch.nn import functional as F
 
 from ..data.pairs import flat_captions
 from ..models.temde.alignment_temde import paired_alignment_scores
+from ..models.temde.registry_temde import Registry
 from .encode import EncodedBatch, iter_image_features, iter_text_features
 from .metrics import metrics_from_ranks
 
@@ -112,21 +114,11 @@ class Reranker:
         return torch.cat(out) if out else torch.empty(0)
 
 
-RERANKERS: dict[str, type[Reranker]] = {}
+# Name -> `Reranker` subclass, built for a model by `build_reranker`.
+RERANKERS = Registry("rerank", "RERANKERS")
 
 
-def register_reranker(name: str) -> Callable[[type[Reranker]], type[Reranker]]:
-    """Class decorator: add a `Reranker` to `RERANKERS` under `name`."""
-
-    def add(cls: type[Reranker]) -> type[Reranker]:
-        cls.name = name
-        RERANKERS[name] = cls
-        return cls
-
-    return add
-
-
-@register_reranker("alignment")
+@RERANKERS.register("alignment")
 class AlignmentReranker(Reranker):
     """TERAN's token-level alignment score, aggregated as the model's config says."""
 
@@ -138,7 +130,7 @@ class AlignmentReranker(Reranker):
         return paired_alignment_scores(image_tokens, image_mask, text_tokens, text_mask, self.aggregation)
 
 
-@register_reranker("itm")
+@RERANKERS.register("itm")
 class MatchingReranker(Reranker):
     """The matching head's logit (a cross-encoder over both token sets)."""
 
@@ -160,8 +152,7 @@ class MatchingReranker(Reranker):
 
 def build_reranker(name: str, model: Any) -> Reranker:
     """The reranker `name` of `RERANKERS` for `model`."""
-    if name not in RERANKERS:
-        raise ValueError(f"unknown reranker {name!r}; choose one of {sorted(RERANKERS)}")
+    RERANKERS.check(name, label=f"--rerank {name!r}")
     return RERANKERS[name](model)
 
 
@@ -526,7 +517,6 @@ __all__ = [
     "build_reranker",
     "encode_token_sets",
     "fuse_scores",
-    "register_reranker",
     "rerank_candidates",
     "rerank_report",
     "score_candidates",

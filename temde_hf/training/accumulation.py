@@ -85,14 +85,6 @@ def encode_batch(
     return enc, out
 
 
-def encode_pairs(
-    model: nn.Module, batch: dict[str, torch.Tensor], sketch_weight: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The training forward: `(image_embeds (n, E), text_embeds (n, E), logit_scale (1,))`."""
-    enc, _ = encode_batch(model, batch, sketch_weight)
-    return enc.image_embeds, enc.text_embeds, enc.logit_scale
-
-
 def matching_head(model: nn.Module, accelerator: Any, keep_parameters_out: bool) -> HeadFn | None:
     """The model's matching head as a function (``None`` for a model without one).
 

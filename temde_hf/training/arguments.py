@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..loading import require_folder
+from ..models.temde.configuration_temde import TemdeConfig
 from ..models.temde.loss_temde import LOSSES, SCORE_LOSSES
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -29,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    """What to train: the towers (local folders) or a full model config, and the architecture overrides."""
+class _ModelSources:
+    """Where the model comes from: the towers (local folders), a full model config, or a saved model."""
 
     vision_model_path: str | None = field(
         default=None, metadata={"help": "local folder of the pretrained vision tower (config + weights)"}
@@ -54,34 +56,59 @@ class ModelArguments:
     card_base_models: str | None = field(
         default=None, metadata={"help": "comma-separated Hub ids of the towers, for the model card"}
     )
-    projection_dim: int | None = field(default=None, metadata={"help": "D, the joint token space"})
-    pooling: str | None = field(default=None, metadata={"help": "pooler | cls | mean | attention"})
-    sketch_fusion: str | None = field(default=None, metadata={"help": "concat | replace | none"})
-    sketch_coder: str | None = field(default=None, metadata={"help": "soft_dlsh | anchor"})
-    n_sketches: int | None = field(default=None, metadata={"help": "N, sketch depth"})
-    n_hyperplanes: int | None = field(default=None, metadata={"help": "H; sketch width K = 2**H"})
-    sketch_temperature: float | None = field(default=None, metadata={"help": "tau of the soft coder"})
-    learn_sketch_temperature: bool | None = field(default=None, metadata={"help": "learn log tau"})
-    sketch_weight: float | None = field(default=None, metadata={"help": "lambda of the concat fusion"})
-    token_layer_norm: bool | None = field(
-        default=None, metadata={"help": "LayerNorm of every tower token before the projection"}
-    )
-    alignment_aggregation: str | None = field(
-        default=None, metadata={"help": "token-level alignment score: max_mean | max_sum | symmetric"}
-    )
-    itm_layers: int | None = field(
-        default=None, metadata={"help": "joint-attention layers of the matching head"}
-    )
-    itm_heads: int | None = field(default=None, metadata={"help": "attention heads of the matching head"})
-    itm_hidden_size: int | None = field(
-        default=None, metadata={"help": "width of the matching head (default: projection_dim)"}
-    )
 
     def config_overrides(self) -> dict[str, Any]:
         """The architecture fields that were set, as `TemdeConfig` keyword arguments."""
-        skip = {"vision_model_path", "text_model_path", "model_config", "init_from"}
-        skip |= {"image_processor_path", "tokenizer_path", "card_base_models"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and v is not None}
+        values = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _config_docs(config_class: type) -> dict[str, str]:
+    """Field -> its description in the config class's ``Args:`` docstring (one line, backticks kept)."""
+    doc = (config_class.__doc__ or "").split("Args:", 1)[-1].split("Example:", 1)[0]
+    entries = re.split(r"\n\s{8}(?=\w+ \(`)", doc)  # entries start at 8 spaces: "name (`type`, ...): ..."
+    out = {}
+    for entry in entries:
+        match = re.match(r"\s*(\w+) \(`[^`]*`(?:, [^)]*)?\):\s*(.*)", entry, re.DOTALL)
+        if match:
+            out[match.group(1)] = " ".join(match.group(2).split())
+    return out
+
+
+def _architecture_fields(config_class: type) -> list[tuple[str, Any, Any]]:
+    """One optional flag per architecture parameter of `config_class` (its own fields, the towers left out):
+    typed as the config types it, its help the config's docstring, its default ``None`` (the config's own)."""
+    docs = _config_docs(config_class)
+    out = []
+    own = vars(config_class).get("__annotations__", {})  # not the fields PreTrainedConfig has for every model
+    for config_field in dataclasses.fields(config_class):
+        name = config_field.name
+        if name not in own or name in ("vision_config", "text_config"):
+            continue
+        base = str(config_field.type).replace(" | None", "")
+        help_text = docs.get(name, f"see {config_class.__name__}").replace("%", "%%")  # argparse formats help
+        out.append((name, _FLAG_TYPES[base] | None, field(default=None, metadata={"help": help_text})))
+    return out
+
+
+# The model flags are `TemdeConfig`'s architecture parameters, derived from the config class (names, types,
+# help), so a new config field is a new flag (and a `model:` key of a config file) without an edit here.
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments",
+    _architecture_fields(TemdeConfig),
+    bases=(_ModelSources,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": "What to train: the towers (local folders), a full model config or a saved model, and "
+        "overrides of any `TemdeConfig` architecture field (``--n_sketches 16``; unset: the config's value).",
+    },
+)
+ARCHITECTURE_FIELDS = tuple(name for name, _, _ in _architecture_fields(TemdeConfig))
+# The integer fields: counts and sizes (dims, heads, layers, N, H, K, chunk), every one >= 1.
+ARCHITECTURE_COUNTS = tuple(name for name, kind, _ in _architecture_fields(TemdeConfig) if kind == int | None)
 
 
 @dataclass
@@ -699,14 +726,7 @@ def _validate_numbers(
     model_args: ModelArguments, data_args: DataArguments, args: TemdeTrainingArguments
 ) -> None:
     """Every numeric flag within its range (NaN and inf refused everywhere)."""
-    for name in (
-        "projection_dim",
-        "n_sketches",
-        "n_hyperplanes",
-        "itm_layers",
-        "itm_heads",
-        "itm_hidden_size",
-    ):
+    for name in ARCHITECTURE_COUNTS:
         _check_number(name, getattr(model_args, name), 1)
     _check_number("sketch_temperature", model_args.sketch_temperature, 0, low_open=True)
     _check_number("sketch_weight", model_args.sketch_weight, 0)

@@ -1,5 +1,10 @@
 """The training loss across processes: every process's pairs are negatives of every other's.
 
+No loss formula is defined here: `contrastive_loss` gathers the rows of every process and applies the
+loss the settings choose from `LOSSES` (the model folder's `loss_temde`, the one home of the contrastive
+losses, shipped with the model because its `forward(return_loss=True)` returns one). What this module
+owns is what only a distributed trainer needs: the gathers and the all-reduced non-finite check.
+
 `accelerator.gather` returns tensors without an autograd history, so a loss over gathered embeddings
 would train each process only on its own rows. `gather_with_grad` keeps the history: in backward,
 each process receives the *sum* over processes of the gradient w.r.t. its own rows. Every process

@@ -1,5 +1,10 @@
 """The trainer's objective: the contrastive loss plus, optionally, the three second-stage objectives.
 
+The contrastive formulas are defined once, in the model folder's `loss_temde` (`LOSSES`, `SCORE_LOSSES`,
+which the model's `forward(return_loss=True)` uses too); this module only composes them over the global
+batch (`losses.contrastive_loss`) and defines the terms that exist only in training (the matching head's
+cross-entropy on mined negatives, the distillation KL).
+
 - **Alignment** (TERAN): a contrastive loss (`--alignment_loss_type`, VSE++ hinge by default) on the
   token-level alignment scores of every (image, caption) of the global batch (`alignment_temde`).
 - **Matching head** (Retrieve Fast, Rerank Smart / ALBEF / BLIP): binary cross-entropy of the head's
@@ -30,7 +35,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from ..models.temde.alignment_temde import alignment_scores
-from ..models.temde.loss_temde import SCORE_LOSSES
+from ..models.temde.loss_temde import SCORE_LOSSES, same_pair_mask
 from .losses import contrastive_loss, gather_no_grad, gather_with_grad, world_size
 
 # (image_tokens (P, Li, D), image_mask (P, Li), text_tokens (P, Lt, D), text_mask (P, Lt)) -> logits (P,)
@@ -129,11 +134,6 @@ def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[t
     """Right-pad `(n, L, D)` tokens (zeros) and their `(n, L)` mask (0) to `length` tokens."""
     extra = length - tokens.shape[1]
     return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra))
-
-
-def _same_pair(pair_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-    eye = torch.eye(n, dtype=torch.bool, device=device)
-    return eye if pair_ids is None else eye | (pair_ids[:, None] == pair_ids[None, :])
 
 
 def mine_hard_negatives(
@@ -341,7 +341,7 @@ class TrainingObjective:
         if not self.needs_tokens:
             return result
         tokens = self._global_tokens(enc)
-        positives = _same_pair(pair_ids, images.shape[0], images.device)
+        positives = same_pair_mask(pair_ids, images.shape[0], images.device)
         logits = scale * images.float() @ texts.float().T  # (n, n) the dual encoder's in-batch scores
         align = None
         if self.alignment_weight > 0 or (self.distill_weight > 0 and self.distill_teacher == "alignment"):

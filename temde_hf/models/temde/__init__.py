@@ -11,7 +11,7 @@ from .matching_temde import TemdeForImageTextRetrieval, TemdeMatchingHead, Temde
 from .modeling_temde import TemdeEncoderOutput, TemdeModel, TemdeOutput, TemdePreTrainedModel
 from .pooling_temde import POOLING_HEADS
 from .processing_temde import TemdeProcessor
-from .sketch_temde import SKETCH_CODERS, TemdeSketch
+from .sketch_temde import SKETCH_CODERS, SketchCoder, TemdeSketch
 
 
 def register_auto_classes() -> None:
@@ -46,6 +46,7 @@ __all__ = [
     "POOLING_HEADS",
     "SCORE_LOSSES",
     "SKETCH_CODERS",
+    "SketchCoder",
     "TemdeConfig",
     "TemdeEncoderOutput",
     "TemdeForImageTextRetrieval",

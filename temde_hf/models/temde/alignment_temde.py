@@ -8,6 +8,9 @@ embeddings (a gallery's, a reranker's), and the same function is a training obje
 Padding is exact: padded regions never win a maximum (they are set to -inf before it) and padded words
 never enter a sum or a mean, so a score does not change when the padding grows or holds garbage.
 `tests/test_alignment.py` checks every aggregation against a per-pair loop over the valid tokens only.
+
+An aggregation is one function under `@ALIGNMENT_AGGREGATIONS.register(name)`; the config's
+`alignment_aggregation` picks it.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
+from .registry_temde import Registry
+
 # sim (..., L_text, L_image), text_mask (..., L_text), image_mask (..., L_image) -> scores (...)
 Aggregation = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Name -> `Aggregation`; the config validates `alignment_aggregation` against it.
+ALIGNMENT_AGGREGATIONS = Registry("alignment_aggregation", "ALIGNMENT_AGGREGATIONS")
 
 
 def _best_region_per_word(sim: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
@@ -41,16 +49,19 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _masked_sum(values, mask) / mask.sum(dim=-1).clamp_min(1).to(values.dtype)
 
 
-def max_sum(sim: torch.Tensor, text_mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-    """TERAN's MrSw: for every word its best region, summed over the words."""
-    return _masked_sum(_best_region_per_word(sim, image_mask), text_mask)
-
-
+@ALIGNMENT_AGGREGATIONS.register("max_mean")
 def max_mean(sim: torch.Tensor, text_mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     """For every word its best region, averaged over the words (in [-1, 1]; long captions do not win)."""
     return _masked_mean(_best_region_per_word(sim, image_mask), text_mask)
 
 
+@ALIGNMENT_AGGREGATIONS.register("max_sum")
+def max_sum(sim: torch.Tensor, text_mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """TERAN's MrSw: for every word its best region, summed over the words."""
+    return _masked_sum(_best_region_per_word(sim, image_mask), text_mask)
+
+
+@ALIGNMENT_AGGREGATIONS.register("symmetric")
 def symmetric(sim: torch.Tensor, text_mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     """Mean of word→best region (averaged over words) and region→best word (averaged over regions)."""
     words = _masked_mean(_best_region_per_word(sim, image_mask), text_mask)
@@ -58,18 +69,8 @@ def symmetric(sim: torch.Tensor, text_mask: torch.Tensor, image_mask: torch.Tens
     return (words + regions) / 2
 
 
-ALIGNMENT_AGGREGATIONS: dict[str, Aggregation] = {
-    "max_mean": max_mean,
-    "max_sum": max_sum,
-    "symmetric": symmetric,
-}
-
-
 def _aggregation(name: str) -> Aggregation:
-    if name not in ALIGNMENT_AGGREGATIONS:
-        raise ValueError(
-            f"unknown alignment aggregation {name!r}; choose one of {sorted(ALIGNMENT_AGGREGATIONS)}"
-        )
+    ALIGNMENT_AGGREGATIONS.check(name, label=f"alignment aggregation {name!r}")
     return ALIGNMENT_AGGREGATIONS[name]
 
 

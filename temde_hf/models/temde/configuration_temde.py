@@ -198,8 +198,13 @@ class TemdeConfig(PreTrainedConfig):
         self._validate_temde()
 
     def _resolve_sketch_shape(self) -> None:
-        """Fill in whichever of H and K is missing (K = 2^H for `soft_dlsh`)."""
+        """Fill in whichever of H and K is missing: K = 2^H for a coder whose class declares
+        `width_is_power_of_two` (see `SketchCoder`), else K defaults to 2^H and H to log2(K) when K is a
+        power of two."""
         h, k = self.n_hyperplanes, self.sketch_width
+        coder = self.sketch_coder
+        # An unknown name is refused by `_validate_temde`, with the registered choices.
+        power_of_two = getattr(SKETCH_CODERS.get(coder), "width_is_power_of_two", False)
         if h is None and k is None:
             h = 6
         if h is not None:
@@ -208,16 +213,16 @@ class TemdeConfig(PreTrainedConfig):
             _check_positive("sketch_width", k, integer=True)
         if k is None:
             k = 2**h
-        elif h is None and self.sketch_coder == "soft_dlsh":
+        elif h is None and power_of_two:
             if k & (k - 1):
                 raise ValueError(
-                    f"TemdeConfig.sketch_width={k} must be a power of two for sketch_coder='soft_dlsh' "
+                    f"TemdeConfig.sketch_width={k} must be a power of two for sketch_coder={coder!r} "
                     "(K = 2^n_hyperplanes); use sketch_coder='anchor' for other widths."
                 )
             h = int(math.log2(k))
-        if self.sketch_coder == "soft_dlsh" and h is not None and k != 2**h:
+        if power_of_two and h is not None and k != 2**h:
             raise ValueError(
-                f"TemdeConfig: sketch_width={k} does not match n_hyperplanes={h} (soft_dlsh needs K = 2^H = "
+                f"TemdeConfig: sketch_width={k} does not match n_hyperplanes={h} ({coder} needs K = 2^H = "
                 f"{2**h}); give only one of them."
             )
         if h is not None and h > MAX_HYPERPLANES:
@@ -233,7 +238,7 @@ class TemdeConfig(PreTrainedConfig):
         _check_choice("sketch_fusion", self.sketch_fusion, FUSION_CHOICES)
         SKETCH_CODERS.check(self.sketch_coder)
         _check_choice("sketch_kernel", self.sketch_kernel, KERNEL_CHOICES)
-        _check_choice("alignment_aggregation", self.alignment_aggregation, tuple(ALIGNMENT_AGGREGATIONS))
+        ALIGNMENT_AGGREGATIONS.check(self.alignment_aggregation)
         for field in ("projection_dim", "n_sketches", "sketch_chunk_size", "attention_pooling_heads"):
             _check_positive(field, getattr(self, field), integer=True)
         for field in ("itm_layers", "itm_heads"):

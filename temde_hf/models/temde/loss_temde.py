@@ -1,10 +1,19 @@
-"""Contrastive losses for paired image/text embeddings, behind the `LOSSES` registry.
+"""Contrastive losses for paired image/text embeddings, behind the `LOSSES` registry: their one home.
 
 Every loss of `LOSSES` takes row-paired embeddings `image_embeds (n, E)` / `text_embeds (n, E)` (row i of each is a
 positive pair, every other row a negative) and returns a scalar. `pair_ids (n,)` marks rows that share
 an image (several captions of one photo in a batch): those are not used as negatives. `SCORE_LOSSES`
 holds the same losses on a given `(n, n)` score matrix, for scores that are not one inner product
 (the token-level alignment score of `alignment_temde`).
+
+Why here, in the model folder: the model's `forward(return_loss=True)` returns `info_nce_loss`, and this
+folder ships as Hub remote code, so the loss definitions ship with it. What is only about training lives
+in the package and defines no contrastive formula of its own: `temde_hf.training.losses` gathers the
+embeddings of every process (with gradients) and applies `LOSSES[loss_type]` to the global batch;
+`temde_hf.training.objectives` adds the second-stage terms (alignment through `SCORE_LOSSES`, the matching
+head's cross-entropy, distillation), which need the trainer's mined negatives or a teacher. A new loss
+is one function under `@LOSSES.register(name)` (and `@SCORE_LOSSES.register(name)` for the score form);
+`--loss_type` / `--alignment_loss_type` pick it.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ LOSSES = Registry("loss_type", "LOSSES")
 SCORE_LOSSES = Registry("alignment_loss_type", "SCORE_LOSSES")
 
 
-def _same_pair_mask(pair_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+def same_pair_mask(pair_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     """`(n, n)` bool: True where rows i and j are positives of each other (the diagonal at least)."""
     eye = torch.eye(n, dtype=torch.bool, device=device)
     if pair_ids is None:
@@ -46,7 +55,7 @@ def info_nce_scores_loss(
     """
     n = scores.shape[0]
     logits = logit_scale * scores  # (n_image, n_text)
-    positives = _same_pair_mask(pair_ids, n, logits.device)
+    positives = same_pair_mask(pair_ids, n, logits.device)
     eye = torch.eye(n, dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(positives & ~eye, float("-inf"))
     labels = torch.arange(n, device=logits.device)
@@ -67,7 +76,7 @@ def vse_hinge_scores_loss(
     diagonal = scores.diagonal()
     cost_text = (margin + scores - diagonal[:, None]).clamp(min=0)  # image i vs caption j
     cost_image = (margin + scores - diagonal[None, :]).clamp(min=0)  # caption j vs image i
-    positives = _same_pair_mask(pair_ids, n, scores.device)
+    positives = same_pair_mask(pair_ids, n, scores.device)
     cost_text = cost_text.masked_fill(positives, 0.0)
     cost_image = cost_image.masked_fill(positives, 0.0)
     if max_violation:

@@ -28,7 +28,7 @@ from .loading_temde import StrictLoadingMixin, require_folder
 from .loss_temde import info_nce_loss
 from .modeling_efficientnet_lite import EfficientNetLiteModel
 from .pooling_temde import POOLING_HEADS
-from .sketch_temde import AnchorCoder, SoftDLSHCoder, TemdeSketch
+from .sketch_temde import SketchCoder, TemdeSketch
 
 # Tower architectures that ship inside this folder (so remote code builds them without registration).
 LOCAL_TOWERS: dict[str, type[PreTrainedModel]] = {
@@ -228,12 +228,8 @@ class TemdePreTrainedModel(StrictLoadingMixin, PreTrainedModel):
             init.normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, SoftDLSHCoder):
-            init.normal_(module.weight, std=1.0 / math.sqrt(module.weight.shape[0]))
-            init.zeros_(module.threshold)
-        elif isinstance(module, AnchorCoder):
-            init.normal_(module.weight, std=1.0 / math.sqrt(module.weight.shape[0]))
-            init.zeros_(module.bias)
+        elif isinstance(module, SketchCoder):  # every coder owns its initialisation (see SketchCoder)
+            module.reset_parameters()
         elif isinstance(module, TemdeSketch):
             init.constant_(module.log_temperature, math.log(self.config.sketch_temperature))
             init.zeros_(module.initialized)

@@ -4,19 +4,26 @@ Each coder maps a token `x` (D,) to N bucket distributions `P_n(·|x)` over K bu
 token set is the masked sum of those distributions (linear in the number of tokens), each of its N rows
 then L2-normalised as EMDE does for network inputs. One sketch module is shared by both modalities, so
 images and captions land in the same sketch space.
+
+A coder is a `SketchCoder` subclass under `@SKETCH_CODERS.register(name)`; `SketchCoder` writes down
+what the sketch, the model's `_init_weights` and the trainer's data-dependent initialisation call, and
+the capabilities (`supports_triton`, `width_is_power_of_two`) the config and the sketch read from the
+class instead of from the coder's name.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import initialization as init
 
 from .factored_sketch_temde import factored_soft_dlsh_histogram
 from .registry_temde import Registry
@@ -56,26 +63,132 @@ def soft_dlsh_log_probs(z: torch.Tensor) -> torch.Tensor:
     return F.logsigmoid(z) @ bits.T + F.logsigmoid(-z) @ (1 - bits).T
 
 
+class SketchCoder(nn.Module, metaclass=abc.ABCMeta):
+    """Base class of the sketch coders: token features -> N bucket distributions over K buckets each.
+
+    Shapes: D = `config.projection_dim`, N = `config.n_sketches`, K = `config.sketch_width`, H =
+    `config.n_hyperplanes`. A coder is built as `coder_class(config)`, so its parameter shapes come from the
+    config alone (the model is rebuilt from its config on load, then the saved tensors are restored).
+
+    What a subclass implements:
+
+    - `log_probs(x, temperature)`: the definition of the coder, `(..., D)` -> `(..., N, K)`.
+    - `reset_parameters()`: the data-independent initialisation. `__init__` runs it and the model's
+      `_init_weights` calls it for every coder, so write it with `transformers.initialization` (whose
+      functions leave alone a tensor already loaded from a checkpoint).
+    - `initialize(x, generator)`: the data-dependent initialisation from token features `(M, D)`, run by
+      the trainer before the first step (`TemdeSketch.initialize`).
+
+    What it may override:
+
+    - `histogram(tokens, mask, temperature, chunk_size)`: a faster path to the same sums; the default is
+      `reference_histogram`, which every path is tested against.
+    - `hard_buckets(x)`: hard codes `(..., D)` -> `(..., N)` (the τ → 0 limit), for analysis.
+
+    Capabilities, declared on the class:
+
+    - `width_is_power_of_two`: K is 2^H (the coder splits each sketch by H binary tests); the config
+      then derives whichever of `n_hyperplanes` / `sketch_width` is missing and refuses a mismatch.
+      Otherwise K is `sketch_width` (default 2^H, H = 6).
+    - `supports_triton`: `tempered_logits(x, temperature)` returns hyperplane logits `(..., N, H)` with
+      `P(k|x) = Π_h σ(z_h)^bit_h(k) σ(−z_h)^(1 − bit_h(k))`, the form the fused Triton kernel of
+      `triton_sketch_temde` sums; `sketch_kernel="auto"` then uses it on CUDA.
+    """
+
+    width_is_power_of_two: ClassVar[bool] = False
+    supports_triton: ClassVar[bool] = False
+
+    def __init__(self, config: TemdeConfig) -> None:
+        super().__init__()
+        self.n_sketches, self.sketch_width = config.n_sketches, config.sketch_width
+
+    @abc.abstractmethod
+    def log_probs(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """Log bucket probabilities.
+
+        Args:
+            x: `(..., D)` token features.
+            temperature: `(1,)` τ of the soft assignment.
+
+        Returns:
+            `(..., N, K)`; `exp` sums to 1 over the last dim.
+        """
+
+    @abc.abstractmethod
+    def reset_parameters(self) -> None:
+        """Data-independent initialisation of the coder's parameters (see the class docstring)."""
+
+    @abc.abstractmethod
+    def initialize(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent initialisation from token features `x` `(M, D)` of both modalities (M >= 2)."""
+
+    def tempered_logits(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """`(..., D)` -> `(..., N, H)` tempered hyperplane logits; required when `supports_triton`."""
+        raise NotImplementedError(f"{type(self).__name__} declares no Triton path (supports_triton=False)")
+
+    def _log_space_chunk(
+        self, x: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor
+    ) -> torch.Tensor:
+        """`x` `(B, C, D)`, `mask` `(B, C)` -> this chunk's masked bucket mass `(B, N, K)`."""
+        probs = self.log_probs(x, temperature).float().exp()  # (B, C, N, K)
+        return torch.einsum("bc,bcnk->bnk", mask.float(), probs)
+
+    def reference_histogram(
+        self, tokens: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
+        """The log-space oracle: every token's `(N, K)` bucket probabilities, exponentiated, then summed.
+
+        Slow (it writes `B·L·N·K` values in forward and backward) but transparently correct; the fast
+        paths are tested against it.
+
+        Args:
+            tokens: `(B, L, D)`.
+            mask: `(B, L)` token weights (1 for real tokens, 0 for padding).
+            temperature: `(1,)` τ.
+            chunk_size: tokens per chunk (recomputed in backward while training).
+
+        Returns:
+            `(B, N, K)` float32.
+        """
+        return chunked_histogram(
+            partial(self._log_space_chunk, temperature=temperature), tokens, mask, chunk_size
+        )
+
+    def histogram(
+        self, tokens: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
+        """Soft histograms `(B, N, K)` float32 of tokens `(B, L, D)` with weights `mask` `(B, L)`: the
+        coder's own PyTorch path (`sketch_kernel="torch"`); by default `reference_histogram`."""
+        return self.reference_histogram(tokens, mask, temperature, chunk_size)
+
+    def hard_buckets(self, x: torch.Tensor) -> torch.Tensor:
+        """Hard codes `(..., D)` -> bucket ids `(..., N)` in `[0, K)`: by default the most likely bucket."""
+        return self.log_probs(x, torch.ones(1, device=x.device)).argmax(-1)
+
+
 @SKETCH_CODERS.register("soft_dlsh")
-class SoftDLSHCoder(nn.Module):
+class SoftDLSHCoder(SketchCoder):
     """Coder A: H learned hyperplanes per sketch, `P_n(k|x) = Π_h p_h^bit_h(k) (1 − p_h)^(1 − bit_h(k))`.
 
     With the data-dependent initialisation (`initialize`) each threshold is the median of its
     projection, so every hyperplane halves the data, as in density-dependent LSH.
     """
 
+    width_is_power_of_two = True
+    supports_triton = True
+
     def __init__(self, config: TemdeConfig) -> None:
-        super().__init__()
+        super().__init__(config)
         dim, n_sketches, n_hyperplanes = config.projection_dim, config.n_sketches, config.n_hyperplanes
-        self.n_sketches, self.n_hyperplanes = n_sketches, n_hyperplanes
+        self.n_hyperplanes = n_hyperplanes
         self.weight = nn.Parameter(torch.empty(dim, n_sketches * n_hyperplanes))  # hyperplane normals
         self.threshold = nn.Parameter(torch.zeros(n_sketches * n_hyperplanes))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Unit-variance projections for unit-variance inputs: (w·x) ~ N(0, 1), so τ = 1 is a soft cut.
-        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.weight.shape[0]))
-        nn.init.zeros_(self.threshold)
+        init.normal_(self.weight, std=1.0 / math.sqrt(self.weight.shape[0]))
+        init.zeros_(self.threshold)
 
     def hyperplane_logits(self, x: torch.Tensor) -> torch.Tensor:
         """`(..., D)` -> untempered `w·x − t` of shape `(..., N, H)`."""
@@ -134,7 +247,7 @@ class SoftDLSHCoder(nn.Module):
 
 
 @SKETCH_CODERS.register("anchor")
-class AnchorCoder(nn.Module):
+class AnchorCoder(SketchCoder):
     """Coder B: `P_n(k|x) = softmax_k((a_nk·x + c_nk) / τ)` over K learned anchors per sketch.
 
     Initialised from data as a soft nearest-anchor assignment: anchors are data tokens and
@@ -142,16 +255,15 @@ class AnchorCoder(nn.Module):
     """
 
     def __init__(self, config: TemdeConfig) -> None:
-        super().__init__()
+        super().__init__(config)
         dim, n_sketches, sketch_width = config.projection_dim, config.n_sketches, config.sketch_width
-        self.n_sketches, self.sketch_width = n_sketches, sketch_width
         self.weight = nn.Parameter(torch.empty(dim, n_sketches * sketch_width))
         self.bias = nn.Parameter(torch.zeros(n_sketches * sketch_width))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.weight.shape[0]))
-        nn.init.zeros_(self.bias)
+        init.normal_(self.weight, std=1.0 / math.sqrt(self.weight.shape[0]))
+        init.zeros_(self.bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """`(..., D)` -> untempered anchor scores `(..., N, K)`."""
@@ -244,7 +356,7 @@ class TemdeSketch(nn.Module):
         super().__init__()
         self.config = config
         self.n_sketches, self.sketch_width = config.n_sketches, config.sketch_width
-        self.coder = SKETCH_CODERS[config.sketch_coder](config)
+        self.coder: SketchCoder = SKETCH_CODERS[config.sketch_coder](config)
         log_tau = torch.full((1,), math.log(config.sketch_temperature))  # (1,): FSDP2 shards no 0-dim
         if config.learn_sketch_temperature:
             self.log_temperature = nn.Parameter(log_tau)
@@ -257,18 +369,9 @@ class TemdeSketch(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(_MIN_TEMPERATURE, _MAX_TEMPERATURE)
 
-    def _log_space_chunk(
-        self, x: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor
-    ) -> torch.Tensor:
-        """`x` `(B, C, D)`, `mask` `(B, C)` -> this chunk's masked bucket mass `(B, N, K)`."""
-        probs = self.coder.log_probs(x, temperature).float().exp()  # (B, C, N, K)
-        return torch.einsum("bc,bcnk->bnk", mask.float(), probs)
-
     def reference_histogram(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The log-space oracle: every token's `(N, K)` bucket probabilities, exponentiated, then summed.
-
-        Slow (it writes `B·L·N·K` values in forward and backward) but transparently correct; the fast
-        paths are tested against it. Selected in the model by `sketch_kernel="reference"`.
+        """The coder's log-space oracle (`SketchCoder.reference_histogram`), selected in the model by
+        `sketch_kernel="reference"`.
 
         Args:
             tokens: `(batch, tokens, dim)`.
@@ -279,13 +382,13 @@ class TemdeSketch(nn.Module):
         """
         if mask is None:
             mask = tokens.new_ones(tokens.shape[:2])
-        fn = partial(self._log_space_chunk, temperature=self.temperature)
-        return chunked_histogram(fn, tokens, mask, self.config.sketch_chunk_size)
+        return self.coder.reference_histogram(tokens, mask, self.temperature, self.config.sketch_chunk_size)
 
     def histogram(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Unnormalised soft histograms `S_n(X) = Σ_i m_i · P_n(·|x_i)`.
 
-        `sketch_kernel` picks the path: the fused Triton kernel (`"triton"`, or `"auto"` on CUDA), the
+        `sketch_kernel` picks the path: the fused Triton kernel (`"triton"`, or `"auto"` on CUDA, for a coder
+        with `supports_triton`), the
         coder's own PyTorch path (`"torch"`, or `"auto"` elsewhere: for `soft_dlsh` the two-half product
         of `factored_sketch_temde`), or the log-space oracle (`"reference"`).
 
@@ -312,7 +415,7 @@ class TemdeSketch(nn.Module):
 
     def _use_triton(self, tokens: torch.Tensor) -> bool:
         kernel = self.config.sketch_kernel
-        if kernel in ("torch", "reference") or self.config.sketch_coder != "soft_dlsh":
+        if kernel in ("torch", "reference") or not self.coder.supports_triton:
             return False
         if kernel == "auto" and not tokens.is_cuda:
             return False
