@@ -212,7 +212,7 @@ def test_non_finite_scores_are_an_error(bad: float) -> None:
     owner = captions_per_image_map(6, 5)
     images, texts = torch.randn(6, 8), torch.randn(30, 8)
     images[2, 3] = bad
-    with pytest.raises(NonFiniteScoresError, match="NaN or infinite.*embeddings are not finite"):
+    with pytest.raises(NonFiniteScoresError, match=r"NaN or infinite.*embeddings are not finite"):
         retrieval_metrics(caption_to_image=owner, image_embeds=images, text_embeds=texts)
     nan_everywhere = torch.full((6, 30), float("nan"))
     with pytest.raises(NonFiniteScoresError):
