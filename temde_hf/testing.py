@@ -317,26 +317,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launch(
+def accelerate_launch_run(
     *args: str,
     cwd: str | Path | None = None,
     env: Mapping[str, str | None] | None = None,
     timeout: float = 300,
-) -> str:
+) -> subprocess.CompletedProcess[str]:
     """`accelerate launch` two CPU processes running `args` (a script or ``-m module`` and its arguments).
 
     Every launcher flag is explicit, so a developer's own accelerate config cannot leak in; each process
-    gets one thread (two processes share two cores). Returns the launcher's stdout.
-
-    Raises:
-        AssertionError: The launch failed (the message ends with its output).
+    gets one thread (two processes share two cores). Returns the finished launch, failed or not (its
+    exit status, stdout and stderr); `accelerate_launch` is the one that must succeed.
     """
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), *args,
     ]  # fmt: skip
-    result = subprocess.run(
+    return subprocess.run(
         command,
         cwd=cwd,
         env=_child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
@@ -344,6 +342,20 @@ def accelerate_launch(
         text=True,
         timeout=timeout,
     )
+
+
+def accelerate_launch(
+    *args: str,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 300,
+) -> str:
+    """`accelerate_launch_run` that must succeed; returns the launcher's stdout.
+
+    Raises:
+        AssertionError: The launch failed (the message ends with its output).
+    """
+    result = accelerate_launch_run(*args, cwd=cwd, env=env, timeout=timeout)
     if result.returncode:
         # a process's own error usually sits far above the launcher's summary: keep its lines too
         causes = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
@@ -377,17 +389,27 @@ def save_rank_result(name, model, loss):
 """
 
 
+# The end of every two-process worker. A process that exits with its process group alive can abort
+# ("terminate called without an active exception", SIGABRT) while the interpreter tears gloo's threads
+# down, after the body has done all its work; the barrier first, so no rank leaves while the other
+# still talks to it.
+_DDP_WORKER_FOOTER = """
+accelerator.wait_for_everyone()
+accelerator.end_training()  # destroys the process group
+"""
+
+
 def launch_ddp_worker(body: str, out: str | Path, sys_path: Sequence[str | Path] = ()) -> Path:
-    """Run `body` in two CPU processes under `accelerate launch`, after the common worker header.
+    """Run `body` in two CPU processes under `accelerate launch`, between the common header and footer.
 
     The header defines `accelerator`, `rank`, `world`, `out` (= `out`) and
     ``save_rank_result(name, model, loss)``, which writes ``out/{name}_rank{rank}.safetensors`` (the
-    gradients) and ``.json`` (the loss). `sys_path` is prepended to the workers' `sys.path` (e.g. the
-    tests folder, to import a test module's case builders). Returns `out`.
+    gradients) and ``.json`` (the loss); the footer ends the process group. `sys_path` is prepended to
+    the workers' `sys.path` (e.g. the tests folder, to import a test module's case builders). Returns `out`.
     """
     out = Path(out)
     script = out / "worker.py"
     header = _DDP_WORKER_HEADER.format(sys_path=[str(p) for p in sys_path])
-    script.write_text(header + textwrap.dedent(body))
+    script.write_text(header + textwrap.dedent(body) + _DDP_WORKER_FOOTER)
     accelerate_launch(str(script), str(out))
     return out
