@@ -20,6 +20,11 @@ from typing import Any
 
 import torch
 
+# The shared Flickr8k sample beside the repository (as the tests and the demo reach it).
+FLICKR8K_JSON = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-800" / "dataset_flickr8k.json"
+)
+
 
 def resolve_device(name: str | None) -> torch.device:
     """`"cuda"` / `"cpu"` / None (CUDA when present) -> a device; asking for absent CUDA is an error."""
