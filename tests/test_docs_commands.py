@@ -137,9 +137,13 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
            "--quick", "--protocol", "--work-dir", "{tmp}/search-work", "--output", "{tmp}/search_latency.json"]),),
         slow=True,
     ),
+    # --compile (minutes of compiling) and --head-step (a real epoch over the Flickr8k captions) are left out
     "python benchmarks/pooling_speed.py --device cpu --batch-size 32 --dim 256 --heads 4 --tokens 49 197 "
-    "--sketches 32x6 --compile --anchor --head-step --output benchmarks/results/pooling_speed_cpu.json": Covered(
-        "tests/test_benchmarks_smoke.py::test_pooling_speed_smoke"
+    "--sketches 32x6 --compile --anchor --head-step --output benchmarks/results/pooling_speed_cpu.json": Smoke(
+        (("script", BENCH / "pooling_speed.py",
+          ["--device", "cpu", "--batch-size", "2", "--dim", "16", "--heads", "2", "--tokens", "5", "9",
+           "--sketches", "4x3", "--anchor", "--warmup", "0", "--repeats", "1", "--no-plot",
+           "--output", "{tmp}/pooling_speed_cpu.json"]),),
     ),
     "python benchmarks/encode_throughput.py --device cpu --output benchmarks/results/encode_throughput_cpu_tiny.json": Covered(
         "tests/test_benchmarks_smoke.py::test_model_benchmarks_smoke"
