@@ -272,7 +272,7 @@ def smoke_setup(work_dir: str | Path) -> tuple[tuple[Path, Path], list[str]]:
     from temde_hf.testing import save_tiny_towers
 
     folder = Path(work_dir) / "smoke"
-    towers = save_tiny_towers(folder / "towers")
+    towers = save_tiny_towers(folder / "towers", num_hidden_layers=2)  # recipes may train the last layers
     data = make_synthetic_karpathy(folder / "data", n_images=30, seed=0)
     return towers, [*SMOKE_TRAINER_FLAGS, "--data", str(data)]
 

@@ -51,11 +51,14 @@ def tiny_vocab() -> list[str]:
     return list(dict.fromkeys([*TINY_VOCAB, *sorted(words), *letters, *(f"##{c}" for c in letters)]))
 
 
-def tiny_tower_configs(hidden_size: int = 32, dropout: float = 0.0) -> tuple[ViTConfig, BertConfig]:
-    """A 1-layer ViT (16 patches of 8 px on 32-px images) and a 1-layer BERT over `tiny_vocab()`."""
+def tiny_tower_configs(
+    hidden_size: int = 32, dropout: float = 0.0, num_hidden_layers: int = 1
+) -> tuple[ViTConfig, BertConfig]:
+    """A 1-layer ViT (16 patches of 8 px on 32-px images) and a 1-layer BERT over `tiny_vocab()`
+    (`num_hidden_layers` each: 2 or more to train only some of a tower's layers)."""
     vision = ViTConfig(
         hidden_size=hidden_size,
-        num_hidden_layers=1,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
         image_size=TINY_IMAGE_SIZE,
@@ -65,7 +68,7 @@ def tiny_tower_configs(hidden_size: int = 32, dropout: float = 0.0) -> tuple[ViT
     )
     text = BertConfig(
         hidden_size=hidden_size,
-        num_hidden_layers=1,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
         vocab_size=len(tiny_vocab()),
@@ -114,12 +117,14 @@ def save_tiny_checkpoint(
     return directory
 
 
-def save_tiny_towers(directory: str | Path, dropout: float = 0.0) -> tuple[Path, Path]:
+def save_tiny_towers(
+    directory: str | Path, dropout: float = 0.0, num_hidden_layers: int = 1
+) -> tuple[Path, Path]:
     """Save tiny pretrained-style ViT and BERT tower folders (with processor files) for composition tests."""
     from transformers import BertModel, ViTModel
 
     directory = Path(directory)
-    vision_config, text_config = tiny_tower_configs(dropout=dropout)
+    vision_config, text_config = tiny_tower_configs(dropout=dropout, num_hidden_layers=num_hidden_layers)
     vision_dir, text_dir = directory / "vision", directory / "text"
     ViTModel(vision_config, add_pooling_layer=False).save_pretrained(vision_dir)
     BertModel(text_config, add_pooling_layer=False).save_pretrained(text_dir)
