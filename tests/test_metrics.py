@@ -247,3 +247,31 @@ def test_evaluate_names_a_checkpoint_whose_weights_are_nan(tmp_path: Path, capsy
     assert lines[0].startswith(f"temde-hf evaluate: error: {checkpoint}: cannot be evaluated")
     assert "NaN or infinite" in lines[0] and "earlier checkpoint" in lines[0]
     assert not (out / "metrics.json").exists()
+
+
+def test_training_evaluation_of_a_diverged_model_names_the_run_and_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trainer's evaluation (and so its best-checkpoint rule) refuses NaN scores with the run folder
+    and the step, instead of keeping a perfect-looking model as best."""
+    from types import SimpleNamespace
+
+    from temde_hf.training import loop
+    from temde_hf.training.checkpointing import TrainerState
+
+    def diverged_evaluate(*args, **kwargs) -> dict[str, float]:  # what `evaluate` scores for a NaN model
+        embeds = torch.full((4, 8), float("nan"))
+        return retrieval_metrics(caption_to_image=torch.arange(4), image_embeds=embeds, text_embeds=embeds)
+
+    monkeypatch.setattr(loop, "evaluate", diverged_evaluate)
+    args = SimpleNamespace(
+        per_device_eval_batch_size=2, output_dir="runs/diverged", metric_for_best_model="rsum"
+    )
+    job = SimpleNamespace(prepared=None, accelerator=None, eval_set=None, args=args)
+    state = TrainerState(global_step=12)
+    with pytest.raises(
+        NonFiniteScoresError,
+        match=r"runs/diverged: the model at step 12 cannot be evaluated: .*NaN or infinite.*not kept as best.*--resume",
+    ):
+        loop._evaluate_and_track(job, state, in_warmup=False)
+    assert state.best_metric is None and state.log_history == []
