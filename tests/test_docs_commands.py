@@ -11,9 +11,11 @@ docs cannot slip by untested.
 
 from __future__ import annotations
 
+import os
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 from temde_hf.testing import save_tiny_checkpoint, save_tiny_towers
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO.parent / "shared"  # the shared data beside the checkout (conftest checks it is there)
 DOCS = (REPO / "README.md", REPO / "benchmarks" / "RESULTS.md")
 COMMAND_WORDS = {"python", "temde-hf", "accelerate", "make"}
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
@@ -43,12 +46,16 @@ def shown_commands(text: str) -> list[str]:
                 continue
         elif not (pending or (line.startswith("    ") and stripped.split(" ", 1)[0] in COMMAND_WORDS)):
             continue
-        joined = f"{pending} {stripped}".strip()
+        joined = f"{pending}{stripped}" if pending.endswith("\n") else f"{pending} {stripped}".strip()
         if joined.endswith("\\"):
             pending = joined[:-1].strip()
             continue
+        try:
+            words = shlex.split(joined, comments=True)
+        except ValueError:  # a quoted argument spans lines (`python -c "..."`): read on
+            pending = f"{joined}\n"
+            continue
         pending = ""
-        words = shlex.split(joined, comments=True)
         if words:
             commands.append(shlex.join(words))
     return commands
@@ -95,6 +102,17 @@ CUDA = (
     "needs a CUDA device (the `gpu` benchmark run); its code paths run on CPU in the CPU commands' smoke runs"
 )
 
+
+def _readme_block_after(heading: str) -> list[str]:
+    """The commands of the first shell block after `heading` in README.md (as `shown_commands` reads them)."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(heading)
+    block = text[text.index("```bash", start) : text.index("```\n", text.index("```bash", start) + 3) + 4]
+    return shown_commands(block)
+
+
+STREAM_SHARDS, STREAM_TOWERS, STREAM_TRAIN, STREAM_TWO_PROCESSES = _readme_block_after("### Streaming data")
+
 # fmt: off
 # the command as the docs show it (shlex.join of its words) -> what runs in CI
 SMOKE: dict[str, Smoke | Covered | Excluded] = {
@@ -113,13 +131,14 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
            "--dataloader_num_workers", "0", "--mixed_precision", "no", "--eval_split", "val",
            "--sketch_init_batches", "1"]),),
     ),
-    "temde-hf train CONFIG.yaml --resume latest": Smoke(
+    "temde-hf train CONFIG.yaml --resume_from_checkpoint true": Smoke(
         (("temde-hf", ["train", str(REPO / "examples" / "configs" / "tiny_synthetic.yaml"), "--vision_model_path",
                        "{vision}", "--text_model_path", "{text}", "--output_dir", "{tmp}/resume", "--max_steps", "2",
                        "--stop_after_steps", "1", "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "true"]),
          ("temde-hf", ["train", str(REPO / "examples" / "configs" / "tiny_synthetic.yaml"), "--vision_model_path",
                        "{vision}", "--text_model_path", "{text}", "--output_dir", "{tmp}/resume", "--max_steps", "2",
-                       "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--resume", "latest"])),
+                       "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+                       "--resume_from_checkpoint", "true"])),
     ),
     "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no "
     "examples/train_temde.py CONFIG.yaml ...": Covered(
@@ -196,6 +215,13 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
            "--latency-queries", "2", "--work-dir", "{tmp}/work", "--output", "{tmp}/rerank_demo.json"]),),
         slow=True,
     ),
+    # README "Streaming data": the block as shown, run by bash in a folder with shared/ beside it
+    STREAM_TRAIN: Smoke((("shell", STREAM_SHARDS), ("shell", STREAM_TOWERS), ("shell", STREAM_TRAIN)), slow=True),
+    STREAM_SHARDS: Covered("tests/test_docs_commands.py::test_shown_command_runs_at_smoke_size"),
+    STREAM_TOWERS: Covered("tests/test_docs_commands.py::test_shown_command_runs_at_smoke_size"),
+    STREAM_TWO_PROCESSES: Covered(
+        "tests/test_streaming.py::test_two_process_streaming_run_sees_every_sample_once_per_epoch_and_resumes_exactly"
+    ),
     "python benchmarks/pooling_speed.py --device cuda": Excluded(CUDA),
     "python benchmarks/encode_throughput.py --device cuda --towers base": Excluded(CUDA),
     "python benchmarks/train_step.py --device cuda --towers base": Excluded(CUDA),
@@ -220,7 +246,25 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             "data_images": str(data.parent / "images"), "images": str(root / "photos"), "tmp": str(root)}  # fmt: skip
 
 
+def _run_shell(command: str, folder: Path) -> None:
+    """`command` exactly as the docs show it, by bash in `folder` (a stand-in for the repository root, with
+    the shared data beside it), the test's interpreter and console scripts first on ``PATH``."""
+    folder.mkdir(exist_ok=True)
+    shared = folder.parent / "shared"
+    if not shared.exists():
+        shared.symlink_to(SHARED_DIR, target_is_directory=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"{command[:200]}\nexit {result.returncode}:\n{result.stderr[-3000:]}"
+
+
 def _run(step: tuple, fields: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    if step[0] == "shell":
+        _run_shell(step[1], Path(fields["tmp"]) / "repo")
+        return
     argv = [arg.format(**fields) for arg in step[-1]]
     if step[0] == "temde-hf":
         from temde_hf.cli import main

@@ -23,6 +23,7 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
@@ -411,6 +412,10 @@ def build_accelerator(args: TemdeTrainingArguments) -> Accelerator:
             backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode
         )
     trackers = report_to_list(args.report_to)
+    # A second run in one process (a notebook, a test) may ask for another precision or compile setting:
+    # accelerate keeps the first run's state and refuses the change, so start from a clean one (the
+    # process group, `PartialState`, is kept), as transformers' TrainingArguments does.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision(args),
