@@ -168,7 +168,7 @@ def synthetic_caches(folder: Path, n_images: int, batch_size: int = 512) -> dict
         "text": CachePlan("synthetic", n_captions, TEXT_TOKENS, TEXT_WIDTH, TEXT_WIDTH, "float16", True, batch_size),
     }  # fmt: skip
     generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
+    start, baseline = time.perf_counter(), PeakRss.now()
     with PeakRss() as rss:
         for part, plan in plans.items():
             writer = CacheWriter(folder / part, plan)
@@ -193,7 +193,7 @@ def synthetic_caches(folder: Path, n_images: int, batch_size: int = 512) -> dict
         "bytes_per_image": disk / n_images,
         "write_s": seconds,
         "write_mb_per_s": disk / seconds / 1e6,
-        "writer_peak_rss_anon": rss.peak,
+        "writer_rss_anon_increase": rss.peak - baseline,  # what writing adds to the process
     }
 
 
@@ -319,9 +319,12 @@ def extrapolate(rows: list[dict[str, Any]], speed: list[dict[str, Any]]) -> list
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    speed, rows, extra = payload["build_speed"], payload["scale"], payload["extrapolated"]
-    parts = [f"Measured by `{payload['command']}` on {payload['env']['cpu_threads']} CPU threads "
-             f"(load average {payload['env']['loadavg'][0]:.1f}: a shared machine, so compare the rows of one run).\n"]  # fmt: skip
+    speed, rows, extra = payload.get("build_speed"), payload.get("scale"), payload.get("extrapolated")
+    parts = []
+    for part, run in payload["runs"].items():
+        parts.append(f"- {part}: measured by `{run['command']}` on {run['env']['cpu_threads']} CPU threads (load "
+                     f"average {run['env']['loadavg'][0]:.1f} on a shared machine: compare rows of one run).")  # fmt: skip
+    parts.append("")
     if speed:
         parts.append(
             "Cache pass on real photos (first Flickr8k-6k training photos, real towers; graph export timed "
@@ -335,7 +338,7 @@ def markdown(payload: dict[str, Any]) -> str:
         )
     if rows:
         table = [{**r, "cache_gib": r["cache_bytes"] / GIB, "rss_gib": r["peak_rss_anon"] / GIB,
-                  "target_gib": r["target_rss"] / GIB, "writer_gib": r["writer_peak_rss_anon"] / GIB,
+                  "target_gib": r["target_rss"] / GIB, "writer_gib": r["writer_rss_anon_increase"] / GIB,
                   "kb_per_image": r["bytes_per_image"] / 1e3} for r in rows]  # fmt: skip
         parts.append(
             "\nSynthetic caches with real token shapes (images 49 x 1280, 5 captions x 40 x 384, float16), "
@@ -360,7 +363,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     "cache (GiB)",
                     "disk/image (kB)",
                     "write MB/s",
-                    "writer peak anon RSS (GiB)",
+                    "writer anon RSS increase (GiB)",
                     "train steps/s",
                     "peak anon RSS (GiB)",
                     "target (GiB)",
@@ -401,6 +404,10 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _run_info(command: str) -> dict[str, Any]:
+    return {"command": command, "env": {**device_info(torch.device("cpu")), "loadavg": os.getloadavg()}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -424,18 +431,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    speed = (
-        build_speed(args.photos, args.work_dir, args.build_batch_size, args.workers) if args.photos else []
+    # a part not run this time keeps its figures from the previous JSON (each part is measured once)
+    payload = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    payload.setdefault("runs", {})
+    command = "python benchmarks/scale.py " + " ".join(
+        a for a in argv if "work-dir" not in a and not a.startswith("/")
     )
-    rows = scale_rows(sizes, args.work_dir, args.steps, args.batch_size, args.threads) if sizes else []
-    payload = {
-        "benchmark": "scale",
-        "command": "python benchmarks/scale.py " + " ".join(a for a in argv if "work-dir" not in a and not a.startswith("/")),
-        "env": {**device_info(torch.device("cpu")), "loadavg": os.getloadavg()},
-        "build_speed": speed,
-        "scale": rows,
-        "extrapolated": extrapolate(rows, speed) if len(rows) >= 2 else [],
-    }  # fmt: skip
+    if args.photos:
+        payload["build_speed"] = build_speed(args.photos, args.work_dir, args.build_batch_size, args.workers)
+        payload["runs"]["build_speed"] = _run_info(command)
+    if sizes:
+        payload["scale"] = scale_rows(sizes, args.work_dir, args.steps, args.batch_size, args.threads)
+        payload["runs"]["scale"] = _run_info(command)
+    payload["benchmark"] = "scale"
+    rows, speed = payload.get("scale", []), payload.get("build_speed", [])
+    payload["extrapolated"] = extrapolate(rows, speed) if len(rows) >= 2 and speed else []
     print(markdown(payload))
     print(f"wrote {write_json(payload, args.output)}")
     if not args.no_docs:

@@ -58,6 +58,7 @@ DTYPES = TORCH_DTYPES
 BACKENDS = ("auto", "onnx", "torch")
 # onnxruntime vs eager on the first batch, relative to the outputs' scale: above this the graph is not used
 ONNX_TOLERANCE = 1e-4
+PROBE_ITEMS = 4  # items run eagerly to learn the output shapes and to check the ONNX graph
 
 __all__ = [
     "BACKENDS",
@@ -212,22 +213,21 @@ def build_tower_cache(
     use_onnx = _onnx_usable(backend, device)
     eager = EagerTower(tower, device)
     if rank == 0:
-        first = None
+        # A few items give the output shapes (a new build) and check the graph against eager: every
+        # batch, the first included, then goes through the fast path.
+        probe = None
         plan = _resumable_plan(folder, key, dtype, batch_size, n_items)
-        if plan is None:  # a new build: the first batch gives the shapes
+        if plan is None:
             logger.info("computing the frozen tower's outputs once: %s", folder.name)
-            first = make_inputs(list(range(min(batch_size, n_items))))
-            hidden, pooled = eager(first)
+            probe = make_inputs(list(range(min(PROBE_ITEMS, n_items))))
+            hidden, pooled = eager(probe)
             plan = CachePlan(key, n_items, tokens or hidden.shape[1], hidden.shape[2], pooled.shape[1], dtype,
-                             "attention_mask" in first, batch_size)  # fmt: skip
-            CacheWriter(folder, plan).prepare()
-            CacheWriter(folder, plan).write(0, hidden, pooled, first.get("attention_mask"))
-        else:
-            CacheWriter(folder, plan).prepare()  # resume: keeps the files and the batches written
+                             "attention_mask" in probe, batch_size)  # fmt: skip
+        CacheWriter(folder, plan).prepare()  # a resumed build keeps its files and the batches written
         graph = _graph_path(graph_dir, folder, tower, plan)
         if use_onnx and not graph.is_file() and len(CacheWriter(folder, plan).pending()):
-            first = _longest(first or make_inputs(list(range(min(batch_size, n_items)))), plan.tokens)
-            _onnx_graph(tower, first, graph, eager(first))
+            probe = _longest(probe or make_inputs(list(range(min(PROBE_ITEMS, n_items)))), plan.tokens)
+            _onnx_graph(tower, probe, graph, eager(probe))
     wait()
     plan = CachePlan(**_read_json(folder / PLAN))
     writer = CacheWriter(folder, plan)
