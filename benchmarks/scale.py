@@ -107,7 +107,7 @@ def build_speed(n_photos: int, work_dir: Path, batch_size: int, workers: int) ->
     from temde_hf.data import load_image_captions
     from temde_hf.data.pairs import flat_captions
     from temde_hf.training.batches import ImageInputs, TextInputs
-    from temde_hf.training.features import build_tower_cache, longest_caption
+    from temde_hf.training.features import build_tower_cache, caption_lengths
 
     model, processor = real_towers(work_dir)
     photos = load_image_captions(str(PHOTOS), split="train").select(range(n_photos))
@@ -115,7 +115,7 @@ def build_speed(n_photos: int, work_dir: Path, batch_size: int, workers: int) ->
         Path(item["path"]).read_bytes() if item.get("path") else None  # files in the page cache for both
     images = ImageInputs(photos, processor)
     texts = TextInputs(flat_captions(photos), processor, TEXT_TOKENS)
-    tokens = longest_caption(processor.tokenizer, texts.captions, TEXT_TOKENS)
+    lengths = caption_lengths(processor.tokenizer, texts.captions, TEXT_TOKENS)
     folder = work_dir / "build-speed"
     shutil.rmtree(folder, ignore_errors=True)
     graphs = folder / "graphs"
@@ -123,11 +123,14 @@ def build_speed(n_photos: int, work_dir: Path, batch_size: int, workers: int) ->
     # the graphs are exported once per tower (a few seconds, then reused by every build): timed apart
     for part, tower, inputs, n_tok in (
         ("images", model.vision_model, images, None),
-        ("captions", model.text_model, texts, tokens),
+        ("captions", model.text_model, texts, lengths),
     ):
-        start = time.perf_counter()
-        build_tower_cache(folder / f"export-{part}", "x", tower, inputs, min(batch_size, len(inputs)), batch_size=batch_size,
-                          tokens=n_tok, backend="onnx", graph_dir=graphs)  # fmt: skip
+        start, n_export = time.perf_counter(), min(batch_size, len(inputs))
+        if n_tok is not None:  # traced at the longest caption of all, as the real build is
+            n_tok_export = n_tok[:n_export].copy()
+            n_tok_export[0] = n_tok.max()
+        build_tower_cache(folder / f"export-{part}", "x", tower, inputs, n_export, batch_size=batch_size,
+                          lengths=None if n_tok is None else n_tok_export, backend="onnx", graph_dir=graphs)  # fmt: skip
         export_s = time.perf_counter() - start
         variants = (
             ("eager, main-process decoding, float32 (before)", "torch", 0, "float32"),
@@ -136,7 +139,7 @@ def build_speed(n_photos: int, work_dir: Path, batch_size: int, workers: int) ->
         for name, backend, n_workers, dtype in variants:
             start = time.perf_counter()
             build_tower_cache(folder / f"{part}-{backend}", "x", tower, inputs, len(inputs),
-                              batch_size=batch_size, dtype=dtype, tokens=n_tok, backend=backend,
+                              batch_size=batch_size, dtype=dtype, lengths=n_tok, backend=backend,
                               num_workers=n_workers if part == "images" else 0, graph_dir=graphs)  # fmt: skip
             seconds = time.perf_counter() - start
             rows.append({"items": part, "pass": name, "n": len(inputs), "seconds": seconds,

@@ -16,6 +16,7 @@ from temde_hf.training.features import build_tower_cache
 from temde_hf.training.tower_cache import CachePlan, CacheWriter, RowView, StaleCacheError, TowerOutputs
 
 N_ITEMS, BATCH = 22, 4  # 6 build batches, the last one short
+LENGTHS = [2 + r % 8 for r in range(N_ITEMS)]  # the token counts of `Captions`
 
 
 class Pixels:
@@ -72,7 +73,7 @@ def test_cached_rows_equal_the_live_tower_and_are_memory_mapped(model, tmp_path:
         assert mask is None and hidden.shape == live_hidden.shape and pooled.shape == live_pooled.shape
         torch.testing.assert_close(hidden.float(), live_hidden, atol=tolerance, rtol=tolerance)
         torch.testing.assert_close(pooled.float(), live_pooled, atol=tolerance, rtol=tolerance)
-    text = _build(tmp_path / "text", model.text_model, Captions(), tokens=9)
+    text = _build(tmp_path / "text", model.text_model, Captions(), lengths=LENGTHS)
     hidden, pooled, mask = text.rows(torch.tensor([1, 7]))  # lengths 3 and 9
     live = Captions()([1, 7])
     live_hidden, live_pooled = run_tower(model.text_model, live)
@@ -88,7 +89,7 @@ def test_cached_forward_equals_live_forward_within_the_cache_dtype(model, tmp_pa
     from temde_hf.training.batches import model_inputs
 
     vision = _build(tmp_path / "v", model.vision_model, Pixels(), dtype="float16")
-    text = _build(tmp_path / "t", model.text_model, Captions(), dtype="float16", tokens=9)
+    text = _build(tmp_path / "t", model.text_model, Captions(), dtype="float16", lengths=LENGTHS)
     rows = torch.tensor([4, 9, 13])
     hidden, pooled, _ = vision.rows(rows)
     t_hidden, t_pooled, mask = text.rows(rows)
@@ -102,19 +103,45 @@ def test_cached_forward_equals_live_forward_within_the_cache_dtype(model, tmp_pa
     torch.testing.assert_close(a.text_embeds, b.text_embeds, atol=5e-3, rtol=5e-3)
 
 
-def test_an_interrupted_build_resumes_and_equals_an_uninterrupted_one(model, tmp_path: Path) -> None:
-    tower = model.vision_model
-    whole = _build(tmp_path / "whole", tower, Pixels())
+class Interrupted(Captions):
+    """`Captions` that dies once asked for item `fail_at`, and records the items it made."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.fail_at, self.seen = fail_at, []
+
+    def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        if self.fail_at is not None and self.fail_at in rows:
+            raise KeyboardInterrupt("simulated interruption")
+        self.seen.extend(rows)
+        return super().__call__(rows)
+
+
+@pytest.mark.parametrize("part", ["images", "captions"])
+def test_an_interrupted_build_resumes_and_equals_an_uninterrupted_one(
+    model, tmp_path: Path, part: str
+) -> None:
+    """Images in row order; captions in length order (`order.bin`), so the batches done are not a prefix."""
+    if part == "images":
+        tower, make, settings = model.vision_model, Pixels, {}
+        fail_at, done = 13, list(range(12))  # dies in batch 3 of 6
+    else:
+        tower, make, settings = model.text_model, Interrupted, {"lengths": LENGTHS}
+        order = sorted(range(N_ITEMS), key=LENGTHS.__getitem__)
+        fail_at, done = order[12], order[:12]
+    whole = _build(tmp_path / "whole", tower, make(), **settings)
     with pytest.raises(KeyboardInterrupt):
-        _build(tmp_path / "resumed", tower, Pixels(fail_at=13))  # dies in batch 3 of 6
+        _build(tmp_path / "resumed", tower, make(fail_at=fail_at), **settings)
     assert not (tmp_path / "resumed" / "header.json").exists()  # never readable half-built
     with pytest.raises(StaleCacheError, match="no finished"):
         TowerOutputs(tmp_path / "resumed", "k1")
-    second = Pixels()
-    resumed = _build(tmp_path / "resumed", tower, second)
-    assert sorted(second.seen) == list(range(12, N_ITEMS))  # batches 0-2 were not computed again
+    second = make()
+    resumed = _build(tmp_path / "resumed", tower, second, **settings)
+    assert sorted(second.seen) == sorted(set(range(N_ITEMS)) - set(done))  # batches 0-2 not computed again
     assert _files(tmp_path / "resumed") == _files(tmp_path / "whole")
-    assert torch.equal(resumed.rows(torch.arange(N_ITEMS))[0], whole.rows(torch.arange(N_ITEMS))[0])
+    for a, b in zip(resumed.rows(torch.arange(N_ITEMS)), whole.rows(torch.arange(N_ITEMS))):
+        assert (a is None and b is None) or torch.equal(a, b)
+    if part == "captions":
+        return
     # another plan in the folder (another batch size) starts over instead of mixing batches
     third = Pixels()
     build_tower_cache(
@@ -224,3 +251,15 @@ def test_reading_rows_does_not_load_the_file(tmp_path: Path) -> None:
     del hidden, pooled
     assert plan.n_bytes("hidden") > 380 * 2**20
     assert _rss_anon() - before < 64 * 2**20
+
+
+@pytest.mark.gpu
+def test_the_gpu_pass_in_bfloat16_channels_last_matches_the_cpu_cache(model, tmp_path: Path) -> None:
+    """On a GPU the pass runs in bfloat16 autocast with channels-last images; the rows match fp32 CPU."""
+    cpu = _build(tmp_path / "cpu", model.vision_model, Pixels())
+    tower = tiny_model().vision_model
+    tower.load_state_dict(model.vision_model.state_dict())
+    gpu = _build(tmp_path / "gpu", tower.cuda(), Pixels(), device="cuda", backend="auto")
+    for a, b in zip(gpu.rows(torch.arange(N_ITEMS))[:2], cpu.rows(torch.arange(N_ITEMS))[:2]):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    assert all(p.is_contiguous() for p in tower.parameters())  # saved with the model: back to the default

@@ -34,6 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -68,7 +69,7 @@ __all__ = [
     "TowerOutputs",
     "build_tower_cache",
     "cache_key",
-    "longest_caption",
+    "caption_lengths",
     "tower_fingerprint",
 ]
 
@@ -102,7 +103,7 @@ class _Batches(Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> tuple[int, dict[str, torch.Tensor]]:
-        return self.batches[i], self.make_inputs(list(self.writer.rows(self.batches[i])))
+        return self.batches[i], self.make_inputs(self.writer.rows(self.batches[i]))
 
 
 class EagerTower:
@@ -113,6 +114,11 @@ class EagerTower:
         self.gpu = self.device.type == "cuda"
         if self.gpu:
             self.tower = self.tower.to(memory_format=torch.channels_last)
+
+    def restore(self) -> None:
+        """Back to the default memory format (the tower is saved with the model: contiguous weights)."""
+        if self.gpu:
+            self.tower.to(memory_format=torch.contiguous_format)
 
     @torch.inference_mode()
     def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +147,7 @@ def _onnx_graph(
     scale = max(1.0, float(reference[0].abs().max()), float(reference[1].abs().max()))
     diff = max(float((hidden - reference[0]).abs().max()), float((pooled - reference[1]).abs().max()))
     if diff <= ONNX_TOLERANCE * scale:
+        logger.info("ONNX tower graph %s: largest |onnxruntime - eager| %.2e", graph.name, diff)
         return True
     logger.warning("ONNX tower graph differs from eager by %.2e: caching eagerly", diff)
     graph.unlink()
@@ -170,7 +177,7 @@ def build_tower_cache(
     *,
     batch_size: int,
     dtype: str = "float16",
-    tokens: int | None = None,
+    lengths: Sequence[int] | Callable[[], Sequence[int]] | None = None,
     backend: str = "auto",
     device: torch.device | str = "cpu",
     num_workers: int = 0,
@@ -194,7 +201,9 @@ def build_tower_cache(
         n_items: Number of items.
         batch_size: Items per forward (and per unit of progress).
         dtype: Storage dtype: ``float32`` | ``float16`` | ``bfloat16``.
-        tokens: Tokens per row for text (the longest caption); ``None``: those of the first batch.
+        lengths: Text: every item's token count (or a function giving them, called only when a new build
+            starts): rows hold the longest, and build batches group items of similar length (far less
+            padding than batches in caption order). ``None`` (images): row order, the first items' shape.
         backend: ``auto`` (onnxruntime when installed and on CPU), ``onnx`` or ``torch``.
         device: Where an eager tower runs.
         num_workers: DataLoader workers making the inputs (image decoding) while the tower runs.
@@ -221,9 +230,14 @@ def build_tower_cache(
             logger.info("computing the frozen tower's outputs once: %s", folder.name)
             probe = make_inputs(list(range(min(PROBE_ITEMS, n_items))))
             hidden, pooled = eager(probe)
-            plan = CachePlan(key, n_items, tokens or hidden.shape[1], hidden.shape[2], pooled.shape[1], dtype,
-                             "attention_mask" in probe, batch_size)  # fmt: skip
-        CacheWriter(folder, plan).prepare()  # a resumed build keeps its files and the batches written
+            counts = None if lengths is None else np.asarray(lengths() if callable(lengths) else lengths)
+            n_tokens = hidden.shape[1] if counts is None else int(counts.max())
+            plan = CachePlan(key, n_items, n_tokens, hidden.shape[2], pooled.shape[1], dtype,
+                             "attention_mask" in probe, batch_size, ordered=counts is not None)  # fmt: skip
+            order = None if counts is None else np.argsort(counts, kind="stable")
+            CacheWriter(folder, plan).prepare(order)
+        else:
+            CacheWriter(folder, plan).prepare()  # resumed: keeps its files, its order and the batches written
         graph = _graph_path(graph_dir, folder, tower, plan)
         if use_onnx and not graph.is_file() and len(CacheWriter(folder, plan).pending()):
             probe = _longest(probe or make_inputs(list(range(min(PROBE_ITEMS, n_items)))), plan.tokens)
@@ -248,6 +262,7 @@ def build_tower_cache(
         writer.write(batch, hidden, pooled, inputs.get("attention_mask"))
         bar.update()
     bar.close()
+    eager.restore()
     wait()
     if rank == 0:
         writer.finish()
@@ -255,13 +270,15 @@ def build_tower_cache(
     return TowerOutputs(folder, key)
 
 
-def longest_caption(tokenizer: Any, captions: Sequence[str], max_length: int, chunk: int = 4096) -> int:
-    """Tokens of the longest of `captions` after truncation to `max_length` (a text cache's row length)."""
-    longest = 1
+def caption_lengths(
+    tokenizer: Any, captions: Sequence[str], max_length: int, chunk: int = 4096
+) -> np.ndarray:
+    """`(n,)` int32 tokens of each caption after truncation to `max_length` (a text cache's `lengths`)."""
+    lengths = np.empty(len(captions), dtype=np.int32)
     for start in range(0, len(captions), chunk):  # chunks: token lists of all captions would be large
         ids = tokenizer(list(captions[start : start + chunk]), truncation=True, max_length=max_length)
-        longest = max([longest, *map(len, ids["input_ids"])])
-    return longest
+        lengths[start : start + len(ids["input_ids"])] = [len(i) for i in ids["input_ids"]]
+    return lengths
 
 
 def _graph_path(graph_dir: str | Path | None, folder: Path, tower: nn.Module, plan: CachePlan) -> Path:

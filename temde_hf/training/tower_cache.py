@@ -6,6 +6,7 @@ One cache is a folder::
     hidden.bin    (n, tokens, C)   row-major, the storage dtype
     pooled.bin    (n, C)
     mask.bin      (n, tokens)      uint8, text only
+    order.bin     int64, the items in build order (text only: by length, so a batch pads little)
     done.bin      one byte per build batch: 1 once that batch's rows are written
     header.json   the plan again, written last (atomically): its presence means "complete"
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
-HEADER, PLAN, DONE = "header.json", "build.json", "done.bin"
+HEADER, PLAN, DONE, ORDER = "header.json", "build.json", "done.bin", "order.bin"
 # bfloat16 has no numpy dtype: its bits are stored as int16 and viewed back as bfloat16 on read.
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,6 +59,7 @@ class CachePlan:
         dtype: ``float32`` | ``float16`` | ``bfloat16``.
         has_mask: Whether rows have an attention mask (text).
         batch_size: Rows per build batch (the unit of progress and of sharding across processes).
+        ordered: Whether batches take the items in the order of ``order.bin`` (else in row order).
         version: The file format.
     """
 
@@ -69,6 +71,7 @@ class CachePlan:
     dtype: str
     has_mask: bool
     batch_size: int
+    ordered: bool = False
     version: int = FORMAT_VERSION
 
     @property
@@ -125,9 +128,16 @@ class CacheWriter:
 
     def __init__(self, folder: Path, plan: CachePlan) -> None:
         self.folder, self.plan = Path(folder), plan
+        self.order: np.ndarray | None = None
+        if plan.ordered and (self.folder / ORDER).is_file():
+            self.order = np.fromfile(self.folder / ORDER, dtype=np.int64)
 
-    def prepare(self) -> None:
-        """Create the files for `plan`, unless a build of the same plan was interrupted here (resume)."""
+    def prepare(self, order: np.ndarray | None = None) -> None:
+        """Create the files for `plan`, unless a build of the same plan was interrupted here (resume).
+
+        Args:
+            order: `(n_items,)` the items in build order (``plan.ordered``), e.g. captions by length.
+        """
         if _read_json(self.folder / PLAN) == asdict(self.plan) and self._files_sized():
             return
         if self.folder.exists():
@@ -138,11 +148,18 @@ class CacheWriter:
                 file.truncate(self.plan.n_bytes(name))  # sparse zeros: no disk written yet
         with open(self.folder / DONE, "wb") as file:
             file.truncate(self.plan.n_batches)
+        if self.plan.ordered:
+            self.order = np.asarray(order, dtype=np.int64)
+            if sorted(self.order.tolist()) != list(range(self.plan.n_items)):
+                raise ValueError("the build order must hold every item once")
+            self.order.tofile(self.folder / ORDER)
         _write_json(self.folder / PLAN, asdict(self.plan))
 
     def _files_sized(self) -> bool:
         sizes = {name: self.plan.n_bytes(name) for name in self.plan.shapes()}
         sizes[DONE.removesuffix(".bin")] = self.plan.n_batches
+        if self.plan.ordered:
+            sizes[ORDER.removesuffix(".bin")] = 8 * self.plan.n_items
         return all(
             (self.folder / f"{name}.bin").is_file() and (self.folder / f"{name}.bin").stat().st_size == size
             for name, size in sizes.items()
@@ -157,9 +174,11 @@ class CacheWriter:
         done = self.done()
         return [b for b in range(rank, self.plan.n_batches, world_size) if not done[b]]
 
-    def rows(self, batch: int) -> range:
+    def rows(self, batch: int) -> list[int]:
+        """The items (rows) of build batch `batch`."""
         start = batch * self.plan.batch_size
-        return range(start, min(start + self.plan.batch_size, self.plan.n_items))
+        rows = range(start, min(start + self.plan.batch_size, self.plan.n_items))
+        return list(rows) if self.order is None else self.order[rows.start : rows.stop].tolist()
 
     def write(
         self, batch: int, hidden: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor | None = None
@@ -186,11 +205,12 @@ class CacheWriter:
                 value = value.to(TORCH_DTYPES[self.plan.dtype])
                 if self.plan.dtype == "bfloat16":
                     value = value.view(torch.int16)
-            data = value.detach().cpu().contiguous().numpy().tobytes()
-            offset = rows.start * (self.plan.n_bytes(name) // self.plan.n_items)
+            data = value.detach().cpu().contiguous().numpy()
+            row_bytes = self.plan.n_bytes(name) // self.plan.n_items
             fd = os.open(self.folder / f"{name}.bin", os.O_WRONLY)
             try:
-                os.pwrite(fd, data, offset)
+                for first, last in _runs(rows):  # consecutive rows: one write (all of them in row order)
+                    os.pwrite(fd, data[first:last].tobytes(), rows[first] * row_bytes)
             finally:
                 os.close(fd)
         # Marked after the rows: a build killed between the two rewrites this batch, never skips it.
@@ -214,6 +234,13 @@ class CacheWriter:
             finally:
                 os.close(fd)
         _write_json(self.folder / HEADER, asdict(self.plan))
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """``[first, last)`` positions of the runs of consecutive values in `rows`."""
+    breaks = [i for i in range(1, len(rows)) if rows[i] != rows[i - 1] + 1]
+    starts = [0, *breaks]
+    return list(zip(starts, [*breaks, len(rows)]))
 
 
 class TowerOutputs:

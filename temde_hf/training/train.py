@@ -40,7 +40,7 @@ from .arguments import (
 from .batches import ImageInputs, PairCollator, TextInputs
 from .checkpointing import TrainerState, check_output_dir
 from .curves import plot_training_curves
-from .features import RowView, TowerOutputs, build_tower_cache, cache_key, longest_caption, tower_fingerprint
+from .features import RowView, TowerOutputs, build_tower_cache, cache_key, caption_lengths, tower_fingerprint
 from .loop import TrainingJob, export_model, run_training
 from .optim import freeze_towers, frozen_tower_names
 from .validation import EvalSet
@@ -193,7 +193,7 @@ def _tower_caches(
     folder = Path(args.feature_cache_dir or Path(args.output_dir) / "feature_cache")
     for part in frozen:
         tower = getattr(model, f"{part}_model").eval()
-        tokens = None
+        lengths: Any = None
         if part == "vision":
             inputs: Any = ImageInputs(pool, processor)
             items = [str(v) for v in pool["image_id"]]
@@ -206,7 +206,7 @@ def _tower_caches(
                 f"{processor.tokenizer.name_or_path}|{len(processor.tokenizer)}|{data_args.max_text_length}"
             )
             views = [0]
-            tokens = longest_caption(processor.tokenizer, items, data_args.max_text_length)
+            lengths = partial(caption_lengths, processor.tokenizer, items, data_args.max_text_length)
         for view in views:
             key = cache_key(tower=tower_fingerprint(tower), items=items, settings=settings,
                             dtype=args.feature_cache_dtype, data=str(data_args.data), view=view)  # fmt: skip
@@ -220,7 +220,7 @@ def _tower_caches(
                     len(inputs),
                     batch_size=args.per_device_eval_batch_size,
                     dtype=args.feature_cache_dtype,
-                    tokens=tokens,
+                    lengths=lengths,
                     backend=args.feature_cache_backend,
                     device=accelerator.device,
                     num_workers=args.feature_cache_workers if part == "vision" else 0,
