@@ -195,6 +195,10 @@ class CacheWriter:
         if hidden.shape[0] != len(rows):
             raise ValueError(f"batch {batch} has {hidden.shape[0]} rows, expected {len(rows)}")
         pad = self.plan.tokens - hidden.shape[1]
+        if pad < 0:  # never cut tokens silently: the plan's row length comes from every item's length
+            raise ValueError(
+                f"batch {batch} has {hidden.shape[1]} tokens, more than the cache's {self.plan.tokens}"
+            )
         if mask is not None:  # padding tokens are zero: a row does not depend on its batch's padding
             hidden = hidden * mask[..., None].to(hidden.dtype)
         arrays = {"hidden": torch.nn.functional.pad(hidden, (0, 0, 0, pad)), "pooled": pooled}
