@@ -148,8 +148,9 @@ def build_speed(
         )  # fmt: skip
         # The variants alternate over chunks of the items, so a change of the machine's load hits both alike.
         seconds = [0.0, 0.0]
-        for chunk in range(0, len(inputs), chunk_size):
-            items = list(range(chunk, min(chunk + chunk_size, len(inputs))))
+        step = chunk_size * (CAPTIONS_PER_IMAGE if part == "captions" else 1)  # the same photos per chunk
+        for chunk in range(0, len(inputs), step):
+            items = list(range(chunk, min(chunk + step, len(inputs))))
             for v, (_, backend, n_workers, dtype, counts) in enumerate(variants):
                 start = time.perf_counter()
                 build_tower_cache(folder / f"{part}-{backend}-{chunk}", "x", tower, partial(_subset, inputs, items),
@@ -164,8 +165,8 @@ def build_speed(
         rows[-2]["speedup"] = 1.0
         from temde_hf.training.tower_cache import TowerOutputs
 
-        a = TowerOutputs(folder / f"{part}-torch-0", "x").rows(torch.arange(min(chunk_size, len(inputs))))
-        b = TowerOutputs(folder / f"{part}-auto-0", "x").rows(torch.arange(min(chunk_size, len(inputs))))
+        a = TowerOutputs(folder / f"{part}-torch-0", "x").rows(torch.arange(min(step, len(inputs))))
+        b = TowerOutputs(folder / f"{part}-auto-0", "x").rows(torch.arange(min(step, len(inputs))))
         # caption rows of the two caches have different lengths (zeros past each caption): the common part
         t = min(a[0].shape[1], b[0].shape[1])
         rows[-1]["max_abs_diff_vs_eager"] = float(

@@ -247,16 +247,16 @@ def build_tower_cache(
             CacheWriter(folder, plan).prepare(order)
         else:
             CacheWriter(folder, plan).prepare()  # resumed: keeps its files, its order and the batches written
-        graph = _graph_path(graph_dir, folder, tower, plan)
-        if use_onnx and not graph.is_file() and len(CacheWriter(folder, plan).pending()):
+        graph = _graph_path(graph_dir, folder, tower, plan) if use_onnx else None
+        if graph is not None and not graph.is_file() and len(CacheWriter(folder, plan).pending()):
             probe = _longest(probe or make_inputs(list(range(min(PROBE_ITEMS, n_items)))), plan.tokens)
             _onnx_graph(tower, probe, graph, eager(probe))
     wait()
     plan = CachePlan(**_read_json(folder / PLAN))
     writer = CacheWriter(folder, plan)
     run = eager
-    graph = _graph_path(graph_dir, folder, tower, plan)
-    if use_onnx and graph.is_file():
+    graph = _graph_path(graph_dir, folder, tower, plan) if use_onnx else None
+    if graph is not None and graph.is_file():
         from ..export.tower_graph import OnnxTower
 
         run = OnnxTower(graph)
