@@ -149,7 +149,12 @@ def train_record(run_dir: Path, seconds: float, max_steps: int, towers: str) -> 
         "env": device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "settings": {
             "towers": towers,
-            "mixed_precision": settings["training"]["mixed_precision"],
+            # the trainer's precision as it recorded it (transformers' flag names)
+            "mixed_precision": "bf16"
+            if settings["training"].get("bf16")
+            else "fp16"
+            if settings["training"].get("fp16")
+            else "no",
             "use_cpu": settings["training"]["use_cpu"],
             "max_steps": max_steps,
             "per_device_train_batch_size": settings["training"]["per_device_train_batch_size"],
@@ -329,7 +334,8 @@ def render_section(folder: Path, suite: dict[str, Any]) -> str:
         s, r = train["settings"], train["results"]
         lines += [
             "",
-            f"The trainer under `accelerate launch` (`--mixed_precision {s['mixed_precision']}`, {s['towers']} "
+            f"The trainer under `accelerate launch` (`--mixed_precision {s['mixed_precision']}` and the trainer's "
+            f"`--{s['mixed_precision']} true`, {s['towers']} "
             f"towers, random init, {s['synthetic_images']} synthetic images, batch "
             f"{s['per_device_train_batch_size']}): {r['global_step']} steps in {r['wall_s']:.0f} s wall "
             f"(start-up, evaluation and saving included), loss {r['first_loss']:.3g} → {r['last_loss']:.3g}.",

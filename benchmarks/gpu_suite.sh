@@ -202,7 +202,7 @@ step_train_bf16() {
     --tokenizer_path "$WORK/towers/text" --synthetic_images "$images" --max_text_length 24 \
     --output_dir "$WORK/train_bf16" --max_steps "$steps" --per_device_train_batch_size "$batch" \
     --learning_rate 2e-4 --warmup_steps 2 --save_steps 0 --logging_steps 1 --report_to none \
-    --disable_tqdm true --mixed_precision bf16 "${extra[@]}"
+    --disable_tqdm true --bf16 true "${extra[@]}"
   seconds="$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { print b - a }')"
   "$PYTHON" "$SUITE_PY" train-record "$WORK/train_bf16" --output "$OUT/train_bf16.json" \
     --seconds "$seconds" --max-steps "$steps" --towers "$TOWERS"
