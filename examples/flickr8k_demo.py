@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # What this run did from nothing, so the reported minutes say what they include.
     converted = not (Path(args.work_dir) / "towers" / "efficientnet-lite0" / "model.safetensors").is_file()
     cache = Path(args.work_dir) / "feature_cache"
-    cached_before = set(cache.glob("*.safetensors"))
+    cached_before = set(cache.glob("*/header.json"))  # one folder per finished cache
     towers = offline_towers(args.work_dir)
     train(args, trainer_flags, towers)
     final = Path(args.output_dir) / "final"
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_settings=(Path(args.output_dir) / "run_settings.yaml").read_text(),
     )
     minutes = (time.perf_counter() - start) / 60
-    computed = set(cache.glob("*.safetensors")) - cached_before
+    computed = set(cache.glob("*/header.json")) - cached_before
     fresh = (
         f"tower conversion {'included' if converted else 'done earlier'}, "
         f"{len(computed)} frozen-tower output cache(s) computed in the run"

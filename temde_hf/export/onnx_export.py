@@ -94,14 +94,16 @@ def _stable_log_sigmoid(g: Any, x: Any) -> Any:
 
 
 def _export(
-    module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, names: list[str], out: str
+    module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, names: list[str], out: str | list[str]
 ) -> None:
     # The TorchScript exporter traces the model once; the sketch's chunk loop is unrolled for the traced
     # length, so the text graph is traced at its longest length (shorter inputs give empty chunks).
     dynamic = {name: {0: "batch"} for name in names}
     if len(names) > 1:
         dynamic = {name: {0: "batch", 1: "sequence"} for name in names}
-    dynamic[out] = {0: "batch"}
+    outs = [out] if isinstance(out, str) else out
+    for name in outs:  # token outputs (tower graphs) keep the sequence axis of their inputs
+        dynamic[name] = dynamic[names[0]] if name.endswith("hidden") else {0: "batch"}
     torch.onnx.register_custom_op_symbolic("aten::log_sigmoid", _stable_log_sigmoid, OPSET)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow, expected here
@@ -110,7 +112,7 @@ def _export(
             args,
             str(path),
             input_names=names,
-            output_names=[out],
+            output_names=outs,
             dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,

@@ -281,7 +281,14 @@ class TemdeTrainingArguments:
     feature_cache_dir: str | None = field(
         default=None, metadata={"help": "where cached tower outputs live (default: OUTPUT_DIR/feature_cache)"}
     )
-    feature_cache_dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16"})
+    feature_cache_dtype: str = field(default="float16", metadata={"help": "float32 | float16 | bfloat16"})
+    feature_cache_backend: str = field(
+        default="auto",
+        metadata={"help": "frozen-tower cache pass: auto (onnxruntime if installed, on CPU) | onnx | torch"},
+    )
+    feature_cache_workers: int = field(
+        default=2, metadata={"help": "DataLoader workers decoding images for the frozen-tower cache pass"}
+    )
     max_logit_scale: float = field(default=100.0, metadata={"help": "clamp exp(logit_scale) to this"})
     negatives: str = field(
         default="global", metadata={"help": "global: gather all processes' pairs (with grads) | local"}
@@ -670,6 +677,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
     LOSSES.check(args.loss_type, label=f"--loss_type {args.loss_type!r}")
     _choice("sampling", args.sampling, ("pairs", "images"))
     _choice("feature_cache_dtype", args.feature_cache_dtype, ("float32", "float16", "bfloat16"))
+    _choice("feature_cache_backend", args.feature_cache_backend, ("auto", "onnx", "torch"))
     _choice("alignment_loss_type", args.alignment_loss_type, tuple(SCORE_LOSSES))
     _choice("itm_negatives", args.itm_negatives, ("sample", "hardest"))
     _choice("distill_teacher", args.distill_teacher, ("alignment", "itm"))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..data.common import open_image
-from .features import TowerOutputs
+from .tower_cache import RowView, TowerOutputs
 
 SAMPLING = ("pairs", "images")
 
@@ -132,11 +132,13 @@ class ImageInputs:
     Args:
         dataset: Image-level dataset with an ``image`` column (from a `temde_hf.data` loader).
         processor: A `TemdeProcessor` (its image processor is used).
-        cache: The vision tower's cached outputs (frozen tower), or ``None``: row ``view * n + r`` holds
-            view ``view`` of image ``r``.
+        cache: The vision tower's cached outputs (frozen tower; memory-mapped, read per batch), or ``None``:
+            row ``view * n + r`` holds view ``view`` of image ``r``.
     """
 
-    def __init__(self, dataset: datasets.Dataset, processor: Any, cache: TowerOutputs | None = None) -> None:
+    def __init__(
+        self, dataset: datasets.Dataset, processor: Any, cache: TowerOutputs | RowView | None = None
+    ) -> None:
         self.images = dataset.cast_column("image", datasets.Image(decode=False))["image"]
         self.processor, self.cache = processor, cache
 
@@ -149,7 +151,8 @@ class ImageInputs:
             index = torch.as_tensor(rows, dtype=torch.long) + len(self) * torch.as_tensor(
                 views, dtype=torch.long
             )
-            return {"vision_hidden": self.cache.hidden[index], "vision_pooled": self.cache.pooled[index]}
+            hidden, pooled, _ = self.cache.rows(index)
+            return {"vision_hidden": hidden, "vision_pooled": pooled}
         images = [open_image(self.images[int(row)]) for row in rows]
         images = [ImageOps.mirror(image) if view else image for image, view in zip(images, views)]
         image_processor = getattr(self.processor, "image_processor", self.processor)
@@ -167,7 +170,11 @@ class TextInputs:
     """
 
     def __init__(
-        self, captions: list[str], processor: Any, max_length: int, cache: TowerOutputs | None = None
+        self,
+        captions: list[str],
+        processor: Any,
+        max_length: int,
+        cache: TowerOutputs | RowView | None = None,
     ) -> None:
         self.captions, self.processor, self.max_length, self.cache = captions, processor, max_length, cache
 
@@ -177,11 +184,11 @@ class TextInputs:
     def __call__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         if self.cache is not None:
             index = torch.as_tensor(indices, dtype=torch.long)
-            mask = self.cache.mask[index]
+            hidden, pooled, mask = self.cache.rows(index)
             length = max(1, int(mask.sum(1).max()))  # drop the all-padding tail shared by the batch
             return {
-                "text_hidden": self.cache.hidden[index, :length],
-                "text_pooled": self.cache.pooled[index],
+                "text_hidden": hidden[:, :length],
+                "text_pooled": pooled,
                 "attention_mask": mask[:, :length],
             }
         tokenizer = getattr(self.processor, "tokenizer", self.processor)

@@ -1,120 +1,81 @@
-"""Cached outputs of a frozen tower: computed once, then the training loop reads them instead of the tower.
+"""Cached outputs of a frozen tower: computed once, on disk, then the training loop reads them per batch.
 
 A frozen tower gives the same output for an item every epoch. With ``--cache_tower_outputs`` (default)
-the trainer runs each frozen tower once over the training and evaluation items, stores its
-``last_hidden_state`` (as tokens) and pooled output in a safetensors file, and the batches then carry
-those tensors; `TemdeModel.forward(vision_outputs=..., text_outputs=...)` skips the tower. The cached
-tensors are exactly what the tower would feed the head, so the trained model embeds raw pixels and
-captions identically (up to the cache's dtype).
+the trainer runs each frozen tower once over the training and evaluation items and stores its tokens
+and pooled output in a memory-mapped cache (`temde_hf.training.tower_cache`: the file format, and why
+that one); the batches then carry the rows they need and `TemdeModel.forward(vision_outputs=...,
+text_outputs=...)` skips the tower. The cached tensors are exactly what the tower would feed the head,
+so the trained model embeds raw pixels and captions identically (up to the cache's dtype).
 
-The file name is a hash of everything the outputs depend on (the tower's config and weights, the
+The pass that fills a cache (`build_tower_cache`):
+
+- writes batch by batch into the final file: memory stays one batch whatever the dataset size;
+- runs the tower with onnxruntime when it is installed and the tower runs on CPU (a graph of the
+  tower's outputs, `temde_hf.export.tower_graph`, exported once, and used only if it matches the eager
+  tower on a few probe items), else eagerly, in bfloat16 autocast and channels-last on a GPU;
+- decodes images in DataLoader workers while the tower runs, and takes captions in length order (a
+  batch pads to its longest caption: sorted batches pad little);
+- under `accelerate launch`, shards the batches over the processes (batch ``b`` to process
+  ``b % world_size``), each writing its rows into the same file: the result equals a one-process build;
+- resumes an interrupted build from the batches already written.
+
+Storage is float16 by default (``--feature_cache_dtype``): half the disk and page cache of float32;
+``benchmarks/scale.py`` reports the rounding against the float32 eager rows.
+
+The folder name is a hash of everything the outputs depend on (the tower's config and weights, the
 processor, the items, the caption length, the dtype), so runs that share a cache folder (folds, seeds,
 recipes) compute each tower's outputs once, and a changed tower or dataset never reads a stale cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-# The model's own reshape of tower outputs, so cached tokens are laid out as the live forward's.
-from ..models.temde.modeling_temde import _as_tokens
+from ..export.tower_graph import run_tower
+from .tower_cache import (
+    PLAN,
+    TORCH_DTYPES,
+    CachePlan,
+    CacheWriter,
+    RowView,
+    StaleCacheError,
+    TowerOutputs,
+    _read_json,
+    is_complete,
+)
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = TORCH_DTYPES
+BACKENDS = ("auto", "onnx", "torch")
+# onnxruntime vs eager on the first batch, relative to the outputs' scale: above this the graph is not used
+ONNX_TOLERANCE = 1e-4
+PROBE_ITEMS = 4  # items run eagerly to learn the output shapes and to check the ONNX graph
 
-
-@dataclass
-class TowerOutputs:
-    """One tower's outputs for a list of items.
-
-    Attributes:
-        hidden: `(n, tokens, C)` the tower's `last_hidden_state` as tokens (zero-padded for text).
-        pooled: `(n, C)` its pooled output (the first token where the tower has no pooler).
-        mask: `(n, tokens)` int64, 1 for real tokens (text only; ``None`` for images).
-    """
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor
-    mask: torch.Tensor | None = None
-
-    def save(self, path: Path) -> None:
-        tensors = {"hidden": self.hidden.contiguous(), "pooled": self.pooled.contiguous()}
-        if self.mask is not None:
-            tensors["mask"] = self.mask.contiguous()
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)  # atomic: an interrupted run never leaves a truncated cache
-
-    @classmethod
-    def load(cls, path: Path) -> TowerOutputs:
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(
-                f"{path}: damaged tower-output cache ({error}); delete the file and it is recomputed"
-            ) from error
-        return cls(hidden=tensors["hidden"], pooled=tensors["pooled"], mask=tensors.get("mask"))
-
-
-def _pooled(output: Any) -> torch.Tensor:
-    pooled = getattr(output, "pooler_output", None)
-    return (pooled if pooled is not None else _as_tokens(output.last_hidden_state)[:, 0]).flatten(1)
-
-
-@torch.inference_mode()
-def compute_tower_outputs(
-    tower: nn.Module,
-    make_inputs: Callable[[Sequence[int]], dict[str, torch.Tensor]],
-    n_items: int,
-    *,
-    batch_size: int,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    desc: str,
-) -> TowerOutputs:
-    """Run a frozen tower over `n_items` items, batch by batch.
-
-    Args:
-        tower: The vision or text tower (in eval mode).
-        make_inputs: Item indices -> the tower's inputs (`ImageInputs` / `TextInputs` without a cache).
-        n_items: Number of items.
-        batch_size: Items per forward.
-        device: Where the tower runs.
-        dtype: Storage dtype of the outputs.
-        desc: Progress-bar label.
-    """
-    hidden, pooled, masks = [], [], []
-    for start in tqdm(range(0, n_items, batch_size), desc=desc, unit="batch"):
-        inputs = make_inputs(range(start, min(start + batch_size, n_items)))
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            output = tower(pixel_values=inputs["pixel_values"], return_dict=True)
-        else:
-            output = tower(**inputs, return_dict=True)
-            masks.append(inputs["attention_mask"].cpu())
-        hidden.append(_as_tokens(output.last_hidden_state).to("cpu", dtype))
-        pooled.append(_pooled(output).to("cpu", dtype))
-    if not masks:
-        return TowerOutputs(torch.cat(hidden), torch.cat(pooled))
-    # Captions of different batches have different lengths: pad every batch to the longest.
-    length = max(h.shape[1] for h in hidden)
-    hidden = [torch.nn.functional.pad(h, (0, 0, 0, length - h.shape[1])) for h in hidden]
-    masks = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
-    return TowerOutputs(torch.cat(hidden), torch.cat(pooled), torch.cat(masks).long())
+__all__ = [
+    "BACKENDS",
+    "DTYPES",
+    "RowView",
+    "StaleCacheError",
+    "TowerOutputs",
+    "build_tower_cache",
+    "cache_key",
+    "caption_lengths",
+    "tower_fingerprint",
+]
 
 
 def tower_fingerprint(tower: nn.Module) -> str:
@@ -136,20 +97,229 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached_tower_outputs(
-    path: Path, compute: Callable[[], TowerOutputs], *, is_main_process: bool, wait: Callable[[], None]
+class _Batches(Dataset):
+    """Item ``i`` = (batch index, the tower's inputs for that batch): built in DataLoader workers."""
+
+    def __init__(self, make_inputs: Callable[[Sequence[int]], dict], writer: CacheWriter, batches: list[int]):
+        self.make_inputs, self.writer, self.batches = make_inputs, writer, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[int, dict[str, torch.Tensor]]:
+        return self.batches[i], self.make_inputs(self.writer.rows(self.batches[i]))
+
+
+class EagerTower:
+    """`run_tower` on `device`; on a GPU in bfloat16 autocast with channels-last images (faster, same head)."""
+
+    def __init__(self, tower: nn.Module, device: torch.device | str) -> None:
+        self.tower, self.device = tower, torch.device(device)
+        self.gpu = self.device.type == "cuda"
+        if self.gpu:
+            self.tower = self.tower.to(memory_format=torch.channels_last)
+
+    def restore(self) -> None:
+        """Back to the default memory format (the tower is saved with the model: contiguous weights)."""
+        if self.gpu:
+            self.tower.to(memory_format=torch.contiguous_format)
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        if self.gpu and "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.gpu else contextlib.nullcontext()
+        with autocast:
+            hidden, pooled = run_tower(self.tower, inputs)
+        return hidden.float(), pooled.float()
+
+
+def _onnx_graph(
+    tower: nn.Module, example: dict[str, torch.Tensor], graph: Path, reference: tuple[torch.Tensor, ...]
+) -> bool:
+    """Export `tower` to `graph` (once) and check it against the eager `reference` outputs of `example`.
+
+    Returns:
+        Whether the graph is there and matches; a graph that does not match is deleted (eager is used).
+    """
+    from ..export.tower_graph import OnnxTower, export_tower
+
+    try:
+        if not graph.is_file():
+            export_tower(tower, example, graph)
+        hidden, pooled = OnnxTower(graph)(example)
+    except Exception as error:  # any failure to export or run the graph: the eager pass is always right
+        logger.warning("no ONNX graph of the tower (%s): caching eagerly", error)
+        graph.unlink(missing_ok=True)
+        return False
+    scale = max(1.0, float(reference[0].abs().max()), float(reference[1].abs().max()))
+    diff = max(float((hidden - reference[0]).abs().max()), float((pooled - reference[1]).abs().max()))
+    if diff <= ONNX_TOLERANCE * scale:
+        logger.info("ONNX tower graph %s: largest |onnxruntime - eager| %.2e", graph.name, diff)
+        return True
+    logger.warning("ONNX tower graph differs from eager by %.2e: caching eagerly", diff)
+    graph.unlink()
+    return False
+
+
+def _onnx_usable(backend: str, device: torch.device | str) -> bool:
+    if backend == "torch" or torch.device(device).type != "cpu":
+        return False
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        if backend == "onnx":
+            raise ImportError(
+                "--feature_cache_backend onnx needs onnxruntime: pip install 'temde_hf[onnx]'"
+            ) from err
+        return False
+    return True
+
+
+def build_tower_cache(
+    folder: str | Path,
+    key: str,
+    tower: nn.Module,
+    make_inputs: Callable[[Sequence[int]], dict[str, torch.Tensor]],
+    n_items: int,
+    *,
+    batch_size: int,
+    dtype: str = "float16",
+    lengths: Sequence[int] | Callable[[], Sequence[int]] | None = None,
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    graph_dir: str | Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wait: Callable[[], None] = lambda: None,
+    desc: str = "frozen tower",
 ) -> TowerOutputs:
-    """Load `path`, or compute it on the main process, save it, and let the others load it.
+    """The finished cache in `folder` for `key`, building (or resuming) it first if needed.
+
+    Collective: every process of the run calls it with the same arguments (`rank`, `world_size` and
+    `wait`, a barrier, from the accelerator); each fills its share of the batches.
 
     Args:
-        path: The cache file (its name carries the `cache_key`).
-        compute: Builds the outputs (`compute_tower_outputs` with its arguments bound).
-        is_main_process: Whether this process computes and writes the file.
+        folder: The cache folder (its name should carry `key`).
+        key: The cache key (`cache_key` of everything the outputs depend on).
+        tower: The frozen tower (eval mode).
+        make_inputs: Item indices -> the tower's inputs (``pixel_values``, or ``input_ids`` +
+            ``attention_mask``); called in DataLoader workers when `num_workers` > 0.
+        n_items: Number of items.
+        batch_size: Items per forward (and per unit of progress).
+        dtype: Storage dtype: ``float32`` | ``float16`` | ``bfloat16``.
+        lengths: Text: every item's token count (or a function giving them, called only when a new build
+            starts): rows hold the longest, and build batches group items of similar length (far less
+            padding than batches in caption order). ``None`` (images): row order, the first items' shape.
+        backend: ``auto`` (onnxruntime when installed and on CPU), ``onnx`` or ``torch``.
+        device: Where an eager tower runs.
+        num_workers: DataLoader workers making the inputs (image decoding) while the tower runs.
+        graph_dir: Where the tower's ONNX graph is kept (default: beside the cache folder).
+        rank: This process's index.
+        world_size: Number of processes.
         wait: A barrier over all processes (``accelerator.wait_for_everyone``).
+        desc: Progress-bar label.
+
+    Raises:
+        ImportError: ``backend="onnx"`` without onnxruntime.
     """
-    if not path.is_file() and is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        logger.info("computing the frozen tower's outputs once: %s", path.name)
-        compute().save(path)
+    folder = Path(folder)
+    if is_complete(folder, key):
+        return TowerOutputs(folder, key)
+    use_onnx = _onnx_usable(backend, device)
+    eager = EagerTower(tower, device)
+    if rank == 0:
+        # A few items give the output shapes (a new build) and check the graph against eager: every
+        # batch, the first included, then goes through the fast path.
+        probe = None
+        plan = _resumable_plan(folder, key, dtype, batch_size, n_items)
+        if plan is None:
+            logger.info("computing the frozen tower's outputs once: %s", folder.name)
+            probe = make_inputs(list(range(min(PROBE_ITEMS, n_items))))
+            hidden, pooled = eager(probe)
+            counts = None if lengths is None else np.asarray(lengths() if callable(lengths) else lengths)
+            n_tokens = hidden.shape[1] if counts is None else int(counts.max())
+            plan = CachePlan(key, n_items, n_tokens, hidden.shape[2], pooled.shape[1], dtype,
+                             "attention_mask" in probe, batch_size, ordered=counts is not None)  # fmt: skip
+            order = None if counts is None else np.argsort(counts, kind="stable")
+            CacheWriter(folder, plan).prepare(order)
+        else:
+            CacheWriter(folder, plan).prepare()  # resumed: keeps its files, its order and the batches written
+        graph = _graph_path(graph_dir, folder, tower, plan) if use_onnx else None
+        if graph is not None and not graph.is_file() and len(CacheWriter(folder, plan).pending()):
+            probe = _longest(probe or make_inputs(list(range(min(PROBE_ITEMS, n_items)))), plan.tokens)
+            _onnx_graph(tower, probe, graph, eager(probe))
     wait()
-    return TowerOutputs.load(path)
+    plan = CachePlan(**_read_json(folder / PLAN))
+    writer = CacheWriter(folder, plan)
+    run = eager
+    graph = _graph_path(graph_dir, folder, tower, plan) if use_onnx else None
+    if graph is not None and graph.is_file():
+        from ..export.tower_graph import OnnxTower
+
+        run = OnnxTower(graph)
+    pending = writer.pending(rank, world_size)
+    loader = DataLoader(
+        _Batches(make_inputs, writer, pending), batch_size=None, num_workers=num_workers if pending else 0
+    )
+    bar = tqdm(total=len(pending), desc=f"{desc} [{'onnx' if run is not eager else 'torch'}]", unit="batch",
+               disable=rank != 0)  # fmt: skip
+    for batch, inputs in _iterate(loader):
+        hidden, pooled = run(inputs)
+        writer.write(batch, hidden, pooled, inputs.get("attention_mask"))
+        bar.update()
+    bar.close()
+    eager.restore()
+    wait()
+    if rank == 0:
+        writer.finish()
+    wait()
+    return TowerOutputs(folder, key)
+
+
+def caption_lengths(
+    tokenizer: Any, captions: Sequence[str], max_length: int, chunk: int = 4096
+) -> np.ndarray:
+    """`(n,)` int32 tokens of each caption after truncation to `max_length` (a text cache's `lengths`)."""
+    lengths = np.empty(len(captions), dtype=np.int32)
+    for start in range(0, len(captions), chunk):  # chunks: token lists of all captions would be large
+        ids = tokenizer(list(captions[start : start + chunk]), truncation=True, max_length=max_length)
+        lengths[start : start + len(ids["input_ids"])] = [len(i) for i in ids["input_ids"]]
+    return lengths
+
+
+def _graph_path(graph_dir: str | Path | None, folder: Path, tower: nn.Module, plan: CachePlan) -> Path:
+    """The tower's graph: it depends on the weights and (text) the traced length only, not on the items."""
+    name = f"{tower_fingerprint(tower)[:16]}-{plan.tokens}.onnx"
+    return Path(graph_dir or folder.parent / "graphs") / name
+
+
+def _iterate(loader: DataLoader) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    with torch.inference_mode():
+        yield from loader
+
+
+def _longest(inputs: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+    """Text inputs padded to `tokens` (the graph is traced at its longest length); images unchanged."""
+    if "input_ids" not in inputs:
+        return inputs
+    pad = tokens - inputs["input_ids"].shape[1]
+    # pad id 0 under a 0 mask: the tower ignores those positions
+    return {k: torch.nn.functional.pad(v, (0, pad)) for k, v in inputs.items()}
+
+
+def _resumable_plan(folder: Path, key: str, dtype: str, batch_size: int, n_items: int) -> CachePlan | None:
+    """The plan of an interrupted build of the same cache in `folder`, or ``None``."""
+    saved = _read_json(folder / PLAN)
+    if saved is None:
+        return None
+    try:
+        plan = CachePlan(**saved)
+    except TypeError:
+        return None
+    wanted = {"key": key, "dtype": dtype, "batch_size": batch_size, "n_items": n_items}
+    if any(asdict(plan)[name] != value for name, value in wanted.items()):
+        return None
+    return plan

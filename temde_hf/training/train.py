@@ -45,14 +45,7 @@ from .arguments import (
 from .batches import ImageInputs, PairCollator, TextInputs
 from .checkpointing import TrainerState, check_output_dir, check_resume, output_dir_lock, resolve_resume
 from .curves import plot_training_curves
-from .features import (
-    DTYPES,
-    TowerOutputs,
-    cache_key,
-    cached_tower_outputs,
-    compute_tower_outputs,
-    tower_fingerprint,
-)
+from .features import RowView, TowerOutputs, build_tower_cache, cache_key, caption_lengths, tower_fingerprint
 from .loop import TrainingJob, export_model, run_training
 from .optim import freeze_towers, frozen_tower_names
 from .streaming import StreamBatches, check_streaming_args
@@ -222,15 +215,15 @@ def _tower_caches(
     """Cached outputs of each frozen tower over all images / captions of `pool` (in its order).
 
     Returns:
-        Per tower, one `TowerOutputs` per view (images: the image, then its mirror with flip
-        augmentation; captions: one); an empty list for a tower that runs every step.
+        Per tower, one memory-mapped `TowerOutputs` per view (images: the image, then its mirror with
+        flip augmentation; captions: one); an empty list for a tower that runs every step.
     """
     caches: dict[str, list[TowerOutputs]] = {"vision": [], "text": []}
     frozen = frozen_tower_names(model) if args.cache_tower_outputs else []
     folder = Path(args.feature_cache_dir or Path(args.output_dir) / "feature_cache")
-    dtype = DTYPES[args.feature_cache_dtype]
     for part in frozen:
         tower = getattr(model, f"{part}_model").eval()
+        lengths: Any = None
         if part == "vision":
             inputs: Any = ImageInputs(pool, processor)
             items = [str(v) for v in pool["image_id"]]
@@ -243,21 +236,28 @@ def _tower_caches(
                 f"{processor.tokenizer.name_or_path}|{len(processor.tokenizer)}|{data_args.max_text_length}"
             )
             views = [0]
+            lengths = partial(caption_lengths, processor.tokenizer, items, data_args.max_text_length)
         for view in views:
             key = cache_key(tower=tower_fingerprint(tower), items=items, settings=settings,
-                            dtype=args.feature_cache_dtype, data=str(data_args.data))  # fmt: skip
+                            dtype=args.feature_cache_dtype, data=str(data_args.data), view=view)  # fmt: skip
             name = f"{part}-{key}" + ("-mirrored" if view else "")
-            make_inputs = partial(_mirrored, inputs) if view else inputs
-            compute = partial(
-                compute_tower_outputs, tower, make_inputs, len(inputs), batch_size=args.per_device_eval_batch_size,
-                device=accelerator.device, dtype=dtype, desc=f"{name} (frozen tower, cached once)",
-            )  # fmt: skip
             caches[part].append(
-                cached_tower_outputs(
-                    folder / f"{name}.safetensors",
-                    compute,
-                    is_main_process=accelerator.is_main_process,
+                build_tower_cache(
+                    folder / name,
+                    key,
+                    tower,
+                    partial(_mirrored, inputs) if view else inputs,
+                    len(inputs),
+                    batch_size=args.per_device_eval_batch_size,
+                    dtype=args.feature_cache_dtype,
+                    lengths=lengths,
+                    backend=args.feature_cache_backend,
+                    device=accelerator.device,
+                    num_workers=args.feature_cache_workers if part == "vision" else 0,
+                    rank=accelerator.process_index,
+                    world_size=accelerator.num_processes,
                     wait=accelerator.wait_for_everyone,
+                    desc=f"{name} (frozen tower, cached once)",
                 )
             )
     return caches
@@ -267,15 +267,10 @@ def _mirrored(images: ImageInputs, rows: list[int]) -> dict[str, torch.Tensor]:
     return images(rows, [1] * len(rows))
 
 
-def _slice(views: list[TowerOutputs], rows: torch.Tensor) -> TowerOutputs | None:
-    """Rows `rows` of every view, view-major: row ``view * len(rows) + i`` is view `view` of `rows[i]`."""
-    if not views:
-        return None
-    return TowerOutputs(
-        torch.cat([v.hidden[rows] for v in views]),
-        torch.cat([v.pooled[rows] for v in views]),
-        None if views[0].mask is None else torch.cat([v.mask[rows] for v in views]),
-    )
+def _slice(views: list[TowerOutputs], rows: torch.Tensor) -> RowView | None:
+    """Rows `rows` of every view, view-major (row ``view * len(rows) + i`` is view `view` of `rows[i]`),
+    read from the memory-mapped caches per batch."""
+    return RowView(views, rows) if views else None
 
 
 def build_inputs(

@@ -1,0 +1,94 @@
+"""ONNX graphs of a frozen tower's outputs (what the T-EMDE head reads), run with onnxruntime to cache them.
+
+`run_tower` is the one definition of those outputs: the tower's ``last_hidden_state`` as tokens
+`(B, L, C)` (a convolutional map `(B, C, h, w)` becomes ``h·w`` tokens) and its pooled output `(B, C')`
+(the first token where the tower has no pooler). The eager cache pass calls it directly; `export_tower`
+traces it with the exporter of ``temde-hf export-onnx`` into a graph with the outputs ``hidden`` and
+``pooled``, and `OnnxTower` runs that graph.
+
+Inputs: ``pixel_values`` `(B, 3, H, W)` for an image tower; ``input_ids`` + ``attention_mask`` `(B, L)`
+for a text tower (any ``L`` up to the traced length).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.temde.modeling_temde import _as_tokens
+from .onnx_export import _export
+from .onnx_runtime import require_onnxruntime
+
+OUTPUTS = ["hidden", "pooled"]
+
+
+def run_tower(tower: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of a tower -> (tokens `(B, L, C)`, pooled `(B, C')`)."""
+    if "pixel_values" in inputs:
+        output = tower(pixel_values=inputs["pixel_values"], return_dict=True)
+    else:
+        output = tower(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], return_dict=True
+        )
+    hidden = _as_tokens(output.last_hidden_state)
+    pooled = getattr(output, "pooler_output", None)
+    return hidden, (pooled if pooled is not None else hidden[:, 0]).flatten(1)
+
+
+class _TowerGraph(nn.Module):
+    def __init__(self, tower: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.tower, self.names = tower, names
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = run_tower(self.tower, dict(zip(self.names, args)))
+        return hidden.contiguous(), pooled
+
+
+def export_tower(tower: nn.Module, example: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Trace `tower` on `example` (its inputs; text at the longest length it will see) into `path`.
+
+    The file appears only once complete (written beside it, then renamed), so a graph file that exists
+    is whole.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = ["pixel_values"] if "pixel_values" in example else ["input_ids", "attention_mask"]
+    args = tuple(example[name].cpu() for name in names)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    training = tower.training
+    try:
+        _export(_TowerGraph(tower.cpu(), names), args, tmp, names, OUTPUTS)
+    finally:
+        tower.train(training)
+    os.replace(tmp, path)
+    return path
+
+
+class OnnxTower:
+    """An exported tower graph in an onnxruntime CPU session, called like `run_tower`.
+
+    Args:
+        path: The graph written by `export_tower`.
+        threads: Intra-op threads (default: torch's, so processes sharing a machine split it alike).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        ort = require_onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        feed: dict[str, Any] = {}
+        for name in self.names:
+            value = inputs[name].detach().cpu().numpy()
+            feed[name] = value.astype(np.float32 if name == "pixel_values" else np.int64, copy=False)
+        hidden, pooled = self.session.run(OUTPUTS, feed)
+        return torch.from_numpy(hidden), torch.from_numpy(pooled)
