@@ -57,8 +57,9 @@ def backend_rows(checkpoint: Path, batch_size: int, repeats: int) -> list[dict[s
     from temde_hf.data.auto import load_image_captions
     from temde_hf.data.common import open_image
     from temde_hf.demo import DEFAULT_DATA
-    from temde_hf.evaluation.encode import encode_dataset, encode_images, load_encoder
     from temde_hf.evaluation.folds import evaluate_embeddings
+    from temde_hf.inference.encode import encode_dataset, encode_images
+    from temde_hf.inference.encoder import load_encoder
 
     test = load_image_captions(str(DEFAULT_DATA), split="test")
     eager, processor = load_encoder(checkpoint, backend="torch", device="cpu")

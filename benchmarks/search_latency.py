@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this
 from common import device_info, resolve_device, time_fn, write_json
 
 from temde_hf.evaluation.tables import format_table
-from temde_hf.hub.gallery.build import BuildSettings, merge_shards, shard_path
-from temde_hf.hub.gallery.index import GalleryIndex
-from temde_hf.hub.gallery.sources import ImageList
+from temde_hf.gallery.build import BuildSettings, merge_shards, shard_path
+from temde_hf.gallery.index import GalleryIndex
+from temde_hf.gallery.sources import ImageList
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "search_latency.json"
 SHARD_SIZE = 50_000
@@ -217,7 +217,7 @@ def gpu_exact_rows(
     work: Path, n: int, queries: torch.Tensor, exact: dict, device: torch.device
 ) -> list[dict]:
     """Exact fused top-10 by one fp16 matrix product on the GPU (the gallery resident in GPU memory)."""
-    from temde_hf.hub.gallery.build import shard_embeds
+    from temde_hf.gallery.build import shard_embeds
 
     files = sorted((work / f"gallery-{n}" / "shards").glob("*.safetensors"))
     gallery = torch.cat([torch.from_numpy(shard_embeds(f)).to(device, torch.float16) for f in files])
@@ -254,7 +254,7 @@ def protocol_through_index(feats: dict[str, Any], make_batch: Any, global_dim: i
     """
     from temde_hf.evaluation.folds import evaluate_embeddings
     from temde_hf.evaluation.metrics import metrics_from_ranks
-    from temde_hf.hub.gallery.spec import parse_spec
+    from temde_hf.gallery.spec import parse_spec
 
     images, texts, caption_to_image = feats["test"]
     exact = evaluate_embeddings(images, texts, caption_to_image, fold_size=None)["full"]

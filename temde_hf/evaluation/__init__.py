@@ -6,7 +6,7 @@ folder ``retrieval_metric/`` is the same metric as an `evaluate` module (``evalu
 
 from __future__ import annotations
 
-from .encode import encode_dataset, encode_images, encode_texts
+from ..inference.encode import encode_dataset, encode_images, encode_texts
 from .folds import evaluate_embeddings, fold_indices
 from .metrics import (
     KS,
