@@ -20,6 +20,11 @@ from typing import Any
 
 import torch
 
+# The shared Flickr8k sample beside the repository (as the tests and the demo reach it).
+FLICKR8K_JSON = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-800" / "dataset_flickr8k.json"
+)
+
 
 def resolve_device(name: str | None) -> torch.device:
     """`"cuda"` / `"cpu"` / None (CUDA when present) -> a device; asking for absent CUDA is an error."""
@@ -255,3 +260,43 @@ def write_section(path: Path, name: str, markdown: str, heading: str | None = No
     else:
         text = text.rstrip() + f"\n\n## {heading or name}\n\n{block}\n"
     path.write_text(text)
+
+
+REPO = Path(__file__).resolve().parents[1]
+# --smoke: the trainer flags that shrink any recipe to a tiny model and two steps (after the recipe's own)
+SMOKE_TRAINER_FLAGS = [
+    "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3", "--per_device_train_batch_size", "8",
+    "--max_steps", "2", "--eval_steps", "2", "--itm_hidden_size", "8", "--itm_heads", "2", "--max_text_length", "24",
+]  # fmt: skip
+
+
+def add_smoke_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random towers, a generated 30-image dataset, two training steps: runs the harness end to "
+        "end (CI) and measures nothing; results and doc sections go under --work-dir/smoke, never the repo's",
+    )
+
+
+def smoke_setup(work_dir: str | Path) -> tuple[tuple[Path, Path], list[str]]:
+    """The ``--smoke`` stand-ins: tiny tower folders and the trainer flags (data included) to append."""
+    from temde_hf.data import make_synthetic_karpathy
+    from temde_hf.testing import save_tiny_towers
+
+    folder = Path(work_dir) / "smoke"
+    towers = save_tiny_towers(folder / "towers", num_hidden_layers=2)  # recipes may train the last layers
+    data = make_synthetic_karpathy(folder / "data", n_images=30, seed=0)
+    return towers, [*SMOKE_TRAINER_FLAGS, "--data", str(data)]
+
+
+def smoke_paths(
+    work_dir: str | Path, output: str | Path, smoke: bool, repo: Path = REPO
+) -> tuple[Path, Path, Path]:
+    """(results JSON, RESULTS.md, README.md) a run writes: `output` and `repo`'s docs, or files under
+    ``work_dir/smoke`` for a ``--smoke`` run, whose numbers mean nothing."""
+    if not smoke:
+        return Path(output), repo / "benchmarks" / "RESULTS.md", repo / "README.md"
+    folder = Path(work_dir) / "smoke"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / Path(output).name, folder / "RESULTS.md", folder / "README.md"

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import (
+    FLICKR8K_JSON,
     device_info,
     make_batch,
     model_benchmark_args,
@@ -38,7 +39,11 @@ from common import (
     write_json,
 )
 
+from temde_hf.data import load_image_captions, open_image
+from temde_hf.evaluation.folds import evaluate_embeddings
 from temde_hf.evaluation.tables import format_table
+from temde_hf.inference.encode import encode_dataset, encode_images
+from temde_hf.inference.encoder import load_encoder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "encode_throughput.json"
 
@@ -50,18 +55,13 @@ def autocast(device: torch.device, dtype: str):
     return nullcontext()
 
 
-def backend_rows(checkpoint: Path, batch_size: int, repeats: int) -> list[dict[str, Any]]:
+def backend_rows(
+    checkpoint: Path, batch_size: int, repeats: int, data: Path = FLICKR8K_JSON
+) -> list[dict[str, Any]]:
     """Speed, agreement with eager and test RSUM of each encoder backend of a real checkpoint (CPU)."""
     import datasets
 
-    from temde_hf.data.auto import load_image_captions
-    from temde_hf.data.common import open_image
-    from temde_hf.demo import DEFAULT_DATA
-    from temde_hf.evaluation.folds import evaluate_embeddings
-    from temde_hf.inference.encode import encode_dataset, encode_images
-    from temde_hf.inference.encoder import load_encoder
-
-    test = load_image_captions(str(DEFAULT_DATA), split="test")
+    test = load_image_captions(str(data), split="test")
     eager, processor = load_encoder(checkpoint, backend="torch", device="cpu")
     photos = test.cast_column("image", datasets.Image(decode=False))["image"][:batch_size]
     pixel_values = processor(images=[open_image(p) for p in photos], return_tensors="pt")["pixel_values"]
@@ -103,6 +103,7 @@ def backends_main(argv: list[str]) -> dict[str, Any]:
 
     parser = argparse.ArgumentParser(description="encoder backends of a checkpoint (CPU)")
     parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=FLICKR8K_JSON, help="its test split is encoded")
     parser.add_argument("--device", choices=["cpu"], default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -112,11 +113,11 @@ def backends_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT.with_name("encode_backends_cpu.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = backend_rows(args.checkpoint, args.batch_size, args.repeats)
+    rows = backend_rows(args.checkpoint, args.batch_size, args.repeats, args.data)
     payload = {
         "benchmark": "encode_throughput",
         "env": {**device_info(torch.device("cpu")), "loadavg": os.getloadavg()},
-        "settings": {"checkpoint": str(args.checkpoint), "batch_size": args.batch_size, "repeats": args.repeats,
+        "settings": {"checkpoint": str(args.checkpoint), "data": str(args.data), "batch_size": args.batch_size, "repeats": args.repeats,
                      "threads": args.threads, "captions_per_batch": 4 * args.batch_size, "max_length": 40},
         "results": rows,
     }  # fmt: skip

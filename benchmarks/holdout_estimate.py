@@ -9,6 +9,7 @@ here: the recipe was fixed by `recipe_search.py`, and the rerank defaults by `re
 cross-validation folds of train+val before this ran.
 
     python benchmarks/holdout_estimate.py [--seeds 0 1 2]
+    python benchmarks/holdout_estimate.py --smoke --seeds 0    # tiny towers and data: the harness only
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import write_section
+from common import add_smoke_argument, smoke_paths, smoke_setup, write_section
 from recipe_search import CONFIG, KEYS, REPO, mean_std
 from rerank import train_and_score
 
@@ -66,16 +67,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work-dir", default="outputs/holdout_estimate")
     parser.add_argument("--towers-dir", default="outputs", help="where the converted vision tower lives")
     parser.add_argument("--output", default=str(RESULTS))
+    add_smoke_argument(parser)
     args = parser.parse_args(argv)
-    towers = offline_towers(args.towers_dir)
+    towers, flags = smoke_setup(args.work_dir) if args.smoke else (offline_towers(args.towers_dir), [])
+    output, results_md, readme = smoke_paths(args.work_dir, args.output, args.smoke, REPO)
     recipe = CONFIG.read_text()
     runs = {
         str(seed): train_and_score(
-            [], SPLIT_FLAGS, seed, Path(args.work_dir), towers, ["alignment"], 0, CONFIG
+            flags, SPLIT_FLAGS, seed, Path(args.work_dir), towers, ["alignment"], 0, CONFIG
         )
         for seed in args.seeds
     }
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"config": recipe, "split_flags": SPLIT_FLAGS, "runs": runs}, indent=1))
     text = table(runs)
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "images as one gallery (1,000 captions), evaluated from pixels; an estimate of a 200-photo judgement, "
         "chosen nothing:\n\n" + text
     )
-    write_section(REPO / "benchmarks" / "RESULTS.md", "holdout_estimate", markdown)
-    write_section(REPO / "README.md", "holdout_estimate", markdown)
+    write_section(results_md, "holdout_estimate", markdown)
+    write_section(readme, "holdout_estimate", markdown)
     return runs
 
 

@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import device_info, is_oom, peak_memory_mib, resolve_device, time_fn, write_json
+from common import FLICKR8K_JSON, device_info, is_oom, peak_memory_mib, resolve_device, time_fn, write_json
 
 from temde_hf.evaluation.tables import format_table
 from temde_hf.models.temde import TemdeConfig, TemdeSketch
@@ -55,10 +55,6 @@ from temde_hf.models.temde.triton_sketch_temde import HAS_TRITON
 FULL_TOKENS = (36, 77, 197, 577, 1025, 2049)
 QUICK_TOKENS = (36, 77, 197)
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "pooling_speed.json"
-# The shared Flickr8k sample beside the repository (as the tests and the demo reach it).
-FLICKR8K_JSON = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-800" / "dataset_flickr8k.json"
-)
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import write_section
+from common import add_smoke_argument, smoke_paths, smoke_setup, write_section
 from recipe_search import CONFIG, KEYS, REPO, TEST_FLAGS, cv_flags, mean_std, run_one
 
 from temde_hf.convert.towers import offline_towers
@@ -175,14 +175,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work-dir", default="outputs/quality")
     parser.add_argument("--towers-dir", default="outputs")
     parser.add_argument("--output", default=str(RESULTS))
+    add_smoke_argument(parser)
     args = parser.parse_args(argv)
     plain, temde = [h for h in args.heads if h in PLAIN], [h for h in args.heads if h in TEMDE]
     if not plain or not temde:
         parser.error("--heads needs at least one plain and one T-EMDE head")
-    output = Path(args.output)
+    output, results_md, readme = smoke_paths(args.work_dir, args.output, args.smoke, REPO)
     stored = json.loads(output.read_text()) if output.is_file() else {}
     runs = stored.get("runs", {})
-    towers = offline_towers(args.towers_dir)
+    towers, smoke_flags = smoke_setup(args.work_dir) if args.smoke else (offline_towers(args.towers_dir), [])
 
     def save() -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flags = {**PLAIN, **TEMDE}[head]
             store = runs.setdefault(f"{setting} | {head}", {})
             heads[head] = run_head(
-                [*flags, *SETTINGS[setting]], args, Path(args.work_dir), towers, store, save
+                [*flags, *SETTINGS[setting], *smoke_flags], args, Path(args.work_dir), towers, store, save
             )
             print(f"{setting} | {head}: CV RSUM {heads[head]['val']['rsum']['mean']:.1f}", file=sys.stderr)
         command = " ".join([
@@ -213,8 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(summary, output.with_suffix(".png"))
     commands = "\n".join(f"    {v['command']}" for v in summary.values())
     header = f"{commands}\n\nCV folds over the 700 train+val images and paired seeds as in each command; a CV RSUM is over one held-out fold (5 folds: 140 images, 3 folds: 233), and RSUM falls as the gallery grows, so compare heads within a setting.\n\n"
-    write_section(REPO / "benchmarks" / "RESULTS.md", "quality", header + text)
-    write_section(REPO / "README.md", "quality_summary", header + text)
+    write_section(results_md, "quality", header + text)
+    write_section(readme, "quality_summary", header + text)
     return stored
 
 

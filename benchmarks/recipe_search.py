@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import write_section
+from common import add_smoke_argument, smoke_paths, smoke_setup, write_section
 
 from temde_hf.convert.towers import offline_towers
 
@@ -179,11 +179,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--report", action="store_true", help="only print the table and write RESULTS.md")
     parser.add_argument("--list", action="store_true", help="print the recipes of the stage(s), one per line")
+    add_smoke_argument(parser)
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(recipe for stage in args.stage for recipe in STAGES[stage]))
         return {}
-    output = Path(args.output)
+    output, results_md, _ = smoke_paths(args.work_dir, args.output, args.smoke, REPO)
     results = json.loads(output.read_text()) if output.is_file() else {"stages": {}, "flags": {}}
     for recipes in results["stages"].values():  # earlier files keyed runs "recipe | fold f | seed s"
         for recipe, runs in recipes.items():
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    data="flickr8k-800 train+val (700 images); the 100 test images are never loaded")  # fmt: skip
     if not args.report:
         work = Path(args.work_dir)
-        towers = offline_towers(args.towers_dir)
+        towers, smoke_flags = (
+            smoke_setup(args.work_dir) if args.smoke else (offline_towers(args.towers_dir), [])
+        )
         for stage in args.stage:
             for recipe, flags in STAGES[stage].items():
                 if args.recipes is not None and recipe not in args.recipes:
@@ -206,7 +209,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         if key in runs:
                             continue  # done in an earlier (interrupted) search
                         runs[key] = run_one(
-                            flags, cv_flags(fold, args.folds), seed, work, towers, BASE_CONFIG
+                            [*flags, *smoke_flags],
+                            cv_flags(fold, args.folds),
+                            seed,
+                            work,
+                            towers,
+                            BASE_CONFIG,
                         )
                         output.parent.mkdir(parents=True, exist_ok=True)
                         output.write_text(json.dumps(results, indent=1))
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(text)
     command = "python benchmarks/recipe_search.py " + " ".join(f"--stage {s}" for s in results["stages"])
     write_section(
-        REPO / "benchmarks" / "RESULTS.md",
+        results_md,
         "recipe_search",
         f"    {command}\n\n{results['data']}; {args.folds} folds; runs = folds x seeds (0, 1, ...), paired by "
         "(fold, seed) with the stage's reference.\n\n" + text,

@@ -20,6 +20,7 @@ pixels on the 100 test images, with the single-query CPU latency of each stage a
         [--seeds 0 1]
     python benchmarks/rerank.py --report     # tables + the RESULTS.md and README sections from the JSON
     python benchmarks/rerank.py --recipe demo --folds 5   # the same on the demo's recipe (its own JSON)
+    python benchmarks/rerank.py --smoke --folds 2 --seeds 0 --variants base   # tiny: the harness only
 
 Runs are stored in the JSON as they finish, so the search resumes where it stopped; on a shared machine
 take the lock per run: ``until flock LOCK python benchmarks/rerank.py --max-runs 1; do :; done`` (exit
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import write_section
+from common import add_smoke_argument, smoke_paths, smoke_setup, write_section
 from recipe_search import BASE_CONFIG, CONFIG, KEYS, REPO, TEST_FLAGS, cv_flags, mean_std
 
 KS = (20, 100)
@@ -322,9 +323,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", default=None, help="default: results/<the recipe's name>.json")
     parser.add_argument("--report", action="store_true", help="only print the tables and write the sections")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (exit 3)")
+    add_smoke_argument(parser)
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe]
-    output = Path(args.output or REPO / "benchmarks" / "results" / f"{recipe['name']}.json")
+    output, results_md, readme = smoke_paths(
+        args.work_dir,
+        args.output or REPO / "benchmarks" / "results" / f"{recipe['name']}.json",
+        args.smoke,
+        REPO,
+    )
     stored = json.loads(output.read_text()) if output.is_file() else {}
     runs = stored.setdefault("runs", {})
     for name, default in (("folds", 3), ("cv_seeds", [0]), ("seeds", [0, 1])):
@@ -344,7 +351,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.report:
         from temde_hf.convert.towers import offline_towers
 
-        towers = offline_towers(args.towers_dir)
+        towers, smoke_flags = (
+            smoke_setup(args.work_dir) if args.smoke else (offline_towers(args.towers_dir), [])
+        )
         work = Path(args.work_dir)
         for variant in requested:
             spec, store = VARIANTS[variant], runs.setdefault(variant, {})
@@ -361,7 +370,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     raise SystemExit(3)  # runs remain
                 done += 1
                 store[key] = train_and_score(
-                    spec["flags"], split_flags, seed, work, towers, spec["rerankers"], timed, recipe["config"]
+                    [*spec["flags"], *smoke_flags],
+                    split_flags,
+                    seed,
+                    work,
+                    towers,
+                    spec["rerankers"],
+                    timed,
+                    recipe["config"],
                 )
                 store[key]["loadavg"] = os.getloadavg()[0]
                 save()
@@ -401,14 +417,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unfinished:  # said, not silently dropped
         header += f"Not in these tables (their runs are not all done yet): {', '.join(unfinished)}.\n\n"
     write_section(
-        REPO / "benchmarks" / "RESULTS.md",
+        results_md,
         recipe["name"],
         header + text,
         heading=recipe["heading"],
     )
     summary_lines = choices_table(summary, runs, args.cv_seeds, args.seeds, args.folds, weights)
     write_section(
-        REPO / "README.md",
+        readme,
         f"{recipe['name']}_summary",
         f"Measured on Flickr8k-800 by `{command}`. {recipe['title']}; every choice made on CV of the "
         "train+val images; all variants in [benchmarks/RESULTS.md](benchmarks/RESULTS.md).\n\n"

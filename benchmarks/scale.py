@@ -401,7 +401,11 @@ def markdown(payload: dict[str, Any]) -> str:
     if extra:
         parts.append(
             "\nExtrapolated (disk from the bytes per item; build time at the onnxruntime rates above, one "
-            "process; memory = the small run's + the measured growth per pair):\n\n"
+            "process; memory = the small run's + the measured growth per pair, clipped at 0 when the two sizes "
+            "differ by less than the sampling noise). The caches add no anonymous memory at any size; what "
+            "still grows per pair is the trainer's list of caption strings and its epoch order (Python "
+            "lists), small at COCO size but not at 400M pairs: that is what streaming training data "
+            "removes.\n\n"
             + format_table(
                 extra,
                 [

@@ -28,19 +28,25 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import device_info, resolve_device, time_fn, write_json
+from common import FLICKR8K_JSON, device_info, resolve_device, time_fn, write_json
 
+from temde_hf.data import caption_to_image, flat_captions, load_image_captions
+from temde_hf.evaluation.folds import evaluate_embeddings
+from temde_hf.evaluation.metrics import metrics_from_ranks
 from temde_hf.evaluation.tables import format_table
-from temde_hf.gallery.build import BuildSettings, merge_shards, shard_path
+from temde_hf.gallery.build import BuildSettings, merge_shards, shard_embeds, shard_path
 from temde_hf.gallery.index import GalleryIndex
 from temde_hf.gallery.sources import ImageList
+from temde_hf.gallery.spec import parse_spec
+from temde_hf.inference.encode import encode_texts, iter_image_features
+from temde_hf.loading import load_checkpoint
+from temde_hf.testing import save_tiny_checkpoint
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "search_latency.json"
 SHARD_SIZE = 50_000
@@ -51,28 +57,30 @@ K = 10
 # ----------------------------------------------------------------------------------------------
 # Realistic vectors: real photos' tokens, mixed and perturbed, through the checkpoint's head
 # ----------------------------------------------------------------------------------------------
-def real_features(checkpoint: Path) -> dict[str, Any]:
-    """The checkpoint's model, projected image tokens of all 800 photos, and every caption's embedding."""
-    from temde_hf.demo import DEFAULT_DATA, cached_features
-    from temde_hf.models.temde import TemdeModel, TemdeProcessor
-    from temde_hf.training.frozen import embed_cached
+def real_features(checkpoint: Path, data: Path, batch_size: int = 32) -> dict[str, Any]:
+    """The checkpoint's model, projected image tokens of every photo of `data`, and every caption's embedding.
 
-    model = TemdeModel.from_pretrained(checkpoint, use_safetensors=True).eval()
-    processor = TemdeProcessor.from_pretrained(checkpoint)
-    args = SimpleNamespace(data=str(DEFAULT_DATA), image_root=None, work_dir="outputs", max_length=40)
+    Encodes through the library's one encode path (`iter_image_features` with tokens, `encode_texts`),
+    split by split (train, val, test), as ``temde-hf index --store-tokens`` and ``temde-hf evaluate`` do.
+    """
+    model, processor = load_checkpoint(checkpoint, "cpu")
     out: dict[str, Any] = {"model": model, "tokens": [], "images": [], "texts": [], "caption_to_image": []}
     offset = 0
-    with torch.inference_mode():
-        for split in ("train", "val", "test"):
-            feats = cached_features(model, processor, args, split)
-            images, texts = embed_cached(model, feats)
-            tokens, _, _ = model.project_image_hidden_states(feats.image_hidden.float())
-            out["tokens"].append(tokens)
-            out["images"].append(images)
-            out["texts"].append(texts)
-            out["caption_to_image"].append(feats.caption_to_image + offset)
-            out[split] = (images, texts, feats.caption_to_image)
-            offset += len(images)
+    for split in ("train", "val", "test"):
+        dataset = load_image_captions(str(data), split=split)
+        batches = list(
+            iter_image_features(model, processor, dataset, token_dtype=torch.float32, batch_size=batch_size)
+        )
+        images = torch.cat([batch.embeds for batch in batches])  # (n_images, E)
+        tokens = torch.cat([batch.tokens for batch in batches])  # (n_images, L, D): a fixed L per image
+        texts = encode_texts(model, processor, flat_captions(dataset), 4 * batch_size, "cpu", 40)
+        c2i = caption_to_image(dataset)
+        out["tokens"].append(tokens)
+        out["images"].append(images)
+        out["texts"].append(texts)
+        out["caption_to_image"].append(c2i + offset)
+        out[split] = (images, texts, c2i)
+        offset += len(images)
     for key in ("tokens", "images", "texts", "caption_to_image"):
         out[key] = torch.cat(out[key])
     return out
@@ -217,8 +225,6 @@ def gpu_exact_rows(
     work: Path, n: int, queries: torch.Tensor, exact: dict, device: torch.device
 ) -> list[dict]:
     """Exact fused top-10 by one fp16 matrix product on the GPU (the gallery resident in GPU memory)."""
-    from temde_hf.gallery.build import shard_embeds
-
     files = sorted((work / f"gallery-{n}" / "shards").glob("*.safetensors"))
     gallery = torch.cat([torch.from_numpy(shard_embeds(f)).to(device, torch.float16) for f in files])
     q = queries.to(device, torch.float16)
@@ -252,10 +258,6 @@ def protocol_through_index(feats: dict[str, Any], make_batch: Any, global_dim: i
     Quantisers are trained on vectors of the same kind that are not the test set (synthetic images of
     the model, train + val captions); the test images / captions are then added and searched.
     """
-    from temde_hf.evaluation.folds import evaluate_embeddings
-    from temde_hf.evaluation.metrics import metrics_from_ranks
-    from temde_hf.gallery.spec import parse_spec
-
     images, texts, caption_to_image = feats["test"]
     exact = evaluate_embeddings(images, texts, caption_to_image, fold_size=None)["full"]
     train_images = torch.cat([make_batch(CHUNK) for _ in range(20_000 // CHUNK)]).numpy()
@@ -296,6 +298,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: also an exact fp16 scan on the GPU"
     )
     parser.add_argument("--checkpoint", type=Path, default=None, help="T-EMDE checkpoint (real structure)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=FLICKR8K_JSON,
+        help="with --checkpoint: the photos and captions (all splits)",
+    )
     parser.add_argument("--synthetic-dim", type=int, default=None, help="no checkpoint: Gaussian vectors")
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=200)
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)  # asking for absent CUDA is an error, not a silent CPU run
     generator = torch.Generator().manual_seed(0)
     if args.checkpoint is not None:
-        feats = real_features(args.checkpoint)
+        feats = real_features(args.checkpoint, args.data)
         model, tokens = feats["model"], feats["tokens"]
         global_dim = model.config.projection_dim if model.config.sketch_fusion == "concat" else None
         queries = feats["texts"][torch.randperm(len(feats["texts"]), generator=generator)[: args.queries]]
@@ -329,8 +337,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         args.checkpoint_for_fingerprint = args.checkpoint
     elif args.synthetic_dim:
-        from temde_hf.testing import save_tiny_checkpoint
-
         feats, global_dim = None, None
         centres = torch.nn.functional.normalize(
             torch.randn(64, args.synthetic_dim, generator=generator), dim=-1
@@ -351,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "search_latency",
         "env": {**device_info(device), "faiss_threads": 1, "loadavg_at_start": os.getloadavg()},
         "settings": {"sizes": args.sizes, "queries": args.queries, "repeats": args.repeats, "k": K,
-                     "checkpoint": str(args.checkpoint), "dim": int(queries.shape[1]), "global_dim": global_dim},
+                     "checkpoint": str(args.checkpoint), "data": str(args.data) if args.checkpoint else None, "dim": int(queries.shape[1]), "global_dim": global_dim},
         "results": rows,
     }  # fmt: skip
     if args.protocol and feats is not None:  # short: first, so a cut long run still has it

@@ -51,11 +51,14 @@ def tiny_vocab() -> list[str]:
     return list(dict.fromkeys([*TINY_VOCAB, *sorted(words), *letters, *(f"##{c}" for c in letters)]))
 
 
-def tiny_tower_configs(hidden_size: int = 32, dropout: float = 0.0) -> tuple[ViTConfig, BertConfig]:
-    """A 1-layer ViT (16 patches of 8 px on 32-px images) and a 1-layer BERT over `tiny_vocab()`."""
+def tiny_tower_configs(
+    hidden_size: int = 32, dropout: float = 0.0, num_hidden_layers: int = 1
+) -> tuple[ViTConfig, BertConfig]:
+    """A 1-layer ViT (16 patches of 8 px on 32-px images) and a 1-layer BERT over `tiny_vocab()`
+    (`num_hidden_layers` each: 2 or more to train only some of a tower's layers)."""
     vision = ViTConfig(
         hidden_size=hidden_size,
-        num_hidden_layers=1,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
         image_size=TINY_IMAGE_SIZE,
@@ -65,7 +68,7 @@ def tiny_tower_configs(hidden_size: int = 32, dropout: float = 0.0) -> tuple[ViT
     )
     text = BertConfig(
         hidden_size=hidden_size,
-        num_hidden_layers=1,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
         vocab_size=len(tiny_vocab()),
@@ -114,12 +117,14 @@ def save_tiny_checkpoint(
     return directory
 
 
-def save_tiny_towers(directory: str | Path, dropout: float = 0.0) -> tuple[Path, Path]:
+def save_tiny_towers(
+    directory: str | Path, dropout: float = 0.0, num_hidden_layers: int = 1
+) -> tuple[Path, Path]:
     """Save tiny pretrained-style ViT and BERT tower folders (with processor files) for composition tests."""
     from transformers import BertModel, ViTModel
 
     directory = Path(directory)
-    vision_config, text_config = tiny_tower_configs(dropout=dropout)
+    vision_config, text_config = tiny_tower_configs(dropout=dropout, num_hidden_layers=num_hidden_layers)
     vision_dir, text_dir = directory / "vision", directory / "text"
     ViTModel(vision_config, add_pooling_layer=False).save_pretrained(vision_dir)
     BertModel(text_config, add_pooling_layer=False).save_pretrained(text_dir)
@@ -342,26 +347,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launch(
+def accelerate_launch_run(
     *args: str,
     cwd: str | Path | None = None,
     env: Mapping[str, str | None] | None = None,
     timeout: float = 300,
-) -> str:
+) -> subprocess.CompletedProcess[str]:
     """`accelerate launch` two CPU processes running `args` (a script or ``-m module`` and its arguments).
 
     Every launcher flag is explicit, so a developer's own accelerate config cannot leak in; each process
-    gets one thread (two processes share two cores). Returns the launcher's stdout.
-
-    Raises:
-        AssertionError: The launch failed (the message ends with its output).
+    gets one thread (two processes share two cores). Returns the finished launch, failed or not (its
+    exit status, stdout and stderr); `accelerate_launch` is the one that must succeed.
     """
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), *args,
     ]  # fmt: skip
-    result = subprocess.run(
+    return subprocess.run(
         command,
         cwd=cwd,
         env=_child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
@@ -369,6 +372,20 @@ def accelerate_launch(
         text=True,
         timeout=timeout,
     )
+
+
+def accelerate_launch(
+    *args: str,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 300,
+) -> str:
+    """`accelerate_launch_run` that must succeed; returns the launcher's stdout.
+
+    Raises:
+        AssertionError: The launch failed (the message ends with its output).
+    """
+    result = accelerate_launch_run(*args, cwd=cwd, env=env, timeout=timeout)
     if result.returncode:
         # a process's own error usually sits far above the launcher's summary: keep its lines too
         causes = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
@@ -402,17 +419,27 @@ def save_rank_result(name, model, loss):
 """
 
 
+# The end of every two-process worker. A process that exits with its process group alive can abort
+# ("terminate called without an active exception", SIGABRT) while the interpreter tears gloo's threads
+# down, after the body has done all its work; the barrier first, so no rank leaves while the other
+# still talks to it.
+_DDP_WORKER_FOOTER = """
+accelerator.wait_for_everyone()
+accelerator.end_training()  # destroys the process group
+"""
+
+
 def launch_ddp_worker(body: str, out: str | Path, sys_path: Sequence[str | Path] = ()) -> Path:
-    """Run `body` in two CPU processes under `accelerate launch`, after the common worker header.
+    """Run `body` in two CPU processes under `accelerate launch`, between the common header and footer.
 
     The header defines `accelerator`, `rank`, `world`, `out` (= `out`) and
     ``save_rank_result(name, model, loss)``, which writes ``out/{name}_rank{rank}.safetensors`` (the
-    gradients) and ``.json`` (the loss). `sys_path` is prepended to the workers' `sys.path` (e.g. the
-    tests folder, to import a test module's case builders). Returns `out`.
+    gradients) and ``.json`` (the loss); the footer ends the process group. `sys_path` is prepended to
+    the workers' `sys.path` (e.g. the tests folder, to import a test module's case builders). Returns `out`.
     """
     out = Path(out)
     script = out / "worker.py"
     header = _DDP_WORKER_HEADER.format(sys_path=[str(p) for p in sys_path])
-    script.write_text(header + textwrap.dedent(body))
+    script.write_text(header + textwrap.dedent(body) + _DDP_WORKER_FOOTER)
     accelerate_launch(str(script), str(out))
     return out

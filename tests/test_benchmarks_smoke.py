@@ -1,4 +1,5 @@
-"""The speed benchmarks run end to end at their smallest sizes and write the JSON they promise.
+"""The speed benchmarks run end to end at their smallest sizes and write the JSON they promise; every
+benchmark and example imports, and every `temde_hf` name they import (inside functions too) exists.
 
 These check that the scripts work (argument handling, every head/backend/variant, the JSON schema), not
 how fast anything is: timings here are meaningless.
@@ -6,6 +7,8 @@ how fast anything is: timings here are meaningless.
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,11 +18,72 @@ import pytest
 
 from temde_hf.testing import import_script
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+SCRIPTS = sorted([*BENCHMARKS.glob("*.py"), *(REPO / "examples").rglob("*.py")])
 
 
 def _load(name: str) -> ModuleType:
     return import_script(BENCHMARKS / f"{name}.py", f"benchmarks_{name}")
+
+
+def temde_hf_imports(path: Path) -> list[tuple[int, str, str | None]]:
+    """Every ``import temde_hf...`` / ``from temde_hf... import name`` in `path`, at any depth (a
+    function's lazy import too): `(line, module, name or None)`."""
+    found: list[tuple[int, str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, None) for a in node.names if a.name.split(".")[0] == "temde_hf"]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").split(".")[0] == "temde_hf"
+        ):
+            found += [(node.lineno, node.module, a.name) for a in node.names]
+    return found
+
+
+def _unresolved(module: str, name: str | None) -> str | None:
+    try:
+        imported = importlib.import_module(module)
+    except ImportError as error:
+        return f"{module}: {error}"
+    if name is None or hasattr(imported, name):
+        return None
+    try:  # `from package import submodule`
+        importlib.import_module(f"{module}.{name}")
+    except ImportError:
+        return f"{module} has no {name!r}"
+    return None
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_temde_hf_import_of_a_script_resolves(path: Path) -> None:
+    """A lazy import of a deleted module (``from temde_hf.demo import ...`` inside a function) is caught
+    here, not when someone runs the one command that reaches it."""
+    imports = temde_hf_imports(path)
+    problems = [f"{path.name}:{line}: {p}" for line, m, n in imports if (p := _unresolved(m, n))]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in SCRIPTS if p.parent.name in {"benchmarks", "examples"}], ids=lambda p: p.name
+)
+def test_every_script_imports(path: Path) -> None:
+    """Importing a benchmark or example runs its top-level imports (its ``__main__`` block does not run)."""
+    import_script(path, f"script_{path.stem}")
+
+
+def test_a_deleted_module_imported_inside_a_function_is_found(tmp_path: Path) -> None:
+    script = tmp_path / "bench.py"
+    script.write_text(
+        "def f():\n    from temde_hf.demo import DEFAULT_DATA\n    from temde_hf.data import nope\n"
+    )
+    imports = temde_hf_imports(script)
+    assert [(m, n) for _, m, n in imports] == [("temde_hf.demo", "DEFAULT_DATA"), ("temde_hf.data", "nope")]
+    assert "No module named 'temde_hf.demo'" in _unresolved("temde_hf.demo", "DEFAULT_DATA")
+    assert _unresolved("temde_hf.data", "nope") == "temde_hf.data has no 'nope'"
+    assert _unresolved("temde_hf.evaluation", "metrics") is None  # a submodule
 
 
 def _run(name: str, argv: list[str], tmp_path: Path) -> dict:

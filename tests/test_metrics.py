@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from temde_hf.evaluation.folds import evaluate_embeddings, fold_indices
 from temde_hf.evaluation.metrics import (
+    KS,
+    NonFiniteScoresError,
     captions_per_image_map,
     metrics_from_ranks,
     retrieval_metrics,
@@ -158,3 +163,115 @@ def test_scores_are_read_one_chunk_of_queries_at_a_time() -> None:
     assert torch.equal(i2t, ref_i2t) and torch.equal(t2i, ref_t2i)
     assert max(rows * cols for rows, cols in recording.blocks) <= 16 * 200
     assert len(recording.blocks) == 3 + 13  # ceil(40/16) image chunks + ceil(200/16) caption chunks
+
+
+def test_ties_rank_the_true_item_after_every_equal_score() -> None:
+    # image 0 owns captions 0, 1; image 1 owns caption 2
+    owner = torch.tensor([0, 0, 1])
+    sim = torch.tensor(
+        [
+            [0.5, 0.5, 0.5],  # both own captions tie with caption 2 -> rank 1 (caption 2 first)
+            [0.9, 0.2, 0.9],  # own caption 2 ties with caption 0 -> rank 1
+        ]
+    )
+    i2t, t2i = retrieval_ranks(sim, owner)
+    assert i2t.tolist() == [1, 1]
+    # columns: c0 [0.5, 0.9] true 0 -> 1; c1 [0.5, 0.2] -> 0; c2 [0.5, 0.9] true 1 -> 0 (no tie)
+    assert t2i.tolist() == [1, 0, 0]
+    tied = torch.tensor([[0.3, 0.3, 0.3], [0.3, 0.3, 0.3]])
+    i2t, t2i = retrieval_ranks(tied, owner)
+    assert i2t.tolist() == [1, 2] and t2i.tolist() == [1, 1, 1]  # everyone else ranks above
+
+
+def _chance_rsum(n_images: int, per_image: int) -> float:
+    """Expected RSUM of scores in random order: R@K = K/n_images (t2i), about per_image*K/n_captions (i2t)."""
+    t2i = sum(min(k / n_images, 1.0) for k in KS)
+    i2t = sum(min(1.0, 1 - math.comb(n_images * per_image - per_image, k) / math.comb(n_images * per_image, k))
+              for k in KS)  # fmt: skip
+    return 100 * (t2i + i2t)
+
+
+@pytest.mark.parametrize("kind", ["zeros", "constant", "one-direction"])
+def test_degenerate_embeddings_score_no_better_than_chance(kind: str) -> None:
+    n_images, per_image = 40, 5
+    owner = captions_per_image_map(n_images, per_image)
+    if kind == "zeros":
+        images, texts = torch.zeros(n_images, 8), torch.zeros(n_images * per_image, 8)
+    elif kind == "constant":
+        images, texts = torch.full((n_images, 8), 0.25), torch.full((n_images * per_image, 8), 0.25)
+    else:  # a collapsed model: every embedding is the same unit vector
+        images = torch.nn.functional.normalize(torch.ones(n_images, 8), dim=-1)
+        texts = torch.nn.functional.normalize(torch.ones(n_images * per_image, 8), dim=-1)
+    result = retrieval_metrics(caption_to_image=owner, image_embeds=images, text_embeds=texts, chunk_size=16)
+    assert result["rsum"] <= _chance_rsum(n_images, per_image)  # it was a perfect 600 when ties were hits
+    assert result["t2i_medr"] == n_images and result["i2t_medr"] == n_images * per_image - per_image + 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_are_an_error(bad: float) -> None:
+    owner = captions_per_image_map(6, 5)
+    images, texts = torch.randn(6, 8), torch.randn(30, 8)
+    images[2, 3] = bad
+    with pytest.raises(NonFiniteScoresError, match=r"NaN or infinite.*embeddings are not finite"):
+        retrieval_metrics(caption_to_image=owner, image_embeds=images, text_embeds=texts)
+    nan_everywhere = torch.full((6, 30), float("nan"))
+    with pytest.raises(NonFiniteScoresError):
+        retrieval_ranks(nan_everywhere, owner)  # a NaN compared false with all: it ranked first before
+
+
+def test_evaluate_names_a_checkpoint_whose_weights_are_nan(tmp_path: Path, capsys) -> None:
+    """`temde-hf evaluate` on a checkpoint with NaN projection weights: one line naming the folder and what
+    to do; no metrics written."""
+    from safetensors.torch import load_file, save_file
+
+    from temde_hf.cli import main
+    from temde_hf.data import make_synthetic_karpathy
+    from temde_hf.testing import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "nan-ckpt", seed=0)
+    weights = load_file(checkpoint / "model.safetensors")
+    projections = [key for key in weights if "projection" in key]
+    assert projections
+    for key in projections:
+        weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    data = make_synthetic_karpathy(tmp_path / "syn", n_images=6, seed=0)
+    out = tmp_path / "eval"
+    assert (
+        main(["evaluate", str(checkpoint), "--data", str(data), "--split", "all", "--output-dir", str(out)])
+        == 1
+    )
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("temde-hf")]  # progress bars aside
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"temde-hf evaluate: error: {checkpoint}: cannot be evaluated")
+    assert "NaN or infinite" in lines[0] and "earlier checkpoint" in lines[0]
+    assert not (out / "metrics.json").exists()
+
+
+def test_training_evaluation_of_a_diverged_model_names_the_run_and_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trainer's evaluation (and so its best-checkpoint rule) refuses NaN scores with the run folder
+    and the step, instead of keeping a perfect-looking model as best."""
+    from types import SimpleNamespace
+
+    from temde_hf.training import loop
+    from temde_hf.training.checkpointing import TrainerState
+
+    def diverged_evaluate(*args, **kwargs) -> dict[str, float]:  # what `evaluate` scores for a NaN model
+        embeds = torch.full((4, 8), float("nan"))
+        return retrieval_metrics(caption_to_image=torch.arange(4), image_embeds=embeds, text_embeds=embeds)
+
+    monkeypatch.setattr(loop, "evaluate", diverged_evaluate)
+    args = SimpleNamespace(
+        per_device_eval_batch_size=2, output_dir="runs/diverged", metric_for_best_model="rsum"
+    )
+    job = SimpleNamespace(prepared=None, accelerator=None, eval_set=None, args=args)
+    state = TrainerState(global_step=12)
+    with pytest.raises(
+        NonFiniteScoresError,
+        match=r"runs/diverged: the model at step 12 cannot be evaluated: .*NaN or infinite.*not kept as best.*--resume",
+    ):
+        loop._evaluate_and_track(job, state, in_warmup=False)
+    assert state.best_metric is None and state.log_history == []

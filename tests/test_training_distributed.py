@@ -12,7 +12,14 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from temde_hf.testing import accelerate_launch, launch_ddp_worker, save_tiny_towers, tiny_batch, tiny_model
+from temde_hf.testing import (
+    accelerate_launch,
+    accelerate_launch_run,
+    launch_ddp_worker,
+    save_tiny_towers,
+    tiny_batch,
+    tiny_model,
+)
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 from temde_hf.training.initialization import freeze_unused_parameters
@@ -148,3 +155,51 @@ def test_two_process_training_matches_one_process_and_resumes(tmp_path: Path) ->
     one, two_final = (load_file(out / "final" / "model.safetensors") for out in (tmp_path / "one", two))
     for key, value in one.items():
         torch.testing.assert_close(two_final[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+# `temde-hf train` in which the process of rank 1 refuses bad input at the named point ("load": reading
+# the data, before any collective; "step": its first training step, while rank 0 waits in DDP's all-reduce).
+REFUSING_WORKER = """
+import os, sys
+import temde_hf.training.loop as loop
+import temde_hf.training.train as train
+from temde_hf import cli
+
+def refuse(*args, **kwargs):
+    raise ValueError("rank1.json: caption 3 is not a string; fix the file or pass --on-error skip")
+
+if os.environ["RANK"] == "1" and sys.argv[1] == "load":
+    train.load_data = refuse
+if os.environ["RANK"] == "1" and sys.argv[1] == "step":
+    loop.forward_backward = refuse
+sys.exit(cli.main(["train", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["load", "step"])
+def test_a_refusing_process_shows_its_own_error_line(tmp_path: Path, where: str) -> None:
+    """One process refuses: its one `temde-hf train: error:` line is printed and the launch fails; the
+    other process's line (if it gets to print one) says another process failed, not a raw gloo error;
+    no process aborts at exit."""
+    vision, text = save_tiny_towers(tmp_path / "towers")
+    from temde_hf.data import make_synthetic_karpathy
+
+    data = make_synthetic_karpathy(tmp_path / "data", n_images=8, seed=0)
+    script = tmp_path / "worker.py"
+    script.write_text(REFUSING_WORKER)
+    result = accelerate_launch_run(
+        str(script), where, "--vision_model_path", str(vision), "--text_model_path", str(text),
+        "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3", "--data", str(data),
+        "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", "--max_steps", "2",
+        "--save_steps", "0", "--eval_split", "none", "--report_to", "none", "--disable_tqdm", "true",
+    )  # fmt: skip
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("temde-hf train:")]
+    refused = (
+        "temde-hf train: error: rank1.json: caption 3 is not a string; fix the file or pass --on-error skip"
+    )
+    assert lines and lines[0].startswith(refused), result.stderr[-3000:]
+    for line in lines[1:]:  # the other process, if the launcher let it print
+        assert "process 0 of 2 stopped because another process of this launch failed" in line, line
+    assert "terminate called" not in result.stderr and "SIGABRT" not in result.stderr

@@ -27,7 +27,7 @@ from ..inference.encoder import BACKENDS, load_encoder
 from ..inference.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT, RERANKERS
 from ..loading import check_checkpoint_dir, load_checkpoint
 from .folds import evaluate_embeddings
-from .metrics import retrieval_ranks
+from .metrics import NonFiniteScoresError, retrieval_ranks
 from .plots import plot_recall_at_k
 from .rerank import rerank_report
 from .tables import format_table
@@ -261,9 +261,15 @@ def evaluate_checkpoint(
     image_embeds, text_embeds, caption_to_image = encode_dataset(
         model, processor, dataset, args.batch_size, device, args.max_length
     )
-    result = evaluate_embeddings(
-        image_embeds, text_embeds, caption_to_image, args.fold_size or None, args.chunk_size
-    )
+    try:
+        result = evaluate_embeddings(
+            image_embeds, text_embeds, caption_to_image, args.fold_size or None, args.chunk_size
+        )
+    except NonFiniteScoresError as error:  # a broken model must not be scored: say which one and why
+        raise NonFiniteScoresError(
+            f"{args.checkpoint}: cannot be evaluated on {args.data}: {error}; evaluate an earlier checkpoint "
+            "of the run, or retrain it (e.g. with a lower --learning_rate)"
+        ) from error
     if getattr(args, "rerank", None):
         result["rerank"] = rerank_report(
             model, processor, dataset, image_embeds, text_embeds, caption_to_image, args.rerank, args.rerank_k,

@@ -3,7 +3,10 @@
 Conventions of the papers (VSE++, VSE∞, SGRAF): ranks are 0-based internally; R@K is the percentage
 of queries with rank < K; median / mean rank are reported 1-based (``medr = floor(median) + 1``).
 i2t: an image's rank is the best rank among its captions; t2i: each caption has one true image.
-Ties count in the query's favour (only strictly higher scores rank above the true item).
+Ties count against the query (the pessimistic rank): every other item with a score equal to the true
+item's ranks above it, so a model whose scores are all equal (all-zero or constant embeddings) scores
+zero, not a perfect RSUM. Non-finite scores (NaN, inf) raise `NonFiniteScoresError`: a NaN compares
+false with everything and would rank first.
 
 Memory: one ``chunk_size x gallery`` block of scores exists at a time (plus its comparison mask), so
 COCO 5K (5,000 x 25,000) runs on a laptop from the embeddings without the 480 MB similarity matrix:
@@ -17,6 +20,19 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 KS: tuple[int, ...] = (1, 5, 10)
+
+
+class NonFiniteScoresError(ValueError):
+    """Retrieval scores with NaN or infinite values: the embeddings behind them are broken."""
+
+
+def _check_finite(block: torch.Tensor, direction: str) -> None:
+    if not torch.isfinite(block).all():
+        bad = int((~torch.isfinite(block)).sum())
+        raise NonFiniteScoresError(
+            f"{bad} {direction} retrieval scores are NaN or infinite, so no rank is defined: the embeddings "
+            "are not finite (damaged weights or a diverged training run)"
+        )
 
 
 def captions_per_image_map(n_images: int, captions_per_image: int = 5) -> torch.Tensor:
@@ -82,6 +98,9 @@ def retrieval_ranks(
 
     Returns:
         `(n_images,)` i2t ranks (best caption) and `(n_captions,)` t2i ranks, int64.
+
+    Raises:
+        NonFiniteScoresError: A score is NaN or infinite.
     """
     score_i2t, score_t2i, n_images, n_captions = _scorers(similarity, image_embeds, text_embeds)
     if caption_to_image is None:
@@ -100,12 +119,18 @@ def retrieval_ranks(
         best_true = torch.full((block.shape[0],), float("-inf")).scatter_reduce(
             0, local, block[local, own], reduce="amax"
         )  # (chunk,) best score among each image's captions
-        i2t[rows] = (block > best_true.unsqueeze(1)).sum(dim=1)
+        _check_finite(block, "image-to-text")
+        ties_own = torch.zeros(block.shape[0], dtype=torch.long).scatter_add(
+            0, local, (block[local, own] == best_true[local]).long()
+        )  # (chunk,) own captions at the best score: they tie with the true item, not above it
+        # pessimistic: every other caption scoring >= the best own caption ranks above the image's match
+        i2t[rows] = (block >= best_true.unsqueeze(1)).sum(dim=1) - ties_own
         del block  # free it before the generator scores the next chunk
     t2i = torch.empty(n_captions, dtype=torch.long)
     for rows, block in _blocks(score_t2i, n_captions, chunk_size):  # block: (chunk, n_images)
+        _check_finite(block, "text-to-image")
         true = block.gather(1, caption_to_image[rows].unsqueeze(1))  # (chunk, 1)
-        t2i[rows] = (block > true).sum(dim=1)
+        t2i[rows] = (block >= true).sum(dim=1) - 1  # pessimistic: equal scores rank above (minus itself)
         del block
     return i2t, t2i
 

@@ -33,9 +33,9 @@ def two_stage_ranks(
     """0-based rank of each query's best true item after stage 1 (inner product) + stage 2 (top-K).
 
     The K candidates come first, ordered by the reranker (or `fuse_scores` with `stage1_weight`); every
-    other item follows in stage-1 order. Ties count in the query's favour, as in
-    `metrics.retrieval_ranks`; with `k` = gallery size and no fusion the ranks are those of the
-    reranker's scores alone.
+    other item follows in stage-1 order. Ties count against the query (every other item with an equal
+    score ranks above the true one), as in `metrics.retrieval_ranks`; with `k` = gallery size and no
+    fusion the ranks are those of the reranker's scores alone.
 
     Args:
         queries: `(Q, E)` stage-1 embeddings of the queries.
@@ -59,10 +59,11 @@ def two_stage_ranks(
         truth = is_true(rows)
         true_candidate = truth.gather(1, candidates)  # (c, K)
         best = scores.masked_fill(~true_candidate, float("-inf")).amax(dim=1, keepdim=True)
-        rank_inside = (scores > best).sum(dim=1)
+        # pessimistic, as in `metrics.retrieval_ranks`: every other item with an equal score ranks above
+        rank_inside = ((scores >= best) & ~true_candidate).sum(dim=1)
         rest = block.scatter(1, candidates, float("-inf"))  # stage-1 scores of the non-candidates
         best_rest = rest.masked_fill(~truth, float("-inf")).amax(dim=1, keepdim=True)
-        rank_outside = k + (rest > best_rest).sum(dim=1)
+        rank_outside = k + ((rest >= best_rest) & ~truth).sum(dim=1)
         ranks[rows] = torch.where(true_candidate.any(dim=1), rank_inside, rank_outside)
     return ranks
 

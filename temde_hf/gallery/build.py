@@ -17,6 +17,7 @@ lengths, from the same forward pass), and rank 0 streams them shard by shard int
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -366,6 +367,10 @@ def build_gallery_sharded(
         )
     # Without CUDA, `cpu=True` is what makes a multi-process launch really distributed (gloo).
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+    if state.num_processes > 1:
+        # a live process group can abort the interpreter at exit; ending it at exit (not here) lets a
+        # failing process print its error line first
+        atexit.register(state.destroy_process_group)
     manifest = {
         "model_fingerprint": checkpoint_fingerprint(model_path),
         "images": source.digest(),

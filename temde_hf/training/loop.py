@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..evaluation.metrics import NonFiniteScoresError
 from .accumulation import forward_backward
 from .arguments import DataArguments, TemdeTrainingArguments, data_order_settings
 from .batches import EpochBatchSampler, PairCollator, index_loader, split_micro_batches
@@ -200,9 +201,15 @@ def export_model(job: TrainingJob, folder: Path) -> None:
 def _evaluate_and_track(job: TrainingJob, state: TrainerState, in_warmup: bool) -> dict[str, float]:
     """Evaluate (every process, sharded), track the best model, log."""
     sketch_weight = 0.0 if in_warmup else None
-    metrics = evaluate(
-        job.prepared, job.accelerator, job.eval_set, job.args.per_device_eval_batch_size, sketch_weight
-    )
+    try:
+        metrics = evaluate(
+            job.prepared, job.accelerator, job.eval_set, job.args.per_device_eval_batch_size, sketch_weight
+        )
+    except NonFiniteScoresError as error:  # every rank scores the gathered embeddings: all raise together
+        raise NonFiniteScoresError(
+            f"{job.args.output_dir}: the model at step {state.global_step} cannot be evaluated: {error}; it is "
+            "not kept as best: resume from an earlier checkpoint (--resume PATH) with a lower --learning_rate"
+        ) from error
     if not in_warmup:  # a model with λ = 0 is not the model being trained: never "best"
         _save_best(job, state, metrics)
     state.log_history.append({"step": state.global_step, "epoch": state.epoch, **metrics})

@@ -9,6 +9,7 @@ the remote code) and its model card to ``output_dir/final``, the training curves
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
@@ -405,6 +407,10 @@ def build_accelerator(args: TemdeTrainingArguments) -> Accelerator:
             backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode
         )
     trackers = report_to_list(args.report_to)
+    # A second run in one process (a notebook, a test) may ask for another precision or compile setting:
+    # accelerate keeps the first run's state and refuses the change, so start from a clean one (the
+    # process group, `PartialState`, is kept), as transformers' TrainingArguments does.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision(args),
@@ -455,12 +461,39 @@ def push_final_model(job: TrainingJob, final: Path, model_args: ModelArguments) 
     logger.info("pushed %s to the Hub as %s", final, repo_id)
 
 
+def _end_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train from ``[CONFIG.yaml] [--flag value ...]``; returns the final metrics.
+
+    Under a multi-process launch, a process whose error comes from losing another process (gloo's
+    "remote worker" errors) says so, so the user reads the failing process's own line, not this one's;
+    its process group ends at exit, after ``temde_hf.cli`` printed the error line (ending it while the
+    error propagates lets the other processes fail first, and the launcher may kill this one before
+    its line is printed; never ending it can abort the interpreter at exit).
 
     Returns:
         ``train_loss`` (last step), ``global_step``, and the last evaluation's ``eval_*`` metrics.
     """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        atexit.register(_end_process_group)
+    try:
+        return _train(argv)
+    except RuntimeError as error:
+        if world > 1 and "remote worker" in str(error):
+            rank = os.environ.get("RANK", "?")
+            raise RuntimeError(
+                f"process {rank} of {world} stopped because another process of this launch failed: its own "
+                "`temde-hf train: error:` line (or the launcher's summary) names the problem"
+            ) from error
+        raise
+
+
+def _train(argv: list[str] | None) -> dict[str, float]:
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
     if data_args.streaming:
         check_streaming_args(data_args, args)
@@ -528,6 +561,9 @@ def _run(
         state, last_eval = run_training(job)
         metrics = _finish(job, state, last_eval, name, model_args)
         accelerator.wait_for_everyone()
-    finally:
-        accelerator.end_training()  # also ends the process group: nothing collective after this
+    except BaseException:
+        if accelerator.num_processes == 1:  # several: the group ends at exit (see `main`)
+            accelerator.end_training()
+        raise
+    accelerator.end_training()  # also ends the process group: nothing collective after this
     return metrics
