@@ -15,7 +15,7 @@ This is the layout of ONNX weights on the Hub that transformers.js and optimum's
 in an ``onnx/`` subfolder beside the weights (``temde-hf publish`` ships it), a dual encoder's halves
 named like CLIP's (``vision_model``, ``text_model``), quantised variants with ``_quantized``. Folders
 exported before, with ``image_encoder.onnx`` / ``text_encoder.onnx`` / ``onnx_export.json`` beside the
-weights, are still read (`onnx_layout`).
+weights, are still read (`temde_hf.inference.onnx_layout`).
 """
 
 from __future__ import annotations
