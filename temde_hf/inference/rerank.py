@@ -3,7 +3,8 @@
 Stage 1 ranks the whole gallery by ``<query, item>``; stage 2 re-scores only each query's top-K with a
 *reranker* and reorders them. The candidate set never changes, only its order: the K reranked items
 stay ahead of the rest, which keep their stage-1 order. Rerankers read stored joint-space tokens
-(`temde_hf.inference.tokens.TokenSet`), so a gallery that keeps its items' tokens is re-scored without running its tower again.
+(`temde_hf.inference.tokens.TokenSet`), so a gallery that keeps its items' tokens is re-scored without
+running its tower again.
 
 Rerankers live in the `RERANKERS` registry (the tests loop over it, ``--rerank`` offers its names); a new one
 is one `Reranker` subclass under ``@RERANKERS.register(name)``:
