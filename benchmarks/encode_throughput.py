@@ -40,9 +40,10 @@ from common import (
 )
 
 from temde_hf.data import load_image_captions, open_image
-from temde_hf.evaluation.encode import encode_dataset, encode_images, load_encoder
 from temde_hf.evaluation.folds import evaluate_embeddings
 from temde_hf.evaluation.tables import format_table
+from temde_hf.inference.encode import encode_dataset, encode_images
+from temde_hf.inference.encoder import load_encoder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "encode_throughput.json"
 

@@ -26,7 +26,7 @@ from recipe_search import CONFIG, KEYS, REPO, mean_std
 from rerank import train_and_score
 
 from temde_hf.convert.towers import offline_towers
-from temde_hf.evaluation.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT
+from temde_hf.inference.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT
 
 RESULTS = REPO / "benchmarks" / "results" / "holdout_estimate.json"
 SPLIT_FLAGS = ["--train_split", "train", "--eval_split", "val,test"]  # 600 images in, 200 images out

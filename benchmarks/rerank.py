@@ -109,9 +109,11 @@ def train_and_score(
     reranker at each K and fusion weight."""
     import torch
 
-    from temde_hf.evaluation.encode import encode_dataset
     from temde_hf.evaluation.metrics import retrieval_metrics
-    from temde_hf.evaluation.rerank import build_reranker, encode_token_sets, two_stage_metrics
+    from temde_hf.evaluation.rerank import two_stage_metrics
+    from temde_hf.inference.encode import encode_dataset
+    from temde_hf.inference.rerank import build_reranker
+    from temde_hf.inference.tokens import encode_token_sets
     from temde_hf.loading import load_checkpoint
     from temde_hf.training.arguments import parse_args
     from temde_hf.training.train import load_data

@@ -37,14 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this
 from common import FLICKR8K_JSON, device_info, resolve_device, time_fn, write_json
 
 from temde_hf.data import caption_to_image, flat_captions, load_image_captions
-from temde_hf.evaluation.encode import encode_texts, iter_image_features
 from temde_hf.evaluation.folds import evaluate_embeddings
 from temde_hf.evaluation.metrics import metrics_from_ranks
 from temde_hf.evaluation.tables import format_table
-from temde_hf.hub.gallery.build import BuildSettings, merge_shards, shard_embeds, shard_path
-from temde_hf.hub.gallery.index import GalleryIndex
-from temde_hf.hub.gallery.sources import ImageList
-from temde_hf.hub.gallery.spec import parse_spec
+from temde_hf.gallery.build import BuildSettings, merge_shards, shard_embeds, shard_path
+from temde_hf.gallery.index import GalleryIndex
+from temde_hf.gallery.sources import ImageList
+from temde_hf.gallery.spec import parse_spec
+from temde_hf.inference.encode import encode_texts, iter_image_features
 from temde_hf.loading import load_checkpoint
 from temde_hf.testing import save_tiny_checkpoint
 

@@ -29,11 +29,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "publish": ("temde_hf.hub.publish", "main", "export (dry run) or push a checkpoint to the Hub"),
     "index": (
-        "temde_hf.hub.gallery.cli",
-        "index_main",
+        "temde_hf.gallery.index_cli",
+        "main",
         "encode a gallery (sharded, resumable) and build a search index",
     ),
-    "search": ("temde_hf.hub.gallery.cli", "search_main", "query a gallery index by text or image"),
+    "search": ("temde_hf.gallery.search_cli", "main", "query a gallery index by text or image"),
     "export-onnx": (
         "temde_hf.export.onnx_export",
         "main",

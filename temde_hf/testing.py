@@ -230,6 +230,8 @@ def import_script(path: str | Path, name: str | None = None) -> ModuleType:
     Its ``if __name__ == "__main__":`` block does not run; the module is not added to `sys.modules`.
     """
     path = Path(path)
+    # By file path: examples/, benchmarks/ and an exported Endpoints folder are not packages (nothing in
+    # temde_hf itself is ever loaded this way; the library imports what it uses)
     spec = importlib.util.spec_from_file_location(name or path.stem, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"{path}: not a Python file that can be imported")

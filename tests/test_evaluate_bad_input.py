@@ -107,11 +107,11 @@ def test_too_few_images_say_why(checkpoint: Path, tmp_path: Path) -> None:
     one.write_text(json.dumps({**data, "images": data["images"][:1]}))
     out = ["--output-dir", str(tmp_path / "out")]
     # one image: every query ranks it first, a perfect score from any model
-    with pytest.raises(SystemExit, match=r"only 1 image of split 'all' in .*one\.json: .*at least 2"):
+    with pytest.raises(DataError, match=r"only 1 image of split 'all' in .*one\.json: .*at least 2"):
         main([str(checkpoint), "--data", str(one), "--split", "all", *out])
-    with pytest.raises(SystemExit, match=r"no images of split 'tset' .*\(it has other splits: \{.*'train'"):
+    with pytest.raises(DataError, match=r"no images of split 'tset' .*\(it has other splits: \{.*'train'"):
         main([str(checkpoint), "--data", str(json_path), "--split", "tset", *out])
-    with pytest.raises(SystemExit, match=r"all 4 entries were left out as bad \(e\.g\. .*file not found"):
+    with pytest.raises(DataError, match=r"all 4 entries were left out as bad \(e\.g\. .*file not found"):
         main([str(checkpoint), "--data", str(json_path), "--image-root", str(tmp_path), "--split", "all",
               "--on-error", "skip", *out])  # fmt: skip
     assert not (tmp_path / "out" / "metrics.json").exists()
@@ -124,7 +124,7 @@ def test_a_captions_csv_without_splits_says_how_to_give_them(checkpoint: Path, t
     lines = [f"{e['filename']},{s['raw']}" for e in data["images"] for s in e["sentences"]]
     csv_path.write_text("image,caption\n" + "\n".join(lines) + "\n")
     args = [str(checkpoint), "--data", str(csv_path), "--output-dir", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match=r"no images of split 'test' .*--splits-from dataset_NAME\.json"):
+    with pytest.raises(DataError, match=r"no images of split 'test' .*--splits-from dataset_NAME\.json"):
         main(args)  # the default --split test: every CSV image is in the default split, train
     assert main([*args, "--splits-from", str(json_path)])["n_images"] == sum(
         e["split"] == "test" for e in data["images"]

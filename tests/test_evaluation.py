@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from temde_hf.data import caption_to_image, flat_captions, load_karpathy, make_synthetic_karpathy
-from temde_hf.evaluation.encode import encode_dataset
+from temde_hf.data import DataError, caption_to_image, flat_captions, load_karpathy, make_synthetic_karpathy
 from temde_hf.evaluation.metrics import retrieval_metrics
 from temde_hf.evaluation.plots import recall_curve
+from temde_hf.inference.encode import encode_dataset
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "temde_hf" / "evaluation" / "retrieval_metric"
 
@@ -87,7 +87,7 @@ def test_evaluate_command_on_tiny_checkpoint(synthetic: Path, tmp_path: Path) ->
     # a split filter and a missing split
     test_only = main([str(checkpoint), "--data", str(synthetic), "--output-dir", str(tmp_path / "t")])
     assert test_only["n_images"] == sum(row == "test" for row in dataset["split"])
-    with pytest.raises(SystemExit, match="no images of split 'nope'"):
+    with pytest.raises(DataError, match="no images of split 'nope'"):
         main(
             [
                 str(checkpoint),
@@ -129,7 +129,6 @@ def test_evaluate_metric_module_loads_offline() -> None:
 
 
 def test_evaluate_command_csv_splits_and_skips(flickr8k_dir: Path, tmp_path: Path) -> None:
-    from temde_hf.data import DataError
     from temde_hf.evaluation.cli import main
     from temde_hf.testing import save_tiny_checkpoint
 

@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from temde_hf.evaluation.encode import encode_images, encode_texts, load_encoder
-from temde_hf.export import checkpoint_fingerprint
-from temde_hf.hub.gallery import (
+from temde_hf.gallery import (
     GalleryIndex,
     build_gallery_from_dataset,
     build_gallery_from_folder,
-    index_main,
     search,
-    search_main,
 )
+from temde_hf.gallery.index_cli import main as index_main
+from temde_hf.gallery.search_cli import main as search_main
+from temde_hf.inference.encode import encode_images, encode_texts
+from temde_hf.inference.encoder import load_encoder
+from temde_hf.inference.fingerprint import checkpoint_fingerprint
 from temde_hf.testing import GALLERY_CAPTIONS, make_colour_gallery, save_tiny_checkpoint
 
 pytest.importorskip("faiss", reason="gallery search needs faiss-cpu (the `index` extra)")
@@ -119,12 +120,12 @@ def test_search_refuses_another_model_and_bad_k(setup, tmp_path: Path) -> None:
     checkpoint, folder, _ = setup
     index_main(["--model", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "idx")])
     other = save_tiny_checkpoint(tmp_path / "other", seed=5)  # same architecture, other weights
-    with pytest.raises(SystemExit, match=r"built by another model .* fingerprint"):
+    with pytest.raises(ValueError, match=r"built by another model .* fingerprint"):
         search_main(["--index", str(tmp_path / "idx"), "--model", str(other), "--text", "a red square"])
     for k in ("0", "-3"):
-        with pytest.raises(SystemExit, match=f"-k must be a positive number of results, got {k}"):
+        with pytest.raises(ValueError, match=f"-k must be a positive number of results, got {k}"):
             search_main(["--index", str(tmp_path / "idx"), "--text", "a red square", "-k", k])
-    with pytest.raises(SystemExit, match="not a gallery index"):
+    with pytest.raises(ValueError, match="not a gallery index"):
         search_main(["--index", str(tmp_path), "--text", "a red square"])
 
 

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from temde_hf.evaluation.rerank import TokenSet
-from temde_hf.hub.gallery import GalleryIndex, IndexSpec, index_main, search_main
+from temde_hf.gallery import GalleryIndex, IndexSpec
+from temde_hf.gallery.index_cli import main as index_main
+from temde_hf.gallery.search_cli import main as search_main
+from temde_hf.inference.tokens import TokenSet
 from temde_hf.testing import make_colour_gallery, run_python, save_tiny_checkpoint
 
 pytest.importorskip("faiss", reason="gallery search needs faiss-cpu (the `index` extra)")
@@ -100,30 +102,28 @@ def test_index_settings_are_checked_before_faiss(checkpoint: Path, tmp_path: Pat
     # In a child process: before the check, FAISS ended the process with a segmentation fault.
     out = run_python(
         """
-        import sys
-        from temde_hf.hub.gallery import index_main
-        try:
-            index_main(sys.argv[1:])
-        except SystemExit as err:
-            print(err)
+        import contextlib, sys
+        from temde_hf import cli
+        with contextlib.redirect_stderr(sys.stdout):  # the one line the command prints
+            print("status", cli.main(["index", *sys.argv[1:]]))
         """,
         "--model", str(checkpoint), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "idx"),
         "--index-type", "global", "--nlist", "0",
         cwd=tmp_path,
         timeout=120,
     )  # fmt: skip
-    assert "temde-hf index: --nlist 0: must be a whole number >= 1" in out
+    assert "temde-hf index: error: --nlist 0: must be a whole number >= 1" in out and "status 1" in out
     assert not (tmp_path / "idx").exists()  # refused before any image was encoded
     for flag, value in (("--nprobe", "-3"), ("--pq-m", "0"), ("--k-factor", "-1")):
-        with pytest.raises(SystemExit, match=rf"{flag} {value}: must be a whole number"):
+        with pytest.raises(ValueError, match=rf"{flag} {value}: must be a whole number"):
             index_main(
                 ["--model", str(checkpoint), "--images", str(tmp_path / "images"), "--out", "x", flag, value]
             )
-    with pytest.raises(SystemExit, match=r"--nlist 64: more IVF lists than the 8 training vectors"):
+    with pytest.raises(ValueError, match=r"--nlist 64: more IVF lists than the 8 training vectors"):
         index_main(["--model", str(checkpoint), "--images", str(tmp_path / "images"), "--out",
                     str(tmp_path / "idx2"), "--index-type", "global", "--nlist", "64"])  # fmt: skip
     with pytest.raises(
-        SystemExit, match=r"--nlist / --nprobe apply to IVF indexes .*not 'flat' \(the automatic"
+        ValueError, match=r"--nlist / --nprobe apply to IVF indexes .*not 'flat' \(the automatic"
     ):
         index_main(["--model", str(checkpoint), "--images", str(tmp_path / "images"), "--out",
                     str(tmp_path / "idx3"), "--nlist", "2"])  # fmt: skip
@@ -168,14 +168,14 @@ def test_a_fifo_or_a_folder_as_image_is_refused_not_read(checkpoint: Path, tmp_p
         reasons = " ".join(s["reason"] for s in gallery.skipped)
         assert "is a named pipe (FIFO), not an image file" in reasons and "is a directory" in reasons
         assert "skipped 2 unreadable" in capsys.readouterr().out
-        with pytest.raises(SystemExit, match=r"pipe\.png: is a named pipe \(FIFO\), not an image file"):
+        with pytest.raises(ValueError, match=r"pipe\.png: is a named pipe \(FIFO\), not an image file"):
             search_main(["--index", str(tmp_path / "idx"), "--image", str(fifo)])
 
 
 def test_index_out_that_is_a_file_is_named(checkpoint: Path, tmp_path: Path) -> None:
     make_colour_gallery(tmp_path / "images")
     (tmp_path / "out").write_text("a file")
-    with pytest.raises(SystemExit, match=r"--out .*out: is a file; pass a folder for the index"):
+    with pytest.raises(ValueError, match=r"--out .*out: is a file; pass a folder for the index"):
         index_main(
             ["--model", str(checkpoint), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")]
         )
@@ -196,9 +196,9 @@ def test_a_resumed_build_names_a_damaged_shard_listing(checkpoint: Path, tmp_pat
     listing = next((tmp_path / "idx" / "shards").glob("*.skipped.json"))
     listing.write_text("{garbled")
     with pytest.raises(
-        SystemExit, match=r"skipped\.json: unreadable .*delete it and shard-00000\.safetensors"
+        ValueError, match=r"skipped\.json: unreadable .*delete it and shard-00000\.safetensors"
     ):
         index_main(argv)
     (tmp_path / "idx" / "build.json").write_text("nonsense")
-    with pytest.raises(SystemExit, match=r"build\.json: not the JSON object temde-hf index writes"):
+    with pytest.raises(ValueError, match=r"build\.json: not the JSON object temde-hf index writes"):
         index_main(argv)

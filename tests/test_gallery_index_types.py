@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from temde_hf.hub.gallery import INDEX_TYPES, GalleryIndex, IndexSpec, choose_spec
-from temde_hf.hub.gallery.spec import parse_spec
+from temde_hf.gallery import INDEX_TYPES, GalleryIndex, IndexSpec, choose_spec
+from temde_hf.gallery.spec import parse_spec
 
 faiss = pytest.importorskip("faiss", reason="gallery search needs faiss-cpu (the `index` extra)")
 

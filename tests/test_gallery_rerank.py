@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from temde_hf.evaluation.encode import iter_image_features, iter_text_features
-from temde_hf.evaluation.rerank import RERANKERS, TokenSet, build_reranker, token_set_of
-from temde_hf.hub.gallery import GalleryIndex, build_gallery_from_folder, index_main, search, search_main
-from temde_hf.hub.gallery.tokens import read_token_file, token_info, write_token_file
+from temde_hf.gallery import GalleryIndex, build_gallery_from_folder, search
+from temde_hf.gallery.index_cli import main as index_main
+from temde_hf.gallery.search_cli import main as search_main
+from temde_hf.gallery.tokens import read_token_file, token_info, write_token_file
+from temde_hf.inference.encode import iter_image_features, iter_text_features
+from temde_hf.inference.rerank import RERANKERS, build_reranker
+from temde_hf.inference.tokens import TokenSet, token_set_of
 from temde_hf.loading import load_checkpoint
 from temde_hf.models.temde.alignment_temde import paired_alignment_scores
 from temde_hf.testing import GALLERY_CAPTIONS, make_colour_gallery, save_tiny_checkpoint
@@ -174,12 +177,12 @@ def test_rerank_errors_name_the_fix(setup, tmp_path: Path) -> None:
     )
     argv = ["--index", str(tmp_path / "bare"), "--text", "a red square"]
     with pytest.raises(
-        SystemExit, match=r"bare stores no token embeddings.*rebuild it with temde-hf index --store-tokens"
+        ValueError, match=r"bare stores no token embeddings.*rebuild it with temde-hf index --store-tokens"
     ):
         search_main([*argv, "--rerank", "alignment"])
-    with pytest.raises(SystemExit, match="search the --image queries in a separate call without --rerank"):
+    with pytest.raises(ValueError, match="search the --image queries in a separate call without --rerank"):
         search_main([*argv, "--image", str(root / "images" / "red.png"), "--rerank", "alignment"])
-    with pytest.raises(SystemExit, match="--rerank-k 0: must be >= 1"):
+    with pytest.raises(ValueError, match="--rerank-k 0: must be >= 1"):
         search_main([*argv, "--rerank", "alignment", "--rerank-k", "0"])
     # a checkpoint without a matching head: itm is refused, alignment works
     plain = save_tiny_checkpoint(tmp_path / "plain", seed=4)
@@ -195,7 +198,7 @@ def test_rerank_errors_name_the_fix(setup, tmp_path: Path) -> None:
         ]
     )
     argv = ["--index", str(tmp_path / "p"), "--text", "a red square"]
-    with pytest.raises(SystemExit, match=r"has no trained matching head.*--rerank alignment"):
+    with pytest.raises(ValueError, match=r"has no trained matching head.*--rerank alignment"):
         search_main([*argv, "--rerank", "itm"])
     assert len(search_main([*argv, "--rerank", "alignment", "-k", "2"])[0]) == 2
     gallery = GalleryIndex.load(tmp_path / "p")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from temde_hf.hub.gallery import GalleryIndex, index_main
-from temde_hf.hub.gallery import build as build_module
+from temde_hf.gallery import GalleryIndex
+from temde_hf.gallery import build as build_module
+from temde_hf.gallery.index_cli import main as index_main
 from temde_hf.testing import accelerate_launch, make_colour_gallery, save_tiny_checkpoint
 
 pytest.importorskip("faiss", reason="gallery search needs faiss-cpu (the `index` extra)")
@@ -112,10 +113,10 @@ def test_interrupted_build_resumes_without_reencoding(
     assert encoded_starts == [] and GalleryIndex.load(out).index_type == "fp16"
     assert GalleryIndex.load(out).tokens is None
     if not store_tokens:  # shards without tokens cannot serve a build that asks for them
-        with pytest.raises(SystemExit, match=r"shards encoded without token embeddings.*--store-tokens"):
+        with pytest.raises(ValueError, match=r"shards encoded without token embeddings.*--store-tokens"):
             index_main(_args(checkpoint, images, out, "--store-tokens"))
     other = save_tiny_checkpoint(tmp_path / "other", seed=8)
-    with pytest.raises(SystemExit, match="holds shards of another build"):
+    with pytest.raises(ValueError, match="holds shards of another build"):
         index_main(_args(other, images, out))
 
 
@@ -128,5 +129,5 @@ def test_file_list_source_skips_and_lists_missing_images(setup, tmp_path: Path) 
     )
     assert gallery.ids == [str(images / "red.png"), str(images / "blue.png")]
     assert [s["row"] for s in gallery.skipped] == [1] and "not found" in gallery.skipped[0]["reason"]
-    with pytest.raises(SystemExit, match=r"image list .* does not exist"):
+    with pytest.raises(ValueError, match=r"image list .* does not exist"):
         index_main(["--model", str(checkpoint), "--image-list", str(tmp_path / "nope.txt"), "--out", "x"])

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from temde_hf.evaluation.encode import encode_images, encode_texts, load_encoder
+from temde_hf.inference.encode import encode_images, encode_texts
+from temde_hf.inference.encoder import load_encoder
 from temde_hf.testing import GALLERY_CAPTIONS, make_colour_gallery, save_tiny_checkpoint
 
 pytest.importorskip("onnxruntime", reason="the ONNX backend is the `onnx` extra")
 pytest.importorskip("onnx", reason="the ONNX backend is the `onnx` extra")
 
 from temde_hf.export.onnx_export import main as export_main
-from temde_hf.export.onnx_runtime import OnnxTemdeEncoder
+from temde_hf.inference.onnx_runtime import OnnxTemdeEncoder
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_missing_onnxruntime_gives_install_hint(exported: Path, monkeypatch: pyt
     with pytest.raises(ImportError, match=r"pip install 'temde_hf\[onnx\]'"):
         load_encoder(exported, backend="onnx")
     checkpoint = save_tiny_checkpoint(exported.parent / "plain", seed=4)
-    with pytest.raises(SystemExit, match="needs onnxruntime"):
+    with pytest.raises(ImportError, match="needs onnxruntime"):
         export_main([str(checkpoint)])
 
 

@@ -43,7 +43,7 @@ def _tower(kind: str) -> Callable[[Path], None]:
 
 
 def _gallery_index(path: Path) -> None:
-    from temde_hf.hub.gallery import build_gallery_from_folder
+    from temde_hf.gallery import build_gallery_from_folder
 
     checkpoint = path.parent / "CKPT"
     if not checkpoint.is_dir():

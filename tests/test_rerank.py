@@ -12,15 +12,9 @@ import torch
 from temde_hf.data import caption_to_image, load_karpathy, make_synthetic_karpathy
 from temde_hf.evaluation.cli import main as evaluate_main
 from temde_hf.evaluation.metrics import metrics_from_ranks, retrieval_ranks
-from temde_hf.evaluation.rerank import (
-    RERANKERS,
-    TokenSet,
-    build_reranker,
-    encode_token_sets,
-    fuse_scores,
-    rerank_candidates,
-    two_stage_ranks,
-)
+from temde_hf.evaluation.rerank import two_stage_ranks
+from temde_hf.inference.rerank import RERANKERS, build_reranker, fuse_scores, rerank_candidates
+from temde_hf.inference.tokens import TokenSet, encode_token_sets
 from temde_hf.loading import load_checkpoint
 from temde_hf.testing import save_tiny_checkpoint, tiny_config
 
@@ -156,7 +150,7 @@ def test_itm_rerank_refuses_a_checkpoint_without_a_head(synthetic: Path, tmp_pat
 
 @pytest.fixture
 def mean_token_reranker():
-    from temde_hf.evaluation.rerank import Reranker
+    from temde_hf.inference.rerank import Reranker
 
     @RERANKERS.register("mean_token_test")
     class MeanTokenReranker(Reranker):

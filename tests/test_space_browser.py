@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from temde_hf.evaluation.encode import encode_images, encode_texts
-from temde_hf.hub.gallery import build_gallery_from_folder
+from temde_hf.gallery import build_gallery_from_folder
+from temde_hf.inference.encode import encode_images, encode_texts
 from temde_hf.testing import (
     GALLERY_CAPTIONS,
     GALLERY_COLOURS,

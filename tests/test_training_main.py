@@ -18,8 +18,8 @@ import temde_hf  # noqa: F401  (registers the Auto classes)
 from temde_hf import TemdeModel
 from temde_hf.cli import main as cli_main
 from temde_hf.data import load_karpathy, make_synthetic_karpathy
-from temde_hf.evaluation.encode import encode_dataset
 from temde_hf.evaluation.metrics import retrieval_metrics
+from temde_hf.inference.encode import encode_dataset
 from temde_hf.testing import save_tiny_towers
 from temde_hf.training import loop
 from temde_hf.training.checkpointing import (

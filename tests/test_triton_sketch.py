@@ -140,6 +140,7 @@ def test_dispatch_uses_kernel_when_it_can(interpret) -> None:
 def test_module_imports_without_triton() -> None:
     """Hub remote code must load where triton is absent: HAS_TRITON is False and torch still works."""
     path = REPO_ROOT / "temde_hf" / "models" / "temde" / "triton_sketch_temde.py"
+    # by file path, as the Hub loads a remote-code file: without the package around it
     code = f"""
     import importlib.util, torch
     spec = importlib.util.spec_from_file_location("tsk", {str(path)!r})

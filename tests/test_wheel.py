@@ -110,7 +110,7 @@ metric_alone = not any(m.split(".")[0] == "temde_hf" for m in sys.modules)
 # 2. The package: Auto classes, a pipeline, an export (package data: card template, handler modules).
 import temde_hf
 from transformers import AutoModel, pipeline
-from temde_hf.hub.gallery import build_gallery_from_folder
+from temde_hf.gallery import build_gallery_from_folder
 from temde_hf.hub.publish import export_for_hub
 from temde_hf.testing import GALLERY_CAPTIONS, make_colour_gallery, save_tiny_checkpoint
 

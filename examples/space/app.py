@@ -29,8 +29,8 @@ from PIL import Image
 from temde_hf.data.common import open_image
 from temde_hf.data.errors import not_utf8
 from temde_hf.data.text import is_visible_text
-from temde_hf.evaluation.encode import encode_images, encode_texts
-from temde_hf.hub.gallery import GalleryIndex, search
+from temde_hf.gallery import GalleryIndex, search
+from temde_hf.inference.encode import encode_images, encode_texts
 from temde_hf.loading import load_checkpoint
 
 TITLE = "T-EMDE cross-modal search"

@@ -1,4 +1,6 @@
-"""Retrieval evaluation: chunked R@K / RSUM / ranks, COCO 1K folds and 5K, batched encoding, plots.
+"""Retrieval evaluation: chunked R@K / RSUM / ranks, COCO 1K folds and 5K, two-stage R@K, plots.
+
+Embeddings come from `temde_hf.inference.encode` (the one encode path, shared with the gallery).
 
 ``temde-hf evaluate CHECKPOINT --data PATH`` (`temde_hf.evaluation.cli.main`) runs it end to end; the
 folder ``retrieval_metric/`` is the same metric as an `evaluate` module (``evaluate.load(path)``).
@@ -6,7 +8,6 @@ folder ``retrieval_metric/`` is the same metric as an `evaluate` module (``evalu
 
 from __future__ import annotations
 
-from .encode import encode_dataset, encode_images, encode_texts
 from .folds import evaluate_embeddings, fold_indices
 from .metrics import (
     KS,
@@ -21,9 +22,6 @@ from .plots import plot_recall_at_k, recall_curve
 __all__ = [
     "KS",
     "captions_per_image_map",
-    "encode_dataset",
-    "encode_images",
-    "encode_texts",
     "evaluate_embeddings",
     "fold_indices",
     "metrics_from_ranks",

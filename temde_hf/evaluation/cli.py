@@ -21,13 +21,15 @@ from typing import Any
 import torch
 
 from ..data.auto import DATA_FORMATS, load_image_captions
-from ..data.errors import LoadReport
+from ..data.errors import DataError, LoadReport
+from ..inference.encode import encode_dataset
+from ..inference.encoder import BACKENDS, load_encoder
+from ..inference.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT, RERANKERS
 from ..loading import check_checkpoint_dir, load_checkpoint
-from .encode import BACKENDS, encode_dataset, load_encoder
 from .folds import evaluate_embeddings
 from .metrics import NonFiniteScoresError, retrieval_ranks
 from .plots import plot_recall_at_k
-from .rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT, RERANKERS, rerank_report
+from .rerank import rerank_report
 from .tables import format_table
 
 logger = logging.getLogger("temde_hf.evaluation")
@@ -303,14 +305,14 @@ def check_evaluable(dataset: Any, report: LoadReport, args: argparse.Namespace) 
         return
     where = f"split {args.split!r} in {args.data}"
     if len(dataset) == 1:
-        raise SystemExit(
-            f"temde-hf evaluate: only 1 image of {where}: retrieval needs at least 2 images (with one, "
+        raise DataError(
+            f"only 1 image of {where}: retrieval needs at least 2 images (with one, "
             "every query ranks it first); pass a larger split or --max-images"
         )
     if report.n_skipped and not report.n_loaded:
         reasons = "; ".join(f"{entry}: {reason}" for entry, reason in report.skipped[:2])
-        raise SystemExit(
-            f"temde-hf evaluate: no images of {where}: all {report.n_skipped} entries were left out as bad "
+        raise DataError(
+            f"no images of {where}: all {report.n_skipped} entries were left out as bad "
             f"(e.g. {reasons}); fix them, or pass --on-error raise to stop at the first one"
         )
     others = f" (it has other splits: {report.other_splits})" if report.other_splits else ""
@@ -318,7 +320,7 @@ def check_evaluable(dataset: Any, report: LoadReport, args: argparse.Namespace) 
     if Path(str(args.data)).suffix in (".csv", ".txt") and not args.splits_from:
         # a captions CSV has no split column: every image is in the default split "train"
         fix = "a captions CSV has no splits: pass --splits-from dataset_NAME.json (Karpathy), or --split all"
-    raise SystemExit(f"temde-hf evaluate: no images of {where}{others}; {fix}")
+    raise DataError(f"no images of {where}{others}; {fix}")
 
 
 def _output_dir(args: argparse.Namespace) -> Path:

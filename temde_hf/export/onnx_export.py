@@ -15,7 +15,7 @@ This is the layout of ONNX weights on the Hub that transformers.js and optimum's
 in an ``onnx/`` subfolder beside the weights (``temde-hf publish`` ships it), a dual encoder's halves
 named like CLIP's (``vision_model``, ``text_model``), quantised variants with ``_quantized``. Folders
 exported before, with ``image_encoder.onnx`` / ``text_encoder.onnx`` / ``onnx_export.json`` beside the
-weights, are still read (`onnx_layout`).
+weights, are still read (`temde_hf.inference.onnx_layout`).
 """
 
 from __future__ import annotations
@@ -30,34 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fingerprint import checkpoint_fingerprint
+from ..inference.encoder import load_encoder
+from ..inference.fingerprint import checkpoint_fingerprint
+from ..inference.onnx_layout import IMAGE_GRAPH, META_FILE, ONNX_DIR, TEXT_GRAPH, int8_name
+from ..inference.onnx_runtime import OnnxTemdeEncoder, require_onnxruntime
 
 logger = logging.getLogger("temde_hf.export")
 
-ONNX_DIR = "onnx"
-# Paths relative to the checkpoint folder.
-IMAGE_GRAPH, TEXT_GRAPH, META_FILE = "onnx/vision_model.onnx", "onnx/text_model.onnx", "onnx/onnx_export.json"
-INT8_SUFFIX = "_quantized.onnx"
-# The flat layout of earlier exports, still read.
-LEGACY_LAYOUT = ("image_encoder.onnx", "text_encoder.onnx", "onnx_export.json")
-LEGACY_INT8_SUFFIX = ".int8.onnx"
 OPSET = 18  # BitwiseAnd (the sketch's bucket codes) needs opset >= 18
 DEFAULT_MAX_TEXT_LENGTH = 128
-
-
-def int8_name(graph: str) -> str:
-    """``onnx/vision_model.onnx`` -> ``onnx/vision_model_quantized.onnx`` (older layout: ``x.int8.onnx``)."""
-    suffix = LEGACY_INT8_SUFFIX if graph in LEGACY_LAYOUT else INT8_SUFFIX
-    return graph.removesuffix(".onnx") + suffix
-
-
-def onnx_layout(checkpoint: str | Path) -> tuple[str, str, str]:
-    """`(image graph, text graph, metadata)` paths relative to `checkpoint`: the ``onnx/`` layout, or the
-    flat layout of earlier exports when only that one is there."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / META_FILE).is_file() and (checkpoint / LEGACY_LAYOUT[2]).is_file():
-        return LEGACY_LAYOUT
-    return IMAGE_GRAPH, TEXT_GRAPH, META_FILE
 
 
 class _ImageGraph(nn.Module):
@@ -173,9 +154,6 @@ def export_onnx(
     Returns:
         What ``onnx_export.json`` records.
     """
-    from ..evaluation.encode import load_encoder
-    from .onnx_runtime import require_onnxruntime
-
     require_onnxruntime()
     checkpoint = Path(checkpoint)
     model, processor = load_encoder(checkpoint, backend="torch", device="cpu")
@@ -220,8 +198,6 @@ def export_onnx(
 
 def verify_export(model: nn.Module, checkpoint: Path) -> dict[str, float]:
     """Largest |onnxruntime − eager| of each fp32 graph on a probe batch (random pixels, padded captions)."""
-    from .onnx_runtime import OnnxTemdeEncoder
-
     encoder = OnnxTemdeEncoder(checkpoint)
     generator = torch.Generator().manual_seed(1)
     height, width = encoder.image_size
@@ -247,10 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-text-length", type=int, default=None, help="longest caption in tokens")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        meta = export_onnx(args.checkpoint, max_text_length=args.max_text_length, int8=args.int8)
-    except (ImportError, ValueError) as err:
-        raise SystemExit(f"temde-hf export-onnx: {err}") from err
+    meta = export_onnx(args.checkpoint, max_text_length=args.max_text_length, int8=args.int8)
     print(f"wrote {', '.join(meta['graphs'])} and {META_FILE} into {args.checkpoint}")
     print(f"largest |onnxruntime - eager|: image {meta['max_abs_diff']['image']:.2e}, "
           f"text {meta['max_abs_diff']['text']:.2e}")  # fmt: skip

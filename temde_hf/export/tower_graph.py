@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..inference.onnx_runtime import require_onnxruntime
 from ..models.temde.modeling_temde import _as_tokens
 from .onnx_export import _export
-from .onnx_runtime import require_onnxruntime
 
 OUTPUTS = ["hidden", "pooled"]
 

@@ -1,5 +1,5 @@
-"""Publishing and serving: model cards, Hub export/push, the Endpoints handler, gallery search.
+"""Publishing and serving on the Hub: model cards, Hub export/push, the Inference Endpoints handler.
 
-Modules are imported on use (``temde_hf.hub.gallery`` needs faiss), so importing this package costs
-nothing. The Gradio search demo is an application over these, in ``examples/space/app.py``.
+Modules are imported on use, so importing this package costs nothing. Gallery search (FAISS) is
+`temde_hf.gallery`; the Gradio search demo is an application over both, in ``examples/space/app.py``.
 """

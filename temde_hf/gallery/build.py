@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...evaluation.encode import SkippedImage, iter_image_features, load_encoder
-from ...evaluation.rerank import TokenSet, token_set_of
-from ...export.fingerprint import checkpoint_fingerprint
+from ..inference.encode import SkippedImage, iter_image_features
+from ..inference.encoder import load_encoder
+from ..inference.fingerprint import checkpoint_fingerprint
+from ..inference.tokens import TokenSet, token_set_of
 from .index import GalleryIndex
 from .sources import ImageList
 from .spec import DEFAULT_MEMORY_BUDGET, IndexSpec, parse_spec
@@ -54,7 +55,7 @@ class BuildSettings:
         memory_budget: Bytes of index memory the automatic choice may use.
         shard_size: Images per shard (the unit of resuming).
         batch_size: Images per forward pass.
-        backend: Encoder backend (`temde_hf.evaluation.encode.BACKENDS`).
+        backend: Encoder backend (`temde_hf.inference.encoder.BACKENDS`).
         shard_dtype: ``"float32"`` (exact) or ``"float16"`` (half the disk) for the shard files.
         on_error: ``"skip"`` unreadable images (counted and listed) or ``"raise"``.
         store_tokens: Also keep every image's joint-space tokens (float16) for a second-stage rerank;

@@ -1,6 +1,6 @@
 """A gallery's stored token embeddings: one fp16 safetensors file, padded rows + lengths, memory-mapped.
 
-A second-stage reranker (`temde_hf.evaluation.rerank`) re-scores each query's stage-1 candidates from
+A second-stage reranker (`temde_hf.inference.rerank`) re-scores each query's stage-1 candidates from
 the images' joint-space tokens; keeping them beside the index (``temde-hf index --store-tokens``)
 means a search never runs the vision tower again. File ``tokens.fp16.safetensors``:
 
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...evaluation.rerank import TokenSet
+from ..inference.tokens import TokenSet
 
 TOKENS_FILE = "tokens.fp16.safetensors"
 _HEADER_ALIGN = 8  # safetensors pads its JSON header with spaces so the data starts aligned
@@ -53,7 +53,7 @@ def _header(n: int, length: int, dim: int) -> bytes:
     header = {
         "lengths": {"dtype": "I32", "shape": [n], "data_offsets": [0, 4 * n]},
         "tokens": {"dtype": "F16", "shape": [n, length, dim], "data_offsets": [4 * n, 4 * n + token_bytes]},
-        "__metadata__": {"layout": "padded rows + lengths", "written_by": "temde_hf.hub.gallery.tokens"},
+        "__metadata__": {"layout": "padded rows + lengths", "written_by": "temde_hf.gallery.tokens"},
     }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % _HEADER_ALIGN)

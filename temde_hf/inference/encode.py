@@ -3,8 +3,8 @@
 Every caller goes through these functions: ``temde-hf evaluate``, the trainer's in-loop evaluation,
 ``temde-hf index`` / ``search``, the Space demo and the benchmarks. The ``model`` is anything with
 ``encode_image(pixel_values)`` and ``encode_text(input_ids, attention_mask)`` returning `(batch, E)`:
-a `TemdeModel` (eager PyTorch) or a `temde_hf.export.OnnxTemdeEncoder` (onnxruntime); `load_encoder`
-picks one for a checkpoint folder.
+a `TemdeModel` (eager PyTorch) or an `OnnxTemdeEncoder` (onnxruntime, `temde_hf.inference.onnx_runtime`);
+`temde_hf.inference.encoder.load_encoder` picks one for a checkpoint folder.
 
 Images are streamed batch by batch (a million-image gallery never sits in memory decoded) and opened
 only through `temde_hf.data.common.open_image`; an unreadable image either raises `DataError` naming
@@ -27,12 +27,7 @@ from ..data.common import open_image
 from ..data.errors import DataError, OnError, check_on_error
 from ..data.pairs import caption_to_image, flat_captions
 
-logger = logging.getLogger("temde_hf.evaluation")
-
-# What the command lines offer. "onnx-int8" (dynamic int8 graphs) stays a Python-only option: on the demo
-# checkpoint it cost 45 test RSUM (benchmarks/RESULTS.md), far outside the 1-RSUM bar for offering it.
-BACKENDS = ("auto", "torch", "onnx")
-EXPERIMENTAL_BACKENDS = ("onnx-int8",)
+logger = logging.getLogger("temde_hf.inference")
 
 
 @dataclass
@@ -315,45 +310,3 @@ def encode_dataset(
         if was_training:
             model.train()
     return image_embeds, text_embeds, caption_to_image(dataset)
-
-
-def load_encoder(
-    checkpoint: str | Path,
-    backend: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-) -> tuple[Any, Any]:
-    """The encoder and processor of a saved checkpoint folder (safetensors weights only).
-
-    Args:
-        checkpoint: A folder written by ``save_pretrained`` (model + processor).
-        backend: ``"torch"`` (eager), ``"onnx"`` (onnxruntime over the graphs ``temde-hf export-onnx``
-            wrote beside the weights), or ``"auto"``: onnxruntime when those graphs exist, onnxruntime
-            is installed and the device is the CPU, else eager. ``"onnx-int8"`` (experimental, not
-            accurate enough to offer on the command line) runs the ``--int8`` graphs.
-        device: ``"cpu"`` / ``"cuda"`` (default: cuda when available).
-
-    Returns:
-        `(encoder, processor)`; the encoder has ``encode_image`` / ``encode_text`` and, for eager,
-        is the `TemdeModel` in eval mode.
-    """
-    import transformers
-
-    from ..loading import check_checkpoint_dir, load_checkpoint
-
-    if backend not in BACKENDS + EXPERIMENTAL_BACKENDS:
-        raise ValueError(f"backend {backend!r} unknown; choose one of {BACKENDS}")
-    checkpoint = check_checkpoint_dir(checkpoint)  # a local folder with safetensors weights, or one line
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if backend == "auto":
-        from ..export.onnx_runtime import onnx_available
-
-        backend = "onnx" if device == "cpu" and onnx_available(checkpoint) else "torch"
-    if backend == "torch":
-        return load_checkpoint(checkpoint, device, trust_remote_code)
-    from ..export.onnx_runtime import OnnxTemdeEncoder
-
-    processor = transformers.AutoProcessor.from_pretrained(
-        str(checkpoint), trust_remote_code=trust_remote_code
-    )
-    return OnnxTemdeEncoder(checkpoint, quantized=backend == "onnx-int8"), processor

@@ -8,7 +8,7 @@ memory and speed, see `spec`).
 Modules: `spec` (index types and the automatic choice), `index` (`GalleryIndex`: build, search,
 save/load), `tokens` (the images' stored token embeddings, for a second-stage rerank), `sources`
 (folder / file list / dataset), `build` (sharded, resumable encoding with `accelerate`), `api`
-(in-memory build and query), `cli` (``temde-hf index`` / ``search``).
+(in-memory build and query), `index_cli` / `search_cli` (``temde-hf index`` / ``search``).
 """
 
 from .api import (
@@ -18,7 +18,6 @@ from .api import (
     search,
 )
 from .build import BuildSettings, build_gallery_sharded
-from .cli import index_main, search_main
 from .index import GalleryIndex, SearchHit
 from .sources import ImageList, from_dataset, from_file_list, from_folder, list_images
 from .spec import INDEX_TYPES, IndexSpec, choose_spec
@@ -38,8 +37,6 @@ __all__ = [
     "from_dataset",
     "from_file_list",
     "from_folder",
-    "index_main",
     "list_images",
     "search",
-    "search_main",
 ]

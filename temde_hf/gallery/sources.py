@@ -1,7 +1,7 @@
 """Where a gallery's images come from: a folder, a file list, or a `datasets` dataset.
 
 Each source becomes an `ImageList`: the images (paths, or a dataset read batch by batch), one id and one
-display path per row. Nothing is decoded here; `temde_hf.evaluation.encode` opens images as it streams.
+display path per row. Nothing is decoded here; `temde_hf.inference.encode` opens images as it streams.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run the ONNX graphs of ``temde-hf export-onnx`` with onnxruntime, behind the model's encode API.
 
-`OnnxTemdeEncoder` has the two methods the batched encoder (`temde_hf.evaluation.encode`) calls,
+`OnnxTemdeEncoder` has the two methods the batched encoder (`temde_hf.inference.encode`) calls,
 ``encode_image(pixel_values)`` and ``encode_text(input_ids, attention_mask)``, so ``evaluate``,
 ``index`` and ``search`` use it exactly like an eager `TemdeModel`.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .fingerprint import checkpoint_fingerprint
-from .onnx_export import int8_name, onnx_layout
+from .onnx_layout import int8_name, onnx_layout
 
 INSTALL_HINT = "pip install 'temde_hf[onnx]' (onnxruntime + onnx)"
 

@@ -1,8 +1,8 @@
 """The gallery's Python API: load a checkpoint, build a small index in memory, query it.
 
-Large galleries go through `temde_hf.hub.gallery.build` (sharded, resumable, streamed); this module is
+Large galleries go through `temde_hf.gallery.build` (sharded, resumable, streamed); this module is
 the in-process path for galleries whose embeddings fit in memory. Both encode through
-`temde_hf.evaluation.encode` and index through `GalleryIndex`.
+`temde_hf.inference.encode` and index through `GalleryIndex`.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ...evaluation.encode import (
+from ..inference.encode import (
     SkippedImage,
     encode_images,
     encode_texts,
     iter_image_features,
     iter_text_features,
-    load_encoder,
 )
-from ...evaluation.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT, token_set_of
-from ...export.fingerprint import checkpoint_fingerprint
+from ..inference.encoder import load_encoder
+from ..inference.fingerprint import checkpoint_fingerprint
+from ..inference.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT
+from ..inference.tokens import token_set_of
 from .build import global_dim_of
 from .index import GalleryIndex, SearchHit
 from .sources import ImageList, from_dataset, from_folder

@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...evaluation.rerank import (
+from ..inference.rerank import (
     DEFAULT_RERANK_K,
     DEFAULT_STAGE1_WEIGHT,
     Reranker,
-    TokenSet,
     build_reranker,
     rerank_candidates,
 )
+from ..inference.tokens import TokenSet
 from .spec import IndexSpec, check_index_settings, parse_spec
 from .tokens import TOKENS_FILE, read_token_file, token_info, write_token_file
 
@@ -330,7 +330,7 @@ class GalleryIndex:
         """Top-``k`` items per query row of `(n_queries, embed_dim)`, best first.
 
         With ``rerank``, each text query's stage-1 top-``rerank_k`` is re-scored by that reranker
-        (`temde_hf.evaluation.rerank.RERANKERS`, the code ``temde-hf evaluate --rerank`` scores with)
+        (`temde_hf.inference.rerank.RERANKERS`, the code ``temde-hf evaluate --rerank`` scores with)
         from the queries' tokens and the gallery's stored tokens, and reordered: the set of candidates
         never changes, and items beyond them follow in stage-1 order.
 
@@ -339,7 +339,7 @@ class GalleryIndex:
             k: Results per query.
             rerank: ``"alignment"`` or ``"itm"`` (needs ``model`` with a matching head), or None.
             rerank_k: Stage-1 candidates re-scored per query.
-            text_tokens: The queries' caption tokens `(n_queries, L, D)` (`temde_hf.hub.gallery.search`
+            text_tokens: The queries' caption tokens `(n_queries, L, D)` (`temde_hf.gallery.search`
                 encodes them), needed with ``rerank``.
             model: The checkpoint's model (the reranker reads its config or its matching head).
             rerank_fusion: Order the candidates by `z(stage 2) + w·z(stage 1)` (`fuse_scores`); 0: by
@@ -380,7 +380,7 @@ class GalleryIndex:
         if model is None or text_tokens is None:
             raise ValueError(
                 "rerank needs the checkpoint's model and the queries' text_tokens; "
-                "temde_hf.hub.gallery.search(gallery, model, processor, texts=..., rerank=...) passes both"
+                "temde_hf.gallery.search(gallery, model, processor, texts=..., rerank=...) passes both"
             )
         if len(text_tokens) != n_queries:
             raise ValueError(f"{len(text_tokens)} query token sets for {n_queries} queries")

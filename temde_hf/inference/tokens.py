@@ -1,0 +1,105 @@
+"""Stored joint-space tokens (`TokenSet`): what a second-stage reranker reads instead of re-running a tower.
+
+`encode_token_sets` encodes a dataset's tokens through the one encode path (`temde_hf.inference.encode`),
+like a gallery that stores its tokens (``temde-hf index --store-tokens``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from torch.nn import functional as F
+
+from ..data.pairs import flat_captions
+from .encode import EncodedBatch, iter_image_features, iter_text_features
+
+
+@dataclass
+class TokenSet:
+    """Joint-space tokens of `n` items, zero-padded to a common length.
+
+    Attributes:
+        tokens: `(n, L, D)`, stored in any float dtype (float16 halves a gallery's memory).
+        mask: `(n, L)` bool, True for real tokens.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def take(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items `ids` `(m,)` as float32 `(m, L', D)` tokens and `(m, L')` mask, trimmed to their longest."""
+        mask = self.mask[ids]
+        length = max(1, int(mask.sum(dim=1).max())) if len(ids) else 1
+        return self.tokens[ids, :length].float(), mask[:, :length]
+
+    def subset(self, ids: torch.Tensor) -> TokenSet:
+        """A `TokenSet` of items `ids` (e.g. one COCO 1K fold)."""
+        return TokenSet(self.tokens[ids], self.mask[ids])
+
+    def bytes_per_item(self) -> float:
+        """Mean storage of one item's *valid* tokens (what a gallery that stores them unpadded keeps)."""
+        per_token = self.tokens.shape[-1] * self.tokens.element_size()
+        return float(self.mask.sum()) * per_token / max(1, len(self))
+
+
+def token_set_of(batches: Iterable[EncodedBatch]) -> tuple[torch.Tensor, TokenSet]:
+    """Concatenate encoded batches (with tokens): `(n, E)` embeddings and their `TokenSet`.
+
+    Batches may hold different token lengths (captions are padded per batch); shorter ones are
+    zero-padded to the longest, with the mask marking the padding.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("nothing was encoded: no tokens to collect")
+    if any(batch.tokens is None for batch in batches):
+        raise ValueError("token_set_of needs batches encoded with token_dtype (tokens requested)")
+    length = max(batch.tokens.shape[1] for batch in batches)
+    tokens = [F.pad(batch.tokens, (0, 0, 0, length - batch.tokens.shape[1])) for batch in batches]
+    masks = [F.pad(batch.token_mask, (0, length - batch.token_mask.shape[1])) for batch in batches]
+    embeds = torch.cat([batch.embeds for batch in batches])
+    return embeds, TokenSet(torch.cat(tokens), torch.cat(masks))
+
+
+def encode_token_sets(
+    model: Any,
+    processor: Any,
+    dataset: datasets.Dataset,
+    batch_size: int = 32,
+    device: str | None = None,
+    max_length: int | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> tuple[TokenSet, TokenSet]:
+    """The joint-space tokens of a dataset's images and captions (`get_*_features(...).token_embeds`).
+
+    Encodes through `temde_hf.inference.encode` (the one encode path), like a gallery that stores
+    its tokens (``temde-hf index --store-tokens``).
+
+    Args:
+        model: A `TemdeModel` (or subclass).
+        processor: Its processor.
+        dataset: Image-level dataset with ``image`` and ``captions`` (a `temde_hf.data` loader's).
+        dtype: Storage dtype of the tokens (scoring upcasts to float32).
+
+    Returns:
+        Image tokens `(n_images, L_image, D)` and caption tokens `(n_captions, L_text, D)`.
+    """
+    image_batches = iter_image_features(
+        model,
+        processor,
+        dataset,
+        token_dtype=dtype,
+        batch_size=batch_size,
+        device=device,
+        desc="image tokens",
+    )
+    text_batches = iter_text_features(
+        model, processor, flat_captions(dataset), 4 * batch_size, device, max_length, token_dtype=dtype
+    )
+    return token_set_of(image_batches)[1], token_set_of(text_batches)[1]
