@@ -98,6 +98,29 @@ def write_json(payload: dict[str, Any], output: str | Path) -> Path:
 TOWER_PRESETS = ("tiny", "base")
 
 
+def tower_configs(towers: str) -> tuple[Any, Any, dict[str, int]]:
+    """The vision and text tower configs of a preset and its input sizes.
+
+    Args:
+        towers: `"tiny"` (1-layer ViT on 32-px images, 1-layer BERT: a CPU smoke size) or `"base"`
+            (ViT-B/16 at 224 px = 197 tokens and BERT-base: the GPU benchmark size).
+
+    Returns:
+        `(ViTConfig, BertConfig, {"image_size", "text_len", "vocab_size"})`.
+    """
+    from transformers import BertConfig, ViTConfig
+
+    from temde_hf.testing import TINY_IMAGE_SIZE, tiny_tower_configs
+
+    if towers == "tiny":
+        vision, text = tiny_tower_configs(hidden_size=64)
+        return vision, text, {"image_size": TINY_IMAGE_SIZE, "text_len": 16, "vocab_size": text.vocab_size}
+    if towers == "base":
+        vision, text = ViTConfig(image_size=224, patch_size=16), BertConfig()
+        return vision, text, {"image_size": 224, "text_len": 32, "vocab_size": text.vocab_size}
+    raise SystemExit(f"--towers must be one of {TOWER_PRESETS}, got {towers!r}")
+
+
 def build_model(
     towers: str, fusion: str, kernel: str, n_sketches: int, n_hyperplanes: int, projection_dim: int
 ) -> tuple[Any, dict[str, int]]:
@@ -112,19 +135,9 @@ def build_model(
     Returns:
         The model (train mode) and `{"image_size", "text_len", "vocab_size"}`.
     """
-    from transformers import BertConfig, ViTConfig
-
     from temde_hf.models.temde import TemdeConfig, TemdeModel
-    from temde_hf.testing import TINY_IMAGE_SIZE, tiny_tower_configs
 
-    if towers == "tiny":
-        vision, text = tiny_tower_configs(hidden_size=64)
-        sizes = {"image_size": TINY_IMAGE_SIZE, "text_len": 16, "vocab_size": text.vocab_size}
-    elif towers == "base":
-        vision, text = ViTConfig(image_size=224, patch_size=16), BertConfig()
-        sizes = {"image_size": 224, "text_len": 32, "vocab_size": text.vocab_size}
-    else:
-        raise SystemExit(f"--towers must be one of {TOWER_PRESETS}, got {towers!r}")
+    vision, text, sizes = tower_configs(towers)
     config = TemdeConfig(
         vision_config=vision,
         text_config=text,

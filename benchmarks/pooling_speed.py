@@ -270,12 +270,15 @@ def measure_heads(
 def ratios(rows: list[dict[str, Any]], sketches: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """The issue's targets per (sketch, L), from this run's rows, on the median and on the fastest round:
     T-EMDE over its floor, the transformer layer over T-EMDE, T-EMDE inference over the matmul alone,
-    and the speed-up over the reference path."""
+    and the speed-up over the reference path. T-EMDE is the fused Triton head where it ran (CUDA: the
+    targets are the kernel's), else the factored torch head; `fast_head` names it."""
     out = []
+    heads = {r["head"] for r in rows}
     for stat, (fb, inf) in {"median": ("ms", "infer_ms"), "min": ("min_ms", "min_infer_ms")}.items():
         by_key = {(r["head"], r["tokens"], key): r.get(key) for r in rows for key in (fb, inf)}
         for n, h in sketches:
-            fast, ref = f"temde-torch N{n}H{h}", f"temde-reference N{n}H{h}"
+            fast, ref = f"temde-triton N{n}H{h}", f"temde-reference N{n}H{h}"
+            fast = fast if fast in heads else f"temde-torch N{n}H{h}"
             pairs = {  # name -> (numerator head, denominator head, timing)
                 "temde_over_mean_matmul": (fast, f"mean+matmul N{n}H{h}", fb),
                 "transformer_over_temde": ("transformer+mean", fast, fb),
@@ -285,7 +288,12 @@ def ratios(rows: list[dict[str, Any]], sketches: list[tuple[int, int]]) -> list[
                 "infer_reference_over_temde": (ref, fast, inf),
             }
             for tokens in dict.fromkeys(r["tokens"] for r in rows):
-                row: dict[str, Any] = {"stat": stat, "sketch": f"N{n}H{h}", "tokens": tokens}
+                row: dict[str, Any] = {
+                    "stat": stat,
+                    "sketch": f"N{n}H{h}",
+                    "tokens": tokens,
+                    "fast_head": fast,
+                }
                 for name, (top, bottom, key) in pairs.items():
                     a, b = by_key.get((top, tokens, key)), by_key.get((bottom, tokens, key))
                     row[name] = a / b if a and b else None

@@ -55,3 +55,13 @@ def test_unexpected_errors_say_how_to_report_them(
     assert cli.main(["buggy", "x"]) == 1
     line = _one_line(capsys)
     assert line.startswith("temde-hf buggy: unexpected TypeError: ") and "report the traceback" in line
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\u200b", "\u200b\u2060 \ufeff", "\t\n"], ids=repr)
+def test_search_refuses_an_empty_or_invisible_text_query_in_one_line(text: str, tmp_path: Path) -> None:
+    # embedded as [CLS] [SEP], such a query returned confident nonsense; refused before anything loads
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["search", "--index", str(tmp_path / "no-index"), "--text", "a dog", "--text", text])
+    line = str(caught.value.code)
+    assert line.startswith(f"temde-hf search: --text {text!r}: empty or invisible text") and "\n" not in line
+    assert "give the words to search for" in line

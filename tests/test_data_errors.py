@@ -115,6 +115,49 @@ def test_csv_errors(tmp_path: Path, synthetic: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("last_line", [False, True], ids=["middle", "last line, no newline"])
+def test_an_unclosed_quote_in_a_captions_csv_loses_nothing_but_its_line(
+    tmp_path: Path, synthetic: Path, last_line: bool
+) -> None:
+    # Read as one CSV, the quote opened on the damaged line runs to the end of the file: the
+    # following images vanished into one caption and the report said "skipped 0".
+    data = _entries(synthetic)
+    lines = [f"{e['filename']},{s['raw']}" for e in data["images"] for s in e["sentences"]]
+    damaged = len(lines) - 1 if last_line else 3  # image 0's 4th caption, or image 5's 5th
+    name, caption = lines[damaged].split(",", 1)
+    lines[damaged] = f'{name},"{caption}'
+    path = tmp_path / "captions.txt"
+    path.write_text("image,caption\n" + "\n".join(lines) + ("" if last_line else "\n"))
+    line_no = damaged + 2  # after the header, counted from 1
+    images = synthetic.parent / "images"
+    with pytest.raises(
+        DataError,
+        match=rf"captions\.txt: line {line_no}: a quote \(\"\) opens on this line and is not closed.*Close",
+    ):
+        load_caption_csv(path, images)
+    report = LoadReport()
+    loaded = load_caption_csv(path, images, n_captions=None, on_error="skip", report=report)
+    assert report.skipped == [(f"captions.txt: line {line_no}", report.skipped[0][1])]
+    expected = [[s["raw"] for s in e["sentences"]] for e in data["images"]]
+    del expected[damaged // 5][damaged % 5]
+    assert loaded["captions"] == expected  # every other line kept, each caption its own
+    report = LoadReport()
+    assert len(load_caption_csv(path, images, on_error="skip", report=report)) == 5  # its image now has 4
+    assert report.n_skipped == 2 and f"line {line_no}" in report.summary()
+
+
+def test_a_quoted_csv_caption_with_commas_and_quotes_still_loads(tmp_path: Path, synthetic: Path) -> None:
+    path = tmp_path / "captions.csv"
+    captions = ["a dog, brown", 'a "big" dog', "one", "two", "three"]
+    rows = [
+        'img_00000.png,"a dog, brown"',
+        'img_00000.png,"a ""big"" dog"',
+        *(f"img_00000.png,{c}" for c in captions[2:]),
+    ]
+    path.write_text("image,caption\n" + "\n".join(rows) + "\n")
+    assert load_caption_csv(path, synthetic.parent / "images")["captions"] == [captions]
+
+
 def test_coco_annotation_of_unknown_image(tmp_path: Path, synthetic: Path) -> None:
     path = tmp_path / "captions_val2014.json"
     path.write_text(

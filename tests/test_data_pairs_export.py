@@ -89,3 +89,28 @@ def test_export_of_in_memory_images_and_name_clash(dataset: datasets.Dataset, tm
     )
     with pytest.raises(DataError, match=r"share the file name 'img_00000.png'"):
         export_imagefolder(clash, tmp_path / "clash")
+
+
+def test_export_never_replaces_an_export_silently_nor_writes_outside_its_folder(
+    dataset: datasets.Dataset, tmp_path: Path
+) -> None:
+    metadata = export_imagefolder(dataset, tmp_path / "exported")
+    metadata.write_text(metadata.read_text() + "\n")  # a mark of the first export
+    with pytest.raises(DataError, match=r"exported/metadata\.jsonl: already exists.*overwrite=True"):
+        export_imagefolder(dataset, tmp_path / "exported")
+    assert metadata.read_text().endswith("\n\n")
+    export_imagefolder(dataset, tmp_path / "exported", overwrite=True)
+    assert not metadata.read_text().endswith("\n\n")
+    # an image stored as bytes is named after its id, which comes from the data
+    raw = dataset.select([0]).cast_column("image", datasets.Image(decode=False))
+    escaping = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": Path(raw[0]["image"]["path"]).read_bytes(), "path": None}],
+            "image_id": ["../../outside"],
+            "captions": raw["captions"],
+            "split": raw["split"],
+        }
+    ).cast_column("image", datasets.Image())
+    with pytest.raises(DataError, match=r"image id '\.\./\.\./outside' cannot be a file name"):
+        export_imagefolder(escaping, tmp_path / "deep" / "export")
+    assert not (tmp_path / "deep" / "outside.png").exists()

@@ -26,6 +26,7 @@ from PIL import Image
 
 from temde_hf.data.common import open_image
 from temde_hf.data.errors import not_utf8
+from temde_hf.data.text import is_visible_text
 from temde_hf.evaluation.encode import encode_images, encode_texts
 from temde_hf.hub.gallery import GalleryIndex, search
 from temde_hf.loading import load_checkpoint
@@ -44,7 +45,7 @@ def read_captions(captions: Sequence[str] | str | Path) -> list[str]:
             captions = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
             raise not_utf8(path, exc) from exc
-    captions = [c.strip() for c in captions if c.strip()]
+    captions = [c.strip() for c in captions if is_visible_text(c)]
     if not captions:
         raise ValueError("the caption list is empty")
     return captions
@@ -74,7 +75,7 @@ class SearchApp:
 
     def search_images(self, query: str, k: int = 6) -> tuple[list[tuple[Image.Image, str]], str]:
         """Top-``k`` gallery images for a caption: `(image, label)` pairs and a ranked Markdown list."""
-        if not query or not query.strip():
+        if not is_visible_text(query):
             return [], "Type a caption to search the gallery."
         hits = search(self.gallery, self.model, self.processor, texts=[query.strip()], k=int(k))[0]
         items = []

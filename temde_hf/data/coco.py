@@ -12,48 +12,64 @@ from typing import Any
 
 import datasets
 
-from .common import ImageRecord, build_dataset, start_report
+from .common import ImageRecord, build_dataset, file_name_problem, start_report
 from .errors import DataError, LoadReport, OnError, handle_bad_entry
 from .karpathy import read_json
 
 
-def _captions_by_image(data: dict[str, Any], json_path: Path) -> dict[int, list[str]]:
-    known = {image["id"] for image in data["images"]}
-    by_image: dict[int, list[str]] = {image_id: [] for image_id in known}
+def _image_problem(image: Any) -> str | None:
+    """Why an ``images[]`` entry is unusable (``None`` when fine)."""
+    if not isinstance(image, dict) or "file_name" not in image or "id" not in image:
+        return "lacks 'id' or 'file_name'"
+    if not isinstance(image["id"], int | str) or isinstance(image["id"], bool):
+        return f"id {image['id']!r} is not an integer or a string"
+    return file_name_problem(image["file_name"])
+
+
+def _captions_by_image(
+    data: dict[str, Any], json_path: Path, image_ids: list[Any], some_skipped: bool
+) -> dict[Any, list[Any]]:
+    """The captions of every usable image id, as read (checked later), in annotation order.
+
+    Args:
+        image_ids: The ids of the usable images.
+        some_skipped: Whether some image entries were left out as bad: annotations of an unknown id
+            are then taken for theirs (the bad entries are listed), not for an inconsistent file.
+    """
+    by_image: dict[Any, list[Any]] = {image_id: [] for image_id in image_ids}
     for index, annotation in enumerate(data["annotations"]):
-        try:
-            image_id, caption = annotation["image_id"], str(annotation["caption"])
-        except (TypeError, KeyError) as exc:
+        if not isinstance(annotation, dict) or "image_id" not in annotation or "caption" not in annotation:
             raise DataError(
                 f"{json_path.name}: annotations[{index}] lacks 'image_id' or 'caption'; fix the entry"
-            ) from exc
-        if image_id not in by_image:
+            )
+        image_id = annotation["image_id"]
+        known = isinstance(image_id, int | str) and image_id in by_image
+        if not known and not some_skipped:
             # A caption of an unknown image would be silently lost; treat the file as inconsistent.
             raise DataError(
-                f"{json_path.name}: annotations[{index}] refers to image_id {image_id}, which is not in "
+                f"{json_path.name}: annotations[{index}] refers to image_id {image_id!r}, which is not in "
                 "'images'; the file is inconsistent (use the matching captions and images files)"
             )
-        by_image[image_id].append(caption)
+        if known:
+            by_image[image_id].append(annotation["caption"])
     return by_image
 
 
 def _records(
     data: dict[str, Any], json_path: Path, image_root: Path, split: str, on_error: OnError, report: LoadReport
 ) -> Iterator[ImageRecord]:
-    by_image = _captions_by_image(data, json_path)
-    for index, image in enumerate(data["images"]):
-        if not isinstance(image, dict) or "file_name" not in image or "id" not in image:
-            handle_bad_entry(
-                f"{json_path.name}: images[{index}]",
-                "lacks 'id' or 'file_name'",
-                "fix the entry",
-                on_error,
-                report,
-            )
+    usable = []
+    for index, image in enumerate(data["images"]):  # bad entries first: they explain orphan captions
+        problem = _image_problem(image)
+        if problem is not None:
+            handle_bad_entry(f"{json_path.name}: images[{index}]", problem, "fix the entry", on_error, report)
             continue
+        usable.append((index, image))
+    by_image = _captions_by_image(data, json_path, [image["id"] for _, image in usable], report.n_skipped > 0)
+    for index, image in usable:
         yield ImageRecord(
             path=image_root / image["file_name"],
-            image_id=str(image["id"]),
+            image_id=image["id"],
             captions=by_image[image["id"]],
             split=split,
             entry=f"{json_path.name}: images[{index}] ({image['file_name']})",

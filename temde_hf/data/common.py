@@ -16,6 +16,7 @@ from PIL import Image
 
 from .errors import SKIP_HINT, DataError, LoadReport, OnError, check_on_error, handle_bad_entry, logger
 from .image_decoding import ImageDecodeError, ImageTooLargeError, decode_image
+from .text import text_problem
 
 FEATURES = datasets.Features(
     {
@@ -33,17 +34,18 @@ class ImageRecord:
 
     Attributes:
         path: The image file, or ``None`` when the image is embedded in a source table (see `row`).
-        image_id: A stable id (COCO id, Flickr file stem, ...), unique within the dataset.
-        captions: The captions in file order.
-        split: Karpathy split name (``train``, ``val``, ``test``, ...).
+        image_id: A stable id (COCO id, Flickr file stem, ...), unique within the dataset; as read (a
+            string or an integer, checked and made a string by `check_records`).
+        captions: The captions in file order, as read (`check_records` refuses any that is not text).
+        split: Karpathy split name (``train``, ``val``, ``test``, ...); as read, like `image_id`.
         entry: How to name this image in an error (``file.json: images[3] (x.jpg)``).
         row: The row of the source table holding an embedded image (its bytes are never copied).
     """
 
     path: Path | None
-    image_id: str
-    captions: list[str]
-    split: str
+    image_id: Any
+    captions: list[Any]
+    split: Any
     entry: str
     row: int | None = None
 
@@ -98,18 +100,57 @@ def open_image(value: Any, max_pixels: int | None = None) -> Image.Image:
         raise DataError(f"{name}: {exc}; replace the file, or leave such images out: {SKIP_HINT}") from exc
 
 
+def file_name_problem(name: object) -> str | None:
+    """Why a file name read from a dataset file cannot name a file inside its folder (``None`` if it can).
+
+    The names come from files a user downloaded: one that is not a string, is absolute or climbs out
+    with ``..`` would read a file outside the dataset's folder (or fail with a raw ``TypeError``).
+    """
+    if not isinstance(name, str) or not name.strip():
+        return f"file name {name!r} is not a non-empty string"
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return f"file name {name!r} leaves the dataset's folder (absolute, or with '..')"
+    if Path(name).name in ("", "."):
+        return f"file name {name!r} names a folder, not a file"
+    return None
+
+
+def value_problem(value: object, what: str) -> str | None:
+    """Why an id or split value is unusable: only strings and integers are (``None`` when fine).
+
+    Written as ``str(value)``, a ``null`` or a list would silently become the id or split ``"None"`` /
+    ``"['test']"``.
+    """
+    if (isinstance(value, str) and value.strip()) or (isinstance(value, int) and not isinstance(value, bool)):
+        return None
+    return f"{what} {value!r} is not a string or an integer"
+
+
 def select_captions(
-    captions: list[str], n_captions: int | None, entry: str, on_error: OnError, report: LoadReport
+    captions: Sequence[Any], n_captions: int | None, entry: str, on_error: OnError, report: LoadReport
 ) -> list[str] | None:
-    """Check the caption count of one image; keep the first `n_captions` (``None`` keeps all).
+    """Check the captions of one image (text, visible) and their count; keep the first `n_captions`.
+
+    Args:
+        captions: As read from the file: any value that is not visible text (``null``, a number, a
+            list, ``""``, only spaces or zero-width characters) makes the image a bad entry.
+        n_captions: Captions kept (``None`` keeps all).
 
     Returns:
-        The captions to keep, or ``None`` when the image is skipped.
+        The captions to keep (stripped), or ``None`` when the image is skipped.
     """
+    for index, caption in enumerate(captions):
+        problem = text_problem(caption)
+        if problem is not None:
+            handle_bad_entry(
+                entry,
+                f"caption {index} is {problem}",
+                "write the caption as text, or remove it",
+                on_error,
+                report,
+            )
+            return None
     captions = [c.strip() for c in captions]
-    if any(not c for c in captions):
-        handle_bad_entry(entry, "has an empty caption", "remove or fill the empty caption", on_error, report)
-        return None
     if n_captions is None:
         if not captions:
             handle_bad_entry(entry, "has no captions", "add captions or remove the image", on_error, report)
@@ -119,7 +160,8 @@ def select_captions(
         handle_bad_entry(
             entry,
             f"has {len(captions)} captions, fewer than the {n_captions} the protocol needs",
-            f"add captions, or pass n_captions={len(captions)} (or n_captions=None for variable counts)",
+            f"add captions, or pass n_captions={len(captions)} / --n-captions {len(captions)} "
+            "(or n_captions=None for variable counts)",
             on_error,
             report,
         )
@@ -168,7 +210,14 @@ def check_records(
     wanted = None if split is None else {split} if isinstance(split, str) else set(split)
     kept: list[ImageRecord] = []
     seen: dict[str, str] = {}
+    n_records = 0
     for record in records:
+        n_records += 1
+        problem = value_problem(record.split, "split") or value_problem(record.image_id, "image id")
+        if problem is not None:
+            handle_bad_entry(record.entry, problem, "fix the value in the file", on_error, report)
+            continue
+        record = replace(record, image_id=str(record.image_id), split=str(record.split))
         if not report.select_split(record.split, wanted):
             continue
         captions = select_captions(record.captions, n_captions, record.entry, on_error, report)
@@ -199,6 +248,12 @@ def check_records(
             continue
         seen[record.image_id] = record.entry
         kept.append(replace(record, captions=captions))
+    if n_records == 0 and not report.n_skipped:
+        # Otherwise an empty or header-only file ends far away as "no images of split 'test'".
+        raise DataError(
+            f"{report.source}: contains no images (no entries at all: an empty list or a header only); "
+            "check that this is the dataset file you meant, or add its entries"
+        )
     report.n_loaded = len(kept)
     if report.needs_warning:
         logger.warning(report.summary())

@@ -1,7 +1,8 @@
 """The ``image,caption`` CSV common for Flickr8k (``captions.txt``): one line per caption.
 
 Captions may contain commas: quoted fields are read by the `csv` module, and an unquoted caption
-split at its commas is joined back (image file names never contain commas).
+split at its commas is joined back (image file names never contain commas). A quoted field never
+spans lines: a quote left open is a damaged line, refused (or skipped) on its own.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import datasets
 
-from .common import ImageRecord, build_dataset, start_report
+from .common import ImageRecord, build_dataset, file_name_problem, start_report
 from .errors import DataError, LoadReport, OnError, handle_bad_entry, not_utf8
 from .karpathy import read_json
 
@@ -34,24 +35,64 @@ def _read_rows(csv_path: Path, on_error: OnError, report: LoadReport) -> dict[st
         raise not_utf8(csv_path, exc) from exc
 
 
+def _fields(line: str) -> list[str] | None:
+    """The fields of one line, or ``None`` when a quote opened on it is not closed on it.
+
+    Each line is parsed on its own: given the whole file, the `csv` module reads an unclosed quote
+    to the next quote character (often the end of the file) as one field, so one stray ``"``
+    silently turns the rest of the file into a single caption. On its own line such a field keeps
+    the line break, which no caption has (one caption per line).
+    """
+    row = next(csv.reader([line if line.endswith(("\n", "\r")) else line + "\n"]), [])
+    return None if any("\n" in field or "\r" in field for field in row) else row
+
+
 def _group_rows(csv_path: Path, on_error: OnError, report: LoadReport) -> dict[str, list[str]]:
     by_image: dict[str, list[str]] = {}
-    with csv_path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
+    # utf-8-sig: the byte-order mark spreadsheet programs write is not part of the first column name.
+    with csv_path.open(encoding="utf-8-sig", newline="") as handle:
+        first = handle.readline()
+        header = _fields(first) if first else None
+        if not first:
             raise DataError(
-                f"{csv_path}: the first line must be the header 'image,caption', got {header!r}; "
+                f"{csv_path}: the file is empty; a captions CSV has the header 'image,caption' and one "
+                "'image,caption' line per caption"
+            )
+        if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
+            shown = repr(first.rstrip("\r\n"))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise DataError(
+                f"{csv_path}: the first line must be the header 'image,caption', got {shown}; "
                 "add the header (or convert the file to that layout)"
             )
-        for row in reader:
+        for line_no, line in enumerate(handle, start=2):
+            row = _fields(line)
+            if row is None:
+                handle_bad_entry(
+                    f"{csv_path.name}: line {line_no}",
+                    'a quote (") opens on this line and is not closed on it (a caption must fit on one line)',
+                    'close the quote, or remove it (a quote inside a quoted caption is written "")',
+                    on_error,
+                    report,
+                )
+                continue
             if not row or all(not field.strip() for field in row):
                 continue
             if len(row) < 2:
                 handle_bad_entry(
-                    f"{csv_path.name}: line {reader.line_num}",
+                    f"{csv_path.name}: line {line_no}",
                     f"has no caption ({row!r}); the file may be truncated",
                     "fix or remove the line",
+                    on_error,
+                    report,
+                )
+                continue
+            problem = file_name_problem(row[0].strip())
+            if problem is not None:
+                handle_bad_entry(
+                    f"{csv_path.name}: line {line_no}",
+                    problem,
+                    "write the image's file name",
                     on_error,
                     report,
                 )

@@ -21,6 +21,12 @@ def _target_name(value: dict, stem: str) -> str:
     path, data = value.get("path"), value.get("bytes")
     if path:
         return Path(path).name
+    if Path(stem).name != stem or stem in ("", ".", ".."):
+        # the id comes from the dataset: as a path it must not leave the export folder
+        raise DataError(
+            f"image id {stem!r} cannot be a file name (it has a folder part); give the image a plain id "
+            "before exporting"
+        )
     with Image.open(io.BytesIO(data)) as image:
         return stem + "." + (image.format or "png").lower().replace("jpeg", "jpg")
 
@@ -38,7 +44,7 @@ def _write_image(value: dict, target: Path) -> None:
 
 
 def export_imagefolder(
-    dataset: datasets.Dataset, output_dir: str | Path, image_subdir: str = "images"
+    dataset: datasets.Dataset, output_dir: str | Path, image_subdir: str = "images", overwrite: bool = False
 ) -> Path:
     """Write `dataset` (columns ``image``, ``image_id``, ``captions``, ``split``) as an image folder.
 
@@ -48,16 +54,23 @@ def export_imagefolder(
 
     Args:
         dataset: An image-level dataset from one of the loaders.
-        output_dir: Created if needed; an existing ``metadata.jsonl`` is overwritten.
+        output_dir: Created if needed.
         image_subdir: Folder of the images inside `output_dir`.
+        overwrite: Replace an existing export (its ``metadata.jsonl``); refused by default.
 
     Returns:
         The path of ``metadata.jsonl``.
 
     Raises:
-        DataError: Two images would get the same file name.
+        DataError: Two images would get the same file name, an id is not a plain file name, or the
+            folder holds an export already (without `overwrite`).
     """
     output_dir = Path(output_dir)
+    if (output_dir / METADATA).exists() and not overwrite:
+        raise DataError(
+            f"{output_dir / METADATA}: already exists (an exported dataset); export into a new folder, "
+            "or pass overwrite=True to replace it"
+        )
     image_dir = output_dir / image_subdir
     image_dir.mkdir(parents=True, exist_ok=True)
     raw = dataset.cast_column("image", datasets.Image(decode=False))

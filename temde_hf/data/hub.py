@@ -14,35 +14,86 @@ from typing import Any
 import datasets
 
 from .common import FEATURES, ImageRecord, build_dataset, check_records, start_report
-from .errors import DataError, LoadReport, OnError
+from .errors import DataError, LoadReport, OnError, handle_bad_entry
 from .image_decoding import ImageDecodeError, decode_image
 
 
-def _as_captions(value: Any, caption_key: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    return [str(item[caption_key]) if isinstance(item, dict) else str(item) for item in value or []]
+def _as_captions(value: Any, caption_key: str) -> list[Any]:
+    """The captions of one row, as read (checked later): a list of strings, or of dicts with `caption_key`."""
+    if not isinstance(value, list):
+        return [value]  # one caption per row (a null stays a null, and is refused as such)
+    return [item.get(caption_key) if isinstance(item, dict) else item for item in value]
 
 
 def _group(
     table: datasets.Dataset, captions_column: str, id_column: str | None, caption_key: str
-) -> tuple[list[int], list[str], list[list[str]]]:
+) -> tuple[list[int], list[Any], list[list[Any]]]:
     """Rows per image: ``(first row index, image id, captions)``, grouping one-caption rows by id."""
     raw_captions = table[captions_column]
-    ids = [str(i) for i in table[id_column]] if id_column else [str(i) for i in range(len(table))]
-    first: dict[str, int] = {}
-    captions: dict[str, list[str]] = {}
+    one_per_row = isinstance(table.features[captions_column], datasets.Value)
+    ids = table[id_column] if id_column else list(range(len(table)))
+    first: dict[Any, int] = {}
+    captions: dict[Any, list[Any]] = {}
     for index, (image_id, value) in enumerate(zip(ids, raw_captions)):
         if image_id not in first:
             first[image_id] = index
             captions[image_id] = []
-        elif not isinstance(value, str):
+        elif not one_per_row:
             raise DataError(
-                f"image id {image_id!r} appears in rows {first[image_id]} and {index} with caption lists; "
-                "pass the right image_id_column (ids must be unique when captions are lists)"
+                f"{captions_column!r}: image id {image_id!r} appears in rows {first[image_id]} and {index} "
+                "with caption lists; pass the right image_id_column (ids must be unique when captions are lists)"
             )
-        captions[image_id].extend(_as_captions(value, caption_key))
+        captions[image_id].extend([value] if one_per_row else _as_captions(value or [], caption_key))
     return list(first.values()), list(first), list(captions.values())
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def _unreadable(source: object, exc: BaseException) -> str:
+    return (
+        f"{source}: cannot be read as a dataset ({type(exc).__name__}: {_short(exc)}); check that the "
+        "file is complete (download or write it again) and of the format given"
+    )
+
+
+def _check_columns(
+    table: datasets.Dataset,
+    source: object,
+    image_column: str,
+    captions_column: str,
+    id_column: str | None,
+    caption_key: str,
+) -> None:
+    """Refuse columns of the wrong kind up front, naming the column and the fix."""
+    image_feature = table.features[image_column]
+    if isinstance(image_feature, datasets.Value) and image_feature.dtype not in ("string", "large_string"):
+        raise DataError(
+            f"{source}: column {image_column!r} holds {image_feature.dtype} values, not images or image "
+            "paths; pass the right image_column"
+        )
+    if id_column and not isinstance(table.features[id_column], datasets.Value):
+        raise DataError(
+            f"{source}: column {id_column!r} does not hold one id (string or integer) per row; pass the "
+            "right image_id_column"
+        )
+    inner = getattr(table.features[captions_column], "feature", None)
+    if isinstance(inner, dict) and caption_key not in inner:
+        raise DataError(
+            f"{source}: the captions in column {captions_column!r} are objects with keys {sorted(inner)}, "
+            f"none named {caption_key!r}; pass caption_key (--caption-key) naming the caption text"
+        )
+
+
+def _path_ok(value: Any, entry: str, on_error: OnError, report: LoadReport) -> bool:
+    """Whether a path-column value is a path (a null is a bad entry: raised, or skipped and counted)."""
+    if isinstance(value, str) and value.strip():
+        return True
+    handle_bad_entry(
+        entry, f"image path {value!r} is not a path", "fill in the image's path", on_error, report
+    )
+    return False
 
 
 def _embedded_image_problem(value: Any, verify: bool) -> str | None:
@@ -98,22 +149,31 @@ def load_hub_dataset(
     Returns:
         Columns ``image``, ``image_id``, ``captions``, ``split``, one row per image.
     """
-    report = start_report(str(path), on_error, report)
+    # A local parquet file is read through the "parquet" builder: name the file, not the builder.
+    source = data_files if isinstance(data_files, str | Path) else str(path)
+    report = start_report(str(source), on_error, report)
     try:
         table = datasets.load_dataset(str(path), data_files=data_files, split=hf_split, **load_kwargs)
     except (FileNotFoundError, ConnectionError) as exc:  # DatasetNotFoundError is a FileNotFoundError
         # A local path that does not exist is also tried as a Hub id: say both, not just "offline".
         raise DataError(
-            f"{path}: no such local file or folder, and no Hub dataset of that name could be loaded "
-            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); check the path or the dataset id"
+            f"{source}: no such local file or folder, and no Hub dataset of that name could be loaded "
+            f"({type(exc).__name__}: {_short(exc)}); check the path or the dataset id"
         ) from exc
+    except ValueError as exc:
+        if "Unknown split" not in str(exc):
+            raise DataError(_unreadable(source, exc)) from exc
+        raise DataError(f"{source}: {_short(exc)}; pass one of those as hf_split (--hf-split NAME)") from exc
+    except Exception as exc:  # a damaged file fails deep inside pyarrow / datasets with its own types
+        raise DataError(_unreadable(source, exc)) from exc
     wanted = [c for c in (image_column, captions_column, image_id_column, split_column) if c]
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise DataError(
-            f"{path}: no column(s) {missing}; the dataset has {table.column_names}. Pass the right "
+            f"{source}: no column(s) {missing}; the dataset has {table.column_names}. Pass the right "
             "image_column / captions_column / image_id_column / split_column"
         )
+    _check_columns(table, source, image_column, captions_column, image_id_column, caption_key)
     rows, ids, captions = _group(table, captions_column, image_id_column, caption_key)
     splits = table[split_column] if split_column else [hf_split] * len(table)
     checks = {"split": split, "n_captions": n_captions, "verify_images": verify_images, "on_error": on_error}
@@ -121,14 +181,15 @@ def load_hub_dataset(
         root = Path(image_root) if image_root is not None else Path(".")
         paths = table[image_column]
         records = (
-            ImageRecord(root / paths[r], i, c, str(splits[r]), f"{path}: row {r} (id {i})")
+            ImageRecord(root / paths[r], i, c, splits[r], f"{source}: row {r} (id {i})")
             for r, i, c in zip(rows, ids, captions)
+            if _path_ok(paths[r], f"{source}: row {r} (id {i})", on_error, report)
         )
-        return build_dataset(records, str(path), report=report, **checks)
+        return build_dataset(records, str(source), report=report, **checks)
     # Embedded images stay in the table: checked one row at a time, then selected, never copied.
     raw_images = table.cast_column(image_column, datasets.Image(decode=False))
     records = (
-        ImageRecord(None, i, c, str(splits[r]), f"{path}: row {r} (id {i})", row=r)
+        ImageRecord(None, i, c, splits[r], f"{source}: row {r} (id {i})", row=r)
         for r, i, c in zip(rows, ids, captions)
     )
     kept = check_records(

@@ -17,7 +17,7 @@ from typing import Any
 
 import datasets
 
-from .common import ImageRecord, build_dataset, start_report
+from .common import ImageRecord, build_dataset, file_name_problem, start_report
 from .errors import DataError, LoadReport, OnError, handle_bad_entry, not_utf8
 
 METADATA = "metadata.jsonl"
@@ -49,18 +49,24 @@ def _group_lines(path: Path, on_error: OnError, report: LoadReport) -> dict[str,
                     entry, "has no 'file_name'", "add the image's relative path", on_error, report
                 )
                 continue
+            problem = file_name_problem(item["file_name"])
+            if problem is not None:
+                handle_bad_entry(
+                    entry, problem, "write the image's path relative to the folder", on_error, report
+                )
+                continue
             captions = item.get("captions", [item["caption"]] if "caption" in item else None)
             if not isinstance(captions, list):
                 handle_bad_entry(
                     entry,
                     "has no 'captions' list (or 'caption' string)",
-                    "add the captions",
+                    'write the captions as "captions": ["a caption", ...]',
                     on_error,
                     report,
                 )
                 continue
             row = rows.setdefault(item["file_name"], {**item, "captions": [], "entry": entry})
-            row["captions"].extend(str(c) for c in captions)
+            row["captions"].extend(captions)  # as read: checked with the other loaders' captions
     return rows
 
 
@@ -90,15 +96,20 @@ def load_imagefolder(
     folder = Path(folder)
     report = start_report(str(folder), on_error, report)
     metadata = folder / METADATA
+    if folder.is_file():
+        raise DataError(
+            f"{folder}: a file, not a folder; an image folder dataset is a folder holding {METADATA} "
+            "(for an annotation file, use its loader or format auto)"
+        )
     if not metadata.is_file():
         raise DataError(f"{metadata}: file not found; an image folder needs a {METADATA} beside its images")
     rows = _read_metadata(metadata, on_error, report)
     records = (
         ImageRecord(
             path=folder / name,
-            image_id=str(row.get("image_id", Path(name).stem)),
+            image_id=row.get("image_id", Path(name).stem),
             captions=row["captions"],
-            split=str(row.get("split", default_split)),
+            split=row.get("split", default_split),
             entry=row["entry"] + f" ({name})",
         )
         for name, row in rows.items()

@@ -14,7 +14,7 @@ from typing import Any
 
 import datasets
 
-from .common import ImageRecord, build_dataset, start_report
+from .common import ImageRecord, build_dataset, file_name_problem, start_report
 from .errors import DataError, LoadReport, OnError, handle_bad_entry, not_utf8
 
 
@@ -23,6 +23,8 @@ def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found; pass the path of the annotation JSON")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty; download or extract it again")
     try:
         with path.open(encoding="utf-8") as handle:
             return json.load(handle)
@@ -33,6 +35,13 @@ def read_json(path: str | Path) -> Any:
         ) from exc
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc) from exc
+
+
+def _raw_captions(sentences: Any) -> list[Any] | None:
+    """The ``raw`` value of every sentence, as read (checked later), or ``None`` when malformed."""
+    if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
+        return None
+    return [sentence["raw"] for sentence in sentences]
 
 
 def _records(
@@ -54,20 +63,30 @@ def _records(
                 report,
             )
             continue
-        split = str(entry.get("split", "train"))
+        split = entry.get("split", "train")
         if fold_restval and split == "restval":
             split = "train"
+        filepath = entry.get("filepath") or ""  # COCO's split folder (val2014); absent elsewhere
+        problem = file_name_problem(entry["filename"]) or (file_name_problem(filepath) if filepath else None)
+        if problem is not None:
+            handle_bad_entry(name, problem, "fix the entry's 'filename' / 'filepath'", on_error, report)
+            continue
         name = f"{name} ({entry['filename']})"
-        try:
-            captions = [str(sentence["raw"]) for sentence in entry["sentences"]]
-        except (TypeError, KeyError):
-            handle_bad_entry(name, "has a sentence without 'raw'", "fix the JSON entry", on_error, report)
+        captions = _raw_captions(entry["sentences"])
+        if captions is None:
+            handle_bad_entry(
+                name,
+                "has no 'sentences' list of objects with a 'raw' caption",
+                'write them as "sentences": [{"raw": "a caption"}, ...]',
+                on_error,
+                report,
+            )
             continue
         # COCO keeps images in split folders (val2014/...); accept a flat folder too.
-        path = image_root / entry.get("filepath", "") / entry["filename"]
+        path = image_root / filepath / entry["filename"]
         if not path.is_file() and (image_root / entry["filename"]).is_file():
             path = image_root / entry["filename"]
-        image_id = str(entry["cocoid"]) if "cocoid" in entry else Path(entry["filename"]).stem
+        image_id = entry["cocoid"] if "cocoid" in entry else Path(entry["filename"]).stem
         yield ImageRecord(path=path, image_id=image_id, captions=captions, split=split, entry=name)
 
 

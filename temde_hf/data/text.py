@@ -7,14 +7,10 @@ characters (Unicode category ``Cf``: U+200B, U+200C, U+200D, U+2060, U+FEFF, ...
 
 from __future__ import annotations
 
-import unicodedata
+# The one definition lives in the self-contained model folder, so Hub remote code carries it too.
+from ..models.temde.processing_temde import is_visible_text
 
-
-def is_visible_text(value: object) -> bool:
-    """Whether `value` is a string with at least one character that is neither whitespace nor invisible."""
-    if not isinstance(value, str):
-        return False
-    return any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in value)
+__all__ = ["is_visible_text", "text_problem"]
 
 
 def text_problem(value: object) -> str | None:
@@ -23,6 +19,8 @@ def text_problem(value: object) -> str | None:
     Returns:
         A short reason such as ``"not a string (int 42)"`` or ``"empty or invisible text"``.
     """
+    if value is None:
+        return "missing (null / None), not a string"
     if not isinstance(value, str):
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         return f"not a string ({type(value).__name__} {shown})"

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-column", default="image", help="parquet / Hub data: image column")
     parser.add_argument("--captions-column", default="captions", help="parquet / Hub data: captions column")
     parser.add_argument("--image-id-column", default=None, help="parquet / Hub data: image id column")
+    parser.add_argument(
+        "--caption-key", default="raw", help="parquet / Hub data: key of the text when captions are objects"
+    )
     parser.add_argument("--split-column", default=None, help="parquet / Hub data: Karpathy split column")
     parser.add_argument(
         "--hf-split", default="train", help="parquet / Hub data: the `datasets` split to read"
@@ -115,6 +118,76 @@ def check_rerank_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--rerank-fusion {args.rerank_fusion}: must be a finite number >= 0")
 
 
+# flag -> (smallest value, what it is): every count the command takes, checked before any work.
+_MINIMUMS = {
+    "batch_size": (1, "images encoded at once"),
+    "n_captions": (1, "captions per image, e.g. 5 for COCO and Flickr"),
+    "fold_size": (0, "images per fold; 0 for no folds"),
+    "max_images": (2, "images evaluated; retrieval needs at least 2 candidates"),
+    "max_length": (3, "caption tokens; [CLS] and [SEP] leave no room for a word below 3"),
+    "chunk_size": (1, "queries scored at once"),
+    "latency_queries": (0, "single queries timed; 0 for none"),
+}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line ValueErrors naming the flag, its value and the fix, for every number and the device.
+
+    An out-of-range count otherwise runs quietly wrong (``--n-captions -1`` keeps 4 of 5 captions) or
+    fails deep inside with a raw ``ZeroDivisionError``.
+    """
+    for name, (minimum, meaning) in _MINIMUMS.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} {value}: must be >= {minimum} ({meaning}); pass {flag} {minimum} or more"
+            )
+    if args.fold_size == 1:
+        raise ValueError(
+            "--fold-size 1: a fold of one image ranks it first for every query (a perfect score from any "
+            "model); pass --fold-size 0 (no folds) or 2 or more"
+        )
+    check_rerank_arguments(args)
+    check_device(args.device, "--device")
+
+
+def check_max_length(args: argparse.Namespace) -> None:
+    """Refuse a ``--max-length`` beyond the checkpoint's text positions (read from its ``config.json``).
+
+    Longer captions would otherwise fail inside the text tower with a raw tensor-size error.
+    """
+    if args.max_length is None:
+        return
+    try:
+        text_config = json.loads((Path(args.checkpoint) / "config.json").read_text()).get("text_config", {})
+    except (OSError, ValueError, AttributeError):
+        return  # the loader names a missing or damaged config.json itself
+    limit = text_config.get("max_position_embeddings") if isinstance(text_config, dict) else None
+    if isinstance(limit, int) and args.max_length > limit:
+        raise ValueError(
+            f"--max-length {args.max_length}: the checkpoint's text tower reads at most {limit} tokens; "
+            f"pass --max-length {limit} or less (or leave it out: captions are cut to the tokenizer's limit)"
+        )
+
+
+def check_device(device: str | None, flag: str) -> None:
+    """A one-line ValueError for a device torch does not know or this machine does not have."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"{flag} {device}: not a device name; pass cpu, cuda or cuda:N") from exc
+    if parsed.type == "cuda" and (
+        not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"{flag} {device}: no such CUDA device on this machine ({torch.cuda.device_count()} found); "
+            "pass --device cpu, or a cuda:N that exists"
+        )
+
+
 def _loader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Format-specific loader arguments from the command line."""
     from ..data.auto import detect_format
@@ -128,6 +201,7 @@ def _loader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "captions_column": args.captions_column,
             "image_id_column": args.image_id_column,
             "split_column": args.split_column,
+            "caption_key": args.caption_key,
             "hf_split": args.hf_split,
         }
     return {}
@@ -214,6 +288,33 @@ def evaluate_checkpoint(
     return result
 
 
+def check_evaluable(dataset: Any, report: LoadReport, args: argparse.Namespace) -> None:
+    """Refuse (one line) a dataset with fewer than 2 images, saying why it has so few.
+
+    With one image every query ranks it first: RSUM 600 from any model.
+    """
+    if len(dataset) >= 2:
+        return
+    where = f"split {args.split!r} in {args.data}"
+    if len(dataset) == 1:
+        raise SystemExit(
+            f"temde-hf evaluate: only 1 image of {where}: retrieval needs at least 2 images (with one, "
+            "every query ranks it first); pass a larger split or --max-images"
+        )
+    if report.n_skipped and not report.n_loaded:
+        reasons = "; ".join(f"{entry}: {reason}" for entry, reason in report.skipped[:2])
+        raise SystemExit(
+            f"temde-hf evaluate: no images of {where}: all {report.n_skipped} entries were left out as bad "
+            f"(e.g. {reasons}); fix them, or pass --on-error raise to stop at the first one"
+        )
+    others = f" (it has other splits: {report.other_splits})" if report.other_splits else ""
+    fix = "pass --split NAME or 'all'"
+    if Path(str(args.data)).suffix in (".csv", ".txt") and not args.splits_from:
+        # a captions CSV has no split column: every image is in the default split "train"
+        fix = "a captions CSV has no splits: pass --splits-from dataset_NAME.json (Karpathy), or --split all"
+    raise SystemExit(f"temde-hf evaluate: no images of {where}{others}; {fix}")
+
+
 def _output_dir(args: argparse.Namespace) -> Path:
     """The output folder; refuses to replace a finished evaluation unless ``--overwrite``."""
     output_dir = Path(args.output_dir or Path(args.checkpoint) / f"eval-{args.split}")
@@ -229,15 +330,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the command; returns the metrics written to ``metrics.json``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_arguments(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
-    check_rerank_arguments(args)
     if args.rerank is not None and args.backend.startswith("onnx"):
         raise ValueError(
             f"--rerank {args.rerank} reads token embeddings, which the ONNX graphs do not return; "
             "drop --backend onnx (the default auto runs eager torch with --rerank)"
         )
     check_checkpoint_dir(args.checkpoint)  # both checked first: no work is done for a refused run
+    check_max_length(args)
     output_dir = _output_dir(args)
     report = LoadReport()
     dataset = load_image_captions(
@@ -252,14 +354,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report=report,
         **_loader_kwargs(args),
     )
-    if len(dataset) == 0:
-        others = f" (it has other splits: {report.other_splits})" if report.other_splits else ""
-        raise SystemExit(
-            f"temde-hf evaluate: no images of split {args.split!r} in {args.data}{others}; "
-            "pass --split NAME or 'all'"
-        )
     if args.max_images is not None:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
+    check_evaluable(dataset, report, args)
     if args.rerank is not None:  # the second stage reads token embeddings, which only eager torch returns
         model, processor = load_checkpoint(
             args.checkpoint, device, args.trust_remote_code, with_matching_head=args.rerank == "itm"

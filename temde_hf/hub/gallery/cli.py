@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ...data.text import text_problem
 from ...evaluation.cli import add_rerank_arguments, check_rerank_arguments
 from ...evaluation.encode import BACKENDS, load_encoder
 from ...loading import load_checkpoint
@@ -179,6 +180,10 @@ def _check_search_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"temde-hf search: -k must be a positive number of results, got {args.top_k}")
     if not args.text and not args.image:
         raise SystemExit("temde-hf search: give at least one --text or --image query")
+    for text in args.text:  # a blank query is embedded as [CLS] [SEP] and returns confident nonsense
+        problem = text_problem(text)
+        if problem is not None:
+            raise SystemExit(f"temde-hf search: --text {text!r}: {problem}; give the words to search for")
     if args.rerank is None:
         return
     try:

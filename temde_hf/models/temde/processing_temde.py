@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+
+
+def is_visible_text(value: object) -> bool:
+    """Whether `value` is a string with a character that is neither whitespace nor invisible (category Cf).
+
+    Defined here, in the self-contained model folder, so Hub remote code refuses blank text too;
+    ``temde_hf.data.text`` builds the loaders' and commands' check on it.
+    """
+    if not isinstance(value, str):
+        return False
+    return any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in value)
 
 
 class TemdeProcessor(ProcessorMixin):
@@ -43,6 +55,16 @@ class TemdeProcessor(ProcessorMixin):
         if images is None and text is None:
             raise ValueError("TemdeProcessor needs `images=`, `text=` or both.")
         data: dict[str, Any] = {}
+        if text is not None and not kwargs.get("is_split_into_words"):
+            # An empty, whitespace-only or zero-width text tokenises to [CLS] [SEP] and would be
+            # embedded like a caption: a query that matches nothing in particular, with confidence.
+            texts = [text] if isinstance(text, str) else list(text)
+            bad = next((i for i, t in enumerate(texts) if not is_visible_text(t)), None)
+            if bad is not None:
+                raise ValueError(
+                    f"text[{bad}] = {texts[bad]!r}: not a string with a visible character (empty, only "
+                    "whitespace or zero-width characters, or not a string); pass words"
+                )
         if text is not None:
             data.update(
                 self.tokenizer(
