@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_name=CARD_NAME,
         base_models=list(HUB_IDS),
         datasets=["flickr8k"],
-        dataset_name=f"{Path(galleries(args)[0][1]).parent.name} ({headline}: "
-        f"{results[headline]['n_images']} photos never seen in training)",
+        dataset_name=f"{Path(galleries(args)[0][1]).parent.name}, split {galleries(args)[0][2]}: "
+        f"{results[headline]['n_images']} photos none of which was trained on",
         run_settings=settings,
     )
     minutes = (time.perf_counter() - start) / 60
