@@ -39,13 +39,13 @@ def test_demo_trains_on_the_6k_set_and_is_judged_on_unseen_photos(demo: ModuleTy
     args = demo.argparse.Namespace(
         data="train.json", image_root=None, eval_data="unseen.json", eval_image_root="photos"
     )
-    # every unseen photo as one gallery (the headline), then that set's test split
+    # every unseen photo as one gallery (the headline, stage 1), then that set's test split (+ the rerank)
     assert demo.galleries(args) == [
-        ("all", "unseen.json", "all", "photos"),
-        ("test", "unseen.json", "test", "photos"),
+        ("all", "unseen.json", "all", "photos", False),
+        ("test", "unseen.json", "test", "photos", True),
     ]
     args.eval_data = "none"
-    assert demo.galleries(args) == [("test", "train.json", "test", None)]
+    assert demo.galleries(args) == [("test", "train.json", "test", None, True)]
 
 
 @pytest.mark.parametrize("flag", ["--data", "--eval-data"])
@@ -63,7 +63,7 @@ def test_demo_without_data_says_which_flag_to_point_elsewhere(
     assert "make demo ARGS=" in message and "\n" not in message
 
 
-def test_demo_table_has_a_stage1_and_a_rerank_row_per_gallery(demo: ModuleType) -> None:
+def test_demo_table_has_a_stage1_row_per_gallery_and_the_measured_rerank(demo: ModuleType) -> None:
     scores = {
         "i2t_r1": 10,
         "i2t_r5": 20,
@@ -73,14 +73,13 @@ def test_demo_table_has_a_stage1_and_a_rerank_row_per_gallery(demo: ModuleType) 
         "t2i_r10": 25,
         "rsum": 105,
     }
-    result = {"full": scores, "n_images": 800, "n_captions": 4000,
-              "rerank": {"reranker": "alignment", "k": 20, "stage1_weight": 4, "full": {**scores, "rsum": 99}}}  # fmt: skip
-    text = demo.results_table(
-        {"all": result, "test": {**result, "n_images": 100}}, "X", 7.2, "make demo", "f"
-    )
-    rows = [line for line in text.splitlines() if line.startswith("| all") or line.startswith("| test")]
-    assert len(rows) == 4 and "**105.0**" in rows[0] and "99.0" in rows[1] and "alignment rerank" in rows[1]
-    assert "all: 800 photos, 4000 captions; test: 100 photos" in text and "7 min" in text
+    gallery = {"full": scores, "n_images": 800, "n_captions": 4000}
+    test = {**gallery, "n_images": 100, "n_captions": 500,
+            "rerank": {"reranker": "alignment", "k": 20, "stage1_weight": 4, "full": {**scores, "rsum": 99}}}  # fmt: skip
+    text = demo.results_table({"all": gallery, "test": test}, "X", 7.2, "make demo", "f")
+    rows = [line for line in text.splitlines() if line.startswith(("| all", "| test"))]
+    assert len(rows) == 3 and "**105.0**" in rows[0] and "99.0" in rows[2] and "alignment rerank" in rows[2]
+    assert "all: 800 photos, 4000 captions; test: 100 photos, 500 captions" in text and "7 min" in text
 
 
 def test_search_runs_every_candidate_at_a_fold_before_the_next(search: ModuleType) -> None:
