@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -142,6 +143,13 @@ def _key(fold: int, seed: int) -> str:
     return f"fold {fold} | seed {seed}"
 
 
+def _relative(path: Path) -> str:
+    """The tower path as `make demo` passes it (relative to the working directory): the cache key of the
+    text tower's outputs includes the tokenizer's path, so this is what lets the search and the demo share
+    their cached outputs."""
+    return os.path.relpath(path)
+
+
 def cv_flags(fold: int, folds: int) -> list[str]:
     """Train on all folds of the train+val images but `fold`, evaluate on `fold`."""
     return ["--train_split", "train,val", "--cv_folds", str(folds), "--cv_fold", str(fold)]
@@ -168,7 +176,7 @@ def run_one(
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     argv = [
-        str(config), "--vision_model_path", str(towers[0]), "--text_model_path", str(towers[1]),
+        str(config), "--vision_model_path", _relative(towers[0]), "--text_model_path", _relative(towers[1]),
         *split_flags, "--seed", str(seed),
         "--output_dir", str(out), "--feature_cache_dir", str(cache_dir or work / "cache"), "--report_to", "none",
         "--disable_tqdm", "true", "--save_steps", "0", "--eval_steps", str(eval_steps), "--logging_steps", "10",
