@@ -127,7 +127,7 @@ DATASETS = {
         REPO / "benchmarks" / "configs" / "recipe_search_6k_base.yaml", ("6k",),
         REPO / "benchmarks" / "results" / "recipe_search_6k.json", "recipe_search_6k",
         "flickr8k-6k train+val (6,090 images, folds of 1,218); the Flickr8k-800 photos the demo is judged on "
-        "are never loaded", 60,
+        "are never loaded", 190,
     ),
     "flickr8k-800": Dataset(
         BASE_CONFIG, ("head", "text", "final"), RESULTS, "recipe_search",
