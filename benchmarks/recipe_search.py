@@ -223,6 +223,14 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _spread(stats: dict[str, float], spec: str, unit: str = "runs") -> str:
+    """mean ± std (n); a single run has no spread, so none is shown (not a misleading ± 0.0)."""
+    mean = format(stats["mean"], spec)
+    return (
+        f"{mean} ± {stats['std']:.1f} ({stats['n']} {unit})" if stats["n"] > 1 else f"{mean} (1 {unit[:-1]})"
+    )
+
+
 def table(rows: list[dict[str, Any]], folds: int) -> str:
     lines = [
         f"| stage | recipe | runs | R@1 i2t | R@1 t2i | RSUM ({folds}-fold CV) | paired Δ vs stage reference | s/run |",
@@ -230,10 +238,10 @@ def table(rows: list[dict[str, Any]], folds: int) -> str:
     ]
     for r in rows:
         delta = r.get("paired_delta_rsum")
-        delta_text = f"{delta['mean']:+.1f} ± {delta['std']:.1f}" if delta else "reference"
+        delta_text = _spread(delta, "+.1f", "pairs") if delta else "reference"
         lines.append(
             f"| {r['stage']} | {r['recipe']} | {r['rsum']['n']} | {r['i2t_r1']['mean']:.1f} | "
-            f"{r['t2i_r1']['mean']:.1f} | {r['rsum']['mean']:.1f} ± {r['rsum']['std']:.1f} | {delta_text} | "
+            f"{r['t2i_r1']['mean']:.1f} | {_spread(r['rsum'], '.1f')} | {delta_text} | "
             f"{r['seconds']:.0f} |"
         )
     return "\n".join(lines)

@@ -110,3 +110,12 @@ def test_search_refuses_a_fold_count_that_would_not_pair(search: ModuleType, tmp
     output.write_text(json.dumps({"stages": {}, "flags": {}, "folds": 5}))
     with pytest.raises(SystemExit):
         search.main(["--dataset", "flickr8k-6k", "--folds", "3", "--output", str(output), "--report"])
+
+
+def test_search_table_shows_no_spread_for_a_single_run(search: ModuleType) -> None:
+    one = {"mean": 246.9, "std": 0.0, "n": 1}
+    row = {"stage": "6k", "recipe": "r", "rsum": one, "i2t_r1": one, "t2i_r1": one, "seconds": 600.0,
+           "paired_delta_rsum": {"mean": -6.3, "std": 0.0, "n": 1}}  # fmt: skip
+    line = search.table([row], 5).splitlines()[-1]
+    assert "± 0.0" not in line and "246.9 (1 run)" in line and "-6.3 (1 pair)" in line
+    assert "246.9 ± 4.0 (3 runs)" in search.table([{**row, "rsum": {**one, "std": 4.0, "n": 3}}], 5)
