@@ -1,28 +1,39 @@
-"""Choose the demo's training recipe by k-fold cross-validation, never on the test split.
+"""Choose the demo's training recipe by k-fold cross-validation, never on the photos it is judged on.
 
-Every recipe is a set of `temde-hf train` flags over `benchmarks/configs/recipe_search_base.yaml` (the
-chosen one is written out as `examples/configs/flickr8k_demo.yaml`). Each runs on
-every fold of a k-fold split of the images of the train *and* val splits (Flickr8k-800: 700 images; the
-100 test images are never loaded) and for several seeds; fold `f` and seed `s` are the same data and the
-same initial head for every recipe, so recipes compare pair by pair. The frozen towers' outputs are
-computed once and shared by all runs (`--feature_cache_dir`). Results are appended to the JSON as runs
-finish, so an interrupted search resumes where it stopped.
+Every recipe is a set of `temde-hf train` flags over a base config. Each runs on folds of a k-fold split of
+the images of the train *and* val splits, for several seeds; fold `f` and seed `s` are the same data and
+the same initial head for every recipe, so recipes compare pair by pair. The frozen towers' outputs are
+computed once and shared by all runs (`--feature-cache-dir`, shared with `make demo`). Results are appended
+to the JSON as runs finish, so an interrupted search resumes where it stopped (rerun the same command).
 
-    python benchmarks/recipe_search.py --stage head            # frozen towers: head settings
-    python benchmarks/recipe_search.py --stage text            # fine-tuning (part of) the text tower
-    python benchmarks/recipe_search.py --report                # table + RESULTS.md section from the JSON
+Two data sets, each with its own base config, stages, JSON and RESULTS.md section:
+
+- ``--dataset flickr8k-6k`` (the demo's training set, 6,090 photos, folds of ~1,200 photos): stage ``6k``,
+  base `benchmarks/configs/recipe_search_6k_base.yaml` (the demo recipe before this search), JSON
+  `results/recipe_search_6k.json`. Staged: ``--grid screen`` (folds 0-2 of 5 x seeds 0, 1) for every
+  candidate, then ``--grid confirm`` (5 folds x seeds 0, 1, 2) for the close ones (``--recipes``); the runs
+  of the screen are part of the confirmation. Runs go fold by fold across the candidates, so every
+  candidate has paired runs early.
+- ``--dataset flickr8k-800`` (the earlier demo's 700 train+val photos; the 100 test images are never loaded):
+  stages ``head``, ``text``, ``final``, JSON `results/recipe_search.json` (kept as measured).
+
+    python benchmarks/recipe_search.py --dataset flickr8k-6k --stage 6k --grid screen
+    python benchmarks/recipe_search.py --dataset flickr8k-6k --stage 6k --grid confirm --recipes "..." "..."
+    python benchmarks/recipe_search.py --dataset flickr8k-800 --stage head   # frozen towers: head settings
+    python benchmarks/recipe_search.py --dataset flickr8k-6k --report        # table + RESULTS.md section
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import add_smoke_argument, smoke_paths, smoke_setup, write_section
@@ -31,7 +42,7 @@ from temde_hf.convert.towers import offline_towers
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "configs" / "flickr8k_demo.yaml"  # the chosen recipe (quality, holdout, rerank)
-BASE_CONFIG = REPO / "benchmarks" / "configs" / "recipe_search_base.yaml"  # what this search's flags modify
+BASE_CONFIG = REPO / "benchmarks" / "configs" / "recipe_search_base.yaml"  # the 800-photo search's base
 RESULTS = REPO / "benchmarks" / "results" / "recipe_search.json"
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -78,10 +89,65 @@ STAGES: dict[str, dict[str, list[str]]] = {
     },
 }  # fmt: skip
 
+# The demo's training set. The reference is the demo recipe as it stood before this search (mean pooling,
+# flip, token LayerNorm, frozen towers, lr 1e-3, batch 128, 3 epochs); candidates in order of what they
+# could change at ten times the data.
+TEMDE = ["--sketch_fusion", "concat", "--sketch_warmup_epochs", "1"]
+STAGES["6k"] = {
+    "demo recipe (mean, flip, token LN, lr 1e-3, batch 128, 3 ep)": [],
+    "T-EMDE concat N16 H4 + warm-up 1 ep": [*TEMDE, "--n_sketches", "16", "--n_hyperplanes", "4"],
+    "5 epochs": ["--num_train_epochs", "5"],
+    "lr 3e-3": ["--learning_rate", "3e-3"],
+    "batch 256": ["--per_device_train_batch_size", "256"],
+    "no flip": ["--image_flip_augmentation", "false"],
+    "no token LayerNorm": ["--token_layer_norm", "false"],
+    "T-EMDE concat N32 H6 + warm-up 1 ep": [*TEMDE, "--n_sketches", "32", "--n_hyperplanes", "6"],
+    "2 epochs": ["--num_train_epochs", "2"],
+    "lr 3e-4": ["--learning_rate", "3e-4"],
+    "batch 64": ["--per_device_train_batch_size", "64"],
+    "text tower: last 2 of 6 layers, LR x0.1": [
+        "--freeze_text_tower", "false", "--text_trainable_layers", "2", "--text_lr_multiplier", "0.1",
+    ],
+}  # fmt: skip
+
+
+class Dataset(NamedTuple):
+    """One data set's search: its base config (the data path is in it), stages, JSON and RESULTS.md section."""
+
+    base_config: Path
+    stages: tuple[str, ...]
+    results: Path
+    section: str
+    description: str
+    eval_steps: int  # how often the held-out fold is scored (the curve); rarer on the larger set
+
+
+DATASETS = {
+    "flickr8k-6k": Dataset(
+        REPO / "benchmarks" / "configs" / "recipe_search_6k_base.yaml", ("6k",),
+        REPO / "benchmarks" / "results" / "recipe_search_6k.json", "recipe_search_6k",
+        "flickr8k-6k train+val (6,090 images, folds of 1,218); the Flickr8k-800 photos the demo is judged on "
+        "are never loaded", 190,
+    ),
+    "flickr8k-800": Dataset(
+        BASE_CONFIG, ("head", "text", "final"), RESULTS, "recipe_search",
+        "flickr8k-800 train+val (700 images); the 100 test images are never loaded", 10,
+    ),
+}  # fmt: skip
+# (folds run, seeds) of each grid: the screen for every candidate, the confirmation for the close ones.
+GRIDS = {"screen": ((0, 1, 2), (0, 1)), "confirm": ((0, 1, 2, 3, 4), (0, 1, 2))}
+
 
 def _key(fold: int, seed: int) -> str:
     """A run's key inside its recipe: the same (fold, seed) pairs runs across recipes."""
     return f"fold {fold} | seed {seed}"
+
+
+def _relative(path: Path) -> str:
+    """The tower path as `make demo` passes it (relative to the working directory): the cache key of the
+    text tower's outputs includes the tokenizer's path, so this is what lets the search and the demo share
+    their cached outputs."""
+    return os.path.relpath(path)
 
 
 def cv_flags(fold: int, folds: int) -> list[str]:
@@ -99,18 +165,22 @@ def run_one(
     work: Path,
     towers: tuple[Path, Path],
     config: Path = CONFIG,
+    cache_dir: Path | None = None,
+    eval_steps: int = 10,
 ) -> dict:
     """One training run (`split_flags` says what it trains and evaluates on); its final eval metrics,
-    eval curve, the sketch parts' RSUM (concat models) and its time."""
+    eval curve, the sketch parts' RSUM (concat models) and its time. The frozen towers' outputs are cached
+    in `cache_dir` (default: WORK/cache)."""
     from temde_hf.training.train import main
 
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     argv = [
-        str(config), "--vision_model_path", str(towers[0]), "--text_model_path", str(towers[1]),
+        str(config), "--vision_model_path", _relative(towers[0]), "--text_model_path", _relative(towers[1]),
         *split_flags, "--seed", str(seed),
-        "--output_dir", str(out), "--feature_cache_dir", str(work / "cache"), "--report_to", "none",
-        "--disable_tqdm", "true", "--save_steps", "0", "--eval_steps", "10", "--logging_steps", "10", *flags,
+        "--output_dir", str(out), "--feature_cache_dir", str(cache_dir or work / "cache"), "--report_to", "none",
+        "--disable_tqdm", "true", "--save_steps", "0", "--eval_steps", str(eval_steps), "--logging_steps", "10",
+        *flags,
     ]  # fmt: skip
     start = time.perf_counter()
     metrics = main(argv)
@@ -137,7 +207,8 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     against its stage's reference recipe."""
     rows = []
     for stage, recipes in results["stages"].items():
-        reference = next(iter(recipes))
+        # the stage's first recipe, whatever order the runs were made in
+        reference = next((r for r in STAGES.get(stage, {}) if r in recipes), next(iter(recipes)))
         for recipe, runs in recipes.items():
             if not runs:
                 continue
@@ -152,6 +223,14 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _spread(stats: dict[str, float], spec: str, unit: str = "runs") -> str:
+    """mean ± std (n); a single run has no spread, so none is shown (not a misleading ± 0.0)."""
+    mean = format(stats["mean"], spec)
+    return (
+        f"{mean} ± {stats['std']:.1f} ({stats['n']} {unit})" if stats["n"] > 1 else f"{mean} (1 {unit[:-1]})"
+    )
+
+
 def table(rows: list[dict[str, Any]], folds: int) -> str:
     lines = [
         f"| stage | recipe | runs | R@1 i2t | R@1 t2i | RSUM ({folds}-fold CV) | paired Δ vs stage reference | s/run |",
@@ -159,24 +238,52 @@ def table(rows: list[dict[str, Any]], folds: int) -> str:
     ]
     for r in rows:
         delta = r.get("paired_delta_rsum")
-        delta_text = f"{delta['mean']:+.1f} ± {delta['std']:.1f}" if delta else "reference"
+        delta_text = _spread(delta, "+.1f", "pairs") if delta else "reference"
         lines.append(
             f"| {r['stage']} | {r['recipe']} | {r['rsum']['n']} | {r['i2t_r1']['mean']:.1f} | "
-            f"{r['t2i_r1']['mean']:.1f} | {r['rsum']['mean']:.1f} ± {r['rsum']['std']:.1f} | {delta_text} | "
+            f"{r['t2i_r1']['mean']:.1f} | {_spread(r['rsum'], '.1f')} | {delta_text} | "
             f"{r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
 
+def schedule(
+    recipes: dict[str, list[str]], folds: tuple[int, ...], seeds: tuple[int, ...]
+) -> list[tuple[str, int, int]]:
+    """(recipe, fold, seed) in run order: seed by seed, fold by fold, every recipe at each (fold, seed)
+    before the next, so an interrupted search leaves every candidate with the same paired runs."""
+    return [(recipe, fold, seed) for seed in seeds for fold in folds for recipe in recipes]
+
+
+def load_results(output: Path) -> dict[str, Any]:
+    """The JSON of earlier runs (or a fresh one); earlier files keyed runs "recipe | fold f | seed s"."""
+    results = json.loads(output.read_text()) if output.is_file() else {"stages": {}, "flags": {}}
+    for recipes in results["stages"].values():
+        for recipe, runs in recipes.items():
+            recipes[recipe] = {"fold" + key.split("| fold", 1)[1] if "| fold" in key else key: run
+                               for key, run in runs.items()}  # fmt: skip
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="flickr8k-6k")
     parser.add_argument("--stage", choices=sorted(STAGES), action="append", default=[])
     parser.add_argument("--recipes", nargs="*", default=None, help="only these recipes of the stage(s)")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--folds", type=int, default=5, help="the k of the k-fold split")
+    parser.add_argument(
+        "--grid", choices=sorted(GRIDS), default=None, help="folds and seeds to run (staging)"
+    )
+    parser.add_argument("--run-folds", type=int, nargs="+", default=None, help="held-out folds to run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
     parser.add_argument("--work-dir", default="outputs/recipe_search")
     parser.add_argument("--towers-dir", default="outputs", help="where the converted vision tower lives")
-    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument(
+        "--feature-cache-dir",
+        default="outputs/feature_cache",
+        help="cached frozen-tower outputs (make demo's)",
+    )
+    parser.add_argument("--output", default=None, help="the data set's JSON by default")
     parser.add_argument("--report", action="store_true", help="only print the table and write RESULTS.md")
     parser.add_argument("--list", action="store_true", help="print the recipes of the stage(s), one per line")
     add_smoke_argument(parser)
@@ -184,53 +291,69 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.list:
         print("\n".join(recipe for stage in args.stage for recipe in STAGES[stage]))
         return {}
-    output, results_md, _ = smoke_paths(args.work_dir, args.output, args.smoke, REPO)
-    results = json.loads(output.read_text()) if output.is_file() else {"stages": {}, "flags": {}}
-    for recipes in results["stages"].values():  # earlier files keyed runs "recipe | fold f | seed s"
-        for recipe, runs in recipes.items():
-            recipes[recipe] = {"fold" + key.split("| fold", 1)[1] if "| fold" in key else key: run
-                               for key, run in runs.items()}  # fmt: skip
-    results.update(folds=args.folds, config=str(BASE_CONFIG.relative_to(REPO)),
-                   data="flickr8k-800 train+val (700 images); the 100 test images are never loaded")  # fmt: skip
+    dataset = DATASETS[args.dataset]
+    for stage in args.stage:
+        if stage not in dataset.stages:
+            parser.error(
+                f"--stage {stage} is not a stage of --dataset {args.dataset} ({', '.join(dataset.stages)})"
+            )
+    grid_folds, grid_seeds = GRIDS[args.grid] if args.grid else (tuple(range(args.folds)), (0, 1))
+    run_folds = tuple(args.run_folds if args.run_folds is not None else grid_folds)
+    seeds = tuple(args.seeds if args.seeds is not None else grid_seeds)
+    if any(not 0 <= f < args.folds for f in run_folds):
+        parser.error(f"--run-folds must be in 0 .. {args.folds - 1}")
+    output, results_md, _ = smoke_paths(args.work_dir, args.output or dataset.results, args.smoke, REPO)
+    results = load_results(output)
+    if results.get("folds", args.folds) != args.folds:
+        parser.error(
+            f"{output} holds a {results['folds']}-fold search; --folds {args.folds} would not pair with it"
+        )
+    results.update(
+        folds=args.folds, config=str(dataset.base_config.relative_to(REPO)), data=dataset.description
+    )
     if not args.report:
         work = Path(args.work_dir)
         towers, smoke_flags = (
             smoke_setup(args.work_dir) if args.smoke else (offline_towers(args.towers_dir), [])
         )
+        cache_dir = Path(args.work_dir) / "smoke" / "cache" if args.smoke else Path(args.feature_cache_dir)
         for stage in args.stage:
-            for recipe, flags in STAGES[stage].items():
-                if args.recipes is not None and recipe not in args.recipes:
-                    continue
+            recipes = {r: f for r, f in STAGES[stage].items() if args.recipes is None or r in args.recipes}
+            for recipe, flags in recipes.items():
                 results["flags"][recipe] = flags
-                runs = results["stages"].setdefault(stage, {}).setdefault(recipe, {})
-                for seed in args.seeds:
-                    for fold in range(args.folds):
-                        key = _key(fold, seed)
-                        if key in runs:
-                            continue  # done in an earlier (interrupted) search
-                        runs[key] = run_one(
-                            [*flags, *smoke_flags],
-                            cv_flags(fold, args.folds),
-                            seed,
-                            work,
-                            towers,
-                            BASE_CONFIG,
-                        )
-                        output.parent.mkdir(parents=True, exist_ok=True)
-                        output.write_text(json.dumps(results, indent=1))
-                        print(f"{recipe} | {key}: RSUM {runs[key]['final']['rsum']:.1f} ({runs[key]['seconds']:.0f} s)",
-                              file=sys.stderr, flush=True)  # fmt: skip
+                results["stages"].setdefault(stage, {}).setdefault(recipe, {})
+            for recipe, fold, seed in schedule(recipes, run_folds, seeds):
+                runs, key = results["stages"][stage][recipe], _key(fold, seed)
+                if key in runs:
+                    continue  # done in an earlier (interrupted) search
+                runs[key] = run_one(
+                    [*recipes[recipe], *smoke_flags],
+                    cv_flags(fold, args.folds),
+                    seed,
+                    work,
+                    towers,
+                    dataset.base_config,
+                    cache_dir=cache_dir,
+                    eval_steps=dataset.eval_steps,
+                )
+                output.parent.mkdir(parents=True, exist_ok=True)
+                output.write_text(json.dumps(results, indent=1))
+                print(f"{recipe} | {key}: RSUM {runs[key]['final']['rsum']:.1f} ({runs[key]['seconds']:.0f} s)",
+                      file=sys.stderr, flush=True)  # fmt: skip
     rows = summarise(results)
     results["summary"] = rows
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=1))
     text = table(rows, args.folds)
     print(text)
-    command = "python benchmarks/recipe_search.py " + " ".join(f"--stage {s}" for s in results["stages"])
+    stages = " ".join(f"--stage {s}" for s in results["stages"])
+    command = f"python benchmarks/recipe_search.py --dataset {args.dataset} {stages}"
     write_section(
         results_md,
-        "recipe_search",
-        f"    {command}\n\n{results['data']}; {args.folds} folds; runs = folds x seeds (0, 1, ...), paired by "
-        "(fold, seed) with the stage's reference.\n\n" + text,
+        dataset.section,
+        f"    {command}\n\n{results['data']}; {args.folds} folds; runs = held-out folds x seeds, paired by "
+        "(fold, seed) with the stage's reference (the paired difference is over the runs both have).\n\n"
+        + text,
     )
     return results
 

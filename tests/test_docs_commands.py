@@ -118,7 +118,8 @@ STREAM_SHARDS, STREAM_TOWERS, STREAM_TRAIN, STREAM_TWO_PROCESSES = _readme_block
 SMOKE: dict[str, Smoke | Covered | Excluded] = {
     "make demo": Smoke(
         (("script", REPO / "examples" / "flickr8k_demo.py",
-          ["--data", "{data}", "--output-dir", "{tmp}/demo", "--work-dir", "{tmp}/demo-work", "--max_steps", "2",
+          ["--data", "{data}", "--eval-data", "none", "--output-dir", "{tmp}/demo", "--work-dir", "{tmp}/demo-work",
+           "--max_steps", "2",
            "--per_device_train_batch_size", "8"]),),
         slow=True,
     ),
@@ -196,9 +197,17 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
            ]),),
         slow=True,
     ),
-    "python benchmarks/recipe_search.py --stage head --stage text --stage final": Smoke(
+    "python benchmarks/recipe_search.py --dataset flickr8k-6k --stage 6k": Smoke(
         (("script", BENCH / "recipe_search.py",
-          ["--smoke", "--stage", "head", "--stage", "text", "--stage", "final", "--recipes", "no sketch (mean only)",
+          ["--smoke", "--dataset", "flickr8k-6k", "--stage", "6k", "--recipes",
+           "demo recipe (mean, flip, token LN, lr 1e-3, batch 128, 3 ep)", "T-EMDE concat N16 H4 + warm-up 1 ep",
+           "--folds", "2", "--run-folds", "0", "--seeds", "0", "--work-dir", "{tmp}/work",
+           "--output", "{tmp}/recipe_search_6k.json"]),),
+        slow=True,
+    ),
+    "python benchmarks/recipe_search.py --dataset flickr8k-800 --stage head --stage text --stage final": Smoke(
+        (("script", BENCH / "recipe_search.py",
+          ["--smoke", "--dataset", "flickr8k-800", "--stage", "head", "--stage", "text", "--stage", "final", "--recipes", "no sketch (mean only)",
            "text tower frozen (reference)", "--folds", "2", "--seeds", "0", "--work-dir", "{tmp}/work",
            "--output", "{tmp}/recipe_search.json"]),),
         slow=True,

@@ -1,0 +1,121 @@
+"""`make demo`'s script (`examples/flickr8k_demo.py`) and the search that chooses its recipe
+(`benchmarks/recipe_search.py`): what they train on, judge on and refuse, without training anything."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from temde_hf.testing import import_script
+from temde_hf.training.arguments import parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo() -> ModuleType:
+    return import_script(REPO / "examples" / "flickr8k_demo.py", "temde_flickr8k_demo")
+
+
+@pytest.fixture(scope="module")
+def search() -> ModuleType:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    return import_script(REPO / "benchmarks" / "recipe_search.py", "temde_recipe_search")
+
+
+def test_demo_trains_on_the_6k_set_and_is_judged_on_unseen_photos(demo: ModuleType) -> None:
+    _, data_args, _ = parse_args([str(demo.CONFIG), "--vision_model_path", "v", "--text_model_path", "t"])
+    assert (
+        data_args.data.endswith("flickr8k-6k/dataset_flickr8k.json") and data_args.train_split == "train,val"
+    )
+    assert (
+        demo.DEFAULT_DATA.parent.name == "flickr8k-6k"
+        and demo.DEFAULT_EVAL_DATA.parent.name == "flickr8k-800"
+    )
+    args = demo.argparse.Namespace(
+        data="train.json", image_root=None, eval_data="unseen.json", eval_image_root="photos"
+    )
+    # every unseen photo as one gallery (the headline, stage 1), then that set's test split (+ the rerank)
+    assert demo.galleries(args) == [
+        ("all", "unseen.json", "all", "photos", False),
+        ("test", "unseen.json", "test", "photos", True),
+    ]
+    args.eval_data = "none"
+    assert demo.galleries(args) == [("test", "train.json", "test", None, True)]
+
+
+@pytest.mark.parametrize("flag", ["--data", "--eval-data"])
+def test_demo_without_data_says_which_flag_to_point_elsewhere(
+    demo: ModuleType, tmp_path: Path, flag: str
+) -> None:
+    missing = tmp_path / "nowhere" / "dataset_flickr8k.json"
+    present = tmp_path / "dataset_flickr8k.json"
+    present.write_text(json.dumps({"images": []}))
+    other = "--eval-data" if flag == "--data" else "--data"
+    with pytest.raises(SystemExit) as stop:
+        demo.main([flag, str(missing), other, str(present)])
+    message = str(stop.value)
+    assert f"no dataset at {missing} ({flag})" in message and f"Point {flag} at" in message
+    assert "make demo ARGS=" in message and "\n" not in message
+
+
+def test_demo_table_has_a_stage1_row_per_gallery_and_the_measured_rerank(demo: ModuleType) -> None:
+    scores = {
+        "i2t_r1": 10,
+        "i2t_r5": 20,
+        "i2t_r10": 30,
+        "t2i_r1": 5,
+        "t2i_r5": 15,
+        "t2i_r10": 25,
+        "rsum": 105,
+    }
+    gallery = {"full": scores, "n_images": 800, "n_captions": 4000}
+    test = {**gallery, "n_images": 100, "n_captions": 500,
+            "rerank": {"reranker": "alignment", "k": 20, "stage1_weight": 4, "full": {**scores, "rsum": 99}}}  # fmt: skip
+    text = demo.results_table({"all": gallery, "test": test}, "X", 7.2, "make demo", "f")
+    rows = [line for line in text.splitlines() if line.startswith(("| all", "| test"))]
+    assert len(rows) == 3 and "**105.0**" in rows[0] and "99.0" in rows[2] and "alignment rerank" in rows[2]
+    assert "all: 800 photos, 4000 captions; test: 100 photos, 500 captions" in text and "7 min" in text
+
+
+def test_search_runs_every_candidate_at_a_fold_before_the_next(search: ModuleType) -> None:
+    order = search.schedule({"a": [], "b": []}, (0, 1), (0, 1))
+    assert order[:4] == [("a", 0, 0), ("b", 0, 0), ("a", 1, 0), ("b", 1, 0)] and len(order) == 8
+    screen, confirm = search.GRIDS["screen"], search.GRIDS["confirm"]
+    assert set(screen[0]) < set(confirm[0]) and set(screen[1]) < set(confirm[1])  # the screen's runs count
+
+
+def test_search_data_sets_keep_their_own_results(search: ModuleType) -> None:
+    six, old = search.DATASETS["flickr8k-6k"], search.DATASETS["flickr8k-800"]
+    assert six.results != old.results and six.section != old.section
+    assert old.results.name == "recipe_search.json" and old.stages == ("head", "text", "final")
+    _, data_args, _ = parse_args([str(six.base_config), "--vision_model_path", "v", "--text_model_path", "t"])
+    assert "flickr8k-6k" in data_args.data  # the demo's training set, never the photos it is judged on
+
+
+def test_every_6k_candidate_is_a_valid_trainer_command(search: ModuleType) -> None:
+    base = search.DATASETS["flickr8k-6k"].base_config
+    reference, *_ = search.STAGES["6k"]
+    assert reference.startswith("demo recipe") and search.STAGES["6k"][reference] == []  # the base itself
+    for flags in search.STAGES["6k"].values():  # a renamed or misspelt flag fails here, not an hour in
+        parse_args([str(base), "--vision_model_path", "v", "--text_model_path", "t", *flags])
+
+
+def test_search_refuses_a_fold_count_that_would_not_pair(search: ModuleType, tmp_path: Path) -> None:
+    output = tmp_path / "search.json"
+    output.write_text(json.dumps({"stages": {}, "flags": {}, "folds": 5}))
+    with pytest.raises(SystemExit):
+        search.main(["--dataset", "flickr8k-6k", "--folds", "3", "--output", str(output), "--report"])
+
+
+def test_search_table_shows_no_spread_for_a_single_run(search: ModuleType) -> None:
+    one = {"mean": 246.9, "std": 0.0, "n": 1}
+    row = {"stage": "6k", "recipe": "r", "rsum": one, "i2t_r1": one, "t2i_r1": one, "seconds": 600.0,
+           "paired_delta_rsum": {"mean": -6.3, "std": 0.0, "n": 1}}  # fmt: skip
+    line = search.table([row], 5).splitlines()[-1]
+    assert "± 0.0" not in line and "246.9 (1 run)" in line and "-6.3 (1 pair)" in line
+    assert "246.9 ± 4.0 (3 runs)" in search.table([{**row, "rsum": {**one, "std": 4.0, "n": 3}}], 5)
