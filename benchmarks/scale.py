@@ -51,6 +51,7 @@ PHOTOS = REPO.parent / "shared" / "data" / "flickr8k-6k" / "dataset_flickr8k.jso
 RECIPE = REPO / "examples" / "configs" / "flickr8k_demo.yaml"
 # real token shapes: EfficientNet-Lite0's last map (7 x 7 x 1280) and MiniLM at the demo's 40 tokens
 IMAGE_TOKENS, IMAGE_WIDTH, TEXT_TOKENS, TEXT_WIDTH, CAPTIONS_PER_IMAGE = 49, 1280, 40, 384, 5
+SHARED_6K_PHOTOS = 6_090  # the shared Flickr8k-6k set, train + val
 COCO = {"images": 118_287, "captions": 591_753}
 LARGE = {"images": 400_000_000, "captions": 400_000_000}
 GIB = 2**30
@@ -109,18 +110,26 @@ def _subset(make_inputs: Any, items: list[int], rows: list[int]) -> dict[str, to
 
 
 def build_speed(
-    n_photos: int, work_dir: Path, batch_size: int, workers: int, chunk_size: int = 128
+    n_photos: int, work_dir: Path, batch_size: int, workers: int, chunk_size: int = 512
 ) -> list[dict[str, Any]]:
-    """Images/s and captions/s of the cache pass as it was and as it is now, same photos, same run."""
+    """Images/s and captions/s of the cache pass as it was and as it is now, same photos, same run.
+
+    Three passes over the same items: as it was (eager, the whole build batch in one forward, images
+    decoded in the main process, float32; captions in row order), the eager tower as it runs now (a few
+    images per forward on a CPU, decoding in workers, float16, captions by length), and the default
+    (the same through onnxruntime). They alternate over chunks of `chunk_size` photos (each chunk a whole
+    build, with its start-up), so a change of the machine's load hits all alike.
+    """
     from temde_hf.data import load_image_captions
     from temde_hf.data.pairs import flat_captions
     from temde_hf.training.batches import ImageInputs, TextInputs
     from temde_hf.training.features import build_tower_cache, caption_lengths
+    from temde_hf.training.tower_cache import TowerOutputs
 
     model, processor = real_towers(work_dir)
     photos = load_image_captions(str(PHOTOS), split="train").select(range(n_photos))
     for item in photos.cast_column("image", __import__("datasets").Image(decode=False))["image"]:
-        Path(item["path"]).read_bytes() if item.get("path") else None  # files in the page cache for both
+        Path(item["path"]).read_bytes() if item.get("path") else None  # files in the page cache for all
     images = ImageInputs(photos, processor)
     texts = TextInputs(flat_captions(photos), processor, TEXT_TOKENS)
     lengths = caption_lengths(processor.tokenizer, texts.captions, TEXT_TOKENS)
@@ -128,11 +137,11 @@ def build_speed(
     shutil.rmtree(folder, ignore_errors=True)
     graphs = folder / "graphs"
     rows = []
-    # the graphs are exported once per tower (a few seconds, then reused by every build): timed apart
     for part, tower, inputs, n_tok in (
         ("images", model.vision_model, images, None),
         ("captions", model.text_model, texts, lengths),
     ):
+        # the graphs are exported once per tower (seconds, then reused by every build): timed apart
         start, n_export = time.perf_counter(), min(batch_size, len(inputs))
         if n_tok is not None:  # traced at the longest caption of all, as the real build is
             n_tok_export = n_tok[:n_export].copy()
@@ -142,42 +151,56 @@ def build_speed(
         export_s = time.perf_counter() - start
         # before: captions in row order (equal lengths keep it), padded to each batch's longest
         in_row_order = None if n_tok is None else np.full_like(n_tok, n_tok.max())
-        variants = (
-            ("eager, main-process decoding, float32 (before)", "torch", 0, "float32", in_row_order),
-            (f"onnxruntime, {workers} decoding workers, float16 (default)", "auto", workers, "float16", n_tok),
+        variants = (  # name, backend, decoding workers, dtype, caption lengths, images per forward
+            ("eager, whole batch per forward, main-process decoding, float32 (before)", "torch", 0, "float32",
+             in_row_order, None),
+            (f"eager, few images per forward, {workers} decoding workers, float16", "torch", workers,
+             "float16", n_tok, "auto"),
+            (f"onnxruntime, few images per forward, {workers} decoding workers, float16 (default)", "auto",
+             workers, "float16", n_tok, "auto"),
         )  # fmt: skip
-        # The variants alternate over chunks of the items, so a change of the machine's load hits both alike.
-        seconds = [0.0, 0.0]
+        seconds = [0.0] * len(variants)
         step = chunk_size * (CAPTIONS_PER_IMAGE if part == "captions" else 1)  # the same photos per chunk
         for chunk in range(0, len(inputs), step):
             items = list(range(chunk, min(chunk + step, len(inputs))))
-            for v, (_, backend, n_workers, dtype, counts) in enumerate(variants):
+            for v, (_, backend, n_workers, dtype, counts, per_call) in enumerate(variants):
                 start = time.perf_counter()
-                build_tower_cache(folder / f"{part}-{backend}-{chunk}", "x", tower, partial(_subset, inputs, items),
+                build_tower_cache(folder / f"{part}-{v}-{chunk}", "x", tower, partial(_subset, inputs, items),
                                   len(items), batch_size=batch_size, dtype=dtype,
                                   lengths=None if counts is None else counts[items], backend=backend,
-                                  num_workers=n_workers if part == "images" else 0, graph_dir=graphs)  # fmt: skip
+                                  num_workers=n_workers if part == "images" else 0, graph_dir=graphs,
+                                  images_per_call=per_call)  # fmt: skip
                 seconds[v] += time.perf_counter() - start
-        for (name, *_), spent in zip(variants, seconds):
+        first = len(rows)
+        reference = TowerOutputs(folder / f"{part}-0-0", "x").rows(torch.arange(min(step, len(inputs))))
+        for v, ((name, *_), spent) in enumerate(zip(variants, seconds)):
+            other = TowerOutputs(folder / f"{part}-{v}-0", "x").rows(torch.arange(min(step, len(inputs))))
+            # caption rows of two caches may have different lengths (zeros past each caption): the common part
+            t = min(reference[0].shape[1], other[0].shape[1])
+            diff = max((reference[0][:, :t].float() - other[0][:, :t].float()).abs().max(),
+                       (reference[1].float() - other[1].float()).abs().max())  # fmt: skip
             rows.append({"items": part, "pass": name, "n": len(inputs), "seconds": spent,
-                         "per_s": len(inputs) / spent, "graph_export_s": export_s})  # fmt: skip
-        rows[-1]["speedup"] = rows[-1]["per_s"] / rows[-2]["per_s"]
-        rows[-2]["speedup"] = 1.0
-        from temde_hf.training.tower_cache import TowerOutputs
-
-        a = TowerOutputs(folder / f"{part}-torch-0", "x").rows(torch.arange(min(step, len(inputs))))
-        b = TowerOutputs(folder / f"{part}-auto-0", "x").rows(torch.arange(min(step, len(inputs))))
-        # caption rows of the two caches have different lengths (zeros past each caption): the common part
-        t = min(a[0].shape[1], b[0].shape[1])
-        rows[-1]["max_abs_diff_vs_eager"] = float(
-            max(
-                (a[0][:, :t].float() - b[0][:, :t].float()).abs().max(),
-                (a[1].float() - b[1].float()).abs().max(),
-            )
-        )
-        rows[-2]["max_abs_diff_vs_eager"] = 0.0
+                         "per_s": len(inputs) / spent, "speedup": seconds[0] / spent,
+                         "max_abs_diff_vs_eager": float(diff), "graph_export_s": export_s})  # fmt: skip
+        assert len(rows) - first == len(variants)
     shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def fill_projection(speed: list[dict[str, Any]], n_photos: int, views: int = 2) -> list[dict[str, Any]]:
+    """Seconds to fill every cache of `n_photos` (`views` image views + 5 captions each) per pass."""
+    by_pass: dict[int, dict[str, float]] = {}
+    for row in speed:
+        index = [r["pass"] for r in speed if r["items"] == row["items"]].index(row["pass"])
+        by_pass.setdefault(index, {"name": row["pass"]})[row["items"]] = row["per_s"]
+    out = []
+    for _, rates in sorted(by_pass.items()):
+        seconds = n_photos * views / rates["images"] + n_photos * CAPTIONS_PER_IMAGE / rates["captions"]
+        out.append({"pass": rates["name"].replace(" (before)", "").replace(" (default)", ""),
+                    "photos": n_photos, "image_views": views, "seconds": seconds})  # fmt: skip
+    for row in out:
+        row["speedup"] = out[0]["seconds"] / row["seconds"]
+    return out
 
 
 # ----------------------------------------------------------------------------- part 2: synthetic caches
@@ -352,13 +375,26 @@ def markdown(payload: dict[str, Any]) -> str:
     parts.append("")
     if speed:
         parts.append(
-            "Cache pass on real photos (first Flickr8k-6k training photos, real towers; captions before in "
-            "row order, now in length order; max abs diff: the stored float16 rows against the float32 "
-            "eager rows; graph export timed apart, once per tower):\n\n"
+            "Cache pass on real photos (first Flickr8k-6k training photos, real towers, build batches of "
+            f"{payload.get('build_batch_size', 64)}; captions before in row order, now in length order; "
+            "max abs diff: the stored rows against the float32 rows of the pass as it was; graph export "
+            "timed apart, once per tower):\n\n"
             + format_table(
                 [{**r, "graph_export_s": r["graph_export_s"] if "onnx" in r["pass"] else ""} for r in speed],
                 ["items", "pass", "n", "per_s", "speedup", "max_abs_diff_vs_eager", "graph_export_s"],
                 ["items", "cache pass", "n", "items/s", "speed-up", "max abs diff", "ONNX export (s)"],
+                float_format=".3g",
+            )
+        )
+    fill = payload.get("fill_6k")
+    if fill:
+        parts.append(
+            f"\nFilling every cache of the {fill[0]['photos']:,} Flickr8k-6k photos (the image and its mirror, "
+            "5 captions each), from the rates above:\n\n"
+            + format_table(
+                fill,
+                ["pass", "seconds", "speedup"],
+                ["cache pass", "seconds", "speed-up"],
                 float_format=".3g",
             )
         )
@@ -445,8 +481,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes", default="2000,70000", help="synthetic cache sizes in images ('' : skip)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "scale")
     parser.add_argument("--batch-size", type=int, default=128, help="training pairs per step")
-    parser.add_argument("--build-batch-size", type=int, default=64, help="items per tower forward")
+    parser.add_argument("--build-batch-size", type=int, default=64, help="items per cache build batch")
     parser.add_argument("--workers", type=int, default=2, help="decoding workers of the default pass")
+    parser.add_argument("--chunk", type=int, default=512, help="photos per alternation of the passes")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
@@ -468,7 +505,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a for a in argv if "work-dir" not in a and not a.startswith("/")
     )
     if args.photos:
-        payload["build_speed"] = build_speed(args.photos, args.work_dir, args.build_batch_size, args.workers)
+        payload["build_speed"] = build_speed(
+            args.photos, args.work_dir, args.build_batch_size, args.workers, args.chunk
+        )
+        payload["build_batch_size"] = args.build_batch_size
+        payload["fill_6k"] = fill_projection(payload["build_speed"], SHARED_6K_PHOTOS)
         payload["runs"]["build_speed"] = _run_info(command)
     if sizes:
         payload["scale"] = scale_rows(sizes, args.work_dir, args.steps, args.batch_size, args.threads)

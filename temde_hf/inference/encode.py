@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..data.common import open_image
 from ..data.errors import DataError, OnError, check_on_error
 from ..data.pairs import caption_to_image, flat_captions
+from .cpu_batching import images_per_forward, in_chunks
 
 logger = logging.getLogger("temde_hf.inference")
 
@@ -160,6 +161,7 @@ def iter_image_features(
         _check_token_model(model)
     device = device or model_device(model)
     stop = len(images) if stop is None else min(stop, len(images))
+    per_forward = images_per_forward(device)  # a batch is read at once, run in chunks on a CPU
     n_batches = max(0, -(-(stop - start) // batch_size))
     batches = _raw_batches(images, batch_size, start, stop, image_column)
     with torch.inference_mode():
@@ -180,9 +182,10 @@ def iter_image_features(
                 continue
             pixel_values = _image_inputs(processor, opened).to(device)
             if token_dtype is None:
-                yield _encoded(rows, model.encode_image(pixel_values), None)
+                out = in_chunks(model.encode_image, pixel_values, per_forward)
             else:
-                yield _encoded(rows, model.get_image_features(pixel_values=pixel_values), token_dtype)
+                out = in_chunks(lambda x: model.get_image_features(pixel_values=x), pixel_values, per_forward)
+            yield _encoded(rows, out, token_dtype)
 
 
 def iter_image_embeddings(

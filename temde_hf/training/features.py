@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..export.tower_graph import run_tower
+from ..inference.cpu_batching import images_per_forward, in_chunks
 from .tower_cache import (
     PLAN,
     TORCH_DTYPES,
@@ -195,6 +196,7 @@ def build_tower_cache(
     world_size: int = 1,
     wait: Callable[[], None] = lambda: None,
     desc: str = "frozen tower",
+    images_per_call: int | str | None = "auto",
 ) -> TowerOutputs:
     """The finished cache in `folder` for `key`, building (or resuming) it first if needed.
 
@@ -221,6 +223,9 @@ def build_tower_cache(
         world_size: Number of processes.
         wait: A barrier over all processes (``accelerator.wait_for_everyone``).
         desc: Progress-bar label.
+        images_per_call: Images per tower forward (a build batch is run in chunks of this many):
+            ``"auto"``, a few on a CPU (`temde_hf.inference.cpu_batching`), the whole batch on a GPU;
+            ``None``: the whole batch.
 
     Raises:
         ImportError: ``backend="onnx"`` without onnxruntime.
@@ -266,8 +271,15 @@ def build_tower_cache(
     )
     bar = tqdm(total=len(pending), desc=f"{desc} [{'onnx' if run is not eager else 'torch'}]", unit="batch",
                disable=rank != 0)  # fmt: skip
+    if images_per_call == "auto":
+        images_per_call = images_per_forward(device)
     for batch, inputs in _iterate(loader):
-        hidden, pooled = run(inputs)
+        if "pixel_values" in inputs:
+            hidden, pooled = in_chunks(
+                lambda x: run({"pixel_values": x}), inputs["pixel_values"], images_per_call
+            )
+        else:
+            hidden, pooled = run(inputs)
         writer.write(batch, hidden, pooled, inputs.get("attention_mask"))
         bar.update()
     bar.close()
