@@ -102,9 +102,12 @@ class TrainingData:
 
 
 def _objective(
-    args: TemdeTrainingArguments, model: nn.Module, step: int, max_violation: bool | None = None,
+    args: TemdeTrainingArguments,
+    model: nn.Module,
+    step: int,
+    max_violation: bool | None = None,
     negatives: str | None = None,
-):  # fmt: skip
+) -> Any:
     """The step's objective: the contrastive loss, plus the alignment / matching / distillation terms."""
     aggregation = getattr(model.config, "alignment_aggregation", "max_mean")
     return build_objective(
