@@ -267,11 +267,11 @@ def test_training_evaluation_of_a_diverged_model_names_the_run_and_step(
     args = SimpleNamespace(
         per_device_eval_batch_size=2, output_dir="runs/diverged", metric_for_best_model="rsum"
     )
-    job = SimpleNamespace(prepared=None, accelerator=None, eval_set=None, args=args)
+    trained = loop.TrainingModel(model=None, processor=None, accelerator=None)
     state = TrainerState(global_step=12)
     with pytest.raises(
         NonFiniteScoresError,
         match=r"runs/diverged: the model at step 12 cannot be evaluated: .*NaN or infinite.*not kept as best.*--resume",
     ):
-        loop._evaluate_and_track(job, state, in_warmup=False)
+        loop._evaluate_and_track(trained, args, None, state, in_warmup=False)
     assert state.best_metric is None and state.log_history == []

@@ -171,7 +171,7 @@ def refuse(*args, **kwargs):
 if os.environ["RANK"] == "1" and sys.argv[1] == "load":
     train.load_data = refuse
 if os.environ["RANK"] == "1" and sys.argv[1] == "step":
-    loop.forward_backward = refuse
+    loop.accumulate_gradients = refuse
 sys.exit(cli.main(["train", *sys.argv[2:]]))
 """
 

@@ -28,6 +28,7 @@ from temde_hf.training.checkpointing import (
 )
 from temde_hf.training.losses import contrastive_loss
 from temde_hf.training.optim import build_scheduler
+from temde_hf.training.steps import BatchPlan
 from temde_hf.training.train import build_accelerator
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -310,9 +311,12 @@ def test_gradient_accumulation_averages_separate_contrastive_batches(monkeypatch
                                                            "--gradient_cache_micro_batches", "2")):  # fmt: skip
         args = _args("--per_device_train_batch_size", "4", "--max_grad_norm", "0", "--max_logit_scale", "1e9",
                      *flags)[2]  # fmt: skip
-        job = SimpleNamespace(args=args, accelerator=accelerator, prepared=model, model=model)
+        trained = loop.TrainingModel(model, None, accelerator, model_wrapped=model)
+        plan = BatchPlan.from_args(args)
         model.zero_grad(set_to_none=True)
-        logs = loop._optimizer_step(job, Recorder(), scheduler, batch, loop.TrainerState(), spe=10, warmup=0)
+        logs = loop._optimizer_step(
+            trained, args, Recorder(), scheduler, plan.split(batch), loop.TrainerState(), spe=10, warmup=0
+        )
         assert math.isfinite(logs["loss"])
         assert seen["grads"].keys() == expected.keys()
         for name, value in expected.items():

@@ -19,6 +19,7 @@ from temde_hf.training.optim import (
     frozen_tower_names,
     train_mode,
 )
+from temde_hf.training.steps import BatchPlan, PairBatches
 
 CAPTION_TO_IMAGE = torch.arange(10).repeat_interleave(2)  # 10 images x 2 captions = 20 pairs
 
@@ -70,6 +71,48 @@ def test_sampler_shards_one_global_order_and_resumes() -> None:
     assert list(EpochBatchSampler(CAPTION_TO_IMAGE, 4, seed=3, epoch=1, skip_batches=2)) == full[2:]
     assert list(EpochBatchSampler(CAPTION_TO_IMAGE, 4, seed=3, epoch=2)) != full
     assert sorted(i for batch in full for i in batch) == list(range(20))  # every pair once
+
+
+def test_batch_plan_draws_each_step_and_splits_it_into_contrastive_and_micro_batches() -> None:
+    """10 pairs per forward, 2 micro-batches per contrastive batch (gradient caching), 3 contrastive
+    batches per optimizer step (accumulation): 60 pairs per process per step, cut in that order."""
+    flags = ("--per_device_train_batch_size", "10", "--gradient_cache_micro_batches", "2",
+             "--gradient_accumulation_steps", "3", "--seed", "5")  # fmt: skip
+    plan = BatchPlan.from_args(_args(*flags)[2])
+    assert (plan.micro_batch_size, plan.contrastive_batch_size, plan.step_size) == (10, 20, 60)
+    c2i = torch.arange(65).repeat_interleave(2)  # 130 pairs: 2 steps of 60, the last 10 pairs dropped
+    pairs = PairBatches(plan, c2i, lambda items: {"pair_ids": torch.as_tensor(items)})
+    assert pairs.steps_per_epoch == 2
+    steps = [plan.split(batch) for batch in pairs.epoch(0)]
+    sizes = [[[len(micro["pair_ids"]) for micro in contrastive] for contrastive in step] for step in steps]
+    assert sizes == [[[10, 10], [10, 10], [10, 10]]] * 2
+    # the cuts keep the drawn order: micro-batches, then contrastive batches, then steps, one after another
+    flat = [
+        i
+        for step in steps
+        for contrastive in step
+        for micro in contrastive
+        for i in micro["pair_ids"].tolist()
+    ]
+    order = epoch_pairs(c2i, "pairs", seed=5, epoch=0)
+    assert flat == order[:120] and len(set(order[120:]) & set(flat)) == 0
+    # resume mid-epoch: the second step only, the same pairs; the next epoch draws another order
+    resumed = [plan.split(batch) for batch in pairs.epoch(0, skip_steps=1)]
+    assert [m["pair_ids"].tolist() for c in resumed[0] for m in c] == [
+        m["pair_ids"].tolist() for c in steps[1] for m in c
+    ]
+    assert next(iter(pairs.epoch(1)))["pair_ids"].tolist() != flat[:60]
+    # two processes: each holds its consecutive slice of one global step of 120 pairs (one step per epoch)
+    ranks = [BatchPlan(10, 2, 3, rank=r, world_size=2, seed=5) for r in (0, 1)]
+    global_step = [i for rank in ranks for i in next(iter(rank.sampler(c2i)))]
+    assert global_step == order[:120] and ranks[0].sampler(c2i).steps_per_epoch == 1
+
+
+def test_batch_plan_refuses_a_contrastive_batch_of_one_pair() -> None:
+    args = _args("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4")[2]
+    with pytest.raises(ValueError, match=r"--per_device_train_batch_size 1 x 1 process\(es\): .*no negative"):
+        BatchPlan.from_args(args)
+    assert BatchPlan.from_args(args, world_size=2).step_size == 4  # two processes: 2 pairs per loss
 
 
 def test_image_sampling_visits_every_image_once_with_one_caption() -> None:

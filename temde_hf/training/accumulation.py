@@ -142,6 +142,48 @@ def forward_backward(
     return _cached_forward_backward(model, micro_batches, objective, accelerator, sketch_weight, where)
 
 
+def accumulate_gradients(
+    model: nn.Module,
+    contrastive_batches: list[list[dict[str, torch.Tensor]]],
+    loss_fn: LossFn | TrainingObjective | ContrastiveObjective,
+    accelerator: Any,
+    *,
+    sketch_weight: float | None = None,
+    where: str = "step",
+) -> torch.Tensor:
+    """One optimizer step's gradients: gradient accumulation (as in transformers) over contrastive batches.
+
+    Each contrastive batch is one loss (`forward_backward`, gradient-cached over its micro-batches); the
+    step's gradient is the mean of theirs, as one loss divided by their number would give. Gradients are
+    all-reduced once, in the last batch (the others run inside `accelerator.no_sync`).
+
+    Args:
+        model: The prepared model, in train mode, on `accelerator.device`.
+        contrastive_batches: The step's contrastive batches, each a list of micro-batches
+            (`steps.BatchPlan.split`).
+        loss_fn: The objective of every contrastive batch.
+        accelerator: `accelerate.Accelerator`.
+        sketch_weight: λ for this step (``None``: the config's).
+        where: Position for the NaN/inf error message.
+
+    Returns:
+        The detached mean loss of the contrastive batches.
+    """
+    losses, last = [], len(contrastive_batches) - 1
+    for i, micro_batches in enumerate(contrastive_batches):
+        with contextlib.nullcontext() if i == last else accelerator.no_sync(model):
+            losses.append(
+                forward_backward(
+                    model, micro_batches, loss_fn, accelerator, sketch_weight=sketch_weight, where=where
+                )
+            )
+    if len(contrastive_batches) > 1:
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.div_(len(contrastive_batches))
+    return torch.stack(losses).mean()
+
+
 def _leaf(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors).detach().requires_grad_()
 

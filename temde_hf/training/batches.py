@@ -2,10 +2,10 @@
 
 The order of epoch `e` is drawn from ``seed + e`` alone, so any process, in any run, can rebuild it;
 resuming skips the batches already consumed without loading them. Each optimizer step takes
-``per_device_train_batch_size * gradient_accumulation_steps`` pairs per process, and the processes take
-consecutive slices of one global batch (process 0 holds the first rows of the batch the loss sees). The
-tail of an epoch that does not fill a global batch is dropped, so every process always has the same
-number of rows (needed to gather them).
+`steps.BatchPlan.step_size` pairs per process (the plan builds the sampler and splits each step), and the
+processes take consecutive slices of one global batch (process 0 holds the first rows of the batch the
+loss sees). The tail of an epoch that does not fill a global batch is dropped, so every process always has
+the same number of rows (needed to gather them).
 
 A batch holds either raw inputs (``pixel_values``; ``input_ids`` + ``attention_mask``) or, for a frozen
 tower whose outputs were cached (`temde_hf.training.features`), that tower's outputs

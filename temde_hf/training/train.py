@@ -48,8 +48,9 @@ from .batches import ImageInputs, PairCollator, TextInputs
 from .checkpointing import TrainerState, check_output_dir, check_resume, output_dir_lock, resolve_resume
 from .curves import plot_training_curves
 from .features import RowView, TowerOutputs, build_tower_cache, cache_key, caption_lengths, tower_fingerprint
-from .loop import TrainingJob, export_model, run_training
+from .loop import TrainingData, TrainingModel, run_training
 from .optim import freeze_towers, frozen_tower_names
+from .steps import BatchPlan, PairBatches
 from .streaming import StreamBatches, check_streaming_args
 from .validation import EvalSet
 
@@ -283,7 +284,8 @@ def build_inputs(
     args: TemdeTrainingArguments,
     accelerator: Accelerator,
 ) -> tuple[PairCollator, torch.Tensor, EvalSet | None]:
-    """The training collator, the training pairs' image rows, and the evaluation set (raw or cached)."""
+    """The training collator, the training pairs' image rows `(n_pairs,)`, and the evaluation set (raw or
+    cached)."""
     # Cache over the rows this run uses, in pool order: every fold of a cross-validation uses them all
     # (one cache for all folds), and a run limited by --max_train_images computes only what it reads.
     used = sorted(set(splits.train_rows) | set(splits.eval_rows))
@@ -332,57 +334,63 @@ def card_results(metrics: dict[str, float], dataset: str, split: str, n_images: 
     }
 
 
+def eval_results(
+    metrics: dict[str, float], eval_set: EvalSet | None, data_args: DataArguments, dataset_name: str
+) -> dict | None:
+    """The last evaluation in the card's layout (`card_results`), or ``None`` without one."""
+    if not metrics or eval_set is None:
+        return None
+    split = (
+        f"cv fold {data_args.cv_fold}/{data_args.cv_folds}" if data_args.cv_folds else data_args.eval_split
+    )
+    n_images, n_captions = len(eval_set.images), len(eval_set.caption_to_image)
+    return card_results(metrics, dataset_name, split, n_images, n_captions)
+
+
 def write_final(
-    job: TrainingJob, metrics: dict[str, float], dataset_name: str, model_args: ModelArguments
+    trained: TrainingModel, output_dir: str | Path, results: dict | None, model_args: ModelArguments
 ) -> Path:
     """Save model + processor (remote code included), the eval JSON and the model card (collective)."""
     from ..hub.model_card import write_model_card
 
-    final = Path(job.args.output_dir) / "final"
-    export_model(job, final)
-    if not job.accelerator.is_main_process:
+    final = Path(output_dir) / "final"
+    trained.export(final)
+    if not trained.accelerator.is_main_process:
         return final
-    results = None
-    if metrics and job.eval_set is not None:
-        split = (
-            f"cv fold {job.data_args.cv_fold}/{job.data_args.cv_folds}"
-            if job.data_args.cv_folds
-            else job.data_args.eval_split
-        )
-        n_images = len(job.eval_set.images)
-        results = card_results(metrics, dataset_name, split, n_images, len(job.eval_set.caption_to_image))
+    if results is not None:
         (final / "eval_results.json").write_text(json.dumps(results, indent=2))
     base_models = [m.strip() for m in (model_args.card_base_models or "").split(",") if m.strip()]
     write_model_card(
         final,
         results,
         final / "README.md",
-        run_settings=(Path(job.args.output_dir) / "run_settings.yaml").read_text(),
+        run_settings=(Path(output_dir) / "run_settings.yaml").read_text(),
         base_models=base_models or None,
-        model_name=Path(job.args.output_dir).name,
+        model_name=Path(output_dir).name,
     )
     return final
 
 
 def _finish(
-    job: TrainingJob,
+    trained: TrainingModel,
+    args: TemdeTrainingArguments,
     state: TrainerState,
     last_eval: dict[str, float],
-    dataset_name: str,
+    results: dict | None,
     model_args: ModelArguments,
 ) -> dict[str, float]:
-    """Curves, final model + card, and the metrics `main` returns."""
+    """Curves, final model + card (with `results`, the last evaluation), and the metrics `main` returns."""
     losses = [e["loss"] for e in state.log_history if "loss" in e]
     metrics = {"global_step": float(state.global_step), **last_eval}
     if losses:
         metrics["train_loss"] = losses[-1]
-    output_dir = Path(job.args.output_dir)
+    output_dir = Path(args.output_dir)
     if state.global_step >= state.total_steps:  # not after a simulated pre-emption
-        final = write_final(job, last_eval, dataset_name, model_args)
+        final = write_final(trained, output_dir, results, model_args)
         logger.info("final model, processor and card in %s", final)
-        if job.args.push_to_hub and job.accelerator.is_main_process:
-            push_final_model(job, final, model_args)
-    if job.accelerator.is_main_process:
+        if args.push_to_hub and trained.accelerator.is_main_process:
+            push_final_model(args, final, model_args)
+    if trained.accelerator.is_main_process:
         plot_training_curves(state.log_history, output_dir / "training_curves.png", title=output_dir.name)
         (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -439,11 +447,10 @@ def _tracker_config(
     return flat
 
 
-def push_final_model(job: TrainingJob, final: Path, model_args: ModelArguments) -> None:
+def push_final_model(args: TemdeTrainingArguments, final: Path, model_args: ModelArguments) -> None:
     """``--push_to_hub``: upload `final` (re-exported with its card for the repo) through `hub.publish`."""
     from ..hub.publish import push_to_hub
 
-    args = job.args
     repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
     eval_json = final / "eval_results.json"
     base_models = [m.strip() for m in (model_args.card_base_models or "").split(",") if m.strip()]
@@ -512,15 +519,11 @@ def _run(
     accelerator: Accelerator,
 ) -> dict[str, float]:
     """`main` once the output folder is this run's."""
-    pairs = args.per_device_train_batch_size * args.gradient_cache_micro_batches * accelerator.num_processes
-    if pairs < 2:
-        raise ValueError(
-            f"--per_device_train_batch_size {args.per_device_train_batch_size} x {accelerator.num_processes} "
-            "process(es): each contrastive batch holds one pair and no negative; use at least 2 pairs"
-        )
+    plan = BatchPlan.from_args(args, accelerator.process_index, accelerator.num_processes)
+    order = data_order_settings(data_args, args, accelerator.num_processes)
     resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     # before the run settings are rewritten: a resume must not change how the data is ordered
-    check_resume(resume, data_order_settings(data_args, args, accelerator.num_processes))
+    check_resume(resume, order)
     if accelerator.is_main_process:
         check_output_dir(
             args.output_dir,
@@ -537,29 +540,27 @@ def _run(
     model.to(accelerator.device)
     processor = build_processor(model_args)
     if data_args.streaming:  # batches straight from the stream; towers run live (nothing to cache against)
-        batch_size = (  # one optimizer step's pairs, as the map-style sampler draws them
-            args.per_device_train_batch_size
-            * args.gradient_cache_micro_batches
-            * args.gradient_accumulation_steps
-        )
-        stream = StreamBatches(data_args, processor, accelerator, batch_size, args.seed,
+        stream = StreamBatches(data_args, processor, accelerator, plan.step_size, args.seed,
                                args.image_flip_augmentation, args.output_dir)  # fmt: skip
-        job = TrainingJob(model, processor, accelerator, args, data_args, None, None, None, stream=stream)
+        data = TrainingData(plan, stream, order)  # a stream has no fixed pairs to count
         if args.cache_tower_outputs and frozen_tower_names(model):
             logger.info("--streaming: frozen towers run every step (a stream has no fixed items to cache)")
         name = stream.name
     else:
         splits = load_data(data_args, args.output_dir, args.seed, accelerator)
         collator, train_c2i, eval_set = build_inputs(model, processor, splits, data_args, args, accelerator)
-        job = TrainingJob(model, processor, accelerator, args, data_args, collator, train_c2i, eval_set)
+        pairs = PairBatches(plan, train_c2i, collator, data_args.dataloader_num_workers)
+        data = TrainingData(plan, pairs, {**order, "n_train_pairs": len(train_c2i)}, eval_set)
         name = splits.name
+    trained = TrainingModel(model, processor, accelerator)
     if report_to_list(args.report_to):
         accelerator.init_trackers(
             Path(args.output_dir).resolve().name, config=_tracker_config(model_args, data_args, args)
         )
     try:
-        state, last_eval = run_training(job)
-        metrics = _finish(job, state, last_eval, name, model_args)
+        state, last_eval = run_training(trained, args, data)
+        results = eval_results(last_eval, data.eval_set, data_args, name)
+        metrics = _finish(trained, args, state, last_eval, results, model_args)
         accelerator.wait_for_everyone()
     except BaseException:
         if accelerator.num_processes == 1:  # several: the group ends at exit (see `main`)
