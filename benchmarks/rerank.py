@@ -103,10 +103,14 @@ def _keys(metrics: dict[str, float]) -> dict[str, float]:
 
 def train_and_score(
     flags: list[str], split_flags: list[str], seed: int, work: Path, towers: tuple[Path, Path],
-    rerankers: list[str], latency_queries: int, config: Path = BASE_CONFIG,
+    rerankers: list[str], latency_queries: int, config: Path = BASE_CONFIG, cache_dir: Path | None = None,
+    sub_gallery: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train one run of `config` + `flags`, then score its saved checkpoint from pixels: stage 1, and each
-    reranker at each K and fusion weight."""
+    reranker at each K and fusion weight.
+
+    `cache_dir`: the frozen towers' output cache (default: one under `work`); `sub_gallery`: also stage 1 on
+    each disjoint block of this many evaluation images (with their captions), in the evaluation order."""
     import torch
 
     from temde_hf.evaluation.metrics import retrieval_metrics
@@ -123,7 +127,7 @@ def train_and_score(
     shutil.rmtree(out, ignore_errors=True)
     argv = [
         str(config), "--vision_model_path", str(towers[0]), "--text_model_path", str(towers[1]),
-        *split_flags, "--seed", str(seed), "--output_dir", str(out), "--feature_cache_dir", str(work / "cache"),
+        *split_flags, "--seed", str(seed), "--output_dir", str(out), "--feature_cache_dir", str(cache_dir or work / "cache"),
         "--report_to", "none", "--disable_tqdm", "true", "--save_steps", "0", *flags,
     ]  # fmt: skip
     start = time.perf_counter()
@@ -139,8 +143,14 @@ def train_and_score(
         record: dict[str, Any] = {
             "stage1": _keys(retrieval_metrics(caption_to_image=c2i, image_embeds=image_embeds, text_embeds=text_embeds)),
             "trainer_eval_rsum": trained.get("eval_rsum"), "train_seconds": seconds, "rerank": {},
+            "eval_images": len(image_embeds), "eval_captions": len(text_embeds),
             "token_bytes_per_image": images.bytes_per_item(), "token_bytes_per_caption": texts.bytes_per_item(),
         }  # fmt: skip
+        if sub_gallery:
+            record["stage1_sub_galleries"] = [
+                _keys(_sub_gallery_metrics(image_embeds, text_embeds, c2i, first, first + sub_gallery))
+                for first in range(0, len(image_embeds) - sub_gallery + 1, sub_gallery)
+            ]
         for name in rerankers:
             reranker = build_reranker(name, model)
             for k in KS:
@@ -154,6 +164,20 @@ def train_and_score(
                 }
     shutil.rmtree(out, ignore_errors=True)
     return record
+
+
+def _sub_gallery_metrics(
+    image_embeds: Any, text_embeds: Any, c2i: Any, first: int, stop: int
+) -> dict[str, float]:
+    """Stage-1 metrics of images ``first:stop`` and their captions as a gallery of their own."""
+    from temde_hf.evaluation.metrics import retrieval_metrics
+
+    keep = (c2i >= first) & (c2i < stop)
+    return retrieval_metrics(
+        caption_to_image=c2i[keep] - first,
+        image_embeds=image_embeds[first:stop],
+        text_embeds=text_embeds[keep],
+    )
 
 
 def _reranked(record: dict[str, Any], key: str, weight: str) -> dict[str, float]:
