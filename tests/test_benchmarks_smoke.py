@@ -187,21 +187,30 @@ def test_quality_table_and_plot_show_every_head(tmp_path: Path) -> None:
     assert (tmp_path / "quality.png").stat().st_size > 1000
 
 
-def test_holdout_estimate_table_has_every_seed_and_the_mean_of_both_stages() -> None:
+def test_holdout_estimate_table_has_every_seed_and_the_mean_of_each_gallery_and_stage() -> None:
     estimate = _load("holdout_estimate")
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
     key, weight = estimate.RERANKED
 
-    def run(stage1: float, reranked: float) -> dict:
+    def run(stage1: float, reranked: float, blocks: tuple[float, ...]) -> dict:
         metrics = lambda rsum: {**dict.fromkeys(keys, 40.0), "rsum": rsum}  # noqa: E731
         other = {"0": metrics(1.0)}  # stage 2 alone: not the defaults, never shown
-        return {"stage1": metrics(stage1), "rerank": {key: {"metrics": {weight: metrics(reranked), **other}}}}
+        return {"stage1": metrics(stage1), "rerank": {key: {"metrics": {weight: metrics(reranked), **other}}},
+                "stage1_sub_galleries": [metrics(b) for b in blocks]}  # fmt: skip
 
-    lines = estimate.table({"0": run(280.0, 281.0), "1": run(290.0, 289.0)}).splitlines()
-    assert lines[2].startswith("| 0 | stage 1 |") and lines[2].endswith("| 280.0 |")
+    runs = {"0": run(280.0, 281.0, (300.0, 310.0)), "1": run(290.0, 289.0, (320.0, 330.0))}
+    lines = estimate.table(runs, "1,000").splitlines()
+    assert lines[2].startswith("| 0 | 1,000 photos, stage 1 |") and lines[2].endswith("| 280.0 |")
     assert lines[3].endswith("| 290.0 |") and lines[4].endswith("| 285.0 ± 7.1 |")
     assert "alignment rerank" in lines[5] and lines[5].endswith("| 281.0 |")
-    assert lines[7].startswith("| mean ± std | + alignment rerank") and lines[7].endswith("| 285.0 ± 5.7 |")
+    assert lines[7].startswith("| mean ± std | 1,000 photos, + alignment rerank") and lines[7].endswith(
+        "| 285.0 ± 5.7 |"
+    )
+    # the 200-photo blocks: each seed's mean over its blocks, then mean ± std over seeds
+    assert lines[8].startswith("| 0 | 200 photos (mean of the 2 blocks), stage 1 |") and lines[8].endswith(
+        "| 305.0 |"
+    )
+    assert lines[10].endswith("| 315.0 ± 14.1 |")
 
 
 def _record(stage1: float, reranked: dict[str, float]) -> dict:
