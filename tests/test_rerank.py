@@ -99,6 +99,34 @@ def test_two_stage_with_one_candidate_is_stage_one() -> None:
     assert torch.equal(i2t, expected_i2t) and torch.equal(t2i, expected_t2i)
 
 
+def test_token_sets_are_the_dataset_pass_of_encode_dataset_in_eval_mode(synthetic: Path) -> None:
+    # one dataset pass (`encode_dataset_batches`) for embeddings and tokens: same embeddings, dropout
+    # off while encoding (the model comes in training mode), and the mode given back
+    from temde_hf.inference.encode import encode_dataset
+    from temde_hf.testing import tiny_model, tiny_processor
+
+    torch.manual_seed(0)
+    model, processor, dataset = tiny_model(dropout=0.5), tiny_processor(), load_karpathy(synthetic)
+    expected_images, expected_texts = encode_token_sets(model, processor, dataset, batch_size=5)
+    image_embeds, text_embeds, _ = encode_dataset(model, processor, dataset, batch_size=5)
+    model.train()
+    images, texts = encode_token_sets(model, processor, dataset, batch_size=5)
+    assert model.training
+    assert torch.equal(images.tokens, expected_images.tokens) and torch.equal(texts.mask, expected_texts.mask)
+    assert torch.equal(texts.tokens, expected_texts.tokens)
+    pixel_values = processor.image_processor(images=[dataset[7]["image"]], return_tensors="pt")[
+        "pixel_values"
+    ]
+    with torch.inference_mode():
+        out = model.eval().get_image_features(pixel_values=pixel_values)
+    torch.testing.assert_close(image_embeds[7], out.pooler_output[0], rtol=1e-4, atol=1e-5)
+    length = int(images.mask[7].sum())
+    torch.testing.assert_close(
+        images.tokens[7, :length].float(), out.token_embeds[0, :length], rtol=2e-3, atol=2e-3
+    )
+    assert text_embeds.shape[0] == len(texts)
+
+
 @pytest.mark.parametrize("name", sorted(RERANKERS))
 def test_evaluate_with_k_equal_to_the_gallery_is_full_rescoring(
     name: str, checkpoint: Path, synthetic: Path, tmp_path: Path
