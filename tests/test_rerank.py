@@ -176,6 +176,40 @@ def test_itm_rerank_refuses_a_checkpoint_without_a_head(synthetic: Path, tmp_pat
     assert not (tmp_path / "e" / "metrics.json").exists()
 
 
+def test_a_reranker_is_a_scorer_of_the_model_folder() -> None:
+    # the scoring is defined once, in the model folder (it ships as remote code); a reranker wraps it
+    from temde_hf import TemdeForImageTextRetrieval
+    from temde_hf.inference.rerank import Reranker
+    from temde_hf.models.temde.alignment_temde import paired_alignment_scores
+
+    torch.manual_seed(0)
+    model = TemdeForImageTextRetrieval(tiny_config(alignment_aggregation="symmetric")).eval()
+    images = _token_set([4, 6, 5], width=6, seed=0)
+    texts = _token_set([3, 7, 2], width=7, seed=1)
+    ids = torch.arange(3)
+    image_tokens, image_mask = images.take(ids)
+    text_tokens, text_mask = texts.take(ids)
+    with torch.inference_mode():
+        expected = {
+            "alignment": paired_alignment_scores(
+                image_tokens, image_mask, text_tokens, text_mask, "symmetric"
+            ),
+            "itm": model.get_matching_logits(image_tokens, image_mask, text_tokens, text_mask),
+        }
+    for name, scores in expected.items():
+        torch.testing.assert_close(build_reranker(name, model).score_pairs(images, ids, texts, ids), scores)
+
+    class SetsAScorer(Reranker):  # no score method of its own
+        scorer = staticmethod(paired_alignment_scores)
+
+    torch.testing.assert_close(
+        SetsAScorer(model).score_pairs(images, ids, texts, ids),
+        paired_alignment_scores(image_tokens, image_mask, text_tokens, text_mask),
+    )
+    with pytest.raises(NotImplementedError, match="sets no scorer"):
+        Reranker(model).score(image_tokens, image_mask, text_tokens, text_mask)
+
+
 @pytest.fixture
 def mean_token_reranker():
     from temde_hf.inference.rerank import Reranker
