@@ -221,8 +221,14 @@ def evaluate_checkpoint(
         model, processor, dataset, args.batch_size, device, args.max_length
     )
     try:
+        ranks = retrieval_ranks(
+            caption_to_image=caption_to_image,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            chunk_size=args.chunk_size,
+        )
         result = evaluate_embeddings(
-            image_embeds, text_embeds, caption_to_image, args.fold_size or None, args.chunk_size
+            image_embeds, text_embeds, caption_to_image, args.fold_size or None, args.chunk_size, ranks=ranks
         )
     except NonFiniteScoresError as error:  # a broken model must not be scored: say which one and why
         raise NonFiniteScoresError(
@@ -235,14 +241,8 @@ def evaluate_checkpoint(
             batch_size=args.batch_size, device=device, max_length=args.max_length, fold_size=args.fold_size or None,
             chunk_size=args.chunk_size, latency_queries=args.latency_queries, stage1_weight=args.rerank_fusion,
         )  # fmt: skip
-    i2t, t2i = retrieval_ranks(
-        caption_to_image=caption_to_image,
-        image_embeds=image_embeds,
-        text_embeds=text_embeds,
-        chunk_size=args.chunk_size,
-    )
     plot_recall_at_k(
-        i2t, t2i, output_dir / "recall_at_k.png", title=f"{Path(args.checkpoint).name} · {args.split}"
+        *ranks, output_dir / "recall_at_k.png", title=f"{Path(args.checkpoint).name} · {args.split}"
     )
     result.update(
         checkpoint=str(args.checkpoint),
