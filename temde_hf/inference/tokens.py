@@ -66,6 +66,30 @@ def token_set_of(batches: Iterable[EncodedBatch]) -> tuple[torch.Tensor, TokenSe
     return embeds, TokenSet(torch.cat(tokens), torch.cat(masks))
 
 
+def gather_encoded(
+    batches: Iterable[EncodedBatch], with_tokens: bool
+) -> tuple[list[int], torch.Tensor, TokenSet | None]:
+    """Encoded batches as one item set: what a gallery (in memory or one shard) keeps of them.
+
+    Args:
+        batches: From `iter_image_features` (with `token_dtype` when `with_tokens`).
+        with_tokens: Also collect the tokens (`token_set_of`).
+
+    Returns:
+        The rows encoded, `(n, E)` embeddings and their `TokenSet` (None without tokens); no batches
+        give no rows, a `(0, 0)` tensor and, with tokens, an empty `TokenSet`.
+    """
+    batches = list(batches)
+    rows = [row for batch in batches for row in batch.rows]
+    if not batches:
+        empty = TokenSet(torch.empty(0, 0, 0), torch.empty(0, 0, dtype=torch.bool)) if with_tokens else None
+        return rows, torch.empty(0, 0), empty
+    if with_tokens:
+        embeds, tokens = token_set_of(batches)
+        return rows, embeds, tokens
+    return rows, torch.cat([batch.embeds for batch in batches]), None
+
+
 def encode_token_sets(
     model: Any,
     processor: Any,
