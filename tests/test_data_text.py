@@ -1,6 +1,8 @@
 import pytest
 
+from temde_hf.data import text
 from temde_hf.data.text import is_visible_text, text_problem
+from temde_hf.models.temde import processing_temde
 from temde_hf.testing import tiny_processor
 
 
@@ -27,3 +29,9 @@ def test_the_processor_refuses_text_with_nothing_to_embed(text):
     with pytest.raises(ValueError, match=r"text\[\d\] = .*not a string with a visible character.*pass words"):
         tiny_processor()(text=text)
     assert tiny_processor()(text=["a dog", " \u200bcat "])["input_ids"].shape[0] == 2
+
+
+def test_the_text_rule_has_one_definition_in_the_model_folder():
+    # Hub remote code (the processor, the Endpoints handler) carries the model folder only
+    assert text.text_problem is processing_temde.text_problem
+    assert text.is_visible_text is processing_temde.is_visible_text

@@ -101,6 +101,27 @@ def test_evaluate_command_on_tiny_checkpoint(synthetic: Path, tmp_path: Path) ->
         )
 
 
+def test_evaluate_ranks_the_whole_set_once(synthetic: Path, tmp_path: Path, monkeypatch) -> None:
+    # the metrics and the recall plot read the same ranks (COCO 5K: ~7 s of scoring each time)
+    from temde_hf.evaluation import cli, folds
+    from temde_hf.evaluation.metrics import retrieval_ranks
+    from temde_hf.testing import save_tiny_checkpoint
+
+    calls: list[int] = []
+
+    def counted(**kwargs):
+        calls.append(kwargs["image_embeds"].shape[0])
+        return retrieval_ranks(**kwargs)
+
+    monkeypatch.setattr(cli, "retrieval_ranks", counted)
+    monkeypatch.setattr(folds, "retrieval_ranks", counted)
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    argv = [str(checkpoint), "--data", str(synthetic), "--split", "all", "--fold-size", "10"]
+    result = cli.main([*argv, "--output-dir", str(tmp_path / "eval")])
+    assert calls == [30, 10, 10, 10]  # the whole set once, then each fold
+    assert len(result["folds"]) == 3 and (tmp_path / "eval" / "recall_at_k.png").is_file()
+
+
 def test_recall_curve() -> None:
     ranks = torch.tensor([0, 0, 1, 4, 60])
     curve = recall_curve(ranks, 10)

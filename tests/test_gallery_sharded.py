@@ -131,3 +131,15 @@ def test_file_list_source_skips_and_lists_missing_images(setup, tmp_path: Path) 
     assert [s["row"] for s in gallery.skipped] == [1] and "not found" in gallery.skipped[0]["reason"]
     with pytest.raises(ValueError, match=r"image list .* does not exist"):
         index_main(["--model", str(checkpoint), "--image-list", str(tmp_path / "nope.txt"), "--out", "x"])
+
+
+def test_a_shard_of_only_unreadable_images_is_left_empty(setup, tmp_path: Path) -> None:
+    # `gather_encoded` of no batches: an empty shard (and an empty token set), the build goes on
+    checkpoint, images = setup
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{images / 'red.png'}\n{images / 'blue.png'}\nmissing-1.png\nmissing-2.png\n")
+    gallery = index_main(["--model", str(checkpoint), "--image-list", str(listing), "--out", str(tmp_path / "idx"),
+                          "--shard-size", "2", "--store-tokens", "--backend", "torch"])  # fmt: skip
+    assert gallery.ids == [str(images / "red.png"), str(images / "blue.png")]
+    assert [s["row"] for s in gallery.skipped] == [2, 3]  # shard 1 (rows 2, 3): no image read
+    assert len(GalleryIndex.load(tmp_path / "idx").tokens) == 2

@@ -411,6 +411,11 @@ BAD_REQUESTS = {
         422,
         r"'inputs'\[1\]: not a string \(int 3\)",
     ),
+    "a null in a list": (  # the loaders' words for it: the one text rule (processing_temde.text_problem)
+        lambda im: {"inputs": ["a dog", None]},
+        422,
+        r"'inputs'\[1\]: missing \(null / None\), not a string",
+    ),
     "not an object": (
         lambda im: ["a dog", "a cat"],
         400,

@@ -19,11 +19,17 @@ LAYERS: list[set[str]] = [
     {"models"},  # the model folder (ships as Hub remote code; the package root only re-exports it)
     {"data", "loading", "convert"},
     {"inference"},  # load an encoder (torch / onnxruntime), embed, token sets, rerank scorers
+    {"cli_args"},  # command-line flags more than one command takes (over inference's defaults)
     {"export", "evaluation"},
     {"gallery", "hub"},
     {"training"},
     {"cli", "testing"},
 ]
+
+
+# The applications over inference: side by side, none imports another (a flag two commands share lives
+# in `cli_args`, a layer below them all).
+APPLICATIONS = ("export", "evaluation", "gallery", "hub")
 
 
 def _room(module: str) -> str:
@@ -157,3 +163,14 @@ def test_the_model_folder_imports_only_itself() -> None:
         if not target.startswith("temde_hf.models.temde")
     ]
     assert not outside, outside
+
+
+def test_the_applications_import_none_of_each_other() -> None:
+    across = [
+        f"{module} -> {target}"
+        for module, targets in import_graph().items()
+        if _room(module) in APPLICATIONS
+        for target in targets
+        if _room(target) in APPLICATIONS and _room(target) != _room(module)
+    ]
+    assert not across, "an application imports another:\n" + "\n".join(sorted(across))

@@ -17,7 +17,6 @@ from temde_hf.evaluation.metrics import (
     metrics_from_ranks,
     retrieval_metrics,
     retrieval_ranks,
-    topk_chunked,
 )
 
 
@@ -133,14 +132,6 @@ def test_folds_mean_equals_per_fold_reference() -> None:
     assert result["full"]["rsum"] == pytest.approx(full_ref["rsum"], abs=1e-4)
     # fewer images than two folds: no fold entries
     assert "folds" not in evaluate_embeddings(images[:20], texts[:100], owner[:100], fold_size=20)
-
-
-def test_topk_chunked_matches_full_topk() -> None:
-    q, g = torch.randn(50, 8), torch.randn(300, 8)
-    scores, indices = topk_chunked(q, g, k=7, chunk_size=13)
-    full = (q @ g.T).topk(7, dim=1)
-    assert torch.equal(indices, full.indices)
-    assert torch.allclose(scores, full.values)
 
 
 class RecordingMatrix:

@@ -99,6 +99,34 @@ def test_two_stage_with_one_candidate_is_stage_one() -> None:
     assert torch.equal(i2t, expected_i2t) and torch.equal(t2i, expected_t2i)
 
 
+def test_token_sets_are_the_dataset_pass_of_encode_dataset_in_eval_mode(synthetic: Path) -> None:
+    # one dataset pass (`encode_dataset_batches`) for embeddings and tokens: same embeddings, dropout
+    # off while encoding (the model comes in training mode), and the mode given back
+    from temde_hf.inference.encode import encode_dataset
+    from temde_hf.testing import tiny_model, tiny_processor
+
+    torch.manual_seed(0)
+    model, processor, dataset = tiny_model(dropout=0.5), tiny_processor(), load_karpathy(synthetic)
+    expected_images, expected_texts = encode_token_sets(model, processor, dataset, batch_size=5)
+    image_embeds, text_embeds, _ = encode_dataset(model, processor, dataset, batch_size=5)
+    model.train()
+    images, texts = encode_token_sets(model, processor, dataset, batch_size=5)
+    assert model.training
+    assert torch.equal(images.tokens, expected_images.tokens) and torch.equal(texts.mask, expected_texts.mask)
+    assert torch.equal(texts.tokens, expected_texts.tokens)
+    pixel_values = processor.image_processor(images=[dataset[7]["image"]], return_tensors="pt")[
+        "pixel_values"
+    ]
+    with torch.inference_mode():
+        out = model.eval().get_image_features(pixel_values=pixel_values)
+    torch.testing.assert_close(image_embeds[7], out.pooler_output[0], rtol=1e-4, atol=1e-5)
+    length = int(images.mask[7].sum())
+    torch.testing.assert_close(
+        images.tokens[7, :length].float(), out.token_embeds[0, :length], rtol=2e-3, atol=2e-3
+    )
+    assert text_embeds.shape[0] == len(texts)
+
+
 @pytest.mark.parametrize("name", sorted(RERANKERS))
 def test_evaluate_with_k_equal_to_the_gallery_is_full_rescoring(
     name: str, checkpoint: Path, synthetic: Path, tmp_path: Path
@@ -146,6 +174,40 @@ def test_itm_rerank_refuses_a_checkpoint_without_a_head(synthetic: Path, tmp_pat
             [str(plain), "--data", str(synthetic), "--rerank", "itm", "--output-dir", str(tmp_path / "e")]
         )
     assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_a_reranker_is_a_scorer_of_the_model_folder() -> None:
+    # the scoring is defined once, in the model folder (it ships as remote code); a reranker wraps it
+    from temde_hf import TemdeForImageTextRetrieval
+    from temde_hf.inference.rerank import Reranker
+    from temde_hf.models.temde.alignment_temde import paired_alignment_scores
+
+    torch.manual_seed(0)
+    model = TemdeForImageTextRetrieval(tiny_config(alignment_aggregation="symmetric")).eval()
+    images = _token_set([4, 6, 5], width=6, seed=0)
+    texts = _token_set([3, 7, 2], width=7, seed=1)
+    ids = torch.arange(3)
+    image_tokens, image_mask = images.take(ids)
+    text_tokens, text_mask = texts.take(ids)
+    with torch.inference_mode():
+        expected = {
+            "alignment": paired_alignment_scores(
+                image_tokens, image_mask, text_tokens, text_mask, "symmetric"
+            ),
+            "itm": model.get_matching_logits(image_tokens, image_mask, text_tokens, text_mask),
+        }
+    for name, scores in expected.items():
+        torch.testing.assert_close(build_reranker(name, model).score_pairs(images, ids, texts, ids), scores)
+
+    class SetsAScorer(Reranker):  # no score method of its own
+        scorer = staticmethod(paired_alignment_scores)
+
+    torch.testing.assert_close(
+        SetsAScorer(model).score_pairs(images, ids, texts, ids),
+        paired_alignment_scores(image_tokens, image_mask, text_tokens, text_mask),
+    )
+    with pytest.raises(NotImplementedError, match="sets no scorer"):
+        Reranker(model).score(image_tokens, image_mask, text_tokens, text_mask)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from .metrics import (
     metrics_from_ranks,
     retrieval_metrics,
     retrieval_ranks,
-    topk_chunked,
 )
 from .plots import plot_recall_at_k, recall_curve
 
@@ -29,5 +28,4 @@ __all__ = [
     "recall_curve",
     "retrieval_metrics",
     "retrieval_ranks",
-    "topk_chunked",
 ]

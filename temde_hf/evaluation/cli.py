@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..cli_args import add_rerank_arguments, check_device, check_rerank_arguments
 from ..data.auto import DATA_FORMATS, load_image_captions
 from ..data.errors import DataError, LoadReport
 from ..inference.encode import encode_dataset
 from ..inference.encoder import BACKENDS, load_encoder
-from ..inference.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT, RERANKERS
 from ..loading import check_checkpoint_dir, load_checkpoint
 from .folds import evaluate_embeddings
 from .metrics import NonFiniteScoresError, retrieval_ranks
@@ -97,29 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_rerank_arguments(parser: argparse.ArgumentParser, rerank_help: str) -> None:
-    """``--rerank NAME --rerank-k K --rerank-fusion W``: the second stage, as ``evaluate`` and ``search`` take it."""
-    parser.add_argument("--rerank", default=None, choices=sorted(RERANKERS), help=rerank_help)
-    parser.add_argument(
-        "--rerank-k", type=int, default=DEFAULT_RERANK_K, help="candidates per query re-scored (--rerank)"
-    )
-    parser.add_argument(
-        "--rerank-fusion",
-        type=float,
-        default=DEFAULT_STAGE1_WEIGHT,
-        help="order the K candidates by z(stage 2) + W * z(stage 1), standardised per query (--rerank; "
-        f"default {DEFAULT_STAGE1_WEIGHT:g}, chosen on cross-validation); 0: by stage 2 alone",
-    )
-
-
-def check_rerank_arguments(args: argparse.Namespace) -> None:
-    """One-line ValueErrors for a bad ``--rerank-k`` / ``--rerank-fusion``."""
-    if args.rerank_k < 1:
-        raise ValueError(f"--rerank-k {args.rerank_k}: must be >= 1")
-    if not math.isfinite(args.rerank_fusion) or args.rerank_fusion < 0:
-        raise ValueError(f"--rerank-fusion {args.rerank_fusion}: must be a finite number >= 0")
-
-
 # flag -> (smallest value, what it is): every count the command takes, checked before any work.
 _MINIMUMS = {
     "batch_size": (1, "images encoded at once"),
@@ -170,23 +146,6 @@ def check_max_length(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--max-length {args.max_length}: the checkpoint's text tower reads at most {limit} tokens; "
             f"pass --max-length {limit} or less (or leave it out: captions are cut to the tokenizer's limit)"
-        )
-
-
-def check_device(device: str | None, flag: str) -> None:
-    """A one-line ValueError for a device torch does not know or this machine does not have."""
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"{flag} {device}: not a device name; pass cpu, cuda or cuda:N") from exc
-    if parsed.type == "cuda" and (
-        not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()
-    ):
-        raise ValueError(
-            f"{flag} {device}: no such CUDA device on this machine ({torch.cuda.device_count()} found); "
-            "pass --device cpu, or a cuda:N that exists"
         )
 
 
@@ -262,8 +221,14 @@ def evaluate_checkpoint(
         model, processor, dataset, args.batch_size, device, args.max_length
     )
     try:
+        ranks = retrieval_ranks(
+            caption_to_image=caption_to_image,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            chunk_size=args.chunk_size,
+        )
         result = evaluate_embeddings(
-            image_embeds, text_embeds, caption_to_image, args.fold_size or None, args.chunk_size
+            image_embeds, text_embeds, caption_to_image, args.fold_size or None, args.chunk_size, ranks=ranks
         )
     except NonFiniteScoresError as error:  # a broken model must not be scored: say which one and why
         raise NonFiniteScoresError(
@@ -276,14 +241,8 @@ def evaluate_checkpoint(
             batch_size=args.batch_size, device=device, max_length=args.max_length, fold_size=args.fold_size or None,
             chunk_size=args.chunk_size, latency_queries=args.latency_queries, stage1_weight=args.rerank_fusion,
         )  # fmt: skip
-    i2t, t2i = retrieval_ranks(
-        caption_to_image=caption_to_image,
-        image_embeds=image_embeds,
-        text_embeds=text_embeds,
-        chunk_size=args.chunk_size,
-    )
     plot_recall_at_k(
-        i2t, t2i, output_dir / "recall_at_k.png", title=f"{Path(args.checkpoint).name} · {args.split}"
+        *ranks, output_dir / "recall_at_k.png", title=f"{Path(args.checkpoint).name} · {args.split}"
     )
     result.update(
         checkpoint=str(args.checkpoint),

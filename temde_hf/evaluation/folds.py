@@ -45,6 +45,7 @@ def evaluate_embeddings(
     fold_size: int | None = 1000,
     chunk_size: int = 256,
     ks: Sequence[int] = KS,
+    ranks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Metrics on the whole set and, when it holds several folds, the mean over folds.
 
@@ -58,17 +59,23 @@ def evaluate_embeddings(
         fold_size: Images per fold (``None``: no folds). Folds are computed only when the set holds
             more than one whole fold.
         chunk_size: Queries scored at once.
+        ranks: The whole set's `(i2t, t2i)` ranks (`retrieval_ranks`) when the caller has them already
+            (``temde-hf evaluate`` plots them); None: computed here.
 
     Returns:
         ``{"n_images", "n_captions", "full": metrics, "fold_size", "folds": [metrics], "folds_mean": metrics}``
         (the fold entries only when computed).
     """
     n_images = image_embeds.shape[0]
-    i2t, t2i = retrieval_ranks(
-        caption_to_image=caption_to_image,
-        image_embeds=image_embeds,
-        text_embeds=text_embeds,
-        chunk_size=chunk_size,
+    i2t, t2i = (
+        ranks
+        if ranks is not None
+        else retrieval_ranks(
+            caption_to_image=caption_to_image,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            chunk_size=chunk_size,
+        )
     )
     result: dict[str, Any] = {
         "n_images": n_images,

@@ -180,26 +180,3 @@ def retrieval_metrics(
         chunk_size=chunk_size,
     )
     return metrics_from_ranks(i2t, t2i, ks)
-
-
-def topk_chunked(
-    queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`k` gallery items of every query by inner product, `chunk_size` queries at a time.
-
-    Args:
-        queries: `(n_queries, E)`.
-        gallery: `(n_gallery, E)`.
-        k: Items per query (clipped to the gallery size).
-
-    Returns:
-        Scores and indices, each `(n_queries, k)`, best first.
-    """
-    k = min(k, gallery.shape[0])
-    scores = torch.empty(queries.shape[0], k, dtype=torch.float32)
-    indices = torch.empty(queries.shape[0], k, dtype=torch.long)
-    for rows, block in _blocks(lambda r: queries[r] @ gallery.T, queries.shape[0], chunk_size):
-        top = block.topk(k, dim=1)
-        scores[rows], indices[rows] = top.values, top.indices
-        del block
-    return scores, indices

@@ -24,7 +24,7 @@ from ..inference.encode import (
 from ..inference.encoder import load_encoder
 from ..inference.fingerprint import checkpoint_fingerprint
 from ..inference.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT
-from ..inference.tokens import token_set_of
+from ..inference.tokens import gather_encoded, token_set_of
 from .build import global_dim_of
 from .index import GalleryIndex, SearchHit
 from .sources import ImageList, from_dataset, from_folder
@@ -73,8 +73,7 @@ def build_gallery(
     )
     if not batches:
         raise ValueError(f"none of the {len(ids)} images could be read: nothing to index")
-    rows = [row for batch in batches for row in batch.rows]
-    embeds, tokens = token_set_of(batches) if store_tokens else (torch.cat([b.embeds for b in batches]), None)
+    rows, embeds, tokens = gather_encoded(batches, store_tokens)
     paths = list(paths) if paths is not None else [None] * len(ids)
     gallery = GalleryIndex(
         embeds.numpy(),

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..inference.encode import SkippedImage, iter_image_features
 from ..inference.encoder import load_encoder
 from ..inference.fingerprint import checkpoint_fingerprint
-from ..inference.tokens import TokenSet, token_set_of
+from ..inference.tokens import TokenSet, gather_encoded
 from .index import GalleryIndex
 from .sources import ImageList
 from .spec import DEFAULT_MEMORY_BUDGET, IndexSpec, parse_spec
@@ -234,16 +234,8 @@ def encode_shards(
                 desc=f"shard {shard + 1}/{n_shards} (rank {rank})",
             )
         )
-        rows = [row for batch in batches for row in batch.rows]
-        tokens = None
-        if not batches:  # every image of the shard was unreadable
-            embeds = torch.empty(0, 0)
-            if settings.store_tokens:
-                tokens = TokenSet(torch.empty(0, 0, 0), torch.empty(0, 0, dtype=torch.bool))
-        elif settings.store_tokens:
-            embeds, tokens = token_set_of(batches)
-        else:
-            embeds = torch.cat([batch.embeds for batch in batches])
+        # no batches when every image of the shard was unreadable: an empty shard is written
+        rows, embeds, tokens = gather_encoded(batches, settings.store_tokens)
         _write_shard(shard_path(out_dir, shard), rows, embeds, skipped, settings.shard_dtype, tokens)
         counts["encoded"] += 1
     return counts

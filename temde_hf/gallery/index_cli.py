@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli_args import positive_int
 from ..inference.encoder import BACKENDS
 from .build import BuildSettings, build_gallery_sharded
 from .index import GalleryIndex
@@ -29,13 +30,6 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).upper() not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 1GB or 512MB")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _source(args: argparse.Namespace) -> ImageList:
@@ -65,8 +59,8 @@ def index_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="index folder to write (shards are kept there)")
     parser.add_argument("--index-type", choices=("auto", *INDEX_TYPES), default="auto")
     parser.add_argument("--memory-budget", type=parse_bytes, default=DEFAULT_MEMORY_BUDGET, help="e.g. 1GB")
-    parser.add_argument("--batch-size", type=_positive, default=32)
-    parser.add_argument("--shard-size", type=_positive, default=10_000, help="images per resumable shard")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--shard-size", type=positive_int, default=10_000, help="images per resumable shard")
     parser.add_argument("--shard-dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="encoder backend")
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip", help="unreadable images")

@@ -13,8 +13,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli_args import add_rerank_arguments, check_rerank_arguments
 from ..data.text import text_problem
-from ..evaluation.cli import add_rerank_arguments, check_rerank_arguments
 from ..inference.encoder import BACKENDS, load_encoder
 from ..inference.fingerprint import checkpoint_fingerprint
 from ..loading import load_checkpoint

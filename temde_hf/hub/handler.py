@@ -54,10 +54,10 @@ from transformers import AutoModel, AutoProcessor
 
 if __name__.startswith("temde_hf."):  # imported from the installed package
     from ..data.image_decoding import ImageDecodeError, ImageTooLargeError, decode_image
-    from ..models.temde.processing_temde import is_visible_text
+    from ..models.temde.processing_temde import text_problem
 else:  # the exported folder, which the Endpoints toolkit puts on sys.path
     from image_decoding import ImageDecodeError, ImageTooLargeError, decode_image
-    from processing_temde import is_visible_text
+    from processing_temde import text_problem
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 # 50 megapixels (150 MB as RGB): above phone cameras, far below a 12000 x 12000 decompression bomb.
@@ -412,22 +412,13 @@ def _reject_unknown(mapping: dict[str, Any], where: str, known: tuple[str, ...])
         raise RequestError(f"{where} has unknown keys {unknown}; known keys: {', '.join(known)}")
 
 
-def _text_problem(value: Any) -> str | None:
-    """Why `value` is no text to embed (an empty text embeds as ``[CLS] [SEP]``), or ``None``."""
-    if not isinstance(value, str):
-        return f"not a string ({type(value).__name__} {_shown(value)})"
-    if not is_visible_text(value):
-        return "empty or invisible text (only whitespace or zero-width characters)"
-    return None
-
-
 def _texts(value: Any, where: str) -> list[str]:
     """Texts as a list; each must have something visible."""
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts:
         raise RequestError(f"{where} must be a text or a non-empty list of texts; got {_shown(value)}")
     for i, text in enumerate(texts):
-        problem = _text_problem(text)
+        problem = text_problem(text)
         if problem:
             name = f"{where}[{i}]" if isinstance(value, list) else where
             raise RequestError(f"{name}: {problem}; send a text with words in it", 422)
@@ -452,7 +443,7 @@ def _check_labels(labels: Any) -> list[str]:
     """Candidate labels as a list of visible strings (a comma-separated string is split)."""
     if isinstance(labels, str):
         labels = [label.strip() for label in labels.split(",") if label.strip()]
-    if not isinstance(labels, list) or any(_text_problem(label) for label in labels):
+    if not isinstance(labels, list) or any(text_problem(label) for label in labels):
         raise RequestError(
             "'parameters.candidate_labels' must be a list of non-empty strings (or one comma-separated "
             f"string); got {_shown(labels, 80)}"

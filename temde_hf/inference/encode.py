@@ -14,7 +14,7 @@ the file, or, with ``on_error="skip"``, is left out and listed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,19 @@ def _check_token_model(model: Any) -> None:
         )
 
 
+def _encode_device(model: Any, device: str | None, token_dtype: torch.dtype | None) -> str:
+    """The device an iterator encodes on, after checking that `model` returns tokens when asked for them."""
+    if token_dtype is not None:
+        _check_token_model(model)
+    return device or model_device(model)
+
+
+def _embeds(batches: Iterable[EncodedBatch]) -> torch.Tensor:
+    """`(n, E)`: the batches' embeddings concatenated (`(0, 0)` when nothing was encoded)."""
+    parts = [batch.embeds for batch in batches]
+    return torch.cat(parts) if parts else torch.empty(0, 0)
+
+
 def _encoded(rows: list[int], out: Any, token_dtype: torch.dtype | None) -> EncodedBatch:
     """`get_*_features` output -> an `EncodedBatch` on the CPU (tokens only when `token_dtype` is given)."""
     if token_dtype is None:
@@ -157,9 +170,7 @@ def iter_image_features(
         `EncodedBatch` per batch of images.
     """
     check_on_error(on_error)
-    if token_dtype is not None:
-        _check_token_model(model)
-    device = device or model_device(model)
+    device = _encode_device(model, device, token_dtype)
     stop = len(images) if stop is None else min(stop, len(images))
     per_forward = images_per_forward(device)  # a batch is read at once, run in chunks on a CPU
     n_batches = max(0, -(-(stop - start) // batch_size))
@@ -188,14 +199,6 @@ def iter_image_features(
             yield _encoded(rows, out, token_dtype)
 
 
-def iter_image_embeddings(
-    model: Any, processor: Any, images: Sequence[Any] | datasets.Dataset, **kwargs: Any
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """`(rows, (len(rows), E) float32 embeddings)` per batch: `iter_image_features` without tokens."""
-    for batch in iter_image_features(model, processor, images, **kwargs):
-        yield batch.rows, batch.embeds
-
-
 def encode_images(
     model: Any,
     processor: Any,
@@ -210,11 +213,10 @@ def encode_images(
 
     ``images`` is a dataset with an ``image`` column (a `temde_hf.data` loader's output) or a sequence
     of PIL images / paths. An image that cannot be decoded raises `temde_hf.data.DataError` naming the
-    file; use `iter_image_embeddings` with ``on_error="skip"`` to leave such images out instead.
+    file; use `iter_image_features` with ``on_error="skip"`` to leave such images out instead.
     """
-    parts = [
-        embeds
-        for _, embeds in iter_image_embeddings(
+    return _embeds(
+        iter_image_features(
             model,
             processor,
             images,
@@ -223,8 +225,7 @@ def encode_images(
             image_column=image_column,
             progress=progress,
         )
-    ]
-    return torch.cat(parts) if parts else torch.empty(0, 0)
+    )
 
 
 def iter_text_features(
@@ -244,9 +245,7 @@ def iter_text_features(
         model: Has ``encode_text(input_ids, attention_mask)``; for tokens, ``get_text_features``.
         token_dtype: Also return the joint-space tokens in this dtype (one forward pass gives both).
     """
-    if token_dtype is not None:
-        _check_token_model(model)
-    device = device or model_device(model)
+    device = _encode_device(model, device, token_dtype)
     texts = list(texts)
     with torch.inference_mode():
         for start in tqdm(
@@ -273,13 +272,66 @@ def encode_texts(
     progress: bool = True,
 ) -> torch.Tensor:
     """`(n_texts, E)` float32 embeddings via ``model.encode_text``."""
-    parts = [
-        batch.embeds
-        for batch in iter_text_features(
-            model, processor, texts, batch_size, device, max_length, progress=progress
+    return _embeds(
+        iter_text_features(model, processor, texts, batch_size, device, max_length, progress=progress)
+    )
+
+
+def encode_dataset_batches(
+    model: Any,
+    processor: Any,
+    dataset: datasets.Dataset,
+    batch_size: int = 32,
+    device: str | None = None,
+    max_length: int | None = None,
+    *,
+    token_dtype: torch.dtype | None = None,
+) -> tuple[list[EncodedBatch], list[EncodedBatch]]:
+    """Every image and every caption of an image-level dataset, encoded in batches, in eval mode.
+
+    Captions go `4 * batch_size` at a time (a caption costs far less than an image). The model is put
+    in eval mode for the pass and given back in the mode it came in.
+
+    Args:
+        model: Has ``encode_image(pixel_values)`` and ``encode_text(input_ids, attention_mask)``; for
+            tokens, ``get_*_features`` (eager PyTorch only).
+        processor: A `TemdeProcessor` (or anything with ``image_processor`` and ``tokenizer``).
+        dataset: Columns ``image`` and ``captions`` (from a `temde_hf.data` loader).
+        token_dtype: Also keep the joint-space tokens, in this dtype; None: embeddings only.
+
+    Returns:
+        The images' and the captions' `EncodedBatch` lists, in dataset (``flat_captions``) order.
+    """
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        images = list(
+            iter_image_features(
+                model,
+                processor,
+                dataset,
+                token_dtype=token_dtype,
+                batch_size=batch_size,
+                device=device,
+                desc="encode images" if token_dtype is None else "image tokens",
+            )
         )
-    ]
-    return torch.cat(parts) if parts else torch.empty(0, 0)
+        captions = list(
+            iter_text_features(
+                model,
+                processor,
+                flat_captions(dataset),
+                4 * batch_size,
+                device,
+                max_length,
+                token_dtype=token_dtype,
+            )
+        )
+    finally:
+        if was_training:
+            model.train()
+    return images, captions
 
 
 def encode_dataset(
@@ -290,26 +342,11 @@ def encode_dataset(
     device: str | None = None,
     max_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode every image and caption of an image-level dataset.
-
-    Args:
-        model: Has ``encode_image(pixel_values)`` and ``encode_text(input_ids, attention_mask)``.
-        processor: A `TemdeProcessor` (or anything with ``image_processor`` and ``tokenizer``).
-        dataset: Columns ``image`` and ``captions`` (from a `temde_hf.data` loader).
+    """Encode every image and caption of an image-level dataset (arguments as `encode_dataset_batches`).
 
     Returns:
         `(n_images, E)` image embeddings, `(n_captions, E)` caption embeddings and
         `(n_captions,)` `caption_to_image`.
     """
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        image_embeds = encode_images(model, processor, dataset, batch_size, device)
-        text_embeds = encode_texts(
-            model, processor, flat_captions(dataset), batch_size * 4, device, max_length
-        )
-    finally:
-        if was_training:
-            model.train()
-    return image_embeds, text_embeds, caption_to_image(dataset)
+    images, captions = encode_dataset_batches(model, processor, dataset, batch_size, device, max_length)
+    return _embeds(images), _embeds(captions), caption_to_image(dataset)

@@ -20,11 +20,12 @@ the standard protocol.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
-from ..models.temde.alignment_temde import paired_alignment_scores
+from ..models.temde.alignment_temde import PairScorer, paired_alignment_scores
 from ..models.temde.registry_temde import Registry
 from .tokens import TokenSet
 
@@ -39,11 +40,15 @@ DEFAULT_STAGE1_WEIGHT = 4.0
 class Reranker:
     """Scores row-paired (image, caption) items from stored tokens; subclasses register in `RERANKERS`.
 
+    The scoring itself is defined in the model folder (a `PairScorer`: the alignment score, the matching
+    head); a subclass sets `scorer` to one, or overrides `score`.
+
     Args:
         model: The checkpoint's model (a `TemdeModel`; the ``"itm"`` reranker needs its matching head).
     """
 
     name = "base"
+    scorer: PairScorer | None = None
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -56,7 +61,9 @@ class Reranker:
         text_mask: torch.Tensor,
     ) -> torch.Tensor:
         """`(P, Li, D)`, `(P, Li)`, `(P, Lt, D)`, `(P, Lt)` -> `(P,)` scores (higher: better match)."""
-        raise NotImplementedError
+        if self.scorer is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no scorer and does not override score")
+        return self.scorer(image_tokens, image_mask, text_tokens, text_mask)
 
     @torch.inference_mode()
     def score_pairs(
@@ -88,9 +95,7 @@ class AlignmentReranker(Reranker):
     def __init__(self, model: Any) -> None:
         super().__init__(model)
         self.aggregation = getattr(model.config, "alignment_aggregation", "max_mean")
-
-    def score(self, image_tokens, image_mask, text_tokens, text_mask) -> torch.Tensor:
-        return paired_alignment_scores(image_tokens, image_mask, text_tokens, text_mask, self.aggregation)
+        self.scorer = partial(paired_alignment_scores, aggregation=self.aggregation)
 
 
 @RERANKERS.register("itm")
@@ -104,13 +109,7 @@ class MatchingReranker(Reranker):
                 "`temde-hf train ... --itm_weight 1` (it saves a TemdeForImageTextRetrieval), or use --rerank alignment"
             )
         super().__init__(model)
-        self.device = next(model.parameters()).device
-
-    def score(self, image_tokens, image_mask, text_tokens, text_mask) -> torch.Tensor:
-        to = self.device
-        return self.model.get_matching_logits(
-            image_tokens.to(to), image_mask.to(to), text_tokens.to(to), text_mask.to(to)
-        )
+        self.scorer = model.get_matching_logits  # moves the stored tokens to the head's device
 
 
 def build_reranker(name: str, model: Any) -> Reranker:

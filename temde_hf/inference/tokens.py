@@ -1,7 +1,7 @@
 """Stored joint-space tokens (`TokenSet`): what a second-stage reranker reads instead of re-running a tower.
 
-`encode_token_sets` encodes a dataset's tokens through the one encode path (`temde_hf.inference.encode`),
-like a gallery that stores its tokens (``temde-hf index --store-tokens``).
+`encode_token_sets` encodes a dataset's tokens through the one encode path (`temde_hf.inference.encode`'s
+dataset pass), like a gallery that stores its tokens (``temde-hf index --store-tokens``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import datasets
 import torch
 from torch.nn import functional as F
 
-from ..data.pairs import flat_captions
-from .encode import EncodedBatch, iter_image_features, iter_text_features
+from .encode import EncodedBatch, encode_dataset_batches
 
 
 @dataclass
@@ -67,6 +66,30 @@ def token_set_of(batches: Iterable[EncodedBatch]) -> tuple[torch.Tensor, TokenSe
     return embeds, TokenSet(torch.cat(tokens), torch.cat(masks))
 
 
+def gather_encoded(
+    batches: Iterable[EncodedBatch], with_tokens: bool
+) -> tuple[list[int], torch.Tensor, TokenSet | None]:
+    """Encoded batches as one item set: what a gallery (in memory or one shard) keeps of them.
+
+    Args:
+        batches: From `iter_image_features` (with `token_dtype` when `with_tokens`).
+        with_tokens: Also collect the tokens (`token_set_of`).
+
+    Returns:
+        The rows encoded, `(n, E)` embeddings and their `TokenSet` (None without tokens); no batches
+        give no rows, a `(0, 0)` tensor and, with tokens, an empty `TokenSet`.
+    """
+    batches = list(batches)
+    rows = [row for batch in batches for row in batch.rows]
+    if not batches:
+        empty = TokenSet(torch.empty(0, 0, 0), torch.empty(0, 0, dtype=torch.bool)) if with_tokens else None
+        return rows, torch.empty(0, 0), empty
+    if with_tokens:
+        embeds, tokens = token_set_of(batches)
+        return rows, embeds, tokens
+    return rows, torch.cat([batch.embeds for batch in batches]), None
+
+
 def encode_token_sets(
     model: Any,
     processor: Any,
@@ -78,8 +101,8 @@ def encode_token_sets(
 ) -> tuple[TokenSet, TokenSet]:
     """The joint-space tokens of a dataset's images and captions (`get_*_features(...).token_embeds`).
 
-    Encodes through `temde_hf.inference.encode` (the one encode path), like a gallery that stores
-    its tokens (``temde-hf index --store-tokens``).
+    The pass `encode_dataset` makes for embeddings (`temde_hf.inference.encode.encode_dataset_batches`),
+    keeping the tokens, like a gallery that stores them (``temde-hf index --store-tokens``).
 
     Args:
         model: A `TemdeModel` (or subclass).
@@ -90,16 +113,7 @@ def encode_token_sets(
     Returns:
         Image tokens `(n_images, L_image, D)` and caption tokens `(n_captions, L_text, D)`.
     """
-    image_batches = iter_image_features(
-        model,
-        processor,
-        dataset,
-        token_dtype=dtype,
-        batch_size=batch_size,
-        device=device,
-        desc="image tokens",
+    images, captions = encode_dataset_batches(
+        model, processor, dataset, batch_size, device, max_length, token_dtype=dtype
     )
-    text_batches = iter_text_features(
-        model, processor, flat_captions(dataset), 4 * batch_size, device, max_length, token_dtype=dtype
-    )
-    return token_set_of(image_batches)[1], token_set_of(text_batches)[1]
+    return token_set_of(images)[1], token_set_of(captions)[1]

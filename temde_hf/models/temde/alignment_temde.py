@@ -25,6 +25,12 @@ from .registry_temde import Registry
 # sim (..., L_text, L_image), text_mask (..., L_text), image_mask (..., L_image) -> scores (...)
 Aggregation = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# The score of row-paired stored tokens, the one signature every second-stage scorer has:
+# image_tokens (P, L_image, D), image_mask (P, L_image), text_tokens (P, L_text, D), text_mask (P, L_text)
+# -> (P,) scores, higher for a better match. `paired_alignment_scores` (with its aggregation) is one,
+# `TemdeForImageTextRetrieval.get_matching_logits` another; `temde_hf.inference.rerank` wraps them.
+PairScorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 # Name -> `Aggregation`; the config validates `alignment_aggregation` against it.
 ALIGNMENT_AGGREGATIONS = Registry("alignment_aggregation", "ALIGNMENT_AGGREGATIONS")
 
@@ -145,4 +151,4 @@ def alignment_scores(
     return torch.cat(rows, dim=0)
 
 
-__all__ = ["ALIGNMENT_AGGREGATIONS", "alignment_scores", "paired_alignment_scores"]
+__all__ = ["ALIGNMENT_AGGREGATIONS", "PairScorer", "alignment_scores", "paired_alignment_scores"]

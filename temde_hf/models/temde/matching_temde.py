@@ -128,8 +128,13 @@ class TemdeForImageTextRetrieval(TemdeModel):
         text_tokens: torch.Tensor,
         text_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Match logits `(P,)` of row-paired stored tokens (see `TemdeMatchingHead.forward`)."""
-        return self.itm_head(image_tokens, image_mask, text_tokens, text_mask)
+        """Match logits `(P,)` of row-paired stored tokens (see `TemdeMatchingHead.forward`); a `PairScorer`.
+
+        The tokens may sit on another device than the head (a gallery's, memory-mapped on the CPU):
+        they are moved to the head's.
+        """
+        to = self.itm_head.cls_token.device
+        return self.itm_head(image_tokens.to(to), image_mask.to(to), text_tokens.to(to), text_mask.to(to))
 
     @can_return_tuple
     def forward(

@@ -13,12 +13,28 @@ from transformers.processing_utils import ProcessorMixin
 def is_visible_text(value: object) -> bool:
     """Whether `value` is a string with a character that is neither whitespace nor invisible (category Cf).
 
-    Defined here, in the self-contained model folder, so Hub remote code refuses blank text too;
-    ``temde_hf.data.text`` builds the loaders' and commands' check on it.
+    Defined here, in the self-contained model folder, so Hub remote code (the processor, the Endpoints
+    handler) refuses blank text too; ``temde_hf.data.text`` re-exports it for the loaders and commands.
     """
     if not isinstance(value, str):
         return False
     return any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in value)
+
+
+def text_problem(value: object) -> str | None:
+    """Why `value` cannot be used as a caption or query (``None`` when it can): the one text rule.
+
+    Returns:
+        A short reason such as ``"not a string (int 42)"`` or ``"empty or invisible text"``.
+    """
+    if value is None:
+        return "missing (null / None), not a string"
+    if not isinstance(value, str):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return f"not a string ({type(value).__name__} {shown})"
+    if not is_visible_text(value):
+        return "empty or invisible text (only whitespace or zero-width characters)"
+    return None
 
 
 class TemdeProcessor(ProcessorMixin):
