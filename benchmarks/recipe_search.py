@@ -108,6 +108,8 @@ STAGES["6k"] = {
     "text tower: last 2 of 6 layers, LR x0.1": [
         "--freeze_text_tower", "false", "--text_trainable_layers", "2", "--text_lr_multiplier", "0.1",
     ],
+    # the two screen winners of folds 0-1 (seed 0) together
+    "batch 256, no token LayerNorm": ["--per_device_train_batch_size", "256", "--token_layer_norm", "false"],
 }  # fmt: skip
 
 
