@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import add_smoke_argument, smoke_paths, smoke_setup, write_section
-from recipe_search import BASE_CONFIG, CONFIG, KEYS, REPO, TEST_FLAGS, cv_flags, mean_std
+from recipe_search import BASE_CONFIG, DEMO_800_CONFIG, KEYS, REPO, TEST_FLAGS, cv_flags, mean_std
 
 KS = (20, 100)
 # fusion weights of stage 1 (`fuse_scores`: z(stage 2) + w·z(stage 1) over each query's K); 0 = stage 2 alone.
@@ -90,8 +90,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "heading": "Two-stage retrieval: rerank (CPU)",
     },
     "demo": {
-        "config": CONFIG, "name": "rerank_demo", "variants": ["base", "alignment loss 0.5"],
-        "title": "The demo recipe (`examples/configs/flickr8k_demo.yaml`: mean pooling, flip, frozen towers, cached)",
+        "config": DEMO_800_CONFIG, "name": "rerank_demo", "variants": ["base", "alignment loss 0.5"],
+        "title": "The demo recipe on Flickr8k-800 (`benchmarks/configs/flickr8k_800_demo.yaml`: mean pooling, flip, "
+                 "frozen towers, cached)",
         "heading": "Two-stage retrieval on the demo recipe (CPU)",
     },
 }  # fmt: skip
