@@ -99,6 +99,9 @@ def test_the_frozen_lower_part_stays_in_eval_mode_when_training() -> None:
     assert not any(m.training for module in lower for m in module.modules())
     assert model.text_model.encoder.layer[2].training and model.vision_model.training
     assert frozen_lower_modules(model.vision_model) == []  # trains entirely
+    whole = BertModel(tiny_tower_configs(num_hidden_layers=3)[1])
+    whole.pooler.requires_grad_(False)  # e.g. unused under mean pooling: the layers below still all train
+    assert frozen_lower_modules(whole) == []
 
 
 def _lower_cache(tmp_path: Path, tower: torch.nn.Module, n_upper: int, dtype: str):

@@ -5,7 +5,9 @@ the trainer runs each frozen tower once over the training and evaluation items a
 and pooled output in a memory-mapped cache (`temde_hf.training.tower_cache`: the file format, and why
 that one); the batches then carry the rows they need and `TemdeModel.forward(vision_outputs=...,
 text_outputs=...)` skips the tower. The cached tensors are exactly what the tower would feed the head,
-so the trained model embeds raw pixels and captions identically (up to the cache's dtype).
+so the trained model embeds raw pixels and captions identically (up to the cache's dtype). A tower whose
+top blocks train (``--*_trainable_layers N``) is cached the same way below its first trainable block
+(`temde_hf.training.tower_split`): the batches carry that hidden state and each step runs the top blocks.
 
 The pass that fills a cache (`build_tower_cache`):
 

@@ -67,16 +67,19 @@ def frozen_tower_names(model: nn.Module) -> list[str]:
 def frozen_lower_modules(tower: nn.Module) -> list[nn.Module]:
     """The frozen part below a partly trainable tower's first trainable block (stem, frozen blocks).
 
-    Empty for a tower that trains entirely or not at all. Modules are registered in data-flow order
+    Empty for a tower that trains entirely (its stem trains) or not at all. Modules are registered in data-flow order
     (as `freeze_towers` assumes): these are the ones before that block, other than its ancestors.
     """
-    flags = [p.requires_grad for p in tower.parameters()]
     blocks = tower_blocks(tower)
-    if all(flags) or not any(flags) or blocks is None:
-        return []
-    first = next((b for b in blocks if any(p.requires_grad for p in b.parameters())), None)
+    first = next((b for b in blocks or () if any(p.requires_grad for p in b.parameters())), None)
     if first is None:
         return []
+    first_param = next(first.parameters())
+    for param in tower.parameters():  # data-flow order: everything below the block must be frozen
+        if param is first_param:
+            break
+        if param.requires_grad:
+            return []
     names = {module: name for name, module in tower.named_modules()}
     first_name = names[first]
     lower = []
