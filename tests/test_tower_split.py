@@ -288,3 +288,38 @@ def test_an_unsupported_tower_runs_whole_with_one_warning(
     lines = [r.getMessage() for r in caplog.records if "trainable_layers" in r.getMessage()]
     assert len(lines) == 1 and "whole text tower runs every step" in lines[0]
     assert not list((tmp_path / "run" / "feature_cache").glob("text-*"))
+
+
+@pytest.mark.parametrize("name", ["bert", "efficientnet_lite"])
+def test_the_onnx_cache_pass_of_a_lower_part_matches_eager(name: str, tmp_path: Path) -> None:
+    """The cache pass exports the lower part like a tower (its own graph: another fingerprint than the
+    whole tower's) and its rows equal the eager pass's (text: captions shorter than the traced length)."""
+    pytest.importorskip("onnxruntime")
+    tower = _towers()[name]
+    split = find_tower_split(tower, 1)
+    items = _inputs(name)
+    n = len(next(iter(items.values())))
+
+    def make(rows: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v[rows] for k, v in items.items()}
+
+    lengths = None if name != "bert" else items["attention_mask"].sum(1).tolist()
+    caches = {
+        backend: build_tower_cache(
+            tmp_path / backend,
+            "k",
+            LowerTower(split),
+            make,
+            n,
+            batch_size=2,
+            dtype="float32",
+            lengths=lengths,
+            backend=backend,
+            graph_dir=tmp_path / "graphs",
+        )
+        for backend in ("onnx", "torch")
+    }
+    assert len(list((tmp_path / "graphs").glob("*.onnx"))) == 1
+    assert caches["onnx"].grid == caches["torch"].grid == (None if name == "bert" else [8, 8])
+    for a, b in zip(caches["onnx"].rows(torch.arange(n)), caches["torch"].rows(torch.arange(n))):
+        assert (a is None and b is None) or float((a - b).abs().max()) < 1e-4

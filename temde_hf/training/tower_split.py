@@ -228,7 +228,7 @@ def find_tower_split(tower: nn.Module, n_upper: int) -> TowerSplit | None:
 
 
 class LowerTower(nn.Module):
-    """The lower part of a split as a tower (what `features.build_tower_cache` runs and caches).
+    """The lower part of a split as a tower (what `features.build_tower_cache` runs and caches), in eval mode.
 
     Called like a tower (``pixel_values``, or ``input_ids`` + ``attention_mask``), it returns the hidden
     state entering the first top block as ``last_hidden_state`` (no pooled output). It holds the lower
@@ -243,6 +243,9 @@ class LowerTower(nn.Module):
         self.config = split.tower.config
         self.lower = nn.ModuleList(split.lower_modules())
         self.grid: list[int] | None = None
+        # Frozen: eval mode (no dropout, fixed BatchNorm statistics). Made in train mode, as any module, it
+        # would put the tower's lower modules in train mode whenever its mode is restored (ONNX export).
+        self.eval()
 
     def forward(
         self,

@@ -228,7 +228,7 @@ def _cached_towers(
         elif count:
             split = find_tower_split(tower, count)
             if split is not None:
-                cached[part] = (LowerTower(split).eval(), split)
+                cached[part] = (LowerTower(split), split)
             elif count < len(tower_blocks(tower) or ()):
                 logger.warning(
                     "--%s_trainable_layers %d: no lower/upper split for %s towers (tower_split.py), so the "
