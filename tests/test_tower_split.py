@@ -226,7 +226,7 @@ FLOAT32 = ("--feature_cache_dtype", "float32")
 
 @pytest.mark.parametrize(
     ("flags", "tolerance"),
-    [((*TEXT_1, *FLOAT32), 1e-5), (TEXT_1, 2e-3), ((*VISION_1_FLIP, *FLOAT32), 1e-5)],
+    [((*TEXT_1, *FLOAT32), 1e-5), (TEXT_1, 1e-3), ((*VISION_1_FLIP, *FLOAT32), 1e-5)],
     ids=["text-float32", "text-float16", "vision-flip-float32"],
 )
 def test_caching_the_lower_part_trains_the_same_model(
@@ -237,7 +237,8 @@ def test_caching_the_lower_part_trains_the_same_model(
     tolerance: float,
 ) -> None:
     """`--*_trainable_layers 1`: training on the cached lower part (the top layer run per step) gives the
-    losses and weights of running the whole tower every step; the lower layers never run in a step."""
+    losses and weights of running the whole tower every step (float32 cache: identical here; the default
+    float16 cache: 2.5e-4 apart after 3 steps); the lower layers never run in a step."""
     torch.set_num_threads(1)
     cached, direct = tmp_path / "cached", tmp_path / "direct"
     counter = _LowerCalls(monkeypatch)
@@ -260,7 +261,7 @@ def test_caching_the_lower_part_trains_the_same_model(
         assert a["eval_rsum"] == pytest.approx(b["eval_rsum"])
     weights = [AutoModel.from_pretrained(out / "final").state_dict() for out in (cached, direct)]
     for key, value in weights[0].items():
-        torch.testing.assert_close(value, weights[1][key], atol=tolerance, rtol=1e-3, msg=key)
+        torch.testing.assert_close(value, weights[1][key], atol=tolerance, rtol=tolerance, msg=key)
 
 
 def test_another_split_point_uses_another_cache(setup: dict[str, Path], tmp_path: Path) -> None:
