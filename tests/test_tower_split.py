@@ -17,7 +17,7 @@ from temde_hf.testing import TINY_IMAGE_SIZE, save_tiny_towers, tiny_tower_confi
 from temde_hf.training.batches import model_inputs
 from temde_hf.training.checkpointing import list_checkpoints
 from temde_hf.training.features import build_tower_cache
-from temde_hf.training.optim import freeze_towers, frozen_lower_modules, train_mode
+from temde_hf.training.optim import freeze_towers, frozen_lower_modules, tower_blocks, train_mode
 from temde_hf.training.tower_split import LowerStates, LowerTower, attach_upper_towers, find_tower_split
 from temde_hf.training.train import main
 
@@ -57,6 +57,7 @@ def test_lower_then_upper_equals_the_full_forward(name: str, n_upper: int) -> No
     tower = _towers()[name]
     split = find_tower_split(tower, n_upper)
     assert split is not None and split.cut == len(split.blocks()) - n_upper
+    assert split.blocks() is tower_blocks(tower)  # where `--*_trainable_layers` counts the layers
     inputs = _inputs(name)
     with torch.no_grad():
         full = tower(**inputs, return_dict=True)

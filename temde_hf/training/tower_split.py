@@ -30,6 +30,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..models.temde.modeling_efficientnet_lite import EfficientNetLiteModel, EfficientNetLiteModelOutput
+from .optim import tower_blocks
 
 _SPLITS: dict[str, type[TowerSplit]] = {}
 
@@ -222,9 +223,11 @@ def find_tower_split(tower: nn.Module, n_upper: int) -> TowerSplit | None:
     if split_class is None or not isinstance(tower, split_class.tower_class):
         return None
     try:
-        return split_class(tower, n_upper)
+        split = split_class(tower, n_upper)
     except ValueError:  # n_upper covers every block
         return None
+    # the blocks `freeze_towers` counts the trainable ones in: else the cut is not where training starts
+    return split if split.blocks() is tower_blocks(tower) else None
 
 
 class LowerTower(nn.Module):
