@@ -12,41 +12,56 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from temde_hf import TemdeModel
 from temde_hf.testing import (
     accelerate_launch,
     accelerate_launch_run,
     launch_ddp_worker,
     save_tiny_towers,
     tiny_batch,
-    tiny_model,
+    tiny_config,
 )
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 from temde_hf.training.initialization import freeze_unused_parameters
 from temde_hf.training.losses import contrastive_loss
+from temde_hf.training.optim import freeze_towers
+from temde_hf.training.tower_split import attach_upper_towers, find_tower_split
 
-# (name, loss_type, micro-batches per process, negatives, frozen vision tower fed cached outputs)
+# (name, loss_type, micro-batches per process, negatives, cached: "vision" (a frozen vision tower fed
+# cached outputs), "text_lower" (the text tower's top layer run on its cached lower part) or "")
 CASES = [
-    ("info_nce_global", "info_nce", 1, "global", False),
-    ("info_nce_accumulation", "info_nce", 2, "global", False),
-    ("hinge_accumulation", "vse_hinge", 2, "global", False),
-    ("frozen_vision_cached", "info_nce", 2, "global", True),
-    ("info_nce_local", "info_nce", 1, "local", False),
+    ("info_nce_global", "info_nce", 1, "global", ""),
+    ("info_nce_accumulation", "info_nce", 2, "global", ""),
+    ("hinge_accumulation", "vse_hinge", 2, "global", ""),
+    ("frozen_vision_cached", "info_nce", 2, "global", "vision"),
+    ("text_top_layer_cached", "info_nce", 2, "global", "text_lower"),
+    ("info_nce_local", "info_nce", 1, "local", ""),
 ]
 N_PAIRS = 16
 
 
-def prepare_case(loss_type: str, frozen_vision: bool) -> tuple[torch.nn.Module, dict, partial]:
+def prepare_case(loss_type: str, cached: str) -> tuple[torch.nn.Module, dict, partial]:
     """The same model, batch and loss in every process (and in the single-process reference)."""
     torch.manual_seed(0)
     # no dropout: a process holding half the batch draws other masks than one process holding all of it
-    model = tiny_model().train()
+    config = tiny_config()
+    config.text_config.num_hidden_layers = 2 if cached == "text_lower" else 1
+    model = TemdeModel(config).train()
     batch = tiny_batch(N_PAIRS, seed=1, n_images=12)
-    if frozen_vision:  # what the trainer does for a frozen tower: its outputs replace the pixels
+    if cached == "vision":  # what the trainer does for a frozen tower: its outputs replace the pixels
         model.vision_model.requires_grad_(False).eval()
         with torch.no_grad():
             out = model.vision_model(pixel_values=batch.pop("pixel_values"))
         batch["vision_hidden"], batch["vision_pooled"] = out.last_hidden_state, out.pooler_output
+    if cached == "text_lower":  # its top layer trains: the layer below's output replaces the tokens
+        freeze_towers(model, {"vision": None, "text": 1})
+        split = find_tower_split(model.text_model, 1)
+        attach_upper_towers(model, {"text": split})
+        with torch.no_grad():
+            batch["text_lower"] = split.lower(
+                {"input_ids": batch.pop("input_ids"), "attention_mask": batch["attention_mask"]}
+            )
     return model, batch, partial(contrastive_loss, loss_type=loss_type)
 
 
@@ -56,8 +71,8 @@ from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
 from temde_hf.training.initialization import freeze_unused_parameters
 
-for name, loss_type, n_micro, negatives, frozen in {cases!r}:
-    model, batch, loss_fn = prepare_case(loss_type, frozen)
+for name, loss_type, n_micro, negatives, cached in {cases!r}:
+    model, batch, loss_fn = prepare_case(loss_type, cached)
     freeze_unused_parameters(model, batch, loss_fn)
     wrapped = accelerator.prepare(model)
     half = {n} // world
@@ -71,8 +86,8 @@ for name, loss_type, n_micro, negatives, frozen in {cases!r}:
 """
 
 
-def _single_process(name: str, loss_type: str, n_micro: int, negatives: str, frozen: bool) -> tuple:
-    model, batch, loss_fn = prepare_case(loss_type, frozen)
+def _single_process(name: str, loss_type: str, n_micro: int, negatives: str, cached: str) -> tuple:
+    model, batch, loss_fn = prepare_case(loss_type, cached)
     freeze_unused_parameters(model, batch, loss_fn)
     halves = [{k: v[r * 8 : (r + 1) * 8] for k, v in batch.items()} for r in (0, 1)]
     accelerator = Accelerator(cpu=True)
@@ -100,16 +115,19 @@ def worker_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "loss_type", "n_micro", "negatives", "frozen"), CASES)
+@pytest.mark.parametrize(("name", "loss_type", "n_micro", "negatives", "cached"), CASES)
 def test_two_processes_match_one_process_on_the_whole_batch(
-    worker_outputs: Path, name: str, loss_type: str, n_micro: int, negatives: str, frozen: bool
+    worker_outputs: Path, name: str, loss_type: str, n_micro: int, negatives: str, cached: str
 ) -> None:
     torch.set_num_threads(1)
-    expected_loss, expected = _single_process(name, loss_type, n_micro, negatives, frozen)
+    expected_loss, expected = _single_process(name, loss_type, n_micro, negatives, cached)
     grads = [load_file(worker_outputs / f"{name}_rank{r}.safetensors") for r in (0, 1)]
     losses = [json.loads((worker_outputs / f"{name}_rank{r}.json").read_text())["loss"] for r in (0, 1)]
     assert grads[0].keys() == expected.keys()
-    assert not any(k.startswith("vision_model.") for k in expected) or not frozen
+    assert not any(k.startswith("vision_model.") for k in expected) or cached != "vision"
+    if cached == "text_lower":  # the top layer trains (its gradients all-reduced), nothing below it
+        text = [k for k in expected if k.startswith("text_model.")]
+        assert text and all(k.startswith("text_model.encoder.layer.1.") for k in text)
     for key, value in expected.items():
         assert torch.equal(grads[0][key], grads[1][key]), key  # DDP's all-reduce: processes agree
         assert torch.allclose(grads[0][key], value, atol=1e-5, rtol=1e-4), key

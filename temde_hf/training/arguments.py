@@ -276,7 +276,11 @@ class TemdeTrainingArguments:
         default=True, metadata={"help": "keep the towers' BatchNorm statistics fixed (eval mode)"}
     )
     cache_tower_outputs: bool = field(
-        default=True, metadata={"help": "compute a frozen tower's outputs once and train on them"}
+        default=True,
+        metadata={
+            "help": "compute a frozen tower's outputs (or the frozen part below a tower's trainable "
+            "layers) once and train on them"
+        },
     )
     feature_cache_dir: str | None = field(
         default=None, metadata={"help": "where cached tower outputs live (default: OUTPUT_DIR/feature_cache)"}

@@ -9,8 +9,10 @@ the same number of rows (needed to gather them).
 
 A batch holds either raw inputs (``pixel_values``; ``input_ids`` + ``attention_mask``) or, for a frozen
 tower whose outputs were cached (`temde_hf.training.features`), that tower's outputs
-(``vision_hidden`` + ``vision_pooled``; ``text_hidden`` + ``text_pooled`` + ``attention_mask``), plus
-``pair_ids``; `model_inputs` turns either into `TemdeModel.forward` keyword arguments.
+(``vision_hidden`` + ``vision_pooled``; ``text_hidden`` + ``text_pooled`` + ``attention_mask``), or, for a
+tower whose top blocks train, its cached lower part (``vision_lower``; ``text_lower`` +
+``attention_mask``: `temde_hf.training.tower_split`), plus ``pair_ids``; `model_inputs` turns any of them
+into `TemdeModel.forward` keyword arguments.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..data.common import open_image
 from .tower_cache import RowView, TowerOutputs
+from .tower_split import LowerStates
 
 SAMPLING = ("pairs", "images")
 
@@ -134,13 +137,18 @@ class ImageInputs:
         processor: A `TemdeProcessor` (its image processor is used).
         cache: The vision tower's cached outputs (frozen tower; memory-mapped, read per batch), or ``None``:
             row ``view * n + r`` holds view ``view`` of image ``r``.
+        lower: The cache holds the tower's lower part (its top blocks train), not its outputs.
     """
 
     def __init__(
-        self, dataset: datasets.Dataset, processor: Any, cache: TowerOutputs | RowView | None = None
+        self,
+        dataset: datasets.Dataset,
+        processor: Any,
+        cache: TowerOutputs | RowView | None = None,
+        lower: bool = False,
     ) -> None:
         self.images = dataset.cast_column("image", datasets.Image(decode=False))["image"]
-        self.processor, self.cache = processor, cache
+        self.processor, self.cache, self.lower = processor, cache, lower
 
     def __len__(self) -> int:
         return len(self.images)
@@ -152,6 +160,10 @@ class ImageInputs:
                 views, dtype=torch.long
             )
             hidden, pooled, _ = self.cache.rows(index)
+            if self.lower:
+                if self.cache.grid is not None:  # tokens -> the (B, C, h, w) map the top blocks take
+                    hidden = hidden.transpose(1, 2).reshape(len(hidden), -1, *self.cache.grid)
+                return {"vision_lower": hidden}
             return {"vision_hidden": hidden, "vision_pooled": pooled}
         images = [open_image(self.images[int(row)]) for row in rows]
         images = [ImageOps.mirror(image) if view else image for image, view in zip(images, views)]
@@ -167,6 +179,7 @@ class TextInputs:
         processor: A `TemdeProcessor` (its tokenizer is used).
         max_length: Captions are truncated to this many tokens.
         cache: The text tower's cached outputs for these captions (frozen tower), or ``None``.
+        lower: The cache holds the tower's lower part (its top layers train), not its outputs.
     """
 
     def __init__(
@@ -175,8 +188,10 @@ class TextInputs:
         processor: Any,
         max_length: int,
         cache: TowerOutputs | RowView | None = None,
+        lower: bool = False,
     ) -> None:
         self.captions, self.processor, self.max_length, self.cache = captions, processor, max_length, cache
+        self.lower = lower
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -186,6 +201,8 @@ class TextInputs:
             index = torch.as_tensor(indices, dtype=torch.long)
             hidden, pooled, mask = self.cache.rows(index)
             length = max(1, int(mask.sum(1).max()))  # drop the all-padding tail shared by the batch
+            if self.lower:
+                return {"text_lower": hidden[:, :length], "attention_mask": mask[:, :length]}
             return {
                 "text_hidden": hidden[:, :length],
                 "text_pooled": pooled,
@@ -229,12 +246,17 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     inputs: dict[str, Any] = {}
     if "pixel_values" in batch:
         inputs["pixel_values"] = batch["pixel_values"]
+    elif "vision_lower" in batch:
+        inputs["vision_outputs"] = LowerStates(batch["vision_lower"].float())
     elif "vision_hidden" in batch:
         inputs["vision_outputs"] = BaseModelOutputWithPooling(
             last_hidden_state=batch["vision_hidden"].float(), pooler_output=batch["vision_pooled"].float()
         )
     if "input_ids" in batch:
         inputs["input_ids"] = batch["input_ids"]
+        inputs["attention_mask"] = batch["attention_mask"]
+    elif "text_lower" in batch:
+        inputs["text_outputs"] = LowerStates(batch["text_lower"].float())
         inputs["attention_mask"] = batch["attention_mask"]
     elif "text_hidden" in batch:
         inputs["text_outputs"] = BaseModelOutputWithPooling(

@@ -5,7 +5,9 @@ the trainer runs each frozen tower once over the training and evaluation items a
 and pooled output in a memory-mapped cache (`temde_hf.training.tower_cache`: the file format, and why
 that one); the batches then carry the rows they need and `TemdeModel.forward(vision_outputs=...,
 text_outputs=...)` skips the tower. The cached tensors are exactly what the tower would feed the head,
-so the trained model embeds raw pixels and captions identically (up to the cache's dtype).
+so the trained model embeds raw pixels and captions identically (up to the cache's dtype). A tower whose
+top blocks train (``--*_trainable_layers N``) is cached the same way below its first trainable block
+(`temde_hf.training.tower_split`): the batches carry that hidden state and each step runs the top blocks.
 
 The pass that fills a cache (`build_tower_cache`):
 
@@ -206,7 +208,8 @@ def build_tower_cache(
     Args:
         folder: The cache folder (its name should carry `key`).
         key: The cache key (`cache_key` of everything the outputs depend on).
-        tower: The frozen tower (eval mode).
+        tower: The frozen tower (eval mode), or the frozen lower part of one
+            (`temde_hf.training.tower_split.LowerTower`).
         make_inputs: Item indices -> the tower's inputs (``pixel_values``, or ``input_ids`` +
             ``attention_mask``); called in DataLoader workers when `num_workers` > 0.
         n_items: Number of items.
@@ -246,8 +249,10 @@ def build_tower_cache(
             hidden, pooled = eager(probe)
             counts = None if lengths is None else np.asarray(lengths() if callable(lengths) else lengths)
             n_tokens = hidden.shape[1] if counts is None else int(counts.max())
+            # a tower whose tokens are a map's cells (a split's convolutional lower part) names its grid
             plan = CachePlan(key, n_items, n_tokens, hidden.shape[2], pooled.shape[1], dtype,
-                             "attention_mask" in probe, batch_size, ordered=counts is not None)  # fmt: skip
+                             "attention_mask" in probe, batch_size, ordered=counts is not None,
+                             grid=getattr(tower, "grid", None))  # fmt: skip
             order = None if counts is None else np.argsort(counts, kind="stable")
             CacheWriter(folder, plan).prepare(order)
         else:
@@ -266,8 +271,13 @@ def build_tower_cache(
 
         run = OnnxTower(graph)
     pending = writer.pending(rank, world_size)
+    # its own generator: an iterator would draw its workers' seed from the global RNG, so a run that
+    # builds a cache would train with other random numbers (dropout) than one that does not
     loader = DataLoader(
-        _Batches(make_inputs, writer, pending), batch_size=None, num_workers=num_workers if pending else 0
+        _Batches(make_inputs, writer, pending),
+        batch_size=None,
+        num_workers=num_workers if pending else 0,
+        generator=torch.Generator().manual_seed(0),
     )
     bar = tqdm(total=len(pending), desc=f"{desc} [{'onnx' if run is not eager else 'torch'}]", unit="batch",
                disable=rank != 0)  # fmt: skip

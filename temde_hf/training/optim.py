@@ -21,7 +21,7 @@ from .arguments import TemdeTrainingArguments
 TOWER_PREFIXES = {"vision": "vision_model.", "text": "text_model."}
 
 
-def _block_list(tower: nn.Module) -> nn.ModuleList | None:
+def tower_blocks(tower: nn.Module) -> nn.ModuleList | None:
     """The tower's stack of layers/blocks: its `nn.ModuleList` holding the most parameters."""
     lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
@@ -43,7 +43,7 @@ def freeze_towers(model: nn.Module, trainable_layers: dict[str, int | None]) -> 
         tower.requires_grad_(False)
         if count == 0:
             continue
-        blocks = _block_list(tower)
+        blocks = tower_blocks(tower)
         if blocks is None:
             raise ValueError(f"--{part}_trainable_layers {count}: the {part} tower has no stack of layers")
         # Parameters are registered in data-flow order, so "the last n blocks and what follows them" is
@@ -64,16 +64,51 @@ def frozen_tower_names(model: nn.Module) -> list[str]:
     ]
 
 
+def frozen_lower_modules(tower: nn.Module) -> list[nn.Module]:
+    """The frozen part below a partly trainable tower's first trainable block (stem, frozen blocks).
+
+    Empty for a tower that trains entirely (its stem trains) or not at all. Modules are registered in data-flow order
+    (as `freeze_towers` assumes): these are the ones before that block, other than its ancestors.
+    """
+    blocks = tower_blocks(tower)
+    first = next((b for b in blocks or () if any(p.requires_grad for p in b.parameters())), None)
+    if first is None:
+        return []
+    first_param = next(first.parameters())
+    for param in tower.parameters():  # data-flow order: everything below the block must be frozen
+        if param is first_param:
+            break
+        if param.requires_grad:
+            return []
+    names = {module: name for name, module in tower.named_modules()}
+    first_name = names[first]
+    lower = []
+    for name, module in tower.named_modules():
+        if module is first:
+            break
+        ancestor = name == "" or first_name.startswith(f"{name}.")
+        inside = any(name.startswith(f"{names[m]}.") for m in lower)
+        if not ancestor and not inside:
+            lower.append(module)
+    return lower
+
+
 def train_mode(model: nn.Module, freeze_batch_norm: bool = True) -> None:
-    """`model.train()`, but frozen towers, and (`freeze_batch_norm`) every BatchNorm, stay in eval mode.
+    """`model.train()`, but frozen towers, the frozen lower part of partly trained towers, and
+    (`freeze_batch_norm`) every BatchNorm stay in eval mode.
 
     A frozen tower in train mode would still apply dropout and update BatchNorm running statistics
     (EfficientNet-Lite); and gradient caching runs each micro-batch twice, so a BatchNorm in train mode
-    would update its statistics twice and normalise pass 1 and pass 3 differently.
+    would update its statistics twice and normalise pass 1 and pass 3 differently. A partly trained
+    tower's frozen lower part is deterministic too, so it gives the outputs its cache holds
+    (`temde_hf.training.tower_split`) whether or not the cache is used.
     """
     model.train()
     for part in frozen_tower_names(model):
         getattr(model, TOWER_PREFIXES[part].rstrip(".")).eval()
+    for prefix in TOWER_PREFIXES.values():
+        for module in frozen_lower_modules(getattr(model, prefix.rstrip("."))):
+            module.eval()
     if freeze_batch_norm:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -60,6 +60,7 @@ class CachePlan:
         has_mask: Whether rows have an attention mask (text).
         batch_size: Rows per build batch (the unit of progress and of sharding across processes).
         ordered: Whether batches take the items in the order of ``order.bin`` (else in row order).
+        grid: `(h, w)` when the tokens are a convolutional map's cells (row-major), else ``None``.
         version: The file format.
     """
 
@@ -72,6 +73,7 @@ class CachePlan:
     has_mask: bool
     batch_size: int
     ordered: bool = False
+    grid: list[int] | None = None
     version: int = FORMAT_VERSION
 
     @property
@@ -290,6 +292,11 @@ class TowerOutputs:
     def __len__(self) -> int:
         return self.plan.n_items
 
+    @property
+    def grid(self) -> list[int] | None:
+        """`(h, w)` of the map the tokens come from (see `CachePlan.grid`)."""
+        return self.plan.grid
+
     def _tensor(self, name: str, index: np.ndarray) -> torch.Tensor:
         values = torch.from_numpy(np.ascontiguousarray(self.arrays[name][index]))
         if name == "mask":
@@ -319,6 +326,10 @@ class RowView:
 
     def __len__(self) -> int:
         return len(self.views) * len(self.selected)
+
+    @property
+    def grid(self) -> list[int] | None:
+        return self.views[0].grid
 
     def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """As `TowerOutputs.rows`."""

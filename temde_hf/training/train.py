@@ -2,9 +2,10 @@
 
 Builds the model (pretrained towers from local folders, a config, or a saved T-EMDE model), the
 processor and the data (any `temde_hf.data` format; a split, or one fold of a k-fold cross-validation),
-caches the outputs of frozen towers, runs `run_training`, then writes the final model + processor (with
-the remote code) and its model card to ``output_dir/final``, the training curves to
-``output_dir/training_curves.png`` and returns the final metrics.
+caches the outputs of frozen towers (and the frozen lower part of partly trained ones), runs
+`run_training`, then writes the final model + processor (with the remote code) and its model card to
+``output_dir/final``, the training curves to ``output_dir/training_curves.png`` and returns the final
+metrics.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ from .checkpointing import TrainerState, check_output_dir, check_resume, output_
 from .curves import plot_training_curves
 from .features import RowView, TowerOutputs, build_tower_cache, cache_key, caption_lengths, tower_fingerprint
 from .loop import TrainingData, TrainingModel, run_training
-from .optim import freeze_towers, frozen_tower_names
+from .optim import freeze_towers, frozen_tower_names, tower_blocks
 from .steps import BatchPlan, PairBatches
 from .streaming import StreamBatches, check_streaming_args
+from .tower_split import LowerTower, TowerSplit, attach_upper_towers, find_tower_split
 from .validation import EvalSet
 
 logger = logging.getLogger("temde_hf.training")
@@ -207,6 +209,34 @@ def _column_kwargs(path: str | Path, data_args: DataArguments) -> dict[str, str]
     return columns
 
 
+def _cached_towers(
+    model: TemdeModel, args: TemdeTrainingArguments
+) -> dict[str, tuple[torch.nn.Module, TowerSplit | None]]:
+    """Per tower whose outputs or lower part are cached: what runs once over the items, and the split.
+
+    A frozen tower is cached whole (split ``None``); a tower whose top N blocks train
+    (``--{part}_trainable_layers N``), below its first trainable block (`tower_split.LowerTower`).
+    """
+    if not args.cache_tower_outputs:
+        return {}
+    cached: dict[str, tuple[torch.nn.Module, TowerSplit | None]] = {}
+    frozen = frozen_tower_names(model)
+    for part, count in trainable_layers(args).items():
+        tower = getattr(model, f"{part}_model")
+        if part in frozen:
+            cached[part] = (tower.eval(), None)
+        elif count:
+            split = find_tower_split(tower, count)
+            if split is not None:
+                cached[part] = (LowerTower(split), split)
+            elif count < len(tower_blocks(tower) or ()):
+                logger.warning(
+                    "--%s_trainable_layers %d: no lower/upper split for %s towers (tower_split.py), so the "
+                    "whole %s tower runs every step", part, count, type(tower).__name__, part,
+                )  # fmt: skip
+    return cached
+
+
 def _tower_caches(
     model: TemdeModel,
     processor: TemdeProcessor,
@@ -214,18 +244,19 @@ def _tower_caches(
     data_args: DataArguments,
     args: TemdeTrainingArguments,
     accelerator: Accelerator,
-) -> dict[str, list[TowerOutputs]]:
-    """Cached outputs of each frozen tower over all images / captions of `pool` (in its order).
+) -> tuple[dict[str, list[TowerOutputs]], dict[str, TowerSplit]]:
+    """Cached outputs of each frozen tower (or lower parts of partly trained ones) over all images /
+    captions of `pool` (in its order).
 
     Returns:
         Per tower, one memory-mapped `TowerOutputs` per view (images: the image, then its mirror with
-        flip augmentation; captions: one); an empty list for a tower that runs every step.
+        flip augmentation; captions: one), an empty list for a tower that runs every step; and the splits
+        of the towers whose cache holds their lower part.
     """
     caches: dict[str, list[TowerOutputs]] = {"vision": [], "text": []}
-    frozen = frozen_tower_names(model) if args.cache_tower_outputs else []
+    splits: dict[str, TowerSplit] = {}
     folder = Path(args.feature_cache_dir or Path(args.output_dir) / "feature_cache")
-    for part in frozen:
-        tower = getattr(model, f"{part}_model").eval()
+    for part, (tower, split) in _cached_towers(model, args).items():
         lengths: Any = None
         if part == "vision":
             inputs: Any = ImageInputs(pool, processor)
@@ -240,10 +271,13 @@ def _tower_caches(
             )
             views = [0]
             lengths = partial(caption_lengths, processor.tokenizer, items, data_args.max_text_length)
+        # the lower part of a split: the blocks below the cut (a different N, another cache)
+        lower = {} if split is None else {"lower_blocks": split.cut}
+        label = "frozen tower" if split is None else f"frozen lower {split.cut} blocks"
         for view in views:
             key = cache_key(tower=tower_fingerprint(tower), items=items, settings=settings,
-                            dtype=args.feature_cache_dtype, data=str(data_args.data), view=view)  # fmt: skip
-            name = f"{part}-{key}" + ("-mirrored" if view else "")
+                            dtype=args.feature_cache_dtype, data=str(data_args.data), view=view, **lower)  # fmt: skip
+            name = f"{part}-" + (f"lower{split.cut}-" if split else "") + key + ("-mirrored" if view else "")
             caches[part].append(
                 build_tower_cache(
                     folder / name,
@@ -260,10 +294,12 @@ def _tower_caches(
                     rank=accelerator.process_index,
                     world_size=accelerator.num_processes,
                     wait=accelerator.wait_for_everyone,
-                    desc=f"{name} (frozen tower, cached once)",
+                    desc=f"{name} ({label}, cached once)",
                 )
             )
-    return caches
+        if split is not None:
+            splits[part] = split
+    return caches, splits
 
 
 def _mirrored(images: ImageInputs, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -285,13 +321,18 @@ def build_inputs(
     accelerator: Accelerator,
 ) -> tuple[PairCollator, torch.Tensor, EvalSet | None]:
     """The training collator, the training pairs' image rows `(n_pairs,)`, and the evaluation set (raw or
-    cached)."""
+    cached).
+
+    A tower whose lower part is cached gets its top blocks run on it inside `model`'s forward
+    (`tower_split.attach_upper_towers`), in training and evaluation alike.
+    """
     # Cache over the rows this run uses, in pool order: every fold of a cross-validation uses them all
     # (one cache for all folds), and a run limited by --max_train_images computes only what it reads.
     used = sorted(set(splits.train_rows) | set(splits.eval_rows))
     pool = splits.pool.select(used)
     position = {row: i for i, row in enumerate(used)}
-    caches = _tower_caches(model, processor, pool, data_args, args, accelerator)
+    caches, tower_splits = _tower_caches(model, processor, pool, data_args, args, accelerator)
+    attach_upper_towers(model, tower_splits)
     pool_c2i = caption_to_image(pool)
 
     def inputs(pool_rows: list[int]) -> tuple[datasets.Dataset, ImageInputs, TextInputs]:
@@ -302,8 +343,9 @@ def build_inputs(
         caption_rows = torch.cat([torch.nonzero(pool_c2i == r).squeeze(1) for r in rows])
         return (
             dataset,
-            ImageInputs(dataset, processor, _slice(caches["vision"], image_rows)),
-            TextInputs(flat_captions(dataset), processor, data_args.max_text_length, _slice(caches["text"], caption_rows)),
+            ImageInputs(dataset, processor, _slice(caches["vision"], image_rows), "vision" in tower_splits),
+            TextInputs(flat_captions(dataset), processor, data_args.max_text_length, _slice(caches["text"], caption_rows),
+                       "text" in tower_splits),
         )  # fmt: skip
 
     train, images, texts = inputs(splits.train_rows)
