@@ -178,6 +178,11 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
                    "--output", "{tmp}/encode_backends_cpu.json"])),
         slow=True,
     ),
+    "python benchmarks/temde_question.py --temde 'T-EMDE concat N32 H6 + warm-up 1 ep' --seeds 0 1": Smoke(
+        (("script", BENCH / "temde_question.py",
+          ["--smoke", "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/temde_question.json"]),),
+        slow=True,
+    ),
     "python benchmarks/holdout_estimate.py --seeds 0 1 2": Smoke(
         (("script", BENCH / "holdout_estimate.py",
           ["--smoke", "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/holdout_estimate.json"]),),
