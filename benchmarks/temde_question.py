@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     towers, smoke_flags = smoke_setup(work) if args.smoke else (offline_towers(args.towers_dir), [])
     gallery = Path(smoke_flags[smoke_flags.index("--data") + 1]) if args.smoke else args.gallery
     cache_dir = work / "smoke" / "cache" if args.smoke else Path(args.feature_cache_dir)
-    output, results_md, _ = smoke_paths(work, args.output, args.smoke, REPO)
+    output, results_md, readme = smoke_paths(work, args.output, args.smoke, REPO)
     results = json.loads(output.read_text()) if output.is_file() else {"runs": {}}
     recipe_hash = hashlib.sha256(CONFIG.read_text().encode()).hexdigest()[:16]
     if results.get("recipe") != recipe_hash:
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gallery (none in the training set), paired by seed:\n\n" + text + "\n\n" + verdict(results)
     )
     write_section(results_md, "temde_question", markdown, "The T-EMDE question at 6,090 photos")
+    write_section(readme, "temde_question", markdown, "The T-EMDE question at 6,090 photos")
     return results
 
 
