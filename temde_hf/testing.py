@@ -134,6 +134,19 @@ def save_tiny_towers(
     return vision_dir, text_dir
 
 
+def tiny_trainer_argv(
+    vision: str | Path, text: str | Path, output_dir: str | Path, *extra: str, data: str | Path | None = None
+) -> list[str]:
+    """`temde-hf train` flags of a tiny run: the `save_tiny_towers` folders, a 16-d head with a 4 x 3 sketch,
+    `data` (``--data``, when given), no trackers and no progress bars; `extra` comes last (it wins)."""
+    data_flags = [] if data is None else ["--data", str(data)]
+    return [
+        "--vision_model_path", str(vision), "--text_model_path", str(text),
+        "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3", *data_flags,
+        "--output_dir", str(output_dir), "--report_to", "none", "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
 def tiny_batch(n: int, seed: int = 0, n_images: int | None = None) -> dict[str, torch.Tensor]:
     """Random training inputs for `n` pairs of the tiny towers.
 

@@ -22,7 +22,7 @@ from temde_hf.data.streaming import (
     prepare_stream,
     shard_for_process,
 )
-from temde_hf.testing import accelerate_launch, save_tiny_towers, truncated_jpeg
+from temde_hf.testing import accelerate_launch, save_tiny_towers, tiny_trainer_argv, truncated_jpeg
 
 N_PHOTOS = 18
 
@@ -183,13 +183,12 @@ def test_decode_example_names_bad_images_and_captions(tmp_path: Path, photos: li
 
 def _argv(towers: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     vision, text = towers
-    return [
-        "--vision_model_path", str(vision), "--text_model_path", str(text), "--projection_dim", "16",
-        "--n_sketches", "4", "--n_hyperplanes", "3", "--streaming", "true", "--output_dir", str(out),
-        "--shuffle_buffer_size", "4", "--per_device_train_batch_size", "3", "--save_steps", "1",
-        "--learning_rate", "2e-3", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+    return tiny_trainer_argv(
+        vision, text, out,
+        "--streaming", "true", "--shuffle_buffer_size", "4", "--per_device_train_batch_size", "3",
+        "--save_steps", "1", "--learning_rate", "2e-3", "--logging_steps", "1",
         "--streaming_log_keys", "true", "--sketch_init_batches", "1", *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def _key_log(out: Path, rank: int) -> list[dict]:

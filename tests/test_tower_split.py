@@ -13,7 +13,7 @@ from transformers import AutoModel, BertModel, ViTModel
 from temde_hf.data import make_synthetic_karpathy
 from temde_hf.models.temde.configuration_efficientnet_lite import EfficientNetLiteConfig
 from temde_hf.models.temde.modeling_efficientnet_lite import EfficientNetLiteModel
-from temde_hf.testing import TINY_IMAGE_SIZE, save_tiny_towers, tiny_tower_configs
+from temde_hf.testing import TINY_IMAGE_SIZE, save_tiny_towers, tiny_tower_configs, tiny_trainer_argv
 from temde_hf.training.batches import model_inputs
 from temde_hf.training.checkpointing import list_checkpoints
 from temde_hf.training.features import build_tower_cache
@@ -174,15 +174,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _argv(setup: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--vision_model_path", str(setup["vision"]), "--text_model_path", str(setup["text"]),
-        "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3",
-        "--data", str(setup["data"]), "--output_dir", str(output_dir),
+    return tiny_trainer_argv(
+        setup["vision"], setup["text"], output_dir,
         "--per_device_train_batch_size", "8", "--gradient_cache_micro_batches", "2",
         "--learning_rate", "2e-3", "--warmup_steps", "1", "--logging_steps", "1", "--max_steps", "3",
-        "--max_eval_images", "4", "--eval_steps", "3", "--feature_cache_backend", "torch",
-        "--report_to", "none", "--disable_tqdm", "true", "--seed", "7", *extra,
-    ]  # fmt: skip
+        "--max_eval_images", "4", "--eval_steps", "3", "--feature_cache_backend", "torch", "--seed", "7", *extra,
+        data=setup["data"],
+    )  # fmt: skip
 
 
 def _losses(output_dir: Path) -> dict[int, float]:

@@ -20,6 +20,7 @@ from temde_hf.testing import (
     save_tiny_towers,
     tiny_batch,
     tiny_config,
+    tiny_trainer_argv,
 )
 from temde_hf.training.accumulation import forward_backward
 from temde_hf.training.batches import split_micro_batches
@@ -149,14 +150,13 @@ def test_two_process_training_matches_one_process_and_resumes(tmp_path: Path) ->
     data = make_synthetic_karpathy(tmp_path / "data", n_images=30, seed=0)
 
     def argv(out: Path, per_device: int, *extra: str) -> list[str]:
-        return [
-            "--vision_model_path", str(vision), "--text_model_path", str(text), "--projection_dim", "16",
-            "--n_sketches", "4", "--n_hyperplanes", "3", "--data", str(data),
-            "--output_dir", str(out), "--per_device_train_batch_size", str(per_device),
+        return tiny_trainer_argv(
+            vision, text, out,
+            "--per_device_train_batch_size", str(per_device),
             "--gradient_cache_micro_batches", "2", "--max_steps", "4", "--save_steps", "0",
             "--learning_rate", "2e-3", "--max_eval_images", "6", "--eval_steps", "4", "--logging_steps", "1",
-            "--report_to", "none", "--disable_tqdm", "true", "--freeze_vision_tower", "true", *extra,
-        ]  # fmt: skip
+            "--freeze_vision_tower", "true", *extra, data=data,
+        )  # fmt: skip
 
     main(argv(tmp_path / "one", 8))  # one process, 16 pairs per step
     two = tmp_path / "two"

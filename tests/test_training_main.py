@@ -20,7 +20,7 @@ from temde_hf.cli import main as cli_main
 from temde_hf.data import load_karpathy, make_synthetic_karpathy
 from temde_hf.evaluation.metrics import retrieval_metrics
 from temde_hf.inference.encode import encode_dataset
-from temde_hf.testing import save_tiny_towers
+from temde_hf.testing import save_tiny_towers, tiny_trainer_argv
 from temde_hf.training import loop
 from temde_hf.training.checkpointing import (
     CheckpointError,
@@ -42,14 +42,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _argv(setup: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--vision_model_path", str(setup["vision"]), "--text_model_path", str(setup["text"]),
-        "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3",
-        "--data", str(setup["data"]), "--output_dir", str(output_dir),
+    return tiny_trainer_argv(
+        setup["vision"], setup["text"], output_dir,
         "--per_device_train_batch_size", "8", "--gradient_cache_micro_batches", "2",
-        "--learning_rate", "2e-3", "--warmup_steps", "2", "--logging_steps", "1",
-        "--report_to", "none", "--disable_tqdm", "true", "--seed", "7", *extra,
-    ]  # fmt: skip
+        "--learning_rate", "2e-3", "--warmup_steps", "2", "--logging_steps", "1", "--seed", "7", *extra,
+        data=setup["data"],
+    )  # fmt: skip
 
 
 def _losses(output_dir: Path) -> dict[int, float]:
