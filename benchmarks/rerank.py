@@ -345,10 +345,11 @@ def _pm(stat: dict[str, float]) -> str:
 
 
 def cv_label(folds: int, cv_folds: Sequence[int]) -> str:
-    """ "5-fold CV", or "folds 0, 1, 2 of a 5-fold CV" when the report averages over some folds only."""
+    """The CV's name in the report: "5-fold CV", or "folds 0, 1, 2 of a 5-fold CV" when it averages over
+    some folds of the split only."""
     if list(cv_folds) == list(range(folds)):
         return f"{folds}-fold CV"
-    return f"folds {', '.join(map(str, cv_folds))} of a {folds}-fold CV"
+    return f"fold{'s' if len(cv_folds) > 1 else ''} {', '.join(map(str, cv_folds))} of a {folds}-fold CV"
 
 
 def _sizes(runs: dict[str, Any], seeds: list[int], final: str) -> dict[str, Any]:
