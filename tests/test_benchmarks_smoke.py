@@ -312,3 +312,101 @@ def test_rerank_benchmark_trains_and_scores_one_run(tmp_path: Path) -> None:
     for scored in record["rerank"].values():
         assert set(scored["metrics"]) == {f"{w:g}" for w in rerank.WEIGHTS}
         assert set(scored["latency_ms"]) == {"stage1_i2t", "stage2_i2t", "stage1_t2i", "stage2_t2i"}
+
+
+def _demo6k_runs(rerank: ModuleType, folds: dict[str, tuple[int, ...]]) -> dict:
+    """Runs of ``--recipe demo6k``'s default variants: CV runs on `folds[variant]` (fold f of variant i has
+    stage-1 RSUM 300 + 10 f + i), judge runs (seeds 0, 1) on an 800-photo gallery."""
+    ms = {"stage1_i2t": 0.1, "stage1_t2i": 0.2, "stage2_i2t": 1.5, "stage2_t2i": 2.5}
+    runs = {}
+    for i, variant in enumerate(rerank.RECIPES["demo6k"]["variants"]):
+        keys = [f"{name} K={k}" for name in rerank.VARIANTS[variant]["rerankers"] for k in rerank.KS]
+        runs[variant] = {
+            f"cv fold {f} seed 0": _record(300 + 10 * f + i, dict.fromkeys(keys, 310)) for f in folds[variant]
+        }
+        for seed in (0, 1):
+            record = _record(350 + i + seed, dict.fromkeys(keys, 360 + seed))
+            for key in keys:
+                record["rerank"][key]["latency_ms"] = ms
+            runs[variant][f"judge seed {seed}"] = {
+                **record,
+                "loadavg": 2.0,
+                "eval_images": 800,
+                "eval_captions": 4000,
+            }
+    return runs  # fmt: skip
+
+
+def test_rerank_benchmark_summary_averages_over_the_folds_every_variant_has() -> None:
+    """Folds 0-2 of a 5-fold split ran for every variant, fold 3 for one: the CV values average over folds
+    0-2 only (the runs every variant has, so the variants stay paired), and the summary names them."""
+    rerank = _load("rerank")
+    rerank.WEIGHTS = (0.0, 1.0)
+    variants = rerank.RECIPES["demo6k"]["variants"]
+    runs = _demo6k_runs(rerank, {v: (0, 1, 2, 3) if v == "base" else (0, 1, 2) for v in variants})
+    summary = rerank.summarise(runs, [0], [0, 1], 5, rerank.WEIGHTS, final="judge")
+    assert summary["cv_folds"] == [0, 1, 2]
+    assert summary["rows"]["base | stage 1"]["cv"]["mean"] == pytest.approx(310)  # (300 + 310 + 320) / 3
+    assert summary["rows"]["base | stage 1"]["test"]["mean"] == pytest.approx(350.5)  # the judge runs
+    assert rerank.cv_label(5, summary["cv_folds"]) == "folds 0, 1, 2 of a 5-fold CV"
+    assert rerank.cv_label(5, range(5)) == "5-fold CV"
+    # a variant still running (fold 0 done, no judge run yet) does not narrow the folds, and is left out
+    for key in ("cv fold 1 seed 0", "cv fold 2 seed 0", "judge seed 0", "judge seed 1"):
+        del runs["matching head joint"][key]
+    assert rerank.shared_folds(runs, [0], [0, 1], 5, "judge") == [0, 1, 2]
+    rows = rerank.summarise(runs, [0], [0, 1], 5, rerank.WEIGHTS, "judge")["rows"]
+    assert "matching head joint | stage 1" not in rows and rows["base | stage 1"]["cv"][
+        "mean"
+    ] == pytest.approx(310)
+    assert (
+        rerank.summarise(runs, [0], [0, 1], 5, rerank.WEIGHTS, "test")["rows"] == {}
+    )  # no "test seed s" runs
+
+
+def test_rerank_benchmark_demo6k_report_names_its_data_and_folds(tmp_path: Path) -> None:
+    """``--recipe demo6k --report`` writes its own sections, saying what was measured: CV over the 6,090
+    Flickr8k-6k photos (the folds run), judged on the gallery's photos, the command with ``--run-folds``."""
+    rerank = _load("rerank")
+    rerank.REPO, rerank.WEIGHTS = tmp_path, (0.0, 1.0)
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "README.md").write_text("# x\n")
+    runs = _demo6k_runs(rerank, dict.fromkeys(rerank.RECIPES["demo6k"]["variants"], (0, 1, 2)))
+    output = tmp_path / "rerank_6k.json"
+    output.write_text(json.dumps({"runs": runs, "folds": 5, "cv_seeds": [0], "seeds": [0, 1]}))
+    stored = rerank.main(["--recipe", "demo6k", "--report", "--output", str(output)])
+    assert set(stored["summary"]["choices"]) >= {
+        "stage 1 + matching-head rerank",
+        "stage 1 after distillation",
+    }
+    readme = (tmp_path / "README.md").read_text()
+    command = (
+        "python benchmarks/rerank.py --recipe demo6k --folds 5 --run-folds 0 1 2 --cv-seeds 0 --seeds 0 1"
+    )
+    assert "<!-- BEGIN rerank_6k_summary" in readme and f"`{command}`" in readme
+    assert "folds 0, 1, 2 of a 5-fold CV over the 6,090 Flickr8k-6k photos" in readme
+    assert "all 800 Flickr8k-800 photos (4,000 captions), never in training" in readme
+    assert "| gallery RSUM |" in readme and "700 train+val" not in readme and "100 images" not in readme
+    results = (tmp_path / "benchmarks" / "RESULTS.md").read_text()
+    assert "<!-- BEGIN rerank_6k (generated" in results and f"    {command}\n" in results
+    assert "the lower of the gallery runs'" in results
+
+
+@pytest.mark.slow
+def test_rerank_benchmark_judges_on_another_gallery(tmp_path: Path) -> None:
+    """`train_and_score(eval_data=...)`: trained on train+val with no evaluation split (as make demo
+    trains), scored from pixels on every image of another data file."""
+    from temde_hf.data import make_synthetic_karpathy
+    from temde_hf.testing import save_tiny_towers
+
+    rerank = _load("rerank")
+    towers = save_tiny_towers(tmp_path / "towers")
+    data = make_synthetic_karpathy(tmp_path / "data", n_images=30, seed=0)
+    gallery = make_synthetic_karpathy(tmp_path / "gallery", n_images=11, seed=1)
+    tiny = ["--data", str(data), "--projection_dim", "16", "--n_sketches", "4", "--n_hyperplanes", "3",
+            "--per_device_train_batch_size", "8", "--max_steps", "2"]  # fmt: skip
+    record = rerank.train_and_score(
+        tiny, rerank.TRAIN_FLAGS, 0, tmp_path / "work", towers, ["alignment"], 0, eval_data=gallery
+    )
+    assert (record["eval_images"], record["eval_captions"]) == (11, 55)
+    assert record["trainer_eval_rsum"] is None  # nothing was held out of training
+    assert set(record["rerank"]) == {f"alignment K={k}" for k in rerank.KS}

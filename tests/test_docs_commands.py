@@ -1,4 +1,4 @@
-"""Every command README.md and benchmarks/RESULTS.md show runs, at smoke size.
+"""Every command README.md, benchmarks/RESULTS.md and benchmarks/README.md show runs, at smoke size.
 
 The commands are collected from the docs themselves: the lines of ``bash`` code blocks and the indented
 command lines of generated sections (``    python benchmarks/...``), with ``\\`` continuations joined and
@@ -26,7 +26,7 @@ from temde_hf.testing import save_tiny_checkpoint, save_tiny_towers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO.parent / "shared"  # the shared data beside the checkout (conftest checks it is there)
-DOCS = (REPO / "README.md", REPO / "benchmarks" / "RESULTS.md")
+DOCS = (REPO / "README.md", REPO / "benchmarks" / "RESULTS.md", REPO / "benchmarks" / "README.md")
 COMMAND_WORDS = {"python", "temde-hf", "accelerate", "make"}
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
 
@@ -227,6 +227,14 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
         (("script", BENCH / "rerank.py",
           ["--smoke", "--recipe", "demo", "--folds", "2", "--cv-seeds", "0", "--seeds", "0", "--variants", "base",
            "--latency-queries", "2", "--work-dir", "{tmp}/work", "--output", "{tmp}/rerank_demo.json"]),),
+        slow=True,
+    ),
+    # CV on 1 of 2 folds (the report's --run-folds path), the final run judged on the smoke data as the gallery
+    "python benchmarks/rerank.py --recipe demo6k --folds 5 --run-folds 0 1 2 --cv-seeds 0 --seeds 0 1": Smoke(
+        (("script", BENCH / "rerank.py",
+          ["--smoke", "--recipe", "demo6k", "--folds", "2", "--run-folds", "0", "--cv-seeds", "0", "--seeds", "0",
+           "--variants", "base", "--latency-queries", "2", "--work-dir", "{tmp}/work",
+           "--output", "{tmp}/rerank_6k.json"]),),
         slow=True,
     ),
     # README "Streaming data": the block as shown, run by bash in a folder with shared/ beside it
