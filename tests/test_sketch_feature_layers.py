@@ -90,6 +90,10 @@ def test_the_sketch_reads_the_last_and_the_extra_maps_tokens_and_only_the_sketch
     assert grad is not None and grad.abs().sum() > 0
     # the caller's own request for hidden states is still answered
     assert len(model.get_image_features(pixel_values=pixels, output_hidden_states=True).hidden_states) == 2
+    # with `token_layer_norm` each extra map gets its own LayerNorm (its channels' scale is its own)
+    normed = tiny_model(sketch_vision_feature_layers=LAYER, token_layer_norm=True)
+    assert normed.sketch_vision_token_norms[0].normalized_shape == (32,)
+    assert normed.get_image_features(pixel_values=pixels).sketch_token_embeds.shape == (3, 34, 16)
 
 
 def test_efficientnet_lite0_index_11_is_the_14x14_stage() -> None:
@@ -258,3 +262,17 @@ def test_the_exported_image_graph_includes_the_extra_maps(tmp_path: Path) -> Non
     folder = save_tiny_checkpoint(tmp_path / "ckpt", seed=1, sketch_vision_feature_layers=LAYER)
     meta = export_onnx(folder)
     assert max(meta["max_abs_diff"].values()) < 1e-5
+
+
+def test_the_sketch_initialisation_sees_the_extra_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DLSH (median) initialisation draws from the tokens the sketch reads: the extra map's too."""
+    from temde_hf.training.initialization import initialize_sketch_from_batches
+
+    torch.manual_seed(0)
+    model = tiny_model(sketch_vision_feature_layers=LAYER)
+    seen = []
+    monkeypatch.setattr(model, "initialize_sketch", lambda tokens, generator=None: seen.append(tokens.shape))
+    batch = tiny_batch(4)
+    initialize_sketch_from_batches(model, [batch], device=torch.device("cpu"), seed=0)
+    n_text = int(batch["attention_mask"].sum())
+    assert seen == [(4 * (17 + 17) + n_text, 16)]

@@ -87,10 +87,10 @@ def initialize_sketch_from_batches(
         out = model(**inputs)
         for features in (out.vision_model_output, out.text_model_output):
             # the tokens the sketch reads (with extra vision maps, more than `token_embeds`)
-            tokens_, mask = features.sketch_token_embeds, features.sketch_token_mask
-            if tokens_ is None:
-                tokens_, mask = features.token_embeds, features.token_mask
-            valid = tokens_[mask.bool()].float()  # (M, D)
+            read, mask = features.sketch_token_embeds, features.sketch_token_mask
+            if read is None:
+                read, mask = features.token_embeds, features.token_mask
+            valid = read[mask.bool()].float()  # (M, D)
             keep = torch.randperm(valid.shape[0], generator=generator)[:per_batch]
             tokens.append(valid[keep.to(valid.device)])
     model.initialize_sketch(torch.cat(tokens), generator=generator)

@@ -2,7 +2,9 @@
 
 Data flow, per modality: tower -> `last_hidden_state` tokens `(B, L, H_tower)` -> per-token projection
 to the joint space `(B, L, D)` -> global head ê `(B, D)` and the shared T-EMDE sketch Ŝ `(B, N, K)` ->
-fused embedding `(B, E)`. `forward` is built from `get_image_features` / `get_text_features`, so the
+fused embedding `(B, E)`. With `config.sketch_vision_feature_layers` the image sketch also reads
+the vision tower's chosen hidden states (each projected by its own layer), while the global head keeps
+the last map's tokens. `forward` is built from `get_image_features` / `get_text_features`, so the
 embeddings used for retrieval are by construction the trained ones.
 """
 
