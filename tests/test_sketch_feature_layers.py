@@ -31,7 +31,7 @@ from temde_hf.testing import (
 from temde_hf.training.arguments import parse_args
 from temde_hf.training.batches import model_inputs
 from temde_hf.training.checkpointing import list_checkpoints
-from temde_hf.training.features import build_tower_cache
+from temde_hf.training.features import StaleCacheError, build_tower_cache
 from temde_hf.training.train import main
 
 # The tiny ViT's hidden states: (embeddings, its one layer); state 0 = 16 patches + [CLS] = 17 tokens.
@@ -175,6 +175,10 @@ def test_the_cache_holds_the_extra_maps_and_the_cached_forward_equals_the_live_o
     assert cache.plan.layers == [[0, 17, 32]] and (tmp_path / "v" / "layer0.bin").is_file()
     if backend == "onnx":
         assert list((tmp_path / "graphs").glob("*-l0.onnx"))  # the graph with the extra output was used
+    with pytest.raises(StaleCacheError, match=r"extra hidden states \[0\], but \[\] were asked for"):
+        build_tower_cache(
+            tmp_path / "v", "k", model.vision_model, Pixels(), 10, batch_size=4, dtype="float32"
+        )
     rows = [7, 2, 5]
     hidden, pooled, _ = cache.rows(torch.tensor(rows))
     layers = {f"vision_layer{i}": value for i, value in cache.layer_rows(torch.tensor(rows)).items()}

@@ -3,8 +3,8 @@
 A frozen tower gives the same output for an item every epoch. With ``--cache_tower_outputs`` (default)
 the trainer runs each frozen tower once over the training and evaluation items and stores its tokens
 and pooled output (and, with `TemdeConfig.sketch_vision_feature_layers`, the vision tower's extra hidden
-states that the sketch also reads) in a memory-mapped cache (`temde_hf.training.tower_cache`: the file format, and why
-that one); the batches then carry the rows they need and `TemdeModel.forward(vision_outputs=...,
+states that the sketch also reads) in a memory-mapped cache (`temde_hf.training.tower_cache`: the file
+format, and why that one); the batches then carry the rows they need and `TemdeModel.forward(vision_outputs=...,
 text_outputs=...)` skips the tower. The cached tensors are exactly what the tower would feed the head,
 so the trained model embeds raw pixels and captions identically (up to the cache's dtype). A tower whose
 top blocks train (``--*_trainable_layers N``) is cached the same way below its first trainable block
@@ -247,16 +247,16 @@ def build_tower_cache(
         ImportError: ``backend="onnx"`` without onnxruntime.
     """
     folder = Path(folder)
-    if is_complete(folder, key):
-        return TowerOutputs(folder, key)
-    use_onnx = _onnx_usable(backend, device)
     layers = [int(i) for i in layers]
+    if is_complete(folder, key):
+        return _with_layers(TowerOutputs(folder, key), layers)
+    use_onnx = _onnx_usable(backend, device)
     eager = EagerTower(tower, device, layers)
     if rank == 0:
         # A few items give the output shapes (a new build) and check the graph against eager: every
         # batch, the first included, then goes through the fast path.
         probe = None
-        plan = _resumable_plan(folder, key, dtype, batch_size, n_items)
+        plan = _resumable_plan(folder, key, dtype, batch_size, n_items, layers)
         if plan is None:
             logger.info("computing the frozen tower's outputs once: %s", folder.name)
             probe = make_inputs(list(range(min(PROBE_ITEMS, n_items))))
@@ -313,7 +313,19 @@ def build_tower_cache(
     if rank == 0:
         writer.finish()
     wait()
-    return TowerOutputs(folder, key)
+    return _with_layers(TowerOutputs(folder, key), layers)
+
+
+def _with_layers(outputs: TowerOutputs, layers: list[int]) -> TowerOutputs:
+    """`outputs`, if it holds exactly the extra hidden states `layers` (a key that left them out would
+    otherwise hand a model a cache without the maps its sketch reads, or with others)."""
+    stored = [index for index, *_ in outputs.plan.layers or ()]
+    if stored != layers:
+        raise StaleCacheError(
+            f"{outputs.folder}: cache with extra hidden states {stored}, but {layers} were asked for: "
+            "put the layers in the cache key (a folder per set)"
+        )
+    return outputs
 
 
 def caption_lengths(
@@ -349,8 +361,10 @@ def _longest(inputs: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Te
     return {k: torch.nn.functional.pad(v, (0, pad)) for k, v in inputs.items()}
 
 
-def _resumable_plan(folder: Path, key: str, dtype: str, batch_size: int, n_items: int) -> CachePlan | None:
-    """The plan of an interrupted build of the same cache in `folder`, or ``None``."""
+def _resumable_plan(
+    folder: Path, key: str, dtype: str, batch_size: int, n_items: int, layers: list[int]
+) -> CachePlan | None:
+    """The plan of an interrupted build of the same cache (and extra hidden states) in `folder`, or ``None``."""
     saved = _read_json(folder / PLAN)
     if saved is None:
         return None
@@ -360,5 +374,7 @@ def _resumable_plan(folder: Path, key: str, dtype: str, batch_size: int, n_items
         return None
     wanted = {"key": key, "dtype": dtype, "batch_size": batch_size, "n_items": n_items}
     if any(asdict(plan)[name] != value for name, value in wanted.items()):
+        return None
+    if [index for index, *_ in plan.layers or ()] != layers:
         return None
     return plan
