@@ -280,3 +280,20 @@ def test_the_sketch_initialisation_sees_the_extra_tokens(monkeypatch: pytest.Mon
     initialize_sketch_from_batches(model, [batch], device=torch.device("cpu"), seed=0)
     n_text = int(batch["attention_mask"].sum())
     assert seen == [(4 * (17 + 17) + n_text, 16)]
+
+
+def test_a_saved_model_with_the_option_and_a_cached_partly_trained_tower_is_refused(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """The option set in the model's config (no flag to check up front): the trainer refuses the cached
+    lower part of a partly trained vision tower with the same line, before any step."""
+    vision, text = save_tiny_towers(tmp_path / "towers", num_hidden_layers=2)
+    model = TemdeModel.from_vision_text_pretrained(vision, text, projection_dim=16, n_sketches=4, n_hyperplanes=3,
+                                                   sketch_vision_feature_layers=LAYER)  # fmt: skip
+    model.save_pretrained(tmp_path / "ckpt")
+    tiny_processor().save_pretrained(tmp_path / "ckpt")
+    argv = ["--init_from", str(tmp_path / "ckpt"), "--data", str(setup["data"]), "--output_dir", str(tmp_path / "out"),
+            "--report_to", "none", "--disable_tqdm", "true", "--max_steps", "1", "--vision_trainable_layers", "1",
+            "--feature_cache_backend", "torch"]  # fmt: skip
+    with pytest.raises(ValueError, match="--sketch_vision_feature_layers with --vision_trainable_layers N"):
+        main(argv)
