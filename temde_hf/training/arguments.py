@@ -63,7 +63,7 @@ class _ModelSources:
         return {name: value for name, value in values.items() if value is not None}
 
 
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[int]": list[int]}
 
 
 def _config_docs(config_class: type) -> dict[str, str]:
@@ -105,6 +105,13 @@ ModelArguments = dataclasses.make_dataclass(
         "__doc__": "What to train: the towers (local folders), a full model config or a saved model, and "
         "overrides of any `TemdeConfig` architecture field (``--n_sketches 16``; unset: the config's value).",
     },
+)
+# The cached lower part of a partly trained vision tower holds one hidden state (the cut's), not the maps
+# the sketch also reads; the top blocks would have to return them too (`tower_split`), which they do not.
+SPLIT_WITH_FEATURE_LAYERS = (
+    "--sketch_vision_feature_layers with --vision_trainable_layers N is not supported (the cached lower part "
+    "of a partly trained tower has no hidden states for the sketch): train the whole vision tower, freeze it "
+    "(--freeze_vision_tower true), or set --cache_tower_outputs false"
 )
 ARCHITECTURE_FIELDS = tuple(name for name, _, _ in _architecture_fields(TemdeConfig))
 # The integer fields: counts and sizes (dims, heads, layers, N, H, K, chunk), every one >= 1.
@@ -732,6 +739,9 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: TemdeTr
         )
     if args.push_to_hub and args.stop_after_steps > 0:
         raise ValueError("--push_to_hub with --stop_after_steps: a stopped run has no final model to push")
+    split = trainable_layers(args)["vision"]
+    if model_args.sketch_vision_feature_layers and split and args.cache_tower_outputs:
+        raise ValueError(SPLIT_WITH_FEATURE_LAYERS)
 
 
 def _validate_numbers(

@@ -9,7 +9,8 @@ the same number of rows (needed to gather them).
 
 A batch holds either raw inputs (``pixel_values``; ``input_ids`` + ``attention_mask``) or, for a frozen
 tower whose outputs were cached (`temde_hf.training.features`), that tower's outputs
-(``vision_hidden`` + ``vision_pooled``; ``text_hidden`` + ``text_pooled`` + ``attention_mask``), or, for a
+(``vision_hidden`` + ``vision_pooled``, + ``vision_layer<i>`` for each extra hidden state the sketch reads;
+``text_hidden`` + ``text_pooled`` + ``attention_mask``), or, for a
 tower whose top blocks train, its cached lower part (``vision_lower``; ``text_lower`` +
 ``attention_mask``: `temde_hf.training.tower_split`), plus ``pair_ids``; `model_inputs` turns any of them
 into `TemdeModel.forward` keyword arguments.
@@ -164,7 +165,9 @@ class ImageInputs:
                 if self.cache.grid is not None:  # tokens -> the (B, C, h, w) map the top blocks take
                     hidden = hidden.transpose(1, 2).reshape(len(hidden), -1, *self.cache.grid)
                 return {"vision_lower": hidden}
-            return {"vision_hidden": hidden, "vision_pooled": pooled}
+            # the extra maps the sketch reads (`TemdeConfig.sketch_vision_feature_layers`), when cached
+            layers = {f"vision_layer{i}": rows for i, rows in self.cache.layer_rows(index).items()}
+            return {"vision_hidden": hidden, "vision_pooled": pooled, **layers}
         images = [open_image(self.images[int(row)]) for row in rows]
         images = [ImageOps.mirror(image) if view else image for image, view in zip(images, views)]
         image_processor = getattr(self.processor, "image_processor", self.processor)
@@ -249,8 +252,15 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     elif "vision_lower" in batch:
         inputs["vision_outputs"] = LowerStates(batch["vision_lower"].float())
     elif "vision_hidden" in batch:
+        layers = {
+            int(k.removeprefix("vision_layer")): v.float()
+            for k, v in batch.items()
+            if k.startswith("vision_layer")
+        }
         inputs["vision_outputs"] = BaseModelOutputWithPooling(
-            last_hidden_state=batch["vision_hidden"].float(), pooler_output=batch["vision_pooled"].float()
+            last_hidden_state=batch["vision_hidden"].float(),
+            pooler_output=batch["vision_pooled"].float(),
+            hidden_states=layers or None,  # {index: tokens}: the states `TemdeModel` reads by index
         )
     if "input_ids" in batch:
         inputs["input_ids"] = batch["input_ids"]

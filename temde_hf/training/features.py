@@ -2,8 +2,9 @@
 
 A frozen tower gives the same output for an item every epoch. With ``--cache_tower_outputs`` (default)
 the trainer runs each frozen tower once over the training and evaluation items and stores its tokens
-and pooled output in a memory-mapped cache (`temde_hf.training.tower_cache`: the file format, and why
-that one); the batches then carry the rows they need and `TemdeModel.forward(vision_outputs=...,
+and pooled output (and, with `TemdeConfig.sketch_vision_feature_layers`, the vision tower's extra hidden
+states that the sketch also reads) in a memory-mapped cache (`temde_hf.training.tower_cache`: the file
+format, and why that one); the batches then carry the rows they need and `TemdeModel.forward(vision_outputs=...,
 text_outputs=...)` skips the tower. The cached tensors are exactly what the tower would feed the head,
 so the trained model embeds raw pixels and captions identically (up to the cache's dtype). A tower whose
 top blocks train (``--*_trainable_layers N``) is cached the same way below its first trainable block
@@ -116,8 +117,8 @@ class _Batches(Dataset):
 class EagerTower:
     """`run_tower` on `device`; on a GPU in bfloat16 autocast with channels-last images (faster, same head)."""
 
-    def __init__(self, tower: nn.Module, device: torch.device | str) -> None:
-        self.tower, self.device = tower, torch.device(device)
+    def __init__(self, tower: nn.Module, device: torch.device | str, layers: Sequence[int] = ()) -> None:
+        self.tower, self.device, self.layers = tower, torch.device(device), tuple(layers)
         self.gpu = self.device.type == "cuda"
         if self.gpu:
             self.tower = self.tower.to(memory_format=torch.channels_last)
@@ -128,18 +129,23 @@ class EagerTower:
             self.tower.to(memory_format=torch.contiguous_format)
 
     @torch.inference_mode()
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """-> (tokens, pooled, then each extra hidden state as tokens), as `run_tower`, in float32."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         if self.gpu and "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.gpu else contextlib.nullcontext()
         with autocast:
-            hidden, pooled = run_tower(self.tower, inputs)
-        return hidden.float(), pooled.float()
+            outputs = run_tower(self.tower, inputs, self.layers)
+        return tuple(value.float() for value in outputs)
 
 
 def _onnx_graph(
-    tower: nn.Module, example: dict[str, torch.Tensor], graph: Path, reference: tuple[torch.Tensor, ...]
+    tower: nn.Module,
+    example: dict[str, torch.Tensor],
+    graph: Path,
+    reference: tuple[torch.Tensor, ...],
+    layers: Sequence[int] = (),
 ) -> bool:
     """Export `tower` to `graph` (once) and check it against the eager `reference` outputs of `example`.
 
@@ -150,14 +156,17 @@ def _onnx_graph(
 
     try:
         if not graph.is_file():
-            export_tower(tower, example, graph)
-        hidden, pooled = OnnxTower(graph)(example)
+            export_tower(tower, example, graph, layers)
+        outputs = OnnxTower(graph)(example)
     except Exception as error:  # any failure to export or run the graph: the eager pass is always right
         logger.warning("no ONNX graph of the tower (%s): caching eagerly", error)
         graph.unlink(missing_ok=True)
         return False
-    scale = max(1.0, float(reference[0].abs().max()), float(reference[1].abs().max()))
-    diff = max(float((hidden - reference[0]).abs().max()), float((pooled - reference[1]).abs().max()))
+    if len(outputs) != len(reference):  # a graph of other outputs (never expected: the name says which)
+        graph.unlink()
+        return False
+    scale = max(1.0, *(float(value.abs().max()) for value in reference))
+    diff = max(float((value - ref).abs().max()) for value, ref in zip(outputs, reference))
     if diff <= ONNX_TOLERANCE * scale:
         logger.info("ONNX tower graph %s: largest |onnxruntime - eager| %.2e", graph.name, diff)
         return True
@@ -199,6 +208,7 @@ def build_tower_cache(
     wait: Callable[[], None] = lambda: None,
     desc: str = "frozen tower",
     images_per_call: int | str | None = "auto",
+    layers: Sequence[int] = (),
 ) -> TowerOutputs:
     """The finished cache in `folder` for `key`, building (or resuming) it first if needed.
 
@@ -229,30 +239,35 @@ def build_tower_cache(
         images_per_call: Images per tower forward (a build batch is run in chunks of this many):
             ``"auto"``, a few on a CPU (`temde_hf.inference.cpu_batching`), the whole batch on a GPU;
             ``None``: the whole batch.
+        layers: Non-negative indices into the tower's `hidden_states` also stored (as tokens), one array
+            each: the vision maps of `TemdeConfig.sketch_vision_feature_layers` (the model's
+            ``sketch_feature_layers``). They belong in `key` too (another set is another cache).
 
     Raises:
         ImportError: ``backend="onnx"`` without onnxruntime.
     """
     folder = Path(folder)
+    layers = [int(i) for i in layers]
     if is_complete(folder, key):
-        return TowerOutputs(folder, key)
+        return _with_layers(TowerOutputs(folder, key), layers)
     use_onnx = _onnx_usable(backend, device)
-    eager = EagerTower(tower, device)
+    eager = EagerTower(tower, device, layers)
     if rank == 0:
         # A few items give the output shapes (a new build) and check the graph against eager: every
         # batch, the first included, then goes through the fast path.
         probe = None
-        plan = _resumable_plan(folder, key, dtype, batch_size, n_items)
+        plan = _resumable_plan(folder, key, dtype, batch_size, n_items, layers)
         if plan is None:
             logger.info("computing the frozen tower's outputs once: %s", folder.name)
             probe = make_inputs(list(range(min(PROBE_ITEMS, n_items))))
-            hidden, pooled = eager(probe)
+            hidden, pooled, *maps = eager(probe)
             counts = None if lengths is None else np.asarray(lengths() if callable(lengths) else lengths)
             n_tokens = hidden.shape[1] if counts is None else int(counts.max())
             # a tower whose tokens are a map's cells (a split's convolutional lower part) names its grid
             plan = CachePlan(key, n_items, n_tokens, hidden.shape[2], pooled.shape[1], dtype,
                              "attention_mask" in probe, batch_size, ordered=counts is not None,
-                             grid=getattr(tower, "grid", None))  # fmt: skip
+                             grid=getattr(tower, "grid", None),
+                             layers=[[i, m.shape[1], m.shape[2]] for i, m in zip(layers, maps)] or None)  # fmt: skip
             order = None if counts is None else np.argsort(counts, kind="stable")
             CacheWriter(folder, plan).prepare(order)
         else:
@@ -260,7 +275,7 @@ def build_tower_cache(
         graph = _graph_path(graph_dir, folder, tower, plan) if use_onnx else None
         if graph is not None and not graph.is_file() and len(CacheWriter(folder, plan).pending()):
             probe = _longest(probe or make_inputs(list(range(min(PROBE_ITEMS, n_items)))), plan.tokens)
-            _onnx_graph(tower, probe, graph, eager(probe))
+            _onnx_graph(tower, probe, graph, eager(probe), layers)
     wait()
     plan = CachePlan(**_read_json(folder / PLAN))
     writer = CacheWriter(folder, plan)
@@ -285,12 +300,12 @@ def build_tower_cache(
         images_per_call = images_per_forward(device)
     for batch, inputs in _iterate(loader):
         if "pixel_values" in inputs:
-            hidden, pooled = in_chunks(
+            hidden, pooled, *maps = in_chunks(
                 lambda x: run({"pixel_values": x}), inputs["pixel_values"], images_per_call
             )
         else:
-            hidden, pooled = run(inputs)
-        writer.write(batch, hidden, pooled, inputs.get("attention_mask"))
+            hidden, pooled, *maps = run(inputs)
+        writer.write(batch, hidden, pooled, inputs.get("attention_mask"), tuple(maps))
         bar.update()
     bar.close()
     eager.restore()
@@ -298,7 +313,19 @@ def build_tower_cache(
     if rank == 0:
         writer.finish()
     wait()
-    return TowerOutputs(folder, key)
+    return _with_layers(TowerOutputs(folder, key), layers)
+
+
+def _with_layers(outputs: TowerOutputs, layers: list[int]) -> TowerOutputs:
+    """`outputs`, if it holds exactly the extra hidden states `layers` (a key that left them out would
+    otherwise hand a model a cache without the maps its sketch reads, or with others)."""
+    stored = [index for index, *_ in outputs.plan.layers or ()]
+    if stored != layers:
+        raise StaleCacheError(
+            f"{outputs.folder}: cache with extra hidden states {stored}, but {layers} were asked for: "
+            "put the layers in the cache key (a folder per set)"
+        )
+    return outputs
 
 
 def caption_lengths(
@@ -313,8 +340,10 @@ def caption_lengths(
 
 
 def _graph_path(graph_dir: str | Path | None, folder: Path, tower: nn.Module, plan: CachePlan) -> Path:
-    """The tower's graph: it depends on the weights and (text) the traced length only, not on the items."""
-    name = f"{tower_fingerprint(tower)[:16]}-{plan.tokens}.onnx"
+    """The tower's graph: it depends on the weights, (text) the traced length and the extra hidden states
+    it outputs only, not on the items."""
+    extra = "".join(f"-l{index}" for index, *_ in plan.layers or ())
+    name = f"{tower_fingerprint(tower)[:16]}-{plan.tokens}{extra}.onnx"
     return Path(graph_dir or folder.parent / "graphs") / name
 
 
@@ -332,8 +361,10 @@ def _longest(inputs: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Te
     return {k: torch.nn.functional.pad(v, (0, pad)) for k, v in inputs.items()}
 
 
-def _resumable_plan(folder: Path, key: str, dtype: str, batch_size: int, n_items: int) -> CachePlan | None:
-    """The plan of an interrupted build of the same cache in `folder`, or ``None``."""
+def _resumable_plan(
+    folder: Path, key: str, dtype: str, batch_size: int, n_items: int, layers: list[int]
+) -> CachePlan | None:
+    """The plan of an interrupted build of the same cache (and extra hidden states) in `folder`, or ``None``."""
     saved = _read_json(folder / PLAN)
     if saved is None:
         return None
@@ -343,5 +374,7 @@ def _resumable_plan(folder: Path, key: str, dtype: str, batch_size: int, n_items
         return None
     wanted = {"key": key, "dtype": dtype, "batch_size": batch_size, "n_items": n_items}
     if any(asdict(plan)[name] != value for name, value in wanted.items()):
+        return None
+    if [index for index, *_ in plan.layers or ()] != layers:
         return None
     return plan

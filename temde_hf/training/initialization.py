@@ -86,7 +86,11 @@ def initialize_sketch_from_batches(
         inputs = model_inputs({k: v.to(device) for k, v in batch.items()})
         out = model(**inputs)
         for features in (out.vision_model_output, out.text_model_output):
-            valid = features.token_embeds[features.token_mask.bool()].float()  # (M, D)
+            # the tokens the sketch reads (with extra vision maps, more than `token_embeds`)
+            read, mask = features.sketch_token_embeds, features.sketch_token_mask
+            if read is None:
+                read, mask = features.token_embeds, features.token_mask
+            valid = read[mask.bool()].float()  # (M, D)
             keep = torch.randperm(valid.shape[0], generator=generator)[:per_batch]
             tokens.append(valid[keep.to(valid.device)])
     model.initialize_sketch(torch.cat(tokens), generator=generator)

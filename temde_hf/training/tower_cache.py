@@ -6,6 +6,8 @@ One cache is a folder::
     hidden.bin    (n, tokens, C)   row-major, the storage dtype
     pooled.bin    (n, C)
     mask.bin      (n, tokens)      uint8, text only
+    layer<i>.bin  (n, tokens_i, C_i)  hidden state i of the vision tower as tokens, for each index i of
+                  `TemdeConfig.sketch_vision_feature_layers` (the extra maps the sketch reads)
     order.bin     int64, the items in build order (text only: by length, so a batch pads little)
     done.bin      one byte per build batch: 1 once that batch's rows are written
     header.json   the plan again, written last (atomically): its presence means "complete"
@@ -61,6 +63,7 @@ class CachePlan:
         batch_size: Rows per build batch (the unit of progress and of sharding across processes).
         ordered: Whether batches take the items in the order of ``order.bin`` (else in row order).
         grid: `(h, w)` when the tokens are a convolutional map's cells (row-major), else ``None``.
+        layers: `[index, tokens, C]` of each extra hidden state stored (``layer<index>.bin``), or ``None``.
         version: The file format.
     """
 
@@ -74,6 +77,7 @@ class CachePlan:
     batch_size: int
     ordered: bool = False
     grid: list[int] | None = None
+    layers: list[list[int]] | None = None
     version: int = FORMAT_VERSION
 
     @property
@@ -87,6 +91,8 @@ class CachePlan:
         }
         if self.has_mask:
             shapes["mask"] = (self.n_items, self.tokens)
+        for index, tokens, width in self.layers or ():
+            shapes[f"layer{index}"] = (self.n_items, tokens, width)
         return shapes
 
     def storage(self, name: str) -> np.dtype:
@@ -183,7 +189,12 @@ class CacheWriter:
         return list(rows) if self.order is None else self.order[rows.start : rows.stop].tolist()
 
     def write(
-        self, batch: int, hidden: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        batch: int,
+        hidden: torch.Tensor,
+        pooled: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        layers: tuple[torch.Tensor, ...] = (),
     ) -> None:
         """Write build batch `batch`.
 
@@ -192,6 +203,7 @@ class CacheWriter:
             hidden: `(b, t, C)` tokens, ``t <= plan.tokens`` (zero-padded to ``plan.tokens`` here).
             pooled: `(b, C')`.
             mask: `(b, t)` attention mask (text), or ``None``.
+            layers: `(b, t_i, C_i)` each extra hidden state of ``plan.layers``, in its order (images).
         """
         rows = self.rows(batch)
         if hidden.shape[0] != len(rows):
@@ -206,6 +218,12 @@ class CacheWriter:
         arrays = {"hidden": torch.nn.functional.pad(hidden, (0, 0, 0, pad)), "pooled": pooled}
         if self.plan.has_mask:
             arrays["mask"] = torch.nn.functional.pad(mask, (0, pad)).to(torch.uint8)
+        if len(layers) != len(self.plan.layers or ()):
+            raise ValueError(
+                f"batch {batch} has {len(layers)} extra hidden states, the cache {self.plan.layers}"
+            )
+        for (index, *_), value in zip(self.plan.layers or (), layers):
+            arrays[f"layer{index}"] = value
         for name, value in arrays.items():
             if name != "mask":
                 value = value.to(TORCH_DTYPES[self.plan.dtype])
@@ -309,6 +327,11 @@ class TowerOutputs:
         mask = self._tensor("mask", index) if self.plan.has_mask else None
         return self._tensor("hidden", index), self._tensor("pooled", index), mask
 
+    def layer_rows(self, index: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Rows `index` `(b,)` of the extra hidden states: ``{i: (b, tokens_i, C_i)}`` (empty without any)."""
+        index = np.asarray(torch.as_tensor(index, dtype=torch.long))
+        return {i: self._tensor(f"layer{i}", index) for i, *_ in self.plan.layers or ()}
+
 
 class RowView:
     """Selected rows of one or more caches (views of the same items), addressed view-major.
@@ -351,3 +374,16 @@ class RowView:
             if m is not None:
                 mask[take] = m
         return hidden, pooled, mask
+
+    def layer_rows(self, index: torch.Tensor) -> dict[int, torch.Tensor]:
+        """As `TowerOutputs.layer_rows`."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        view, source = index // len(self.selected), self.selected[index % len(self.selected)]
+        out: dict[int, torch.Tensor] = {}
+        for v, cache in enumerate(self.views):
+            take = view == v
+            if not take.any():
+                continue
+            for i, rows in cache.layer_rows(source[take]).items():
+                out.setdefault(i, rows.new_empty((len(index), *rows.shape[1:])))[take] = rows
+        return out

@@ -33,6 +33,7 @@ from ..data.auto import detect_format
 from ..data.pairs import caption_to_image, flat_captions
 from ..models.temde import TemdeConfig, TemdeForImageTextRetrieval, TemdeModel, TemdeProcessor
 from .arguments import (
+    SPLIT_WITH_FEATURE_LAYERS,
     DataArguments,
     ModelArguments,
     TemdeTrainingArguments,
@@ -273,6 +274,12 @@ def _tower_caches(
             lengths = partial(caption_lengths, processor.tokenizer, items, data_args.max_text_length)
         # the lower part of a split: the blocks below the cut (a different N, another cache)
         lower = {} if split is None else {"lower_blocks": split.cut}
+        # the vision maps the sketch also reads (`TemdeConfig.sketch_vision_feature_layers`): in the key only
+        # when set, so the caches of a model without them keep their names
+        layers = getattr(model, "sketch_feature_layers", ()) if part == "vision" else ()
+        if layers and split is not None:
+            raise ValueError(SPLIT_WITH_FEATURE_LAYERS)
+        lower |= {"sketch_layers": list(layers)} if layers else {}
         label = "frozen tower" if split is None else f"frozen lower {split.cut} blocks"
         for view in views:
             key = cache_key(tower=tower_fingerprint(tower), items=items, settings=settings,
@@ -295,6 +302,7 @@ def _tower_caches(
                     world_size=accelerator.num_processes,
                     wait=accelerator.wait_for_everyone,
                     desc=f"{name} ({label}, cached once)",
+                    layers=layers,
                 )
             )
         if split is not None:

@@ -133,6 +133,16 @@ class TemdeConfig(PreTrainedConfig):
         sketch_kernel (`str`, defaults to `"auto"`): `"auto"` uses the fused Triton kernel on CUDA when
             available and PyTorch elsewhere; `"torch"` / `"triton"` force one; `"reference"` is the slow
             log-space PyTorch path the others are tested against.
+        sketch_vision_feature_layers (`list[int]`, *optional*): indices into the vision tower's
+            `hidden_states` (as transformers' LLaVA `vision_feature_layer`; negative ones count from the end)
+            whose maps ALSO feed the sketch: each gets its own linear projection to `projection_dim`, and its
+            tokens join the last map's tokens in the set the sketch reads. The global head (pooling) and the
+            token-level heads keep the last map's tokens only, so the option changes nothing of a model
+            without a sketch (refused with `sketch_fusion="none"`). For EfficientNet-Lite the hidden states
+            are (stem, every block, head): in Lite0 at 224 px index 11 is the last block of the 14 × 14
+            stage (112 channels, 196 tokens beside the 7 × 7 head map's 49). Supported for EfficientNet-Lite
+            and towers whose hidden states all have `hidden_size` channels (ViT, CLIP, DeiT, ...). `None`
+            (default): the sketch reads the last map only.
         token_layer_norm (`bool`, defaults to `False`): a LayerNorm (per tower) on every tower token before
             the projection, so tokens of towers with very different feature scales (a CNN's post-activation
             map, a transformer's last layer) enter the joint space on a common footing.
@@ -182,6 +192,7 @@ class TemdeConfig(PreTrainedConfig):
     sketch_weight: float = 1.0
     sketch_chunk_size: int = 64
     sketch_kernel: str = "auto"
+    sketch_vision_feature_layers: list[int] | None = None
     token_layer_norm: bool = False
     alignment_aggregation: str = "max_mean"
     itm_layers: int = 2
@@ -250,6 +261,7 @@ class TemdeConfig(PreTrainedConfig):
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
             raise ValueError(f"TemdeConfig.logit_scale_init_value={scale!r} must be a finite number.")
         self._check_summary_tokens()
+        self._check_feature_layers()
         if self.pooling == "attention" and self.projection_dim % self.attention_pooling_heads:
             raise ValueError(
                 f"TemdeConfig.projection_dim={self.projection_dim} must be divisible by "
@@ -263,6 +275,29 @@ class TemdeConfig(PreTrainedConfig):
                 f"TemdeConfig: the matching head's width {itm_width} (itm_hidden_size, else projection_dim) must "
                 f"be divisible by itm_heads={self.itm_heads}."
             )
+
+    def _check_feature_layers(self) -> None:
+        """`sketch_vision_feature_layers`: `None`, or a non-empty list of distinct integers (one integer is
+        taken as a list of one, as LLaVA's `vision_feature_layer`); the range is checked by the model,
+        which knows how many hidden states its tower has."""
+        layers = self.sketch_vision_feature_layers
+        if layers is None:
+            return
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        ok = isinstance(layers, (list, tuple)) and len(layers) > 0
+        ok = ok and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        if not ok or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"TemdeConfig.sketch_vision_feature_layers={self.sketch_vision_feature_layers!r} must be None or "
+                "a non-empty list of distinct integers (indices into the vision tower's hidden_states)."
+            )
+        if self.sketch_fusion == "none":
+            raise ValueError(
+                "TemdeConfig.sketch_vision_feature_layers feeds extra image tokens to the sketch, but "
+                "sketch_fusion='none' has no sketch: drop sketch_vision_feature_layers or use a sketch fusion."
+            )
+        self.sketch_vision_feature_layers = list(layers)
 
     def _check_summary_tokens(self) -> None:
         """Refuse a head that reads the first token (`cls`, or `pooler` without a pooled output) of a tower

@@ -2,7 +2,9 @@
 
 Data flow, per modality: tower -> `last_hidden_state` tokens `(B, L, H_tower)` -> per-token projection
 to the joint space `(B, L, D)` -> global head ê `(B, D)` and the shared T-EMDE sketch Ŝ `(B, N, K)` ->
-fused embedding `(B, E)`. `forward` is built from `get_image_features` / `get_text_features`, so the
+fused embedding `(B, E)`. With `config.sketch_vision_feature_layers` the image sketch also reads
+the vision tower's chosen hidden states (each projected by its own layer), while the global head keeps
+the last map's tokens. `forward` is built from `get_image_features` / `get_text_features`, so the
 embeddings used for retrieval are by construction the trained ones.
 """
 
@@ -55,12 +57,18 @@ class TemdeEncoderOutput(BaseModelOutputWithPooling):
     token_mask (`(batch, tokens)`): 1 for real tokens, 0 for padding.
     global_embeds (`(batch, projection_dim)`): the unit-norm global vector ê (before fusion).
     sketch (`(batch, n_sketches, sketch_width)`): the row-normalised sketch Ŝ, or None without one.
+    sketch_token_embeds (`(batch, sketch_tokens, projection_dim)`): the tokens the sketch read when they are
+        more than `token_embeds` (`config.sketch_vision_feature_layers`: the last map's tokens, then each
+        extra map's), else None (the sketch read `token_embeds`).
+    sketch_token_mask (`(batch, sketch_tokens)`): 1 for real tokens of `sketch_token_embeds`, or None.
     """
 
     token_embeds: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     global_embeds: torch.Tensor | None = None
     sketch: torch.Tensor | None = None
+    sketch_token_embeds: torch.Tensor | None = None
+    sketch_token_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -109,6 +117,54 @@ def tower_hidden_size(config: PreTrainedConfig) -> int:
     )
 
 
+def hidden_state_widths(config: PreTrainedConfig) -> list[int] | None:
+    """Channels of each of a tower's `hidden_states`, or None where this cannot be told from its config.
+
+    EfficientNet-Lite: (stem, every block, head); a transformer tower: `num_hidden_layers + 1` states
+    (embeddings, then each layer) of `hidden_size` channels.
+    """
+    if config.model_type == EfficientNetLiteModel.config_class.model_type:
+        widths = [config.stem_channels]  # the stem is never width-scaled in Lite
+        for stage, channels in enumerate(config.out_channels):
+            widths += [config.round_channels(channels)] * config.stage_repeats(stage)
+        return [*widths, config.hidden_dim]
+    width, layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if isinstance(width, int) and isinstance(layers, int) and not getattr(config, "hidden_sizes", None):
+        return [width] * (layers + 1)
+    return None
+
+
+def sketch_feature_layers(config: TemdeConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`config.sketch_vision_feature_layers` as non-negative indices into the vision tower's
+    `hidden_states`, and each one's channels; `((), ())` without the option.
+
+    Raises:
+        ValueError: The tower's hidden states cannot be told from its config, or an index is out of range.
+    """
+    layers = config.sketch_vision_feature_layers
+    if not layers:
+        return (), ()
+    vision = config.vision_config
+    widths = hidden_state_widths(vision)
+    if widths is None:
+        raise ValueError(
+            f"TemdeConfig.sketch_vision_feature_layers is not supported for a {vision.model_type} vision tower "
+            "(its hidden states' channels cannot be told from its config); use EfficientNet-Lite or a "
+            "transformer tower (ViT, CLIP, ...), or drop the option."
+        )
+    n = len(widths)
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise ValueError(
+            f"TemdeConfig.sketch_vision_feature_layers={layers}: {bad} out of range for the "
+            f"{vision.model_type} tower's {n} hidden states (indices -{n} .. {n - 1})."
+        )
+    indices = tuple(i % n for i in layers)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"TemdeConfig.sketch_vision_feature_layers={layers} names one hidden state twice.")
+    return indices, tuple(widths[i] for i in indices)
+
+
 def _as_tokens(hidden: torch.Tensor) -> torch.Tensor:
     """Tower output -> token sequence `(B, L, C)`; convolutional maps `(B, C, h, w)` become `h·w` tokens."""
     if hidden.ndim == 4:
@@ -126,12 +182,15 @@ def _normed(norm: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _as_tower_output(value: Any, name: str) -> ModelOutput:
-    """Precomputed tower outputs, as a `BaseModelOutputWithPooling` or `(last_hidden_state, pooler_output?)`."""
+    """Precomputed tower outputs, as a `BaseModelOutputWithPooling` or
+    `(last_hidden_state, pooler_output?, hidden_states?)`."""
     if isinstance(value, ModelOutput):
         return value
-    if isinstance(value, (tuple, list)) and 1 <= len(value) <= 2 and torch.is_tensor(value[0]):
+    if isinstance(value, (tuple, list)) and 1 <= len(value) <= 3 and torch.is_tensor(value[0]):
         return BaseModelOutputWithPooling(
-            last_hidden_state=value[0], pooler_output=value[1] if len(value) == 2 else None
+            last_hidden_state=value[0],
+            pooler_output=value[1] if len(value) >= 2 else None,
+            hidden_states=value[2] if len(value) == 3 else None,
         )
     raise ValueError(
         f"`{name}` must be a BaseModelOutputWithPooling or a tuple (last_hidden_state, pooler_output), "
@@ -295,6 +354,19 @@ class TemdeModel(TemdePreTrainedModel):
         self.visual_token_norm = (
             nn.LayerNorm(tower_hidden_size(config.vision_config)) if config.token_layer_norm else None
         )
+        # `config.sketch_vision_feature_layers`: the extra maps' tokens, for the sketch only. Each map has
+        # its own channels (EfficientNet-Lite0's 14 x 14 stage: 112, the head: 1280), so each gets its own
+        # projection (and LayerNorm) into the joint space. Modules exist only with the option: a model
+        # without it has the state dict of before, and its checkpoints load unchanged.
+        self.sketch_feature_layers, widths = sketch_feature_layers(config)
+        self.sketch_vision_projections = (
+            nn.ModuleList(nn.Linear(width, d, bias=False) for width in widths) if widths else None
+        )
+        self.sketch_vision_token_norms = (
+            nn.ModuleList(nn.LayerNorm(width) for width in widths)
+            if widths and config.token_layer_norm
+            else None
+        )
         self.text_token_norm = (
             nn.LayerNorm(tower_hidden_size(config.text_config)) if config.token_layer_norm else None
         )
@@ -312,6 +384,8 @@ class TemdeModel(TemdePreTrainedModel):
         mask: torch.Tensor,
         pooled: torch.Tensor | None = None,
         sketch_weight: float | None = None,
+        sketch_tokens: torch.Tensor | None = None,
+        sketch_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Fuse projected tokens into the final embedding.
 
@@ -321,11 +395,15 @@ class TemdeModel(TemdePreTrainedModel):
             pooled: `(B, D)` the tower's projected pooled output (used by the `"pooler"` head).
             sketch_weight: λ of the `concat` fusion for this call (default `config.sketch_weight`); a
                 trainer's sketch warm-up passes 0 here instead of editing the config.
+            sketch_tokens: `(B, L', D)` the token set the sketch reads instead of `tokens` (with
+                `sketch_mask` `(B, L')`): `tokens` plus the extra maps' of `config.sketch_vision_feature_layers`.
 
         Returns:
             `(embeds (B, E), global_embeds (B, D), sketch (B, N, K) or None)`.
         """
-        sketch = self.sketch(tokens, mask) if self.sketch is not None else None
+        if sketch_tokens is None:
+            sketch_tokens, sketch_mask = tokens, mask
+        sketch = self.sketch(sketch_tokens, sketch_mask) if self.sketch is not None else None
         if self.config.sketch_fusion == "replace":
             global_embeds = self.sketch_projection(sketch.flatten(1).to(tokens.dtype))
         else:
@@ -346,17 +424,24 @@ class TemdeModel(TemdePreTrainedModel):
         mask: torch.Tensor,
         pooled: torch.Tensor | None,
         sketch_weight: float | None = None,
+        sketch_tokens: torch.Tensor | None = None,
+        sketch_mask: torch.Tensor | None = None,
+        keep_hidden_states: bool = True,
     ) -> TemdeEncoderOutput:
-        embeds, global_embeds, sketch = self.embed_tokens(tokens, mask, pooled, sketch_weight)
+        embeds, global_embeds, sketch = self.embed_tokens(
+            tokens, mask, pooled, sketch_weight, sketch_tokens, sketch_mask
+        )
         return TemdeEncoderOutput(
             last_hidden_state=getattr(tower_output, "last_hidden_state", None),
             pooler_output=embeds,
-            hidden_states=getattr(tower_output, "hidden_states", None),
+            hidden_states=getattr(tower_output, "hidden_states", None) if keep_hidden_states else None,
             attentions=getattr(tower_output, "attentions", None),
             token_embeds=tokens,
             token_mask=mask,
             global_embeds=global_embeds,
             sketch=sketch,
+            sketch_token_embeds=sketch_tokens,
+            sketch_token_mask=sketch_mask,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -374,6 +459,49 @@ class TemdeModel(TemdePreTrainedModel):
         if pooled is not None:
             pooled = self.visual_projection(_normed(self.visual_token_norm, pooled.flatten(1)))
         return tokens, mask, pooled
+
+    def project_sketch_feature_maps(
+        self, tokens: torch.Tensor, mask: torch.Tensor, hidden_states: Any
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sketch's image token set: the last map's projected tokens, then each extra map's.
+
+        Args:
+            tokens: `(B, L, D)` the last map's projected tokens; mask `(B, L)` likewise.
+            hidden_states: the vision tower's `hidden_states` (its tuple, or a dict from the indices of
+                `self.sketch_feature_layers` to their maps, which is what a tower cache holds); each map
+                `(B, C_i, h_i, w_i)` or `(B, L_i, C_i)`.
+
+        Returns:
+            `(sketch_tokens (B, L + Σ L_i, D), sketch_mask)`, or `(None, None)` without the option.
+        """
+        if not self.sketch_feature_layers:
+            return None, None
+        if hidden_states is None:
+            raise ValueError(
+                "TemdeConfig.sketch_vision_feature_layers needs the vision tower's hidden_states, but the vision "
+                "outputs have none: run the tower with output_hidden_states=True (or pass pixel_values); a "
+                "tower whose top blocks train on a cached lower part (--vision_trainable_layers) does not "
+                "support the option."
+            )
+        parts, masks = [tokens], [mask]
+        norms = self.sketch_vision_token_norms or [None] * len(self.sketch_feature_layers)
+        for index, projection, norm in zip(self.sketch_feature_layers, self.sketch_vision_projections, norms):
+            try:
+                hidden = _as_tokens(hidden_states[index])
+            except (IndexError, KeyError):
+                raise ValueError(
+                    f"the vision outputs' hidden_states lack state {index} "
+                    "(TemdeConfig.sketch_vision_feature_layers); recompute them with this config."
+                ) from None
+            if hidden.shape[-1] != projection.in_features:
+                raise ValueError(
+                    f"vision hidden state {index} has {hidden.shape[-1]} channels, but the config's tower "
+                    f"gives it {projection.in_features} (TemdeConfig.sketch_vision_feature_layers)."
+                )
+            extra = projection(_normed(norm, hidden))
+            parts.append(extra)
+            masks.append(torch.ones(extra.shape[:2], dtype=mask.dtype, device=mask.device))
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
 
     def project_text_hidden_states(
         self,
@@ -431,7 +559,8 @@ class TemdeModel(TemdePreTrainedModel):
             vision_outputs: the vision tower's output for these images, computed earlier (e.g. cached while
                 the tower is frozen): `last_hidden_state` `(batch, tokens, C)` or `(batch, C, h, w)` and
                 optionally `pooler_output` `(batch, C)`. The tower is then skipped, like `encoder_outputs`
-                in transformers' encoder-decoder models.
+                in transformers' encoder-decoder models. With `config.sketch_vision_feature_layers` it
+                also needs `hidden_states`: the tower's tuple, or a dict holding just those indices.
             sketch_weight: λ of the `concat` fusion for this call (default `config.sketch_weight`).
             **kwargs: passed to the vision tower (e.g. `output_hidden_states`).
 
@@ -440,11 +569,20 @@ class TemdeModel(TemdePreTrainedModel):
         """
         if vision_outputs is None:
             check_inputs("pixel_values", pixel_values, "(batch, channels, height, width)")
+        # the extra maps of `config.sketch_vision_feature_layers` are hidden states: ask the tower for them
+        # only then (and return them only when the caller asked too)
+        asked = bool(kwargs.get("output_hidden_states"))
+        if self.sketch_feature_layers and vision_outputs is None:
+            kwargs["output_hidden_states"] = True
         out = self._vision_tower(pixel_values, vision_outputs, **kwargs)
         tokens, mask, pooled = self.project_image_hidden_states(
             out.last_hidden_state, getattr(out, "pooler_output", None)
         )
-        return self._head_output(out, tokens, mask, pooled, sketch_weight)
+        sketch_tokens, sketch_mask = self.project_sketch_feature_maps(
+            tokens, mask, getattr(out, "hidden_states", None)
+        )
+        keep = asked or vision_outputs is not None or not self.sketch_feature_layers
+        return self._head_output(out, tokens, mask, pooled, sketch_weight, sketch_tokens, sketch_mask, keep)
 
     def get_text_features(
         self,
