@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this
 from common import add_smoke_argument, smoke_paths, smoke_setup, write_section
 from recipe_search import (
     BASE_CONFIG,
-    CONFIG,
     DEMO_800_CONFIG,
+    FROZEN_6K_CONFIG,
     KEYS,
     REPO,
     TEST_FLAGS,
@@ -131,11 +131,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "demo6k": {
         # folds of ~1,218 photos: the standard 1K protocol's gallery size
-        "folds": 5, "eval_data": GALLERY, "config": CONFIG, "name": "rerank_6k",
+        "folds": 5, "eval_data": GALLERY, "config": FROZEN_6K_CONFIG, "name": "rerank_6k",
         "variants": ["base", "alignment loss 0.5", "matching head on top", "matching head joint",
                      "distill from alignment 0.1", "distill from matching head 0.1"],
-        "title": "The demo recipe (`examples/configs/flickr8k_demo.yaml`: mean pooling, batch 256, no token LayerNorm, "
-                 "flip, 3 epochs, frozen towers, cached)",
+        "title": "The frozen-tower demo recipe of the first 6k round (`benchmarks/configs/flickr8k_6k_frozen_demo.yaml`: "
+                 "mean pooling, batch 256, no token LayerNorm, flip, 3 epochs, frozen towers, cached)",
         "heading": "Two-stage retrieval on the demo recipe at 6,090 photos (CPU)",
         "cv_over": "the 6,090 Flickr8k-6k photos (train + val)", "final": "judge", "label": "gallery",
         "final_text": "every variant then trained as `make demo` trains (all 6,090 photos) per seed and judged from "

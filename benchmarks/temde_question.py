@@ -1,8 +1,9 @@
 """The T-EMDE question at the demo's scale: the best T-EMDE head against the best plain head, on unseen photos.
 
 Both heads were chosen by 5-fold CV over the 6,090 Flickr8k-6k photos (`recipe_search.py --dataset flickr8k-6k
---stage 6k`): the plain head is the shipped demo recipe (`examples/configs/flickr8k_demo.yaml`), the T-EMDE head
-is that recipe with the sketch settings of the best T-EMDE candidate there (``--temde`` names it). Each is
+--stage 6k`) with frozen towers: the plain head is the demo recipe of that round
+(`benchmarks/configs/flickr8k_6k_frozen_demo.yaml`), the T-EMDE head is that recipe with the sketch settings of
+the best T-EMDE candidate there (``--temde`` names it). Each is
 trained, per seed, exactly as `make demo` trains (all 6,090 photos), and its saved checkpoint is evaluated from
 pixels on every Flickr8k-800 photo as one gallery (800 photos, 4,000 captions; none of them in the training
 set). The two are compared seed by seed (same seed: same data order and initial head). Nothing is chosen
@@ -26,11 +27,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import add_smoke_argument, smoke_paths, smoke_setup, write_section
-from recipe_search import CONFIG, KEYS, REPO, STAGES, mean_std
+from recipe_search import FROZEN_6K_CONFIG, KEYS, REPO, STAGES, mean_std
 
 from temde_hf.convert.towers import offline_towers
 
 RESULTS = REPO / "benchmarks" / "results" / "temde_question.json"
+# The frozen-tower demo recipe of the first 6k round: the T-EMDE candidates are its sketch flags on top of it
+CONFIG = FROZEN_6K_CONFIG
 GALLERY = REPO.parent / "shared" / "data" / "flickr8k-800" / "dataset_flickr8k.json"
 TRAIN_FLAGS = ["--train_split", "train,val", "--eval_split", "none"]  # as make demo: every training photo
 PLAIN = "demo recipe (plain head)"
@@ -119,7 +122,7 @@ def verdict(results: dict[str, Any], target: float = 2.0) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    stage = STAGES["6k"]
+    stage = {**STAGES["6k"], **STAGES["6k-tune"]}  # the candidates of both 6k rounds
     parser.add_argument(
         "--plain", default="batch 256", choices=sorted(stage), help="the best plain recipe by CV"
     )
@@ -162,8 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = " ".join(map(str, args.seeds))
     markdown = (
         f'    python benchmarks/temde_question.py --temde "{args.temde}" --seeds {seeds}\n\n'
-        "Both heads chosen by 5-fold CV over the 6,090 Flickr8k-6k photos (`recipe_search.py`, stage `6k`): the "
-        "demo recipe's plain head, and the same recipe with the best T-EMDE candidate's sketch flags; trained as "
+        "Both heads chosen by 5-fold CV over the 6,090 Flickr8k-6k photos (`recipe_search.py`, stage `6k`), "
+        "frozen towers: the plain head of that round's demo recipe (`benchmarks/configs/flickr8k_6k_frozen_demo.yaml`), "
+        "and the same recipe with the best T-EMDE candidate's sketch flags; trained as "
         "`make demo` trains (all 6,090 photos), evaluated from pixels on all "
         f"{next(iter(next(iter(results['runs'].values())).values()))['images']} Flickr8k-800 photos as one "
         "gallery (none in the training set), paired by seed:\n\n" + text + "\n\n" + verdict(results)
