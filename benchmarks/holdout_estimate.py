@@ -95,23 +95,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output, results_md, readme = smoke_paths(args.work_dir, args.output, args.smoke, REPO)
     recipe = CONFIG.read_text()
     sub_gallery = SMOKE_SUB_GALLERY if args.smoke else SUB_GALLERY
-    runs = {
-        str(seed): train_and_score(
-            flags,
-            SPLIT_FLAGS,
-            seed,
-            Path(args.work_dir),
-            towers,
-            ["alignment"],
-            0,
-            CONFIG,
-            cache_dir=None if args.smoke else Path(args.feature_cache_dir),
-            sub_gallery=sub_gallery,
-        )
-        for seed in args.seeds
-    }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"config": recipe, "split_flags": SPLIT_FLAGS, "runs": runs}, indent=1))
+    stored = json.loads(output.read_text()) if output.is_file() else {}
+    # runs of this recipe and split are kept: a rerun trains only the seeds it lacks (none: the sections are
+    # rewritten from the JSON); another recipe starts afresh
+    kept = (
+        stored.get("runs", {})
+        if (stored.get("config"), stored.get("split_flags")) == (recipe, SPLIT_FLAGS)
+        else {}
+    )
+    runs: dict[str, Any] = {}
+    for seed in args.seeds:
+        if str(seed) not in kept:
+            kept[str(seed)] = train_and_score(
+                flags,
+                SPLIT_FLAGS,
+                seed,
+                Path(args.work_dir),
+                towers,
+                ["alignment"],
+                0,
+                CONFIG,
+                cache_dir=None if args.smoke else Path(args.feature_cache_dir),
+                sub_gallery=sub_gallery,
+            )
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(
+                json.dumps({"config": recipe, "split_flags": SPLIT_FLAGS, "runs": kept}, indent=1)
+            )
+        runs[str(seed)] = kept[str(seed)]
     n_images = f"{runs[str(args.seeds[0])]['eval_images']:,}"
     text = table(runs, n_images, sub_gallery)
     print(text)

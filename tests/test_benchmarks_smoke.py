@@ -213,6 +213,43 @@ def test_holdout_estimate_table_has_every_seed_and_the_mean_of_each_gallery_and_
     assert lines[10].endswith("| 315.0 ± 14.1 |")
 
 
+def test_holdout_estimate_resumes_from_its_json_and_starts_afresh_for_another_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    estimate = _load("holdout_estimate")
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+    key, weight = estimate.RERANKED
+    metrics = {**dict.fromkeys(keys, 40.0), "rsum": 280.0}
+    stored = {"stage1": metrics, "rerank": {key: {"metrics": {weight: metrics}}},
+              "stage1_sub_galleries": [metrics], "eval_images": 1000}  # fmt: skip
+    trained: list[int] = []
+
+    def train_and_score(
+        flags: list[str], split_flags: list[str], seed: int, *args: object, **kwargs: object
+    ) -> dict:
+        trained.append(seed)
+        return stored
+
+    output = tmp_path / "holdout.json"
+    monkeypatch.setattr(estimate, "train_and_score", train_and_score)
+    monkeypatch.setattr(estimate, "offline_towers", lambda towers_dir: (Path("v"), Path("t")))
+    monkeypatch.setattr(
+        estimate, "smoke_paths", lambda *a: (output, tmp_path / "R.md", tmp_path / "README.md")
+    )
+    recipe = estimate.CONFIG.read_text()
+    output.write_text(
+        json.dumps({"config": recipe, "split_flags": estimate.SPLIT_FLAGS, "runs": {"0": stored}})
+    )
+    estimate.main(["--seeds", "0", "1"])
+    assert trained == [1]  # seed 0 came from the JSON
+    assert set(json.loads(output.read_text())["runs"]) == {"0", "1"}
+    assert "--seeds 0 1" in (tmp_path / "README.md").read_text()
+    output.write_text(json.dumps({"config": "another recipe", "split_flags": estimate.SPLIT_FLAGS,
+                                  "runs": {"0": stored}}))  # fmt: skip
+    estimate.main(["--seeds", "0"])
+    assert trained == [1, 0]  # the stored run measured another recipe
+
+
 def _record(stage1: float, reranked: dict[str, float]) -> dict:
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
     metrics = lambda rsum: {**dict.fromkeys(keys, rsum / 6), "rsum": rsum}  # noqa: E731

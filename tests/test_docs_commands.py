@@ -202,10 +202,11 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
            ]),),
         slow=True,
     ),
-    "python benchmarks/recipe_search.py --dataset flickr8k-6k --stage 6k": Smoke(
+    "python benchmarks/recipe_search.py --dataset flickr8k-6k --stage 6k --stage 6k-tune": Smoke(
         (("script", BENCH / "recipe_search.py",
-          ["--smoke", "--dataset", "flickr8k-6k", "--stage", "6k", "--recipes",
+          ["--smoke", "--dataset", "flickr8k-6k", "--stage", "6k", "--stage", "6k-tune", "--recipes",
            "demo recipe (mean, flip, token LN, lr 1e-3, batch 128, 3 ep)", "T-EMDE concat N16 H4 + warm-up 1 ep",
+           "batch 256, no token LayerNorm", "+ batch 512",
            "--folds", "2", "--run-folds", "0", "--seeds", "0", "--work-dir", "{tmp}/work",
            "--output", "{tmp}/recipe_search_6k.json"]),),
         slow=True,

@@ -63,6 +63,23 @@ def test_demo_without_data_says_which_flag_to_point_elsewhere(
     assert "make demo ARGS=" in message and "\n" not in message
 
 
+def test_demo_launch_gives_the_training_process_every_core(
+    demo: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launched = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda command, env: launched.append(command) or
+                        demo.subprocess.CompletedProcess(command, 0))  # fmt: skip
+    monkeypatch.setattr(demo, "launch_threads", lambda: 2)
+    args = demo.argparse.Namespace(data="d.json", image_root=None, output_dir="out", work_dir="work")
+    demo.train(args, [], (Path("v"), Path("t")))
+    (command,) = launched
+    # without the flag accelerate launch runs a process not told --cpu on one thread
+    assert command[command.index("--num_cpu_threads_per_process") + 1] == "2"
+    assert command.index("--num_cpu_threads_per_process") < command.index(
+        str(REPO / "examples" / "train_temde.py")
+    )
+
+
 def test_demo_table_has_a_stage1_row_per_gallery_and_the_measured_rerank(demo: ModuleType) -> None:
     scores = {
         "i2t_r1": 10,
@@ -101,8 +118,25 @@ def test_every_6k_candidate_is_a_valid_trainer_command(search: ModuleType) -> No
     base = search.DATASETS["flickr8k-6k"].base_config
     reference, *_ = search.STAGES["6k"]
     assert reference.startswith("demo recipe") and search.STAGES["6k"][reference] == []  # the base itself
-    for flags in search.STAGES["6k"].values():  # a renamed or misspelt flag fails here, not an hour in
-        parse_args([str(base), "--vision_model_path", "v", "--text_model_path", "t", *flags])
+    for stage in search.DATASETS["flickr8k-6k"].stages:  # a misspelt flag fails here, not an hour in
+        for flags in search.STAGES[stage].values():
+            parse_args([str(base), "--vision_model_path", "v", "--text_model_path", "t", *flags])
+
+
+def test_second_round_starts_from_the_first_rounds_choice_and_reuses_its_runs(search: ModuleType) -> None:
+    reference, *_ = search.STAGES["6k-tune"]
+    assert search.STAGES["6k-tune"][reference] == search.STAGES["6k"][reference]  # same name, same flags
+    run = {"final": {"rsum": 250.0}}
+    results = {"stages": {"6k": {reference: {"fold 0 | seed 0": run}}}, "flags": {reference: search.CHOSEN}}
+    assert search._same_run(results, "6k-tune", reference, "fold 0 | seed 0") is run
+    assert search._same_run(results, "6k-tune", reference, "fold 1 | seed 0") is None  # not run there
+    assert search._same_run(results, "6k", reference, "fold 0 | seed 0") is None  # its own stage: not a copy
+    results["flags"][reference] = [*search.CHOSEN, "--learning_rate", "3e-3"]  # stored under other flags
+    assert search._same_run(results, "6k-tune", reference, "fold 0 | seed 0") is None
+    # the demo ships the round's choice: every flag of it is in the demo config
+    _, _, demo = parse_args([str(search.CONFIG), "--vision_model_path", "v", "--text_model_path", "t"])
+    assert demo.text_trainable_layers == 2 and not demo.freeze_text_tower and demo.freeze_vision_tower
+    assert demo.per_device_train_batch_size == 256
 
 
 def test_search_refuses_a_fold_count_that_would_not_pair(search: ModuleType, tmp_path: Path) -> None:

@@ -207,3 +207,18 @@ def test_a_new_run_never_replaces_a_finished_one(tmp_path: Path) -> None:
     assert not (tmp_path / "final").exists() and not (tmp_path / "final_metrics.json").exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own artifacts are removed
     check_output_dir(tmp_path / "new", resuming=False, overwrite=False)  # an empty folder is fine
+
+
+def test_one_thread_cpu_processes_are_told_the_cores_they_leave_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from temde_hf.training import train
+
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    cpu = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    monkeypatch.setattr(train.torch, "get_num_threads", lambda: 1)
+    assert train.idle_cpu_cores(cpu) == 3  # accelerate launch's default: one thread of four cores
+    assert train.idle_cpu_cores(SimpleNamespace(device=torch.device("cpu"), num_processes=4)) == 0
+    assert train.idle_cpu_cores(SimpleNamespace(device=torch.device("cuda"), num_processes=1)) == 0
+    monkeypatch.setattr(train.torch, "get_num_threads", lambda: 2)
+    assert train.idle_cpu_cores(cpu) == 0  # torch's own choice (physical cores) is left alone

@@ -485,7 +485,26 @@ def build_accelerator(args: TemdeTrainingArguments) -> Accelerator:
             f"the launcher started {launched} processes (WORLD_SIZE) but accelerate sees "
             f"{accelerator.num_processes}; launch with `accelerate launch --multi_gpu` or `torchrun`"
         )
+    idle = idle_cpu_cores(accelerator)
+    if idle:
+        logger.warning(
+            "training on CPU with one thread per process while %d core(s) sit idle: `accelerate launch` sets "
+            "OMP_NUM_THREADS=1 unless told otherwise; pass `--num_cpu_threads_per_process N` (or `--cpu`)",
+            idle,
+        )
     return accelerator
+
+
+def idle_cpu_cores(accelerator: Accelerator) -> int:
+    """Cores left idle by one-thread CPU processes (0 on an accelerator, or with more threads).
+
+    `accelerate launch` without `--cpu` gives each process one thread: half of a 2-core machine, a silent 2x
+    slowdown. Only that case counts: torch's own default (physical cores) may leave hyper-threads unused.
+    """
+    if accelerator.device.type != "cpu" or torch.get_num_threads() != 1:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores - accelerator.num_processes)
 
 
 def _tracker_config(
