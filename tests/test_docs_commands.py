@@ -231,7 +231,7 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
         slow=True,
     ),
     # CV on 1 of 2 folds (the report's --run-folds path), the final run judged on the smoke data as the gallery
-    "python benchmarks/rerank.py --recipe demo6k --folds 5 --run-folds 0 1 2 --cv-seeds 0 --seeds 0 1": Smoke(
+    "python benchmarks/rerank.py --recipe demo6k --folds 5 --run-folds 0 --cv-seeds 0 --seeds 0 1": Smoke(
         (("script", BENCH / "rerank.py",
           ["--smoke", "--recipe", "demo6k", "--folds", "2", "--run-folds", "0", "--cv-seeds", "0", "--seeds", "0",
            "--variants", "base", "--latency-queries", "2", "--work-dir", "{tmp}/work",
