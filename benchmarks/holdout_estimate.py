@@ -3,12 +3,13 @@
 The demo checkpoint is judged on unseen Flickr8k photos: a 1,000-photo gallery stored squashed to 224 x 224
 like the shared Flickr8k-6k set, and 200 natural-shape photos; RSUM falls as the gallery grows. This script
 trains the frozen-tower demo recipe of the first 6k round of `recipe_search.py`
-(`benchmarks/configs/flickr8k_6k_frozen_demo.yaml`, through the trainer, as `make demo` does) on the 5,090 train photos of Flickr8k-6k only and evaluates the saved checkpoint from pixels on its
-1,000 val photos (5,000 captions) as one gallery, and on each of the five disjoint 200-photo blocks of
-them, for a few seeds: stage 1, and with the alignment rerank at the defaults a user gets (`temde-hf
-evaluate --rerank alignment`, on the 1,000-photo gallery). Nothing is chosen here: the recipe was fixed by
-`recipe_search.py` (cross-validation over train + val) before this ran. The frozen towers' outputs are
-the demo's cache (`--feature-cache-dir`): the same 6,090 photos.
+(`benchmarks/configs/flickr8k_6k_frozen_demo.yaml`, through the trainer, as `make demo` does) on the 5,090
+train photos of Flickr8k-6k only and evaluates the saved checkpoint from pixels on its 1,000 val photos
+(5,000 captions) as one gallery, and on each of the five disjoint 200-photo blocks of them, for a few
+seeds: stage 1, and with the alignment rerank at the defaults a user gets (`temde-hf evaluate --rerank
+alignment`, on the 1,000-photo gallery). Nothing is chosen here: the recipe was fixed by `recipe_search.py`
+(cross-validation over train + val) before this ran. The frozen towers' outputs live in the demo's cache
+folder (`--feature-cache-dir`). Stored runs of the same recipe are kept: a rerun trains only missing seeds.
 
     python benchmarks/holdout_estimate.py [--seeds 0 1 2]
     python benchmarks/holdout_estimate.py --smoke --seeds 0    # tiny towers and data: the harness only
