@@ -1,10 +1,9 @@
-"""What a demo recipe scores on galleries it never saw, at the sizes it is judged at: an estimate, not a choice.
+"""What the demo recipe scores on galleries it never saw, at the sizes it is judged at: an estimate, not a choice.
 
 The demo checkpoint is judged on unseen Flickr8k photos: a 1,000-photo gallery stored squashed to 224 x 224
 like the shared Flickr8k-6k set, and 200 natural-shape photos; RSUM falls as the gallery grows. This script
-trains the frozen-tower demo recipe of the first 6k round of `recipe_search.py`
-(`benchmarks/configs/flickr8k_6k_frozen_demo.yaml`, through the trainer, as `make demo` does) on the 5,090
-train photos of Flickr8k-6k only and evaluates the saved checkpoint from pixels on its 1,000 val photos
+trains the committed recipe (`examples/configs/flickr8k_demo.yaml`, through the trainer, as `make demo`
+does) on the 5,090 train photos of Flickr8k-6k only and evaluates the saved checkpoint from pixels on its 1,000 val photos
 (5,000 captions) as one gallery, and on each of the five disjoint 200-photo blocks of them, for a few
 seeds: stage 1, and with the alignment rerank at the defaults a user gets (`temde-hf evaluate --rerank
 alignment`, on the 1,000-photo gallery). Nothing is chosen here: the recipe was fixed by `recipe_search.py`
@@ -25,16 +24,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import add_smoke_argument, smoke_paths, smoke_setup, write_section
-from recipe_search import FROZEN_6K_CONFIG, KEYS, REPO, mean_std
+from recipe_search import CONFIG, KEYS, REPO, mean_std
 from rerank import train_and_score
 
 from temde_hf.convert.towers import offline_towers
 from temde_hf.inference.rerank import DEFAULT_RERANK_K, DEFAULT_STAGE1_WEIGHT
 
 RESULTS = REPO / "benchmarks" / "results" / "holdout_estimate.json"
-CONFIG = (
-    FROZEN_6K_CONFIG  # the frozen-tower demo recipe of the first 6k round (what the stored runs measured)
-)
 SPLIT_FLAGS = ["--train_split", "train", "--eval_split", "val"]  # 5,090 photos in, 1,000 photos out
 SUB_GALLERY = 200  # the size of the smaller judgement gallery
 SMOKE_SUB_GALLERY = 4  # the smoke data's evaluation split is smaller than 200 images
@@ -129,8 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(text)
     command = "python benchmarks/holdout_estimate.py --seeds " + " ".join(map(str, args.seeds))
     markdown = (
-        f"    {command}\n\nThe frozen-tower demo recipe of the first 6k round "
-        "(`benchmarks/configs/flickr8k_6k_frozen_demo.yaml`) trained on the Flickr8k-6k train photos only, evaluated from pixels on "
+        f"    {command}\n\nThe demo recipe (`examples/configs/flickr8k_demo.yaml`) trained on the Flickr8k-6k train "
+        "photos only, evaluated from pixels on "
         f"its {n_images} val photos as one gallery (5 captions each) and on each disjoint block of "
         f"{sub_gallery} of them; an estimate of the judgements at those sizes, chosen nothing:\n\n" + text
     )

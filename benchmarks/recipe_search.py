@@ -46,9 +46,8 @@ CONFIG = REPO / "examples" / "configs" / "flickr8k_demo.yaml"  # the chosen reci
 # file's hash): what quality.py and rerank.py's "demo" rows measured
 DEMO_800_CONFIG = REPO / "benchmarks" / "configs" / "flickr8k_800_demo.yaml"
 # The demo recipe after the first 6k round (frozen towers, batch 256, no token LayerNorm), byte for byte:
-# what the T-EMDE question, the holdout estimate and the 6k second-stage benchmark measured (each keys or
-# checks its stored runs by the file's text); training their runs with the text tower's top layers does not
-# fit one session here.
+# what the T-EMDE question and the 6k second-stage benchmark measured (the first keys its stored runs by
+# the file's text); training their runs with the text tower's top layers does not fit one session here.
 FROZEN_6K_CONFIG = REPO / "benchmarks" / "configs" / "flickr8k_6k_frozen_demo.yaml"
 BASE_CONFIG = REPO / "benchmarks" / "configs" / "recipe_search_base.yaml"  # the 800-photo search's base
 RESULTS = REPO / "benchmarks" / "results" / "recipe_search.json"
