@@ -146,6 +146,16 @@ STAGES["6k-tune"] = {
         *CHOSEN, *TEMDE, "--n_sketches", "32", "--n_hyperplanes", "6", "--sketch_vision_feature_layers", "11",
     ],
 }  # fmt: skip
+# The T-EMDE question in the fine-tuned setting: the sketch on top of the second round's winner (the text
+# tower's last 2 layers training), against that winner; its runs are reused from stage 6k-tune.
+TEXT_TOP2 = "+ text tower: last 2 of 6 layers, LR x0.1"
+STAGES["6k-tuned-temde"] = {
+    TEXT_TOP2: STAGES["6k-tune"][TEXT_TOP2],
+    "text top 2, + T-EMDE concat N32 H6 + warm-up 1 ep, + 14x14 stage tokens": [
+        *STAGES["6k-tune"][TEXT_TOP2], *TEMDE, "--n_sketches", "32", "--n_hyperplanes", "6",
+        "--sketch_vision_feature_layers", "11",
+    ],
+}  # fmt: skip
 
 
 class Dataset(NamedTuple):
@@ -161,7 +171,7 @@ class Dataset(NamedTuple):
 
 DATASETS = {
     "flickr8k-6k": Dataset(
-        REPO / "benchmarks" / "configs" / "recipe_search_6k_base.yaml", ("6k", "6k-tune"),
+        REPO / "benchmarks" / "configs" / "recipe_search_6k_base.yaml", ("6k", "6k-tune", "6k-tuned-temde"),
         REPO / "benchmarks" / "results" / "recipe_search_6k.json", "recipe_search_6k",
         "flickr8k-6k train+val (6,090 images, folds of 1,218); the Flickr8k-800 photos the demo is judged on "
         "are never loaded", 190,
