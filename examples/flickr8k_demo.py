@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     computed = set(cache.glob("*/header.json")) - cached_before
     fresh = (
         f"tower conversion {'included' if converted else 'done earlier'}, "
-        f"{len(computed)} frozen-tower output cache(s) computed in the run"
+        f"{len(computed)} cache(s) of frozen tower outputs (whole towers or their lower layers) computed in the run"
     )
     for name, result in results.items():
         result["demo_minutes"] = minutes
