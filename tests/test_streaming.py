@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -203,13 +204,16 @@ def test_streaming_run_from_a_dataset_folder_skips_and_counts_bad_samples(
     from temde_hf.training.train import main
 
     torch.set_num_threads(1)
+    caplog.set_level(logging.INFO, logger="temde_hf")
     broken = truncated_jpeg(tmp_path / "cut.jpg").read_bytes()
     good = photos[:12]
     bad = [("broken-image", broken, ["a caption"]), ("blank-caption", photos[12][1], [" ", "\u200b"])]
     write_parquet_shards(tmp_path / "hub-folder" / "data", good + bad, 2)
     out = tmp_path / "run"
-    main(_argv(save_tiny_towers(tmp_path / "towers"), out, "--dataset_name", str(tmp_path / "hub-folder"),
-               "--max_steps", "5", "--per_device_train_batch_size", "4", "--freeze_vision_tower", "true"))  # fmt: skip
+    towers = save_tiny_towers(tmp_path / "towers", num_hidden_layers=2)  # the text tower trains its top layer
+    main(_argv(towers, out, "--dataset_name", str(tmp_path / "hub-folder"),
+               "--max_steps", "5", "--per_device_train_batch_size", "4", "--freeze_vision_tower", "true",
+               "--freeze_text_tower", "false", "--text_trainable_layers", "1"))  # fmt: skip
     steps = _key_log(out, 0)
     assert [s["epoch"] for s in steps] == [0, 0, 0, 1, 1]  # 12 good samples = 3 steps of 4 per epoch
     epoch0 = [k for s in steps[:3] for k in s["keys"]]
@@ -218,6 +222,11 @@ def test_streaming_run_from_a_dataset_folder_skips_and_counts_bad_samples(
     assert {key for key, _ in report["first"]} == {"broken-image", "blank-caption"}
     assert report["n_skipped"] == len(report["first"]) >= 2
     assert any("skipped" in r.message and "bad sample" in r.message for r in caplog.records)
+    # what a map-style run caches (the frozen vision tower, the text tower's lower layers) runs live, and says so
+    assert any(
+        "frozen part of the text and vision tower(s) runs every step" in r.getMessage()
+        for r in caplog.records
+    )
     assert (out / "final" / "model.safetensors").is_file()
 
 

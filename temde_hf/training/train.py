@@ -612,8 +612,12 @@ def _run(
         stream = StreamBatches(data_args, processor, accelerator, plan.step_size, args.seed,
                                args.image_flip_augmentation, args.output_dir)  # fmt: skip
         data = TrainingData(plan, stream, order)  # a stream has no fixed pairs to count
-        if args.cache_tower_outputs and frozen_tower_names(model):
-            logger.info("--streaming: frozen towers run every step (a stream has no fixed items to cache)")
+        uncached = sorted(_cached_towers(model, args))  # what a map-style run would have cached
+        if uncached:
+            logger.info(
+                "--streaming: the frozen part of the %s tower(s) runs every step (a stream has no fixed items "
+                "to cache)", " and ".join(uncached),
+            )  # fmt: skip
         name = stream.name
     else:
         splits = load_data(data_args, args.output_dir, args.seed, accelerator)
