@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,12 +33,18 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoint
 
 
+def _spins(session: Any) -> str:
+    """An onnxruntime session's intra-op spinning setting ("0": idle threads sleep)."""
+    return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_onnxruntime_matches_eager(exported: Path) -> None:
     meta = json.loads((exported / "onnx" / "onnx_export.json").read_text())
     assert meta["max_text_length"] == 32 and max(meta["max_abs_diff"].values()) < 1e-5
     onnx, processor = load_encoder(exported)  # "auto" picks the graphs beside the weights
     eager, _ = load_encoder(exported, backend="torch")
     assert isinstance(onnx, OnnxTemdeEncoder) and not isinstance(eager, OnnxTemdeEncoder)
+    assert _spins(onnx._image) == _spins(onnx._text) == "0"  # idle threads sleep
     images = sorted((exported.parent / "images").glob("*.png"))
     np.testing.assert_allclose(
         encode_images(onnx, processor, images, batch_size=3, progress=False),
@@ -127,6 +134,7 @@ def test_published_handler_serves_through_onnxruntime(exported: Path, tmp_path: 
     }  # fmt: skip
     handler = load_endpoint_handler(tmp_path / "export").EndpointHandler(str(tmp_path / "export"))
     assert handler.onnx is not None  # CPU + graphs + onnxruntime: the handler serves through them
+    assert _spins(handler.onnx["image"]) == _spins(handler.onnx["text"]) == "0"
     eager, processor = load_encoder(exported, backend="torch")
     image = Image.open(exported.parent / "images" / "green.png").convert("RGB")
     served = torch.tensor(handler({"inputs": image}))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..inference.onnx_runtime import require_onnxruntime
+from ..inference.onnx_runtime import cpu_session_options, require_onnxruntime
 from ..models.temde.modeling_temde import _as_tokens
 from .onnx_export import _export
 
@@ -96,11 +96,7 @@ class OnnxTower:
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         ort = require_onnxruntime()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        # Idle threads sleep instead of spinning: the DataLoader workers decoding the next images need
-        # the same cores between runs (with spinning, 2 decoding workers halved the cache pass's speed).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = cpu_session_options(threads or torch.get_num_threads())
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]  # hidden, pooled, then any layer<i>

@@ -501,8 +501,12 @@ def _onnx_sessions(path: str) -> dict[str, Any] | None:
         import onnxruntime
     except ImportError:
         return None
+    options = onnxruntime.SessionOptions()
+    # idle threads sleep between requests instead of spinning on cores other requests' decoding needs
+    # (the package's `cpu_session_options`; this file runs without the package)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions: dict[str, Any] = {
-        kind: onnxruntime.InferenceSession(str(folder / graph), providers=["CPUExecutionProvider"])
+        kind: onnxruntime.InferenceSession(str(folder / graph), options, providers=["CPUExecutionProvider"])
         for kind, graph in zip(("image", "text"), layout[:2])
     }
     sessions["max_text_length"] = json.loads((folder / layout[2]).read_text())["max_text_length"]
