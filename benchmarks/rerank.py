@@ -172,9 +172,8 @@ def train_and_score(
     from temde_hf.data import load_image_captions
     from temde_hf.evaluation.metrics import retrieval_metrics
     from temde_hf.evaluation.rerank import two_stage_metrics
-    from temde_hf.inference.encode import encode_dataset
     from temde_hf.inference.rerank import build_reranker
-    from temde_hf.inference.tokens import encode_token_sets
+    from temde_hf.inference.tokens import encode_with_tokens
     from temde_hf.loading import load_checkpoint
     from temde_hf.training.arguments import parse_args
     from temde_hf.training.train import load_data
@@ -198,8 +197,9 @@ def train_and_score(
     model, processor = load_checkpoint(out / "final", with_matching_head="itm" in rerankers)
     length = data_args.max_text_length
     with torch.inference_mode():
-        image_embeds, text_embeds, c2i = encode_dataset(model, processor, dataset, max_length=length)
-        images, texts = encode_token_sets(model, processor, dataset, max_length=length)
+        image_embeds, text_embeds, c2i, images, texts = encode_with_tokens(
+            model, processor, dataset, max_length=length
+        )
         record: dict[str, Any] = {
             "stage1": _keys(retrieval_metrics(caption_to_image=c2i, image_embeds=image_embeds, text_embeds=text_embeds)),
             "trainer_eval_rsum": trained.get("eval_rsum"), "train_seconds": seconds, "rerank": {},

@@ -129,7 +129,7 @@ def test_token_sets_are_the_dataset_pass_of_encode_dataset_in_eval_mode(syntheti
 
 @pytest.mark.parametrize("name", sorted(RERANKERS))
 def test_evaluate_with_k_equal_to_the_gallery_is_full_rescoring(
-    name: str, checkpoint: Path, synthetic: Path, tmp_path: Path
+    name: str, checkpoint: Path, synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     argv = [
         str(checkpoint),
@@ -144,7 +144,18 @@ def test_evaluate_with_k_equal_to_the_gallery_is_full_rescoring(
         "--rerank-fusion",
         "0",  # stage 2 alone (the default fuses it with stage 1)
     ]
+    from temde_hf.inference import encode
+
+    passes = []  # the image passes over the dataset: stage 1 and stage 2 share one
+    iter_image_features = encode.iter_image_features
+    monkeypatch.setattr(
+        encode, "iter_image_features", lambda *a, **k: passes.append(1) or iter_image_features(*a, **k)
+    )
     result = evaluate_main([*argv, "--rerank-k", "60", "--output-dir", str(tmp_path / "all")])  # 60 captions
+    assert len(passes) == 1
+    monkeypatch.undo()
+    plain = evaluate_main([*argv[:-6], "--output-dir", str(tmp_path / "plain")])  # no --rerank: stage 1 alone
+    assert result["full"] == plain["full"]  # the pass that keeps the tokens gives the same embeddings
     # the reference: the reranker's score of every (image, caption), ranked as usual
     model, processor = load_checkpoint(checkpoint, with_matching_head=True)
     dataset = load_karpathy(synthetic)

@@ -24,6 +24,7 @@ from ..data.auto import DATA_FORMATS, load_image_captions
 from ..data.errors import DataError, LoadReport
 from ..inference.encode import encode_dataset
 from ..inference.encoder import BACKENDS, load_encoder
+from ..inference.tokens import encode_with_tokens
 from ..loading import check_checkpoint_dir, load_checkpoint
 from .folds import evaluate_embeddings
 from .metrics import NonFiniteScoresError, retrieval_ranks
@@ -217,9 +218,14 @@ def evaluate_checkpoint(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = args.device or str(next(model.parameters()).device)
-    image_embeds, text_embeds, caption_to_image = encode_dataset(
-        model, processor, dataset, args.batch_size, device, args.max_length
-    )
+    encode = (args.batch_size, device, args.max_length)
+    tokens = None
+    if getattr(args, "rerank", None):  # stage 2 reads the tokens: one pass gives them with the embeddings
+        image_embeds, text_embeds, caption_to_image, *tokens = encode_with_tokens(
+            model, processor, dataset, *encode
+        )
+    else:
+        image_embeds, text_embeds, caption_to_image = encode_dataset(model, processor, dataset, *encode)
     try:
         ranks = retrieval_ranks(
             caption_to_image=caption_to_image,
@@ -235,11 +241,11 @@ def evaluate_checkpoint(
             f"{args.checkpoint}: cannot be evaluated on {args.data}: {error}; evaluate an earlier checkpoint "
             "of the run, or retrain it (e.g. with a lower --learning_rate)"
         ) from error
-    if getattr(args, "rerank", None):
+    if tokens is not None:
         result["rerank"] = rerank_report(
-            model, processor, dataset, image_embeds, text_embeds, caption_to_image, args.rerank, args.rerank_k,
-            batch_size=args.batch_size, device=device, max_length=args.max_length, fold_size=args.fold_size or None,
-            chunk_size=args.chunk_size, latency_queries=args.latency_queries, stage1_weight=args.rerank_fusion,
+            model, image_embeds, text_embeds, caption_to_image, *tokens, args.rerank, args.rerank_k,
+            fold_size=args.fold_size or None, chunk_size=args.chunk_size, latency_queries=args.latency_queries,
+            stage1_weight=args.rerank_fusion,
         )  # fmt: skip
     plot_recall_at_k(
         *ranks, output_dir / "recall_at_k.png", title=f"{Path(args.checkpoint).name} · {args.split}"

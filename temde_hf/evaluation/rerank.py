@@ -12,11 +12,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import datasets
 import torch
 
 from ..inference.rerank import Reranker, build_reranker, fuse_scores, score_candidates
-from ..inference.tokens import TokenSet, encode_token_sets
+from ..inference.tokens import TokenSet
 from .folds import fold_indices
 from .metrics import metrics_from_ranks
 
@@ -177,17 +176,14 @@ def _latencies(
 
 def rerank_report(
     model: Any,
-    processor: Any,
-    dataset: datasets.Dataset,
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
     caption_to_image: torch.Tensor,
+    images: TokenSet,
+    texts: TokenSet,
     name: str,
     k: int,
     *,
-    batch_size: int = 32,
-    device: str | None = None,
-    max_length: int | None = None,
     fold_size: int | None = None,
     chunk_size: int = 256,
     latency_queries: int = 50,
@@ -195,16 +191,23 @@ def rerank_report(
 ) -> dict[str, Any]:
     """`temde-hf evaluate --rerank NAME --rerank-k K`: stage 2 on top of the stage-1 embeddings.
 
-    Encodes the dataset's tokens, reranks each query's top-`k` (i2t and t2i) on the whole set and, like
-    `folds.evaluate_embeddings`, on each `fold_size`-image fold when the set holds several (COCO 1K),
-    and times single queries of each stage.
+    Reranks each query's top-`k` (i2t and t2i) with the dataset's tokens (`inference.tokens.encode_with_tokens`
+    gives them with the embeddings, in one pass) on the whole set and, like `folds.evaluate_embeddings`, on
+    each `fold_size`-image fold when the set holds several (COCO 1K), and times single queries of each stage.
+
+    Args:
+        model: The checkpoint's model (the reranker's weights, e.g. the matching head).
+        image_embeds: `(n_images, E)` stage-1 embeddings.
+        text_embeds: `(n_captions, E)`.
+        caption_to_image: `(n_captions,)`.
+        images: The images' tokens `(n_images, L_image, D)`.
+        texts: The captions' tokens `(n_captions, L_text, D)`.
 
     Returns:
         ``{"reranker", "k", "stage1_weight", "full", "folds"?, "folds_mean"?, "latency_ms",
         "token_bytes_per_image", "token_bytes_per_caption", "token_dtype"}``.
     """
     reranker = build_reranker(name, model)
-    images, texts = encode_token_sets(model, processor, dataset, batch_size, device, max_length)
     caption_to_image = torch.as_tensor(caption_to_image, dtype=torch.long)
     weights = (stage1_weight,)
     whole = two_stage_metrics(

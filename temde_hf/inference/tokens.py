@@ -1,19 +1,21 @@
 """Stored joint-space tokens (`TokenSet`): what a second-stage reranker reads instead of re-running a tower.
 
-`encode_token_sets` encodes a dataset's tokens through the one encode path (`temde_hf.inference.encode`'s
-dataset pass), like a gallery that stores its tokens (``temde-hf index --store-tokens``).
+`encode_with_tokens` encodes a dataset's embeddings and tokens in one pass of the one encode path
+(`temde_hf.inference.encode`'s dataset pass), like a gallery that stores its tokens (``temde-hf index
+--store-tokens``); `encode_token_sets` keeps only the tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import torch
 from torch.nn import functional as F
 
+from ..data.pairs import caption_to_image
 from .encode import EncodedBatch, encode_dataset_batches
 
 
@@ -90,6 +92,42 @@ def gather_encoded(
     return rows, torch.cat([batch.embeds for batch in batches]), None
 
 
+class EncodedWithTokens(NamedTuple):
+    """A dataset's stage-1 embeddings and its joint-space tokens, from one encode pass."""
+
+    image_embeds: torch.Tensor  # (n_images, E)
+    text_embeds: torch.Tensor  # (n_captions, E)
+    caption_to_image: torch.Tensor  # (n_captions,)
+    image_tokens: TokenSet  # (n_images, L_image, D)
+    text_tokens: TokenSet  # (n_captions, L_text, D)
+
+
+def encode_with_tokens(
+    model: Any,
+    processor: Any,
+    dataset: datasets.Dataset,
+    batch_size: int = 32,
+    device: str | None = None,
+    max_length: int | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> EncodedWithTokens:
+    """A dataset's embeddings (what `encode_dataset` returns) and tokens (`get_*_features(...).token_embeds`)
+    in one pass: a second stage needs both, and encoding twice would double its cost.
+
+    Args:
+        model: A `TemdeModel` (or subclass).
+        processor: Its processor.
+        dataset: Image-level dataset with ``image`` and ``captions`` (a `temde_hf.data` loader's).
+        dtype: Storage dtype of the tokens (scoring upcasts to float32); the embeddings stay float32.
+    """
+    images, captions = encode_dataset_batches(
+        model, processor, dataset, batch_size, device, max_length, token_dtype=dtype
+    )
+    image_embeds, image_tokens = token_set_of(images)
+    text_embeds, text_tokens = token_set_of(captions)
+    return EncodedWithTokens(image_embeds, text_embeds, caption_to_image(dataset), image_tokens, text_tokens)
+
+
 def encode_token_sets(
     model: Any,
     processor: Any,
@@ -99,21 +137,10 @@ def encode_token_sets(
     max_length: int | None = None,
     dtype: torch.dtype = torch.float16,
 ) -> tuple[TokenSet, TokenSet]:
-    """The joint-space tokens of a dataset's images and captions (`get_*_features(...).token_embeds`).
-
-    The pass `encode_dataset` makes for embeddings (`temde_hf.inference.encode.encode_dataset_batches`),
-    keeping the tokens, like a gallery that stores them (``temde-hf index --store-tokens``).
-
-    Args:
-        model: A `TemdeModel` (or subclass).
-        processor: Its processor.
-        dataset: Image-level dataset with ``image`` and ``captions`` (a `temde_hf.data` loader's).
-        dtype: Storage dtype of the tokens (scoring upcasts to float32).
+    """The joint-space tokens of a dataset's images and captions (arguments as `encode_with_tokens`).
 
     Returns:
         Image tokens `(n_images, L_image, D)` and caption tokens `(n_captions, L_text, D)`.
     """
-    images, captions = encode_dataset_batches(
-        model, processor, dataset, batch_size, device, max_length, token_dtype=dtype
-    )
-    return token_set_of(images)[1], token_set_of(captions)[1]
+    encoded = encode_with_tokens(model, processor, dataset, batch_size, device, max_length, dtype)
+    return encoded.image_tokens, encoded.text_tokens
