@@ -277,3 +277,24 @@ def test_symlinks_in_the_checkpoint_are_refused(checkpoint: Path, tmp_path: Path
     with pytest.raises(ValueError, match=r"linked/extra\.json: is a symbolic link \(to .*private\.json\)"):
         export_for_hub(folder, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_export_leaves_out_local_tower_paths_but_keeps_hub_ids(tmp_path: Path) -> None:
+    """A tower composed from a local folder records that folder in config.json; the export leaves it out
+    (it names the trainer's machine), keeps a Hub id, and the exported config still loads."""
+    from temde_hf import TemdeConfig
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["vision_config"]["_name_or_path"] = "google/vit-base-patch16-224-in21k"
+    config["text_config"]["_name_or_path"] = str(tmp_path / "home" / "someone" / "local-bert")
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    export_for_hub(checkpoint, tmp_path / "export")
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["vision_config"]["_name_or_path"] == "google/vit-base-patch16-224-in21k"
+    assert "_name_or_path" not in exported["text_config"]
+    del config["text_config"]["_name_or_path"]
+    assert exported == config  # nothing else changed
+    assert str(tmp_path) not in (tmp_path / "export" / "config.json").read_text()
+    loaded = TemdeConfig.from_pretrained(tmp_path / "export")
+    assert loaded.text_config.hidden_size == config["text_config"]["hidden_size"]

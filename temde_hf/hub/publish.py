@@ -20,7 +20,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard
 
-from temde_hf.hub.model_card import render_model_card
+from temde_hf.hub.model_card import is_hub_id, render_model_card
 from temde_hf.loading import PICKLE_SUFFIXES, check_checkpoint_dir, check_model_type, read_config
 
 # Written by the export itself: the Endpoints handler and the package's one image decoder, which the
@@ -209,6 +209,18 @@ def _prepare_out_dir(
         path.unlink()
 
 
+def _write_public_config(source: Path, target: Path) -> None:
+    """Copy ``config.json``, leaving out the towers' ``_name_or_path`` where it is a local path, not a Hub
+    id: a tower composed from a folder records where it lay on the machine that trained it, which means
+    nothing to a reader of the Hub repo and says more about that machine than a publisher meant to."""
+    config = json.loads(source.read_text(encoding="utf-8"))
+    for key in ("vision_config", "text_config"):
+        sub = config.get(key)
+        if isinstance(sub, dict) and sub.get("_name_or_path") and not is_hub_id(sub["_name_or_path"]):
+            del sub["_name_or_path"]
+    target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def export_for_hub(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -256,6 +268,8 @@ def export_for_hub(
             (out_dir / name).mkdir()
             for graph in sorted((checkpoint_dir / name).iterdir()):
                 shutil.copy2(graph, out_dir / name / graph.name)
+        elif name == "config.json":
+            _write_public_config(checkpoint_dir / name, out_dir / name)
         else:
             shutil.copy2(checkpoint_dir / name, out_dir / name)
     card.save(out_dir / "README.md")
