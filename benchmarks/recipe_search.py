@@ -145,6 +145,17 @@ STAGES["6k-tune"] = {
     "+ T-EMDE concat N32 H6 + warm-up 1 ep, + 14x14 stage tokens": [
         *CHOSEN, *TEMDE, "--n_sketches", "32", "--n_hyperplanes", "6", "--sketch_vision_feature_layers", "11",
     ],
+    # the sketch's own knobs around N32 H6: size, the other coder, the weight lambda, the initial temperature
+    "+ T-EMDE concat N64 H6 + warm-up 1 ep": [*CHOSEN, *TEMDE, "--n_sketches", "64", "--n_hyperplanes", "6"],
+    "+ T-EMDE concat N32 K64 anchor coder + warm-up 1 ep": [
+        *CHOSEN, *TEMDE, "--n_sketches", "32", "--sketch_coder", "anchor", "--sketch_width", "64",
+    ],
+    "+ T-EMDE concat N32 H6 + warm-up 1 ep, lambda 0.5": [
+        *CHOSEN, *TEMDE, "--n_sketches", "32", "--n_hyperplanes", "6", "--sketch_weight", "0.5",
+    ],
+    "+ T-EMDE concat N32 H6 + warm-up 1 ep, tau 0.5": [
+        *CHOSEN, *TEMDE, "--n_sketches", "32", "--n_hyperplanes", "6", "--sketch_temperature", "0.5",
+    ],
 }  # fmt: skip
 # The T-EMDE question in the fine-tuned setting: the sketch on top of the second round's winner (the text
 # tower's last 2 layers training), against that winner; its runs are reused from stage 6k-tune.
