@@ -183,7 +183,7 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
           ["--smoke", "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/temde_question.json"]),),
         slow=True,
     ),
-    "python benchmarks/holdout_estimate.py --seeds 0 1": Smoke(
+    "python benchmarks/holdout_estimate.py --seeds 0 1 2": Smoke(
         (("script", BENCH / "holdout_estimate.py",
           ["--smoke", "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/holdout_estimate.json"]),),
         slow=True,
