@@ -39,13 +39,13 @@ def test_demo_trains_on_the_6k_set_and_is_judged_on_unseen_photos(demo: ModuleTy
     args = demo.argparse.Namespace(
         data="train.json", image_root=None, eval_data="unseen.json", eval_image_root="photos"
     )
-    # every unseen photo as one gallery (the headline, stage 1), then that set's test split (+ the rerank)
+    # every unseen photo as one gallery (the headline) and in blocks of 200, then that set's test split
     assert demo.galleries(args) == [
-        ("all", "unseen.json", "all", "photos", False),
-        ("test", "unseen.json", "test", "photos", True),
+        ("all", "unseen.json", "all", "photos", 200),
+        ("test", "unseen.json", "test", "photos", 0),
     ]
     args.eval_data = "none"
-    assert demo.galleries(args) == [("test", "train.json", "test", None, True)]
+    assert demo.galleries(args) == [("test", "train.json", "test", None, 0)]
 
 
 @pytest.mark.parametrize("flag", ["--data", "--eval-data"])
@@ -90,12 +90,14 @@ def test_demo_table_has_a_stage1_row_per_gallery_and_the_measured_rerank(demo: M
         "t2i_r10": 25,
         "rsum": 105,
     }
-    gallery = {"full": scores, "n_images": 800, "n_captions": 4000}
-    test = {**gallery, "n_images": 100, "n_captions": 500,
+    gallery = {"full": scores, "n_images": 800, "n_captions": 4000, "fold_size": 200, "folds": [scores] * 4,
+               "folds_mean": {**scores, "rsum": 333}}  # fmt: skip
+    test = {"full": scores, "n_images": 100, "n_captions": 500,
             "rerank": {"reranker": "alignment", "k": 20, "stage1_weight": 4, "full": {**scores, "rsum": 99}}}  # fmt: skip
     text = demo.results_table({"all": gallery, "test": test}, "X", 7.2, "make demo", "f")
     rows = [line for line in text.splitlines() if line.startswith(("| all", "| test"))]
-    assert len(rows) == 3 and "**105.0**" in rows[0] and "99.0" in rows[2] and "alignment rerank" in rows[2]
+    assert len(rows) == 4 and "**105.0**" in rows[0] and "99.0" in rows[3] and "alignment rerank" in rows[3]
+    assert "all: 800 photos, mean of its 4 blocks of 200" in rows[1] and "333.0" in rows[1]
     assert "all: 800 photos, 4000 captions; test: 100 photos, 500 captions" in text and "7 min" in text
 
 
