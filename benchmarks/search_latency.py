@@ -487,7 +487,8 @@ def render(payload: dict[str, Any], output: Path) -> str:
     timing = (f"{settings['queries']} queries; ms = median of {settings['repeats']} one-query searches; recall@10 "
               f"against the exact fused top-{settings['k']} computed in float32; " if rows else "")  # fmt: skip
     lines = [f"    {command_line(payload, output)}", f"    {report}", "",
-             f"Measured on {env_sentence(env)}, {env.get('faiss_threads', 1)} FAISS thread per query; {vectors}. "
+             f"Measured on {env_sentence(env)}" + (f", FAISS {env['faiss']}" if env.get("faiss") else "")
+             + f", {env.get('faiss_threads', 1)} FAISS thread per query; {vectors}. "
              f"{timing}{load_sentence(loads)}."]  # fmt: skip
     if rows:
         lines += ["", results_table(rows)]
@@ -498,6 +499,14 @@ def render(payload: dict[str, Any], output: Path) -> str:
         lines += ["", "Retrieval protocol on the test split through each index type:", "",
                   protocol_section(payload["protocol"])]  # fmt: skip
     return "\n".join(lines)
+
+
+def _faiss_version() -> str | None:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss.__version__
 
 
 def write_report(payload: dict[str, Any], output: Path, trial: bool = False) -> str:
@@ -544,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     payload: dict[str, Any] = {
         "benchmark": "search_latency",
-        "env": {**device_info(device), "faiss_threads": 1, "loadavg_at_start": os.getloadavg()},
+        "env": {**device_info(device), "faiss": _faiss_version(), "faiss_threads": 1, "loadavg_at_start": os.getloadavg()},
         "settings": {"sizes": args.sizes, "queries": args.queries, "repeats": args.repeats, "k": K,
                      "checkpoint": str(args.checkpoint), "data": str(args.data) if args.checkpoint else None, "dim": int(queries.shape[1]), "global_dim": global_dim,
                      "model": checkpoint_summary(args.checkpoint) if args.checkpoint else {},
