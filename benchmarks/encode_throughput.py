@@ -227,7 +227,7 @@ def render_backends(payload: dict[str, Any], output: Path) -> str:
     runtime = f", onnxruntime {env['onnxruntime']}" if env.get("onnxruntime") else ""
     lines = [f"    {backends_command(payload, output)}", f"    {report}", "",
              f"Checkpoint `{settings['checkpoint']}`" + (f" ({model})" if model else " (the JSON records its path only)")
-             + f", measured on {env_sentence(env)}{runtime}; torch {settings['threads']} threads; "
+             + f", measured on {env_sentence(env)}{runtime}; "
              f"{load_sentence({'during the run': env.get('loadavg')})}. Model only: a batch of {settings['batch_size']} "
              f"preprocessed test photos / {settings['captions_per_batch']} captions (≤ {settings['max_length']} tokens), "
              f"median of {settings['repeats']}; pipeline: decode + preprocess + model over {settings['batch_size']} photos; "

@@ -482,7 +482,7 @@ def render(payload: dict[str, Any], output: Path) -> str:
         vectors = f"synthetic clustered vectors, {settings['dim']}-d (no checkpoint)"
     loads = {"start": env.get("loadavg_at_start")}
     loads.update(
-        {f"after {k.rsplit('_', 1)[1]}": v for k, v in env.items() if k.startswith("loadavg_after_")}
+        {f"after {int(k.rsplit('_', 1)[1]):,}": v for k, v in env.items() if k.startswith("loadavg_after_")}
     )
     timing = (f"{settings['queries']} queries; ms = median of {settings['repeats']} one-query searches; recall@10 "
               f"against the exact fused top-{settings['k']} computed in float32; " if rows else "")  # fmt: skip
