@@ -255,13 +255,16 @@ def render_backends(payload: dict[str, Any], output: Path) -> str:
     return "\n".join(lines)
 
 
+def render(payload: dict[str, Any], output: Path) -> str:
+    """The RESULTS.md section of a stored JSON of either mode (``--checkpoint`` runs record a checkpoint)."""
+    return (render_backends if "checkpoint" in payload["settings"] else render_variants)(payload, output)
+
+
 def write_report(payload: dict[str, Any], output: Path, trial: bool = False) -> str:
     """Render `payload` (stored at `output`, either mode) into its RESULTS.md section (named after the JSON)."""
-    backends = "checkpoint" in payload["settings"]
-    markdown = (render_backends if backends else render_variants)(payload, output)
-    write_section(
-        results_doc(output, trial), Path(output).stem, markdown, BACKENDS_HEADING if backends else HEADING
-    )
+    heading = BACKENDS_HEADING if "checkpoint" in payload["settings"] else HEADING
+    markdown = render(payload, output)
+    write_section(results_doc(output, trial), Path(output).stem, markdown, heading)
     return markdown
 
 

@@ -78,6 +78,24 @@ def test_a_run_writes_its_section_and_report_rewrites_it_identically(name: str, 
     ).read_bytes() == repo_docs  # a run outside results/ never writes the repo's
 
 
+STORED = {  # the JSONs in benchmarks/results/ whose sections RESULTS.md shows, by the script that wrote them
+    "search_latency": ("search_latency", "search_latency_1m_global_memory", "search_protocol"),
+    "pooling_speed": ("pooling_speed_cpu",),
+    "encode_throughput": ("encode_throughput_cpu_tiny", "encode_backends_cpu"),
+    "train_step": ("train_step_cpu_tiny",),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STORED))
+def test_the_committed_sections_are_what_report_renders_from_the_stored_json(name: str) -> None:
+    """A hand edit inside a generated section (or a JSON replaced without its section) fails here."""
+    module = _load(name)
+    for stem in STORED[name]:
+        output = BENCHMARKS / "results" / f"{stem}.json"
+        rendered = module.render(json.loads(output.read_text()), output)
+        assert _section(BENCHMARKS / "RESULTS.md", stem).strip() == rendered.strip(), stem
+
+
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_report_without_a_stored_json_is_one_line(name: str, tmp_path: Path) -> None:
     missing = tmp_path / "none.json"
