@@ -215,7 +215,12 @@ def model_benchmark_args(
     parser.add_argument("--warmup", type=int, default=None, help=f"default {warmup}")
     parser.add_argument("--repeats", type=int, default=None, help=f"default {repeats}")
     parser.add_argument("--output", type=Path, default=default_output)
+    parser.add_argument(
+        "--report", action="store_true", help="rewrite the RESULTS.md section from --output; measure nothing"
+    )
     args = parser.parse_args(argv)
+    if args.report:  # nothing is measured: the device need not be present
+        return args
     args.device = resolve_device(args.device)
     default_batch = batch_size[0] if args.device.type == "cuda" else batch_size[1]
     args.batch_size = args.batch_size or (8 if args.quick else default_batch)
@@ -240,8 +245,36 @@ def model_benchmark_settings(args: argparse.Namespace, sizes: dict[str, int]) ->
     return {
         "towers": args.towers, "batch_size": args.batch_size, "projection_dim": args.projection_dim,
         "sketch": args.sketch, "dtype": args.dtype if args.device.type == "cuda" else "fp32",
-        "warmup": args.warmup, "repeats": args.repeats, **sizes,
+        "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick, **sizes,
     }  # fmt: skip
+
+
+def model_benchmark_command(
+    script: str, payload: dict[str, Any], output: Path, defaults: dict[str, Any]
+) -> str:
+    """The command that measured a model-level benchmark's `payload`, rebuilt from its settings.
+
+    Args:
+        script: The benchmark's file name.
+        defaults: Its defaults: ``batch_size`` `(cuda, cpu)`, ``warmup``, ``repeats`` (as given to
+            `model_benchmark_args`); flags at their defaults are left out.
+    """
+    import shlex
+
+    settings, device = payload["settings"], payload["env"]["device"].split(":")[0]
+    quick = settings.get("quick", False)
+    batch = 8 if quick else defaults["batch_size"][0 if device == "cuda" else 1]
+    expected = {"towers": "tiny", "batch_size": batch, "projection_dim": 256, "sketch": "32x6",
+                "warmup": 1 if quick else defaults["warmup"], "repeats": 3 if quick else defaults["repeats"]}  # fmt: skip
+    words = ["--device", device]
+    for key, default in expected.items():
+        if settings[key] != default:
+            words += [f"--{key.replace('_', '-')}", str(settings[key])]
+    if device == "cuda" and settings["dtype"] != "bf16":
+        words += ["--dtype", settings["dtype"]]
+    if quick:
+        words.append("--quick")
+    return shlex.join(["python", f"benchmarks/{script}", *words, "--output", shown_path(output)])
 
 
 def write_section(path: Path, name: str, markdown: str, heading: str | None = None) -> None:
@@ -300,3 +333,77 @@ def smoke_paths(
     folder = Path(work_dir) / "smoke"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / Path(output).name, folder / "RESULTS.md", folder / "README.md"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections written from a stored JSON (the measuring run and ``--report`` render the same text)
+# ----------------------------------------------------------------------------------------------
+def results_doc(output: str | Path, trial: bool = False, repo: Path = REPO) -> Path:
+    """The RESULTS.md a run with JSON `output` writes its section into.
+
+    The repository's `benchmarks/RESULTS.md` for a JSON in its `benchmarks/results/` folder (a measurement
+    meant for the docs); otherwise, and for a ``--quick`` (`trial`) run, a RESULTS.md beside the JSON, so a
+    test's or a trial's numbers never land in the repository's docs.
+    """
+    results = (repo / "benchmarks" / "results").resolve()
+    if not trial and Path(output).resolve().parent == results:
+        return repo / "benchmarks" / "RESULTS.md"
+    return Path(output).parent / "RESULTS.md"
+
+
+def shown_path(path: str | Path, repo: Path = REPO) -> str:
+    """`path` as a command in the docs shows it: relative to the repository root when inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(repo)) if resolved.is_relative_to(repo) else str(path)
+
+
+def load_report(output: str | Path) -> dict[str, Any]:
+    """The stored JSON ``--report`` re-renders; a missing one is a one-line error naming the flag."""
+    path = Path(output)
+    if not path.is_file():
+        raise SystemExit(
+            f"--report: no stored results at {path} (--output); run the benchmark without --report first, "
+            "or pass --output PATH of a stored run"
+        )
+    return json.loads(path.read_text())
+
+
+def num(value: float | None, digits: int = 3) -> str:
+    """A measured number for a table cell or a sentence: `digits` significant digits, thousands separated
+    from 1,000 up (never an exponent), "–" for None."""
+    if value is None:
+        return "–"
+    if abs(value) >= 10 ** (digits - 1):
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def env_sentence(env: dict[str, Any]) -> str:
+    """What a JSON says it was measured on, as one sentence fragment."""
+    where = env.get("gpu") or f"CPU ({env.get('cpu', '?')}, {env.get('cpu_threads', '?')} torch threads)"
+    return f"{where}, torch {env.get('torch', '?')}, Python {env.get('python', '?')}"
+
+
+def load_sentence(values: dict[str, Any]) -> str:
+    """``"load average 1.9 (start), 2.6 (after 100000)"`` from `{label: 1-min value or (1, 5, 15)-min triple}`."""
+    parts = [
+        f"{(v[0] if isinstance(v, (list, tuple)) else v):.1f} ({label})"
+        for label, v in values.items()
+        if v is not None
+    ]
+    return "1-minute load average " + ", ".join(parts) if parts else "load average not recorded"
+
+
+def checkpoint_summary(checkpoint: str | Path) -> dict[str, Any]:
+    """The head of a checkpoint as its `config.json` states it (what a section says it measured)."""
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    keys = ("pooling", "sketch_fusion", "projection_dim", "n_sketches", "n_hyperplanes", "sketch_coder")
+    return {key: config[key] for key in keys if key in config}
+
+
+def checkpoint_sentence(summary: dict[str, Any]) -> str:
+    """``"pooling mean, sketch_fusion concat, projection_dim 256, ..."`` (empty when nothing was recorded)."""
+    return ", ".join(f"`{key}` {value}" for key, value in summary.items())

@@ -16,10 +16,14 @@ captions, images/s of the whole pipeline (decode + preprocess + model), the larg
 embeddings to eager, and the test-split RSUM each backend gives through ``encode_dataset``:
 
     python benchmarks/encode_throughput.py --checkpoint outputs/demo --output benchmarks/results/encode_backends_cpu.json
+
+Each run writes its RESULTS.md section (named after the JSON), the table and the verdict computed from the
+JSON; ``--report --output JSON`` rewrites it from a stored JSON of either mode without measuring.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,13 +34,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
 from common import (
     FLICKR8K_JSON,
+    checkpoint_sentence,
+    checkpoint_summary,
     device_info,
+    env_sentence,
+    load_report,
+    load_sentence,
     make_batch,
     model_benchmark_args,
+    model_benchmark_command,
     model_benchmark_settings,
+    num,
+    results_doc,
+    shown_path,
     time_fn,
     variant_models,
     write_json,
+    write_section,
 )
 
 from temde_hf.data import load_image_captions, open_image
@@ -46,6 +60,17 @@ from temde_hf.inference.encode import encode_dataset, encode_images
 from temde_hf.inference.encoder import load_encoder
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "encode_throughput.json"
+BACKENDS_OUTPUT = DEFAULT_OUTPUT.with_name("encode_backends_cpu.json")
+DEFAULTS = {"batch_size": (256, 32), "warmup": 5, "repeats": 20}  # of `model_benchmark_args`
+HEADING = "Encode throughput: T-EMDE against plain pooling"
+BACKENDS_HEADING = "Encoding backends of a checkpoint (CPU)"
+RATIO_TARGET = (
+    0.95  # T-EMDE images/s and captions/s over plain pooling's, on real towers (ViT-B/16 + BERT-base)
+)
+BACKEND_SPEEDUP, BACKEND_MAX_DIFF = (
+    2.0,
+    1e-4,
+)  # a backend worth offering: >= 2x eager images/s, same embeddings
 
 
 def autocast(device: torch.device, dtype: str):
@@ -110,29 +135,162 @@ def backends_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument(
         "--threads", type=int, default=2, help="torch intra-op threads (onnxruntime: one per core)"
     )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT.with_name("encode_backends_cpu.json"))
+    parser.add_argument("--output", type=Path, default=BACKENDS_OUTPUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = backend_rows(args.checkpoint, args.batch_size, args.repeats, args.data)
     payload = {
         "benchmark": "encode_throughput",
-        "env": {**device_info(torch.device("cpu")), "loadavg": os.getloadavg()},
+        "env": {**device_info(torch.device("cpu")), "loadavg": os.getloadavg(), "onnxruntime": _version("onnxruntime")},
         "settings": {"checkpoint": str(args.checkpoint), "data": str(args.data), "batch_size": args.batch_size, "repeats": args.repeats,
-                     "threads": args.threads, "captions_per_batch": 4 * args.batch_size, "max_length": 40},
+                     "threads": args.threads, "captions_per_batch": 4 * args.batch_size, "max_length": 40,
+                     "model": checkpoint_summary(args.checkpoint)},
         "results": rows,
     }  # fmt: skip
     path = write_json(payload, args.output)
     print(format_table(rows, ["backend", "images_per_s", "image_speedup", "pipeline_images_per_s", "captions_per_s",
                               "text_speedup", "max_abs_diff_vs_eager", "test_rsum", "rsum_minus_eager"]))  # fmt: skip
-    print(f"wrote {path}")
+    write_report(payload, path)
+    print(f"wrote {path} and its section of {results_doc(path)}")
+    return payload
+
+
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The RESULTS.md sections, from the JSON alone
+# ----------------------------------------------------------------------------------------------
+def render_variants(payload: dict[str, Any], output: Path) -> str:
+    """The section of a tower-variant run: command, setup, table, and the target on real towers."""
+    settings, env, rows = payload["settings"], payload["env"], payload["results"]
+    command = model_benchmark_command("encode_throughput.py", payload, output, DEFAULTS)
+    report = shlex.join(
+        ["python", "benchmarks/encode_throughput.py", "--report", "--output", shown_path(output)]
+    )
+    cells = [{"variant": r["variant"], "dim": r["embed_dim"], "images": num(r["images_per_s"]),
+              "image_ratio": f"{r['image_ratio_vs_plain']:.2f}×", "captions": num(r["captions_per_s"]),
+              "text_ratio": f"{r['text_ratio_vs_plain']:.2f}×"} for r in rows]  # fmt: skip
+    table = format_table(cells, ["variant", "dim", "images", "image_ratio", "captions", "text_ratio"],
+                         ["variant", "embedding dim", "images/s", "vs plain", "captions/s", "vs plain"])  # fmt: skip
+    lines = [f"    {command}", f"    {report}", "",
+             f"Measured on {env_sentence(env)}: `{settings['towers']}` towers ({settings['image_size']}-px images, "
+             f"captions of {settings['text_len']} tokens), projection {settings['projection_dim']}, sketch {settings['sketch']} "
+             f"(N×H), {settings['dtype']}, batch {settings['batch_size']}; median of {settings['repeats']} calls after "
+             f"{settings['warmup']} warm-up calls.", "", table]  # fmt: skip
+    temde = [r for r in rows if r["variant"] != "plain-mean"]
+    if settings["towers"] == "base" and temde:
+        worst = min(min(r["image_ratio_vs_plain"], r["text_ratio_vs_plain"]) for r in temde)
+        lines += ["", f"Target (T-EMDE ≥ {RATIO_TARGET}× plain pooling's throughput on these towers): "
+                  + ("**met**" if worst >= RATIO_TARGET else "**not met**") + f" (lowest ratio {worst:.2f}×)."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def backends_command(payload: dict[str, Any], output: Path) -> str:
+    """The ``--checkpoint`` command that measured `payload`, rebuilt from its settings (defaults left out)."""
+    settings = payload["settings"]
+    words = ["--checkpoint", settings["checkpoint"]]
+    if settings.get("data") not in (None, str(FLICKR8K_JSON)):
+        words += ["--data", shown_path(settings["data"])]
+    for flag, key, default in (
+        ("--batch-size", "batch_size", 32),
+        ("--repeats", "repeats", 5),
+        ("--threads", "threads", 2),
+    ):
+        if settings[key] != default:
+            words += [flag, str(settings[key])]
+    return shlex.join(["python", "benchmarks/encode_throughput.py", *words, "--output", shown_path(output)])
+
+
+def render_backends(payload: dict[str, Any], output: Path) -> str:
+    """The section of a ``--checkpoint`` run: command, setup, table and the verdict per backend."""
+    settings, env, rows = payload["settings"], payload["env"], payload["results"]
+    report = shlex.join(
+        ["python", "benchmarks/encode_throughput.py", "--report", "--output", shown_path(output)]
+    )
+    names = {"torch": "eager PyTorch", "onnx": "onnxruntime fp32", "onnx-int8": "onnxruntime int8 (dynamic)"}
+    cells = [{"backend": names.get(r["backend"], r["backend"]), "images": num(r["images_per_s"]),
+              "image_speedup": f"{r['image_speedup']:.2f}×", "pipeline": num(r["pipeline_images_per_s"]),
+              "captions": num(r["captions_per_s"]), "text_speedup": f"{r['text_speedup']:.2f}×",
+              "diff": f"{r['max_abs_diff_vs_eager']:.2g}", "rsum": f"{r['test_rsum']:.1f}",
+              "delta": f"{r['rsum_minus_eager']:+.1f}"} for r in rows]  # fmt: skip
+    table = format_table(cells, ["backend", "images", "image_speedup", "pipeline", "captions", "text_speedup", "diff", "rsum", "delta"],
+                         ["backend", "images/s", "vs eager", "pipeline images/s", "captions/s", "vs eager",
+                          "max \\|Δ embedding\\|", "test RSUM", "Δ RSUM"])  # fmt: skip
+    model = checkpoint_sentence(settings.get("model", {}))
+    runtime = f", onnxruntime {env['onnxruntime']}" if env.get("onnxruntime") else ""
+    lines = [f"    {backends_command(payload, output)}", f"    {report}", "",
+             f"Checkpoint `{settings['checkpoint']}`" + (f" ({model})" if model else " (the JSON records its path only)")
+             + f", measured on {env_sentence(env)}{runtime}; "
+             f"{load_sentence({'during the run': env.get('loadavg')})}. Model only: a batch of {settings['batch_size']} "
+             f"preprocessed test photos / {settings['captions_per_batch']} captions (≤ {settings['max_length']} tokens), "
+             f"median of {settings['repeats']}; pipeline: decode + preprocess + model over {settings['batch_size']} photos; "
+             "test RSUM: the test split encoded through `encode_dataset` by each backend.", "", table]  # fmt: skip
+
+    def meets(r: dict[str, Any]) -> bool:
+        return (r["image_speedup"] >= BACKEND_SPEEDUP and r["max_abs_diff_vs_eager"] <= BACKEND_MAX_DIFF
+                and abs(r["rsum_minus_eager"]) < 0.05)  # fmt: skip
+
+    others = rows[1:]
+    met = [r for r in others if meets(r)]
+    verdict = (f"Target (≥ {BACKEND_SPEEDUP:g}× eager images/s, embeddings within {BACKEND_MAX_DIFF:g}, test RSUM "
+               "unchanged): " + (", ".join(f"**met by {names.get(r['backend'], r['backend'])}**" for r in met) or "**not met**"))  # fmt: skip
+    missed = [f"{names.get(r['backend'], r['backend'])} ({r['image_speedup']:.2f}×, {r['max_abs_diff_vs_eager']:.2g}, "
+              f"RSUM {r['rsum_minus_eager']:+.1f})" for r in others if not meets(r)]  # fmt: skip
+    if missed:
+        verdict += "; not by " + ", ".join(missed)
+    lines += ["", verdict + "."]
+    if met:
+        best = max(met, key=lambda r: r["pipeline_images_per_s"])
+        hours = [1e6 / r["pipeline_images_per_s"] / 3600 for r in (best, rows[0])]
+        lines += ["", f"A million photos end to end at the pipeline rates above: {num(hours[0], 2)} hours with "
+                  f"{names.get(best['backend'], best['backend'])}, {num(hours[1], 2)} hours eager; decoding and "
+                  f"resizing is {1 - best['pipeline_images_per_s'] / best['images_per_s']:.0%} of its pipeline time."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def render(payload: dict[str, Any], output: Path) -> str:
+    """The RESULTS.md section of a stored JSON of either mode (``--checkpoint`` runs record a checkpoint)."""
+    return (render_backends if "checkpoint" in payload["settings"] else render_variants)(payload, output)
+
+
+def write_report(payload: dict[str, Any], output: Path, trial: bool = False) -> str:
+    """Render `payload` (stored at `output`, either mode) into its RESULTS.md section (named after the JSON)."""
+    heading = BACKENDS_HEADING if "checkpoint" in payload["settings"] else HEADING
+    markdown = render(payload, output)
+    write_section(results_doc(output, trial), Path(output).stem, markdown, heading)
+    return markdown
+
+
+def report_main(argv: list[str]) -> dict[str, Any]:
+    """``--report``: rewrite the section of a stored JSON of either mode, measuring nothing."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="rewrite the RESULTS.md section from a stored JSON")
+    parser.add_argument("--report", action="store_true", required=True)
+    parser.add_argument(
+        "--output", type=Path, default=BACKENDS_OUTPUT if "--checkpoint" in argv else DEFAULT_OUTPUT
+    )
+    args, _ = parser.parse_known_args(argv)  # the measuring flags may stay on the line: they are not used
+    payload = load_report(args.output)
+    print(write_report(payload, args.output))
     return payload
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
+    if "--report" in argv:
+        return report_main(argv)
     if "--checkpoint" in argv:
         return backends_main(argv)
-    args = model_benchmark_args(argv, __doc__, DEFAULT_OUTPUT, batch_size=(256, 32), warmup=5, repeats=20)
+    args = model_benchmark_args(argv, __doc__, DEFAULT_OUTPUT, batch_size=DEFAULTS["batch_size"],
+                                warmup=DEFAULTS["warmup"], repeats=DEFAULTS["repeats"])  # fmt: skip
     device, batch_size, warmup, repeats = args.device, args.batch_size, args.warmup, args.repeats
     rows = []
     for name, model, sizes in variant_models(args):
@@ -174,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "text_ratio_vs_plain",
     ]
     print(format_table(rows, columns))
-    print(f"wrote {path}")
+    write_report(payload, path, args.quick)
+    print(f"wrote {path} and its section of {results_doc(path, args.quick)}")
     return payload
 
 

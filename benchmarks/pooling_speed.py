@@ -26,14 +26,17 @@ and an AdamW step, for plain mean pooling and T-EMDE with each sketch path.
     python benchmarks/pooling_speed.py --device cpu --batch-size 32 --dim 256 --heads 4 --tokens 49 197 \
         --sketches 32x6 --head-step                              # the CPU tables of RESULTS.md
     python benchmarks/pooling_speed.py --device cpu --quick       # small smoke run
+    python benchmarks/pooling_speed.py --report --output benchmarks/results/pooling_speed_cpu.json
 
-Prints markdown tables (and the T-EMDE ratios), writes JSON (`--output`) and a log-log plot beside it.
+Prints markdown tables (and the T-EMDE ratios), writes JSON (`--output`), a log-log plot beside it and
+its RESULTS.md section (named after the JSON); ``--report`` rewrites the section from the stored JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -46,7 +49,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import FLICKR8K_JSON, device_info, is_oom, peak_memory_mib, resolve_device, time_fn, write_json
+from common import (
+    FLICKR8K_JSON,
+    device_info,
+    env_sentence,
+    is_oom,
+    load_report,
+    load_sentence,
+    num,
+    peak_memory_mib,
+    resolve_device,
+    results_doc,
+    shown_path,
+    time_fn,
+    write_json,
+    write_section,
+)
 
 from temde_hf.evaluation.tables import format_table
 from temde_hf.models.temde import TemdeConfig, TemdeSketch
@@ -478,11 +496,208 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--head-step", action="store_true", help="add the demo's cached-tower epoch (CPU)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--report", action="store_true", help="rewrite the RESULTS.md section from --output; measure nothing"
+    )
     return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The RESULTS.md section, from the JSON alone
+# ----------------------------------------------------------------------------------------------
+HEADING = "Pooling heads: time and saved activations against tokens L"
+# issue 16's targets: (ratio key, direction, bound)
+TARGETS = {
+    "temde_over_mean_matmul": ("T-EMDE ÷ (mean + matmul), fwd+bwd", "<=", 2.0),
+    "transformer_over_temde": ("transformer ÷ T-EMDE, fwd+bwd", ">=", 5.0),
+    "infer_temde_over_matmul": ("inference: T-EMDE ÷ matmul alone", "<=", 3.0),
+}
+HEAD_NAMES = {  # JSON head name (before the sketch) -> what the table calls it
+    "mean": "mean", "attention": "attention pool", "transformer+mean": "transformer layer + mean",
+    "matmul": "matmul {s} (the D×(N·H) projection alone)", "mean+matmul": "mean + matmul {s}",
+    "temde-reference": "T-EMDE {s}, reference (log space)", "temde-compiled": "T-EMDE {s}, reference under `torch.compile`",
+    "temde-torch": "**T-EMDE {s}, factored (`sketch_kernel=\"torch\"`)**", "temde-triton": "**T-EMDE {s}, fused Triton**",
+    "temde-anchor-reference": "T-EMDE {s} `anchor` coder, reference", "temde-anchor-torch": "T-EMDE {s} `anchor` coder",
+}  # fmt: skip
+
+
+def command_line(payload: dict[str, Any], output: Path) -> str:
+    """The command that measured `payload`, rebuilt from its settings (flags at their defaults left out)."""
+    settings, device = payload["settings"], payload["env"]["device"].split(":")[0]
+    quick = settings.get("quick", False)
+    words = ["--device", device]
+    defaults = {"batch_size": 8 if quick else 128, "dim": 128 if quick else 1024, "heads": 16,
+                "tokens": list(QUICK_TOKENS if quick else FULL_TOKENS), "sketches": ["N64H8", "N32H6"],
+                "warmup": 1 if quick else 5, "repeats": 3 if quick else 20}  # fmt: skip
+    for key in ("batch_size", "dim", "heads", "tokens", "sketches", "warmup", "repeats"):
+        value = settings[key]
+        if value != defaults[key]:
+            values = value if isinstance(value, list) else [value]
+            if key == "sketches":
+                values = [v.lower().lstrip("n").replace("h", "x") for v in values]
+            words += [f"--{key.replace('_', '-')}", *map(str, values)]
+    if settings["dtype"] != ("torch.bfloat16" if device == "cuda" else "torch.float32"):
+        words += ["--dtype", "bf16" if "bfloat16" in settings["dtype"] else "fp32"]
+    words += [
+        f"--{flag.replace('_', '-')}"
+        for flag in ("quick", "compile", "anchor", "head_step")
+        if settings.get(flag)
+    ]
+    return shlex.join(["python", "benchmarks/pooling_speed.py", *words, "--output", shown_path(output)])
+
+
+def _head_name(head: str) -> str:
+    base, _, sketch = head.partition(" ")
+    return HEAD_NAMES.get(base, base).format(s=sketch)
+
+
+def _pair(row: dict[str, Any], median: str, fastest: str) -> str:
+    if row.get("status", "ok") != "ok":
+        return row["status"]
+    return f"{num(row.get(median))} / {num(row.get(fastest))}"
+
+
+def _ratio_cell(by_stat: dict[str, dict[str, Any]], key: str) -> str:
+    median, fastest = by_stat["median"].get(key), by_stat["min"].get(key)
+    if median is None:
+        return "–"
+    cell = f"{median:.2f} / {fastest:.2f}"
+    if key in TARGETS:
+        _, direction, bound = TARGETS[key]
+        met = median <= bound if direction == "<=" else median >= bound
+        cell += ": met" if met else ": **not met**"
+    return cell
+
+
+def _linear_split(rows: dict[tuple[str, int], dict[str, Any]], sketch: str, tokens: list[int]) -> str | None:
+    """T-EMDE's time above its floor split into a cost per call and per token (from the two extreme L)."""
+    fast = next(
+        (f"{h} {sketch}" for h in ("temde-triton", "temde-torch") if (f"{h} {sketch}", tokens[0]) in rows),
+        None,
+    )
+    low, high = tokens[0], tokens[-1]
+    keys = [(fast, low), (fast, high), (f"mean+matmul {sketch}", low), (f"mean+matmul {sketch}", high),
+            (f"matmul {sketch}", low), (f"matmul {sketch}", high)]  # fmt: skip
+    if fast is None or low == high or any(rows.get(k, {}).get("ms") is None for k in keys):
+        return None
+    excess = [rows[(fast, t)]["ms"] - rows[(f"mean+matmul {sketch}", t)]["ms"] for t in (low, high)]
+    per_token = (excess[1] - excess[0]) / (high - low)
+    matmul_per_token = (rows[(f"matmul {sketch}", high)]["ms"] - rows[(f"matmul {sketch}", low)]["ms"]) / (
+        high - low
+    )
+    return (f"T-EMDE {sketch} − (mean + matmul), fwd+bwd medians: {num(excess[0])} ms at L = {low}, {num(excess[1])} ms "
+            f"at L = {high}, i.e. about {num(excess[0] - per_token * low)} ms per call plus {num(per_token, 2)} ms per "
+            f"token; the projection alone costs {num(matmul_per_token, 2)} ms per token.")  # fmt: skip
+
+
+def _compile_sentence(
+    rows: dict[tuple[str, int], dict[str, Any]], sketch: str, tokens: list[int]
+) -> str | None:
+    """How `torch.compile` of the reference compares with eager reference and the factored path."""
+    ratios_ = [(rows[("temde-reference " + sketch, t)]["ms"] / rows[("temde-compiled " + sketch, t)]["ms"],
+                rows[("temde-compiled " + sketch, t)]["ms"] / rows[("temde-torch " + sketch, t)]["ms"])
+               for t in tokens if all((f"{h} {sketch}", t) in rows for h in ("temde-reference", "temde-compiled", "temde-torch"))]  # fmt: skip
+    if not ratios_:
+        return None
+    faster, slower = [r[0] for r in ratios_], [r[1] for r in ratios_]
+    return (f"`torch.compile` of the reference path (fwd+bwd medians over L = {', '.join(map(str, tokens))}): "
+            f"{min(faster):.2f}–{max(faster):.2f}× faster than the eager reference, {min(slower):.2f}–{max(slower):.2f}× "
+            "slower than the factored path.")  # fmt: skip
+
+
+def _anchor_sentence(rows: dict[tuple[str, int], dict[str, Any]], tokens: list[int]) -> str | None:
+    parts = []
+    for (head, t), row in rows.items():
+        if head.startswith("temde-anchor-torch "):
+            floor = rows.get((head.replace("temde-anchor-torch", "mean+matmul"), t))
+            if floor and row.get("ms") and floor.get("ms"):
+                parts.append(f"L = {t}: {row['ms'] / floor['ms']:.2f}× its floor fwd+bwd, "
+                             f"{row['infer_ms'] / floor['infer_ms']:.2f}× in inference")  # fmt: skip
+    return (
+        "The `anchor` coder against its floor (`mean + matmul N·K`): " + "; ".join(parts) + "."
+        if parts
+        else None
+    )
+
+
+def head_step_section(steps: list[dict[str, Any]]) -> str:
+    """The cached-tower training epoch: per variant ms per step, s per epoch and the speed-up."""
+    cells = [{"variant": r["variant"], "ms": num(r["ms_per_step"]), "epoch": num(r["s_per_epoch"]),
+              "speedup": f"{r['speedup_vs_reference']:.2f}×"} for r in steps]  # fmt: skip
+    table = format_table(cells, ["variant", "ms", "epoch", "speedup"],
+                         ["head", "ms per step (median)", f"s per epoch ({steps[0]['steps']} steps)", "vs reference sketch"])  # fmt: skip
+    plain = next((r for r in steps if "no sketch" in r["variant"]), None)
+    reference = next((r for r in steps if "reference" in r["variant"]), None)
+    factored = next((r for r in steps if "factored" in r["variant"]), None)
+    lines = [table]
+    if plain and reference and factored:
+        lines.append(
+            f"The sketch's share of a step (median ms above plain mean pooling) falls from "
+            f"{num(reference['ms_per_step'] - plain['ms_per_step'])} to {num(factored['ms_per_step'] - plain['ms_per_step'])} ms; "
+            f"the factored run's first and last losses differ from the reference run's by at most "
+            f"{max(abs(reference[k] - factored[k]) for k in ('first_loss', 'last_loss')):.1g}."
+        )  # fmt: skip
+    return "\n\n".join(lines)
+
+
+def render(payload: dict[str, Any], output: Path) -> str:
+    """The RESULTS.md section of a stored run: its command, setup, tables, the targets and what they imply."""
+    settings, env, results = payload["settings"], payload["env"], payload["results"]
+    report = shlex.join(["python", "benchmarks/pooling_speed.py", "--report", "--output", shown_path(output)])
+    rows = {(r["head"], r["tokens"]): r for r in results}
+    tokens = list(dict.fromkeys(r["tokens"] for r in results))
+    cells = [{"head": _head_name(r["head"]), "L": r["tokens"], "fb": _pair(r, "ms", "min_ms"),
+              "inf": _pair(r, "infer_ms", "min_infer_ms"), "saved": num(r.get("saved_mib")),
+              "peak": num(r.get("peak_mib"))} for r in results]  # fmt: skip
+    columns, headers = ["head", "L", "fb", "inf", "saved"], ["head", "L", "fwd+bwd ms (median / min)",
+                                                            "inference ms (median / min)", "saved MiB"]  # fmt: skip
+    if any(r.get("peak_mib") is not None for r in results):
+        columns, headers = [*columns, "peak"], [*headers, "peak MiB"]
+    lines = [f"    {command_line(payload, output)}", f"    {report}", "",
+             f"Measured on {env_sentence(env)}: batch {settings['batch_size']}, dim {settings['dim']}, "
+             f"{settings['dtype'].replace('torch.', '')}, sketches {', '.join(settings['sketches'])}, L in "
+             f"{', '.join(map(str, settings['tokens']))}; {settings['warmup']} warm-up calls, then {settings['repeats']} "
+             f"interleaved rounds; median and fastest round; "
+             f"{load_sentence({'before': env.get('loadavg_1min_before'), 'after': env.get('loadavg_1min_after')})}.",
+             "", format_table(cells, columns, headers)]  # fmt: skip
+    if payload.get("ratios"):
+        by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+        for r in payload["ratios"]:
+            by_key.setdefault((r["sketch"], r["tokens"]), {})[r["stat"]] = r
+        keys = [*TARGETS, "reference_over_temde", "infer_reference_over_temde"]
+        heads = [f"{title}, target {'≤' if d == '<=' else '≥'} {b:g}" for title, d, b in TARGETS.values()]
+        heads += ["reference ÷ T-EMDE, fwd+bwd", "reference ÷ T-EMDE, inference"]
+        ratio_cells = [
+            {"sketch": s, "L": t, **{k: _ratio_cell(stats, k) for k in keys}}
+            for (s, t), stats in by_key.items()
+        ]
+        lines += ["", "Issue 16's targets (`ratios` in the JSON; median / fastest round, the verdict on the median; "
+                  "T-EMDE is the fused Triton head where it ran, else the factored one):", "",
+                  format_table(ratio_cells, ["sketch", "L", *keys], ["sketch", "L", *heads])]  # fmt: skip
+    sentences = [_linear_split(rows, s, tokens) for s in settings["sketches"]]
+    sentences += [_compile_sentence(rows, s, tokens) for s in settings["sketches"]]
+    sentences.append(_anchor_sentence(rows, tokens))
+    if any(sentences):
+        lines += ["", *[f"- {s}" for s in sentences if s]]
+    if payload.get("head_step"):
+        lines += ["", "One cached-tower training epoch of the demo recipe (`--head-step`):", "",
+                  head_step_section(payload["head_step"])]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_report(payload: dict[str, Any], output: Path, trial: bool = False) -> str:
+    """Render `payload` (stored at `output`) into its RESULTS.md section (named after the JSON)."""
+    markdown = render(payload, output)
+    write_section(results_doc(output, trial), Path(output).stem, markdown, HEADING)
+    return markdown
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report:
+        payload = load_report(args.output)
+        print(write_report(payload, args.output))
+        return payload
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -550,7 +765,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_plot:
         title = f"pooling fwd+bwd, batch {batch}, dim {dim}, {dtype}, {device_info(device).get('gpu', 'cpu')}"
         payload["plot"] = str(plot(rows, path.with_suffix(".png"), title))
-    print(f"wrote {path}")
+    write_report(payload, path, args.quick)
+    print(f"wrote {path} and its section of {results_doc(path, args.quick)}")
     return payload
 
 

@@ -17,6 +17,10 @@ through each index type against the exact evaluation.
     python benchmarks/search_latency.py --checkpoint outputs/demo                  # 100k + 1M
     python benchmarks/search_latency.py --checkpoint outputs/demo --sizes 100000 --protocol
     python benchmarks/search_latency.py --synthetic-dim 64 --sizes 3000 --quick    # smoke, no checkpoint
+    python benchmarks/search_latency.py --report --output benchmarks/results/search_latency.json
+
+Each run writes its section of RESULTS.md (named after the JSON: `search_latency`), the table and the
+verdicts computed from the JSON; ``--report`` rewrites it from the stored JSON without measuring.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -34,7 +39,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` beside this script
-from common import FLICKR8K_JSON, device_info, resolve_device, time_fn, write_json
+from common import (
+    FLICKR8K_JSON,
+    checkpoint_sentence,
+    checkpoint_summary,
+    device_info,
+    env_sentence,
+    load_report,
+    load_sentence,
+    num,
+    resolve_device,
+    results_doc,
+    shown_path,
+    time_fn,
+    write_json,
+    write_section,
+)
 
 from temde_hf.data import caption_to_image, flat_captions, load_image_captions
 from temde_hf.evaluation.folds import evaluate_embeddings
@@ -319,11 +339,189 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--types", nargs="*", default=None, help="only these index types")
     parser.add_argument("--work-dir", type=Path, default=Path("outputs") / "bench-search")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--report", action="store_true", help="rewrite the RESULTS.md section from --output; measure nothing"
+    )
     return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The RESULTS.md section, from the JSON alone
+# ----------------------------------------------------------------------------------------------
+HEADING = "Gallery search latency and recall (CPU)"
+DEFAULT_PROBES, DEFAULT_FACTORS = [16, 32, 64], [10, 30, 100]
+ALL_TYPES = ["flat", "fp16", "sq8", "global", "ivfpq"]
+TARGET_SIZE, TARGET_MS, TARGET_RECALL, TARGET_INDEX_MIB = 1_000_000, 50.0, 0.95, 1024.0
+PROTOCOL_TOLERANCE = 0.5  # RSUM points from the exact evaluation
+
+
+def command_line(payload: dict[str, Any], output: Path) -> str:
+    """The command that measured `payload`, rebuilt from its settings (flags at their defaults left out).
+
+    A JSON written before the sweep flags were recorded gets them from its rows.
+    """
+    settings, rows = payload["settings"], [r for r in payload["results"] if r.get("status") != "extrapolated"]
+    words: list[str] = []
+    if payload["env"].get("device", "cpu") != "cpu":
+        words += ["--device", payload["env"]["device"].split(":")[0]]
+    if settings.get("checkpoint") not in (None, "None"):
+        words += ["--checkpoint", settings["checkpoint"]]
+        if settings.get("data") not in (None, str(FLICKR8K_JSON)):
+            words += ["--data", shown_path(settings["data"])]
+    elif settings.get("synthetic_dim"):
+        words += ["--synthetic-dim", str(settings["synthetic_dim"])]
+    words += ["--sizes", *map(str, settings["sizes"])]
+    for flag, key, default in (("--queries", "queries", 200), ("--repeats", "repeats", 100)):
+        if settings.get(key, default) != default:
+            words += [flag, str(settings[key])]
+    quick = settings.get("quick", False)
+    defaults = {"types": ALL_TYPES, "probes": [8, 32] if quick else DEFAULT_PROBES,
+                "factors": [10, 50] if quick else DEFAULT_FACTORS}  # fmt: skip
+    seen = {
+        "types": list(dict.fromkeys(r["index"] for r in rows)),
+        "probes": sorted({r["nprobe"] for r in rows if r["nprobe"] is not None}),
+        "factors": sorted({r["k_factor"] for r in rows if r["k_factor"] is not None}),
+    }
+    for key in ("types", "probes", "factors"):
+        value = settings[key] if key in settings else (seen[key] if rows else None)
+        if value and (set(value) != set(defaults[key])):
+            words += [f"--{key}", *map(str, value)]
+    if quick:
+        words.append("--quick")
+    if settings.get("protocol", "protocol" in payload):
+        words.append("--protocol")
+    return shlex.join(["python", "benchmarks/search_latency.py", *words, "--output", shown_path(output)])
+
+
+def _gallery(size: int, status: str | None) -> str:
+    label = (
+        f"{size // 1_000_000}M"
+        if size % 1_000_000 == 0
+        else f"{size // 1000}k"
+        if size % 1000 == 0
+        else f"{size:,}"
+    )
+    return f"{label} (extrapolated)" if status == "extrapolated" else label
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """Every measured (and extrapolated) sweep point of the JSON."""
+    memory = any("RssAnon_growth_mib" in r for r in rows)
+    cells = [{
+        "gallery": _gallery(r["gallery"], r.get("status")), "index": f"{r['index']} (`{r['faiss']}`)",
+        "nprobe": r["nprobe"], "k_factor": r["k_factor"], "ms": num(r["ms"]),
+        "recall": None if r["recall_at_10"] is None else f"{r['recall_at_10']:.3f}",
+        "ram": num(r["ram_bytes_per_image"]), "store": num(r["store_bytes_per_image"]) if r["store_bytes_per_image"] else None,
+        "mib": num(r["index_mib"]), "build": None if r.get("build_s") is None else num(r["build_s"]),
+        "anon": num(r.get("RssAnon_growth_mib")), "file": num(r.get("RssFile_growth_mib")),
+    } for r in rows]  # fmt: skip
+    columns = ["gallery", "index", "nprobe", "k_factor", "ms", "recall", "ram", "store", "mib", "build"]
+    headers = ["gallery", "index (FAISS)", "nprobe", "k_factor", "ms", "recall@10", "RAM B/image",
+               "re-rank store B/image (disk, mmap)", "index MiB", "build s"]  # fmt: skip
+    if memory:
+        columns += ["anon", "file"]
+        headers += ["anonymous RSS growth MiB", "file-backed RSS growth MiB"]
+    return format_table(cells, columns, headers)
+
+
+def target_verdict(rows: list[dict[str, Any]]) -> str | None:
+    """The 1M target per index type, from the measured rows (None when no 1M gallery was measured)."""
+    at_size = [r for r in rows if r["gallery"] == TARGET_SIZE and r.get("status") != "extrapolated"]
+    if not at_size:
+        return None
+
+    def meets(r: dict[str, Any]) -> bool:
+        return (
+            r["ms"] < TARGET_MS and r["recall_at_10"] >= TARGET_RECALL and r["index_mib"] <= TARGET_INDEX_MIB
+        )
+
+    parts = []
+    for kind in dict.fromkeys(r["index"] for r in at_size):
+        ok = sorted((r for r in at_size if r["index"] == kind and meets(r)), key=lambda r: r["ms"])
+        if ok:
+            r = ok[0]
+            where = f"nprobe {r['nprobe']}, k_factor {r['k_factor']}: " if r["nprobe"] is not None else ""
+            parts.append(f"**met by `{kind}`** ({len(ok)} of its sweep points; fastest: {where}{num(r['ms'])} ms, "
+                         f"recall@10 {r['recall_at_10']:.3f}, {num(r['index_mib'])} MiB index, built in "
+                         f"{num(r['build_s'])} s)")  # fmt: skip
+        else:
+            best = max((r for r in at_size if r["index"] == kind), key=lambda r: r["recall_at_10"])
+            parts.append(f"not met by `{kind}` (best recall@10 {best['recall_at_10']:.3f} at {num(best['ms'])} ms, "
+                         f"{num(best['index_mib'])} MiB)")  # fmt: skip
+    return (f"Target ({_gallery(TARGET_SIZE, None)} gallery: top-10 < {TARGET_MS:g} ms, recall@10 ≥ {TARGET_RECALL}, "
+            f"index ≤ {TARGET_INDEX_MIB:g} MiB in RAM, built through the sharded path): " + "; ".join(parts) + ".")  # fmt: skip
+
+
+def protocol_section(protocol: list[dict[str, Any]]) -> str:
+    """The test-split protocol through each index type, and which stay within tolerance of exact."""
+    cells = [{**r, "faiss": f"{r['index']} (`{r['faiss']}`)" if r.get("faiss") else r["index"],
+              "delta": None if "rsum_minus_exact" not in r else f"{r['rsum_minus_exact']:+.1f}"} for r in protocol]  # fmt: skip
+    table = format_table(cells, ["faiss", "i2t_r1", "t2i_r1", "rsum", "delta"],
+                         ["index", "i2t R@1", "t2i R@1", "RSUM", "vs exact"], ".1f")  # fmt: skip
+    within = [r["index"] for r in protocol[1:] if abs(r["rsum_minus_exact"]) <= PROTOCOL_TOLERANCE]
+    outside = [
+        f"{r['index']} ({r['rsum_minus_exact']:+.1f})" for r in protocol[1:] if r["index"] not in within
+    ]
+    verdict = (f"Target (within {PROTOCOL_TOLERANCE} RSUM of the exact evaluation): met by "
+               + (", ".join(f"`{k}`" for k in within) or "none") + "; not met by " + (", ".join(outside) or "none") + ".")  # fmt: skip
+    return table + "\n\n" + verdict
+
+
+def render(payload: dict[str, Any], output: Path) -> str:
+    """The RESULTS.md section of a stored run: its command, what it measured on, tables and verdicts."""
+    settings, env, rows = payload["settings"], payload["env"], payload["results"]
+    report = shlex.join(
+        ["python", "benchmarks/search_latency.py", "--report", "--output", shown_path(output)]
+    )
+    if settings.get("checkpoint") not in (None, "None"):
+        summary = checkpoint_sentence(settings.get("model", {}))
+        vectors = (f"checkpoint `{settings['checkpoint']}`" + (f" ({summary})" if summary else "")
+                   + f", fused embedding {settings['dim']:,}-d"
+                   + (f" of which the first {settings['global_dim']:,} are the global part" if settings.get("global_dim") else ""))  # fmt: skip
+    else:
+        vectors = f"synthetic clustered vectors, {settings['dim']}-d (no checkpoint)"
+    loads = {"start": env.get("loadavg_at_start")}
+    loads.update(
+        {f"after {int(k.rsplit('_', 1)[1]):,}": v for k, v in env.items() if k.startswith("loadavg_after_")}
+    )
+    timing = (f"{settings['queries']} queries; ms = median of {settings['repeats']} one-query searches; recall@10 "
+              f"against the exact fused top-{settings['k']} computed in float32; " if rows else "")  # fmt: skip
+    lines = [f"    {command_line(payload, output)}", f"    {report}", "",
+             f"Measured on {env_sentence(env)}" + (f", FAISS {env['faiss']}" if env.get("faiss") else "")
+             + f", {env.get('faiss_threads', 1)} FAISS thread per query; {vectors}. "
+             f"{timing}{load_sentence(loads)}."]  # fmt: skip
+    if rows:
+        lines += ["", results_table(rows)]
+        verdict = target_verdict(rows)
+        if verdict:
+            lines += ["", verdict]
+    if payload.get("protocol"):
+        lines += ["", "Retrieval protocol on the test split through each index type:", "",
+                  protocol_section(payload["protocol"])]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _faiss_version() -> str | None:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss.__version__
+
+
+def write_report(payload: dict[str, Any], output: Path, trial: bool = False) -> str:
+    """Render `payload` (stored at `output`) into its RESULTS.md section (named after the JSON)."""
+    markdown = render(payload, output)
+    write_section(results_doc(output, trial), Path(output).stem, markdown, HEADING)
+    return markdown
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report:
+        payload = load_report(args.output)
+        print(write_report(payload, args.output))
+        return payload
     device = resolve_device(args.device)  # asking for absent CUDA is an error, not a silent CPU run
     generator = torch.Generator().manual_seed(0)
     if args.checkpoint is not None:
@@ -355,9 +553,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     payload: dict[str, Any] = {
         "benchmark": "search_latency",
-        "env": {**device_info(device), "faiss_threads": 1, "loadavg_at_start": os.getloadavg()},
+        "env": {**device_info(device), "faiss": _faiss_version(), "faiss_threads": 1, "loadavg_at_start": os.getloadavg()},
         "settings": {"sizes": args.sizes, "queries": args.queries, "repeats": args.repeats, "k": K,
-                     "checkpoint": str(args.checkpoint), "data": str(args.data) if args.checkpoint else None, "dim": int(queries.shape[1]), "global_dim": global_dim},
+                     "checkpoint": str(args.checkpoint), "data": str(args.data) if args.checkpoint else None, "dim": int(queries.shape[1]), "global_dim": global_dim,
+                     "model": checkpoint_summary(args.checkpoint) if args.checkpoint else {},
+                     "synthetic_dim": args.synthetic_dim if args.checkpoint is None else None, "quick": args.quick,
+                     "protocol": args.protocol, "types": args.types, "probes": args.probes, "factors": args.factors},
         "results": rows,
     }  # fmt: skip
     if args.protocol and feats is not None:  # short: first, so a cut long run still has it
@@ -378,7 +579,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows += extrapolate_10m(rows)
     print(format_table(rows, [*COLUMNS, "status"]))
     path = write_json(payload, args.output)
-    print(f"wrote {path}")
+    write_report(payload, path, args.quick)
+    print(f"wrote {path} and its section of {results_doc(path, args.quick)}")
     return payload
 
 

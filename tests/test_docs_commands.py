@@ -113,6 +113,18 @@ def _readme_block_after(heading: str) -> list[str]:
 
 STREAM_SHARDS, STREAM_TOWERS, STREAM_TRAIN, STREAM_TWO_PROCESSES = _readme_block_after("### Streaming data")
 
+# the measuring runs a shown `--report` command re-renders (each writes its JSON and RESULTS.md into {tmp})
+SEARCH_SYNTHETIC = ("script", BENCH / "search_latency.py",
+                    ["--synthetic-dim", "8", "--sizes", "600", "--queries", "20", "--repeats", "2", "--quick",
+                     "--work-dir", "{tmp}/search-work", "--output", "{tmp}/search.json"])  # fmt: skip
+POOLING_TINY = ("script", BENCH / "pooling_speed.py",
+                ["--device", "cpu", "--batch-size", "2", "--dim", "16", "--heads", "2", "--tokens", "5", "9",
+                 "--sketches", "4x3", "--warmup", "0", "--repeats", "1", "--no-plot", "--output", "{tmp}/pooling.json"])  # fmt: skip
+MODEL_TINY = ["--device", "cpu", "--quick", "--batch-size", "2", "--warmup", "0", "--repeats", "1"]
+BACKENDS_TINY = ("script", BENCH / "encode_throughput.py",
+                 ["--checkpoint", "{ckpt}", "--data", "{data}", "--batch-size", "2", "--repeats", "1",
+                  "--output", "{tmp}/encode_backends_cpu.json"])  # fmt: skip
+
 # fmt: off
 # the command as the docs show it (shlex.join of its words) -> what runs in CI
 SMOKE: dict[str, Smoke | Covered | Excluded] = {
@@ -157,6 +169,40 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
            "--quick", "--protocol", "--work-dir", "{tmp}/search-work", "--output", "{tmp}/search_latency.json"]),),
         slow=True,
     ),
+    "python benchmarks/search_latency.py --checkpoint outputs/demo --sizes 1000000 --types global --probes 32 "
+    "--factors 30 --output benchmarks/results/search_latency_1m_global_memory.json": Smoke(
+        (("script", BENCH / "search_latency.py",
+          ["--checkpoint", "{ckpt}", "--data", "{data}", "--sizes", "600", "--types", "global", "--probes", "2",
+           "--factors", "3", "--queries", "20", "--repeats", "2", "--work-dir", "{tmp}/search-work",
+           "--output", "{tmp}/search_latency_1m_global_memory.json"]),),
+        slow=True,
+    ),
+    "python benchmarks/search_latency.py --checkpoint outputs/demo --sizes --protocol "
+    "--output benchmarks/results/search_protocol.json": Smoke(
+        (("script", BENCH / "search_latency.py",
+          ["--checkpoint", "{ckpt}", "--data", "{data}", "--sizes", "--queries", "20", "--protocol",
+           "--work-dir", "{tmp}/search-work", "--output", "{tmp}/search_protocol.json"]),),
+        slow=True,
+    ),
+    **{f"python benchmarks/search_latency.py --report --output benchmarks/results/{name}.json": Smoke(
+        (SEARCH_SYNTHETIC, ("script", BENCH / "search_latency.py", ["--report", "--output", "{tmp}/search.json"])))
+       for name in ("search_latency", "search_latency_1m_global_memory", "search_protocol")},
+    "python benchmarks/pooling_speed.py --report --output benchmarks/results/pooling_speed_cpu.json": Smoke(
+        (POOLING_TINY, ("script", BENCH / "pooling_speed.py", ["--report", "--output", "{tmp}/pooling.json"]))
+    ),
+    "python benchmarks/encode_throughput.py --report --output benchmarks/results/encode_throughput_cpu_tiny.json": Smoke(
+        (("script", BENCH / "encode_throughput.py", [*MODEL_TINY, "--output", "{tmp}/encode.json"]),
+         ("script", BENCH / "encode_throughput.py", ["--report", "--output", "{tmp}/encode.json"]))
+    ),
+    "python benchmarks/train_step.py --report --output benchmarks/results/train_step_cpu_tiny.json": Smoke(
+        (("script", BENCH / "train_step.py", [*MODEL_TINY, "--output", "{tmp}/train.json"]),
+         ("script", BENCH / "train_step.py", ["--report", "--output", "{tmp}/train.json"]))
+    ),
+    "python benchmarks/encode_throughput.py --report --output benchmarks/results/encode_backends_cpu.json": Smoke(
+        (EXPORT, BACKENDS_TINY,
+         ("script", BENCH / "encode_throughput.py", ["--report", "--output", "{tmp}/encode_backends_cpu.json"])),
+        slow=True,
+    ),
     # --compile (minutes of compiling) and --head-step (a real epoch over the Flickr8k captions) are left out
     "python benchmarks/pooling_speed.py --device cpu --batch-size 32 --dim 256 --heads 4 --tokens 49 197 "
     "--sketches 32x6 --compile --anchor --head-step --output benchmarks/results/pooling_speed_cpu.json": Smoke(
@@ -173,9 +219,7 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
     ),
     "temde-hf export-onnx outputs/demo --int8": Smoke((EXPORT,)),
     "python benchmarks/encode_throughput.py --checkpoint outputs/demo --output benchmarks/results/encode_backends_cpu.json": Smoke(
-        (EXPORT, ("script", BENCH / "encode_throughput.py",
-                  ["--checkpoint", "{ckpt}", "--data", "{data}", "--batch-size", "2", "--repeats", "1",
-                   "--output", "{tmp}/encode_backends_cpu.json"])),
+        (EXPORT, BACKENDS_TINY),
         slow=True,
     ),
     "python benchmarks/temde_question.py --temde 'T-EMDE concat N32 H6 + warm-up 1 ep' --seeds 0 1": Smoke(
