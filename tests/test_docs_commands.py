@@ -246,11 +246,12 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
            ]),),
         slow=True,
     ),
-    "python benchmarks/recipe_search.py --dataset flickr8k-6k --stage 6k --stage 6k-tune": Smoke(
+    "python benchmarks/recipe_search.py --dataset flickr8k-6k --stage 6k --stage 6k-tune --stage 6k-tuned-temde": Smoke(
         (("script", BENCH / "recipe_search.py",
-          ["--smoke", "--dataset", "flickr8k-6k", "--stage", "6k", "--stage", "6k-tune", "--recipes",
-           "demo recipe (mean, flip, token LN, lr 1e-3, batch 128, 3 ep)", "T-EMDE concat N16 H4 + warm-up 1 ep",
-           "batch 256, no token LayerNorm", "+ batch 512",
+          ["--smoke", "--dataset", "flickr8k-6k", "--stage", "6k", "--stage", "6k-tune", "--stage", "6k-tuned-temde",
+           "--recipes", "demo recipe (mean, flip, token LN, lr 1e-3, batch 128, 3 ep)",
+           "T-EMDE concat N16 H4 + warm-up 1 ep", "batch 256, no token LayerNorm", "+ batch 512",
+           "+ text tower: last 2 of 6 layers, LR x0.1",
            "--folds", "2", "--run-folds", "0", "--seeds", "0", "--work-dir", "{tmp}/work",
            "--output", "{tmp}/recipe_search_6k.json"]),),
         slow=True,
