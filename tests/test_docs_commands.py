@@ -227,6 +227,13 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
           ["--smoke", "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/temde_question.json"]),),
         slow=True,
     ),
+    "python benchmarks/temde_question.py --setting tuned --temde 'text top 2, + T-EMDE concat N32 H6 + warm-up 1 ep, "
+    "+ 14x14 stage tokens' --seeds 0 1": Smoke(
+        (("script", BENCH / "temde_question.py",
+          ["--smoke", "--setting", "tuned", "--seeds", "0", "--work-dir", "{tmp}/work",
+           "--output", "{tmp}/temde_question_tuned.json"]),),
+        slow=True,
+    ),
     "python benchmarks/holdout_estimate.py --seeds 0 1 2": Smoke(
         (("script", BENCH / "holdout_estimate.py",
           ["--smoke", "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/holdout_estimate.json"]),),
