@@ -217,8 +217,8 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
     "python benchmarks/train_step.py --device cpu --output benchmarks/results/train_step_cpu_tiny.json": Covered(
         "tests/test_benchmarks_smoke.py::test_model_benchmarks_smoke"
     ),
-    "temde-hf export-onnx outputs/demo --int8": Smoke((EXPORT,)),
-    "python benchmarks/encode_throughput.py --checkpoint outputs/demo --output benchmarks/results/encode_backends_cpu.json": Smoke(
+    "temde-hf export-onnx outputs/demo/final --int8": Smoke((EXPORT,)),
+    "python benchmarks/encode_throughput.py --checkpoint outputs/demo/final --output benchmarks/results/encode_backends_cpu.json": Smoke(
         (EXPORT, BACKENDS_TINY),
         slow=True,
     ),
