@@ -141,6 +141,19 @@ def test_second_round_starts_from_the_first_rounds_choice_and_reuses_its_runs(se
     assert demo.per_device_train_batch_size == 256
 
 
+def test_the_demo_is_the_tuned_t_emde_candidate_over_the_second_rounds_recipe(search: ModuleType) -> None:
+    """The T-EMDE question in the fine-tuned setting moved the demo to its candidate: the demo config is the
+    second round's recipe (kept byte for byte for the runs that measured it) plus the candidate's flags."""
+    towers = ["--vision_model_path", "v", "--text_model_path", "t"]
+    (candidate,) = [name for name in search.STAGES["6k-tuned-temde"] if "T-EMDE" in name]
+    flags = search.STAGES["6k-tuned-temde"][candidate]
+    assert parse_args([str(search.CONFIG), *towers]) == parse_args(
+        [str(search.TEXT2_6K_CONFIG), *towers, *flags]
+    )
+    model, _, _ = parse_args([str(search.CONFIG), *towers])
+    assert model.sketch_fusion == "concat" and model.sketch_vision_feature_layers == [11]
+
+
 def test_search_refuses_a_fold_count_that_would_not_pair(search: ModuleType, tmp_path: Path) -> None:
     output = tmp_path / "search.json"
     output.write_text(json.dumps({"stages": {}, "flags": {}, "folds": 5}))
