@@ -236,7 +236,7 @@ def test_holdout_estimate_resumes_from_its_json_and_starts_afresh_for_another_re
     monkeypatch.setattr(
         estimate, "smoke_paths", lambda *a: (output, tmp_path / "R.md", tmp_path / "README.md")
     )
-    recipe = estimate.CONFIG.read_text()
+    recipe = estimate.TEXT2_6K_CONFIG.read_text()
     output.write_text(
         json.dumps({"config": recipe, "split_flags": estimate.SPLIT_FLAGS, "runs": {"0": stored}})
     )
