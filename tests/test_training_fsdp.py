@@ -84,6 +84,9 @@ forward_backward(model, split_micro_batches(local, 2), loss_fn, Fsdp2Engine())  
 grads = {{n: p.grad.full_tensor().contiguous() for n, p in model.named_parameters() if p.grad is not None}}
 if rank == 0:
     save_file(grads, str(Path(sys.argv[1]) / "grads.safetensors"))
+# both ranks reach here before the group goes: tearing gloo down while the other rank still runs a
+# collective aborted the process now and then ("terminate called without an active exception")
+dist.barrier()
 dist.destroy_process_group()
 """
 
