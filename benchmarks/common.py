@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -355,6 +356,12 @@ def shown_path(path: str | Path, repo: Path = REPO) -> str:
     """`path` as a command in the docs shows it: relative to the repository root when inside it."""
     resolved = Path(path).resolve()
     return str(resolved.relative_to(repo)) if resolved.is_relative_to(repo) else str(path)
+
+
+def stored_path(path: str | Path, repo: Path = REPO) -> str:
+    """`path` as a results JSON records it: relative to the repository root (``..`` allowed), so the
+    stored run names no machine's folders and reads the same wherever the clone lives."""
+    return os.path.relpath(Path(path).resolve(), repo)
 
 
 def load_report(output: str | Path) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from common import (
     num,
     results_doc,
     shown_path,
+    stored_path,
     time_fn,
     variant_models,
     write_json,
@@ -142,7 +143,7 @@ def backends_main(argv: list[str]) -> dict[str, Any]:
     payload = {
         "benchmark": "encode_throughput",
         "env": {**device_info(torch.device("cpu")), "loadavg": os.getloadavg(), "onnxruntime": _version("onnxruntime")},
-        "settings": {"checkpoint": str(args.checkpoint), "data": str(args.data), "batch_size": args.batch_size, "repeats": args.repeats,
+        "settings": {"checkpoint": str(args.checkpoint), "data": stored_path(args.data), "batch_size": args.batch_size, "repeats": args.repeats,
                      "threads": args.threads, "captions_per_batch": 4 * args.batch_size, "max_length": 40,
                      "model": checkpoint_summary(args.checkpoint)},
         "results": rows,
@@ -196,8 +197,8 @@ def backends_command(payload: dict[str, Any], output: Path) -> str:
     """The ``--checkpoint`` command that measured `payload`, rebuilt from its settings (defaults left out)."""
     settings = payload["settings"]
     words = ["--checkpoint", settings["checkpoint"]]
-    if settings.get("data") not in (None, str(FLICKR8K_JSON)):
-        words += ["--data", shown_path(settings["data"])]
+    if settings.get("data") not in (None, stored_path(FLICKR8K_JSON)):
+        words += ["--data", settings["data"]]
     for flag, key, default in (
         ("--batch-size", "batch_size", 32),
         ("--repeats", "repeats", 5),

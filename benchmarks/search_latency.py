@@ -51,6 +51,7 @@ from common import (
     resolve_device,
     results_doc,
     shown_path,
+    stored_path,
     time_fn,
     write_json,
     write_section,
@@ -366,8 +367,8 @@ def command_line(payload: dict[str, Any], output: Path) -> str:
         words += ["--device", payload["env"]["device"].split(":")[0]]
     if settings.get("checkpoint") not in (None, "None"):
         words += ["--checkpoint", settings["checkpoint"]]
-        if settings.get("data") not in (None, str(FLICKR8K_JSON)):
-            words += ["--data", shown_path(settings["data"])]
+        if settings.get("data") not in (None, stored_path(FLICKR8K_JSON)):
+            words += ["--data", settings["data"]]
     elif settings.get("synthetic_dim"):
         words += ["--synthetic-dim", str(settings["synthetic_dim"])]
     words += ["--sizes", *map(str, settings["sizes"])]
@@ -555,7 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "search_latency",
         "env": {**device_info(device), "faiss": _faiss_version(), "faiss_threads": 1, "loadavg_at_start": os.getloadavg()},
         "settings": {"sizes": args.sizes, "queries": args.queries, "repeats": args.repeats, "k": K,
-                     "checkpoint": str(args.checkpoint), "data": str(args.data) if args.checkpoint else None, "dim": int(queries.shape[1]), "global_dim": global_dim,
+                     "checkpoint": str(args.checkpoint), "data": stored_path(args.data) if args.checkpoint else None, "dim": int(queries.shape[1]), "global_dim": global_dim,
                      "model": checkpoint_summary(args.checkpoint) if args.checkpoint else {},
                      "synthetic_dim": args.synthetic_dim if args.checkpoint is None else None, "quick": args.quick,
                      "protocol": args.protocol, "types": args.types, "probes": args.probes, "factors": args.factors},

@@ -190,3 +190,25 @@ def test_pooling_and_throughput_targets_follow_the_numbers(tmp_path: Path) -> No
     assert "**not met** (lowest ratio 0.90×)" in text and "--device cuda --towers base" in text
     payload["results"][1]["text_ratio_vs_plain"] = 0.96
     assert "**met** (lowest ratio 0.96×)" in encode.render_variants(payload, tmp_path / "e.json")
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_stored_results_name_no_absolute_path() -> None:
+    """A stored run records paths relative to the repository, so its section reads the same in every clone."""
+    for output in sorted((BENCHMARKS / "results").glob("*.json")):
+        absolute = [s for s in _strings(json.loads(output.read_text())) if Path(s).is_absolute()]
+        assert not absolute, f"{output.name} records {absolute[:3]}"
+
+
+def test_stored_path_is_relative_to_the_repository() -> None:
+    common = _load("common")
+    shared = REPO.parent / "shared" / "data" / "x.json"
+    assert common.stored_path(shared) == "../shared/data/x.json"
+    assert common.stored_path(REPO / "outputs" / "demo") == "outputs/demo"
