@@ -8,6 +8,7 @@ two CPU processes).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -371,20 +372,57 @@ def accelerate_launch_run(
     Every launcher flag is explicit, so a developer's own accelerate config cannot leak in; each process
     gets one thread (two processes share two cores). Returns the finished launch, failed or not (its
     exit status, stdout and stderr); `accelerate_launch` is the one that must succeed.
+
+    Raises:
+        AssertionError: The launch ran past `timeout` seconds; the message holds every process's Python
+            stack at that moment (see `_stop_hung_launch`) and the end of its output.
     """
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), *args,
     ]  # fmt: skip
-    return subprocess.run(
-        command,
-        cwd=cwd,
-        env=_child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    # faulthandler in every process: SIGABRT then prints its Python stack (what a hang waits on)
+    child_env = _child_env({"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
+    with subprocess.Popen(
+        command, cwd=cwd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as launch:
+        try:
+            stdout, stderr = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = _stop_hung_launch(launch)
+            raise AssertionError(
+                f"the launch ran past {timeout:.0f} s; its processes' Python stacks then, and its output:\n"
+                + stdout[-3000:]
+                + stderr[-12000:]
+            ) from None
+    return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
+
+
+def _stop_hung_launch(launch: subprocess.Popen[str]) -> tuple[str, str]:
+    """Dump the Python stack of every process of a hung launch, kill them all, return the output.
+
+    torch's launcher starts each worker in its own session, so killing the launcher alone would leave the
+    workers running and holding the output pipes open (reading them would then hang as well).
+    """
+    import signal
+    import time
+
+    import psutil  # accelerate's own dependency
+
+    try:
+        workers = psutil.Process(launch.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    for process in workers:  # SIGABRT: faulthandler writes the stack to the captured stderr, then exits
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGABRT)
+    time.sleep(3)
+    for process in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    launch.kill()
+    return launch.communicate()
 
 
 def accelerate_launch(

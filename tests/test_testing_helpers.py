@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from temde_hf.testing import GALLERY_CAPTIONS, GALLERY_COLOURS, run_python, tiny_processor
+from temde_hf.testing import (
+    GALLERY_CAPTIONS,
+    GALLERY_COLOURS,
+    accelerate_launch_run,
+    run_python,
+    tiny_processor,
+)
 
 
 def test_run_python_blocks_packages_and_their_submodules(tmp_path: Path) -> None:
@@ -48,3 +54,34 @@ def test_colour_gallery_is_distinct_images_and_in_vocabulary_captions(
     ids = tokenizer(GALLERY_CAPTIONS)["input_ids"]
     assert len(set(GALLERY_CAPTIONS)) == len(GALLERY_CAPTIONS) == 2 * len(GALLERY_COLOURS)
     assert all(tokenizer.unk_token_id not in row for row in ids)  # the tiny BERT sees real words
+
+
+HANGING_WORKER = """
+import os, time
+import torch.distributed as dist
+from accelerate import Accelerator
+
+def rank_one_never_arrives():
+    while True:
+        time.sleep(1)
+
+accelerator = Accelerator(cpu=True)
+if accelerator.process_index == 1:
+    rank_one_never_arrives()
+dist.barrier()
+"""
+
+
+@pytest.mark.slow
+def test_a_hung_launch_fails_with_every_process_stack_and_leaves_no_process(tmp_path: Path) -> None:
+    """A launch past its timeout raises with where each worker waited, and kills the workers too (torch's
+    launcher starts them in their own sessions: killing the launcher alone would leave them running)."""
+    import psutil
+
+    script = tmp_path / "hangs.py"
+    script.write_text(HANGING_WORKER)
+    with pytest.raises(AssertionError, match="ran past 20 s") as raised:
+        accelerate_launch_run(str(script), timeout=20)
+    assert "rank_one_never_arrives" in str(raised.value)  # the hung worker's own stack
+    alive = [p for p in psutil.process_iter(["cmdline"]) if str(script) in " ".join(p.info["cmdline"] or [])]
+    assert not alive
