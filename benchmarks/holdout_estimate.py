@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entry = stored["recipes"].get(args.recipe, {})
         # runs of this recipe are kept: a rerun trains only the seeds it lacks; a changed config starts afresh
         runs = entry.get("runs", {}) if entry.get("config") == recipe else {}
+        if entry.get("runs") and not runs:
+            print(f"{output}: the stored --recipe {args.recipe} runs measured an older {config.name}; "
+                  "training afresh", file=sys.stderr)  # fmt: skip
         stored["recipes"][args.recipe] = {"config": recipe, "runs": runs}
         towers, flags = smoke_setup(args.work_dir) if args.smoke else (offline_towers(args.towers_dir), [])
         if args.smoke and _model(recipe).get("sketch_vision_feature_layers"):
