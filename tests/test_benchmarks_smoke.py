@@ -213,41 +213,125 @@ def test_holdout_estimate_table_has_every_seed_and_the_mean_of_each_gallery_and_
     assert lines[10].endswith("| 315.0 ± 14.1 |")
 
 
-def test_holdout_estimate_resumes_from_its_json_and_starts_afresh_for_another_recipe(
+def _holdout_run(estimate: ModuleType, rsum: float = 280.0) -> dict:
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+    key, weight = estimate.RERANKED
+    metrics = {**dict.fromkeys(keys, 40.0), "rsum": rsum}
+    return {"stage1": metrics, "rerank": {key: {"metrics": {weight: metrics}}},
+            "stage1_sub_galleries": [metrics], "eval_images": 1000}  # fmt: skip
+
+
+def test_holdout_estimate_keeps_each_recipes_runs_and_starts_a_changed_recipe_afresh(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     estimate = _load("holdout_estimate")
-    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-    key, weight = estimate.RERANKED
-    metrics = {**dict.fromkeys(keys, 40.0), "rsum": 280.0}
-    stored = {"stage1": metrics, "rerank": {key: {"metrics": {weight: metrics}}},
-              "stage1_sub_galleries": [metrics], "eval_images": 1000}  # fmt: skip
-    trained: list[int] = []
+    stored = _holdout_run(estimate)
+    trained: list[tuple[int, Path]] = []
 
     def train_and_score(
-        flags: list[str], split_flags: list[str], seed: int, *args: object, **kwargs: object
-    ) -> dict:
-        trained.append(seed)
+        flags: list[str], split_flags: list[str], seed: int, work: Path, towers: object, rerankers: object,
+        latency: int, config: Path, **kwargs: object,
+    ) -> dict:  # fmt: skip
+        trained.append((seed, config))
         return stored
 
-    output = tmp_path / "holdout.json"
+    output, readme = tmp_path / "holdout.json", tmp_path / "README.md"
     monkeypatch.setattr(estimate, "train_and_score", train_and_score)
     monkeypatch.setattr(estimate, "offline_towers", lambda towers_dir: (Path("v"), Path("t")))
+    monkeypatch.setattr(estimate, "smoke_paths", lambda *a: (output, tmp_path / "R.md", readme))
+    text2, demo = estimate.TEXT2_6K_CONFIG, estimate.CONFIG
+    # the first format: one recipe (text2-mean), its runs at the top level
+    output.write_text(json.dumps({"config": text2.read_text(), "split_flags": estimate.SPLIT_FLAGS,
+                                  "runs": {"0": stored}}))  # fmt: skip
+    estimate.main(["--recipe", "text2-mean", "--seeds", "0", "1"])
+    assert trained == [(1, text2)]  # seed 0 came from the old-format JSON
+    saved = json.loads(output.read_text())
+    assert set(saved["recipes"]) == {"text2-mean"} and set(saved["recipes"]["text2-mean"]["runs"]) == {
+        "0",
+        "1",
+    }
+    assert "python benchmarks/holdout_estimate.py --recipe text2-mean --seeds 0 1\n" in readme.read_text()
+    assert "No stored runs yet" in readme.read_text()  # the demo recipe, with the command that measures it
+
+    estimate.main(["--seeds", "2"])  # the default recipe: the shipped demo, trained from its own config
+    assert trained[1:] == [(2, demo)]
+    saved = json.loads(output.read_text())
+    assert set(saved["recipes"]["text2-mean"]["runs"]) == {"0", "1"}  # the other recipe's runs are kept
+    assert saved["recipes"]["demo"] == {"config": demo.read_text(), "runs": {"2": stored}}
+    section = readme.read_text()
+    assert "No stored runs yet" not in section
+    assert section.index("--recipe demo --seeds 2\n") < section.index("--recipe text2-mean --seeds 0 1\n")
+    assert section.count("| mean ± std | 1,000 photos, stage 1 |") == 2  # one table per recipe
+
+    saved["recipes"]["text2-mean"]["config"] = "another recipe"
+    output.write_text(json.dumps(saved))
+    estimate.main(["--recipe", "text2-mean", "--seeds", "0"])
+    assert trained[2:] == [(0, text2)]  # the stored runs measured another config
+    saved = json.loads(output.read_text())
+    assert set(saved["recipes"]["text2-mean"]["runs"]) == {"0"} and set(saved["recipes"]["demo"]["runs"]) == {
+        "2"
+    }
+
+
+def test_holdout_estimate_reads_the_old_format_as_the_text2_recipe_and_reports_without_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    estimate = _load("holdout_estimate")
+    runs = {"0": _holdout_run(estimate, 280.0), "1": _holdout_run(estimate, 290.0)}
+    old = {"config": "model: {pooling: mean}\n", "split_flags": estimate.SPLIT_FLAGS, "runs": runs}
+    assert estimate.migrate(old) == {
+        "split_flags": estimate.SPLIT_FLAGS, "sub_gallery": 200,
+        "recipes": {"text2-mean": {"config": old["config"], "runs": runs}},
+    }  # fmt: skip
+    assert estimate.migrate(estimate.migrate(old)) == estimate.migrate(
+        old
+    )  # the current format stays as it is
+
+    def train_and_score(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("--report trains nothing")
+
+    output = tmp_path / "holdout.json"
+    output.write_text(json.dumps(old))
+    monkeypatch.setattr(estimate, "train_and_score", train_and_score)
     monkeypatch.setattr(
         estimate, "smoke_paths", lambda *a: (output, tmp_path / "R.md", tmp_path / "README.md")
     )
-    recipe = estimate.TEXT2_6K_CONFIG.read_text()
-    output.write_text(
-        json.dumps({"config": recipe, "split_flags": estimate.SPLIT_FLAGS, "runs": {"0": stored}})
+    assert estimate.main(["--report"]) == estimate.migrate(old)
+    section = (tmp_path / "R.md").read_text()
+    assert (
+        "--recipe text2-mean --seeds 0 1\n" in section and "| mean ± std | 1,000 photos, stage 1 |" in section
     )
-    estimate.main(["--seeds", "0", "1"])
-    assert trained == [1]  # seed 0 came from the JSON
-    assert set(json.loads(output.read_text())["runs"]) == {"0", "1"}
-    assert "--seeds 0 1" in (tmp_path / "README.md").read_text()
-    output.write_text(json.dumps({"config": "another recipe", "split_flags": estimate.SPLIT_FLAGS,
-                                  "runs": {"0": stored}}))  # fmt: skip
-    estimate.main(["--seeds", "0"])
-    assert trained == [1, 0]  # the stored run measured another recipe
+    assert "head: pooling mean" not in section and "head: mean pooling." in section  # words from its config
+    assert json.loads(output.read_text()) == old  # --report rewrites no JSON
+
+
+def test_holdout_estimate_report_without_runs_is_one_line(tmp_path: Path) -> None:
+    estimate = _load("holdout_estimate")
+    argv = ["--report", "--smoke", "--work-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as missing:  # no JSON at all
+        estimate.main(argv)
+    (tmp_path / "smoke" / "holdout_estimate.json").write_text(json.dumps({"split_flags": [], "recipes": {}}))
+    with pytest.raises(SystemExit) as empty:  # a JSON without runs
+        estimate.main(argv)
+    for error in (missing, empty):
+        message = str(error.value.code)
+        assert "\n" not in message and "--output" in message and "holdout_estimate.json" in message
+    assert not (tmp_path / "smoke" / "README.md").exists()
+
+
+def test_holdout_estimate_sections_are_what_it_renders_from_the_committed_json() -> None:
+    """The committed README/RESULTS sections are `--report`'s text; the migrated JSON kept the first
+    format's text2-mean runs; each recipe's head words come from its own config."""
+    estimate = _load("holdout_estimate")
+    stored = json.loads(estimate.RESULTS.read_text())
+    assert stored["recipes"]["text2-mean"]["config"] == estimate.TEXT2_6K_CONFIG.read_text()
+    rendered = estimate.render(stored).strip()
+    for doc in (REPO / "README.md", BENCHMARKS / "RESULTS.md"):
+        text = doc.read_text()
+        section = text.split("<!-- BEGIN holdout_estimate (generated: do not edit) -->\n", 1)[1]
+        assert section.split("<!-- END holdout_estimate -->", 1)[0].strip() == rendered, doc
+    demo, text2 = (estimate.head_words(c.read_text()) for c in (estimate.CONFIG, estimate.TEXT2_6K_CONFIG))
+    assert "T-EMDE sketch (concat" in demo and "[11]" in demo and "T-EMDE" not in text2
 
 
 def _record(stage1: float, reranked: dict[str, float]) -> dict:

@@ -234,11 +234,13 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
            "--output", "{tmp}/temde_question_tuned.json"]),),
         slow=True,
     ),
-    "python benchmarks/holdout_estimate.py --seeds 0 1 2": Smoke(
+    # the demo recipe's sketch reads EfficientNet-Lite0's layer 11: at smoke size the tiny tower's layer 1
+    **{f"python benchmarks/holdout_estimate.py --recipe {recipe} --seeds 0 1 2": Smoke(
         (("script", BENCH / "holdout_estimate.py",
-          ["--smoke", "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/holdout_estimate.json"]),),
+          ["--smoke", "--recipe", recipe, "--seeds", "0", "--work-dir", "{tmp}/work",
+           "--output", "{tmp}/holdout_estimate.json"]),),
         slow=True,
-    ),
+    ) for recipe in ("demo", "text2-mean")},
     "python benchmarks/quality.py --settings frozen --heads mean 'transformer layer + mean' 'tower pooler' "
     "'T-EMDE concat soft_dlsh' 'T-EMDE concat anchor' 'T-EMDE replace soft_dlsh' --folds 5 --seeds 0 1": Smoke(
         (("script", BENCH / "quality.py",
