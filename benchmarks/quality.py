@@ -295,7 +295,7 @@ def render(stored: dict[str, Any], scale: str) -> str:
             "split: a CV RSUM is over one held-out fold of 1,218 photos), the held-out folds and paired seeds "
             f"as in each command, on each setting's 6k recipe ({recipes}); T-EMDE heads N32 H6. Then every head "
             f"is trained per seed on all 6,090 photos and judged from pixels on all {size['images']} Flickr8k-800 "
-            f"photos ({size['captions']} captions) as one gallery, none of them in the training set (the "
+            f"photos ({size['captions']:,} captions) as one gallery, none of them in the training set (the "
             "unseen-gallery columns); RSUM falls as the gallery grows, so compare heads within a column."
         )
     return f"{commands}\n\n{about}\n\n" + table(summary, spec.judged, spec.judged_label)
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write_section(readme, spec.readme_section, text)
         return stored
     stored = json.loads(output.read_text()) if output.is_file() else {}
-    runs = stored.get("runs", {})
+    runs = stored.setdefault("runs", {})
     towers, smoke_flags = smoke_setup(args.work_dir) if args.smoke else (offline_towers(args.towers_dir), [])
     work = Path(args.work_dir)
     if args.smoke:
