@@ -1,5 +1,6 @@
-"""Pooling ablation: does the T-EMDE sketch beat mean pooling, with frozen towers and with the text tower
-fine-tuned? Cross-validated, paired by seed, reported either way.
+"""Pooling ablation: does the T-EMDE sketch beat mean pooling (frozen towers; the text tower fine-tuned)?
+
+Cross-validated, paired by seed, reported either way.
 
 Heads (one model class, chosen by flags): masked mean, a transformer layer + mean, the tower's pooler, and
 T-EMDE (`concat` with each coder, `replace`). Every head runs through the one trainer, in each tower setting,
