@@ -187,6 +187,115 @@ def test_quality_table_and_plot_show_every_head(tmp_path: Path) -> None:
     assert (tmp_path / "quality.png").stat().st_size > 1000
 
 
+def _generated(doc: Path, name: str) -> str:
+    text = doc.read_text()
+    begin, end = f"<!-- BEGIN {name} (generated: do not edit) -->", f"<!-- END {name} -->"
+    return text.split(begin, 1)[1].split(end, 1)[0].strip()
+
+
+def test_quality_sections_are_what_the_script_renders_from_the_stored_json() -> None:
+    """The 800-photo ablation stays as measured (its JSON's numbers, its commands now naming ``--scale 800``,
+    since 6k is the default), in RESULTS.md and README.md; the 6k section is its JSON's, or the command that
+    will write it while none is stored."""
+    quality = _load("quality")
+    stored = json.loads((BENCHMARKS / "results" / "quality.json").read_text())
+    rendered = quality.render(stored, "800")
+    assert _generated(BENCHMARKS / "RESULTS.md", "quality") == rendered.strip()
+    assert _generated(REPO / "README.md", "quality_summary") == rendered.strip()
+    assert rendered.count("python benchmarks/quality.py --scale 800 --settings") == 2
+    assert "| frozen | T-EMDE concat anchor | 333.2 ± 0.6 | 377.6 ± 2.3 |" in rendered
+    results_6k = BENCHMARKS / "results" / "quality_6k.json"
+    expected = (
+        quality.render(json.loads(results_6k.read_text()), "6k")
+        if results_6k.is_file()
+        else quality.pending("6k")
+    )
+    assert _generated(BENCHMARKS / "RESULTS.md", "quality_6k") == expected.strip()
+    text = (BENCHMARKS / "RESULTS.md").read_text()  # right after the 800-photo section
+    assert (
+        text.index("<!-- END quality -->")
+        < text.index("## Quality ablation at 6,090 photos")
+        < text.index("<!-- BEGIN quality_6k")
+        < text.index("## Choosing the demo recipe at ten times the data")
+    )
+
+
+def test_quality_6k_cross_validates_on_the_6k_recipes_and_judges_on_the_unseen_gallery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 6k wiring, with the trainer replaced by recorders: each setting's 6k recipe file, recipe_search's
+    6k folds (eval every 190 steps, the shared feature cache), only the folds asked for, N32 H6 sketches,
+    and the judged runs through `train_and_judge` on the gallery, never a test split; reruns resume."""
+    quality = _load("quality")
+    search = _load("recipe_search")
+    calls: list[tuple] = []
+
+    def metrics(flags: list[str], seed: int) -> dict[str, float]:
+        rsum = 300.0 + 10 * ("concat" in flags) + seed
+        return {**dict.fromkeys(search.KEYS, rsum / 6), "rsum": rsum}
+
+    def run_one(flags, split_flags, seed, work, towers, config, cache_dir=None, eval_steps=10):
+        calls.append(("cv", Path(config).name, split_flags, seed, cache_dir, eval_steps, flags))
+        return {"final": metrics(flags, seed)}
+
+    def train_and_judge(config, flags, seed, work, towers, gallery, cache_dir):
+        calls.append(("judge", Path(config).name, seed, Path(gallery).name, cache_dir, flags))
+        return {"gallery": metrics(flags, seed), "images": 800, "captions": 4000, "train_seconds": 1.0}
+
+    monkeypatch.setattr(quality, "run_one", run_one)
+    monkeypatch.setattr(quality, "train_and_judge", train_and_judge)
+    monkeypatch.setattr(quality, "smoke_setup", lambda work: ((tmp_path / "v", tmp_path / "t"), []))
+    monkeypatch.setattr(quality, "offline_towers", lambda d: (tmp_path / "v", tmp_path / "t"))
+    gallery = tmp_path / "gallery.json"
+    output = tmp_path / "quality_6k.json"
+    argv = ["--settings", "frozen", "text", "--heads", "mean", "T-EMDE concat anchor", "--run-folds", "0", "2",
+            "--work-dir", str(tmp_path / "work"), "--feature-cache-dir", str(tmp_path / "cache"),
+            "--gallery", str(gallery), "--output", str(output)]  # fmt: skip
+    monkeypatch.setattr(
+        quality, "smoke_paths", lambda w, o, s, r: (Path(o), tmp_path / "RESULTS.md", tmp_path / "README.md")
+    )
+    stored = quality.main(argv)
+
+    cv = [c for c in calls if c[0] == "cv"]
+    judged = [c for c in calls if c[0] == "judge"]
+    assert len(cv) == 2 * 2 * 2 and len(judged) == 2 * 2  # settings x heads x (folds 0, 2 | seed 0)
+    assert {c[2][-1] for c in cv} == {"0", "2"} and all(c[2][:4] == search.cv_flags(0, 5)[:4] for c in cv)
+    assert all(c[3] == 0 and c[4] == tmp_path / "cache" and c[5] == 190 for c in cv)
+    assert {c[1] for c in cv if "true" in c[6]} == {"flickr8k_6k_frozen_demo.yaml"}
+    assert {c[1] for c in cv if "false" in c[6]} == {"flickr8k_6k_text2_demo.yaml"}
+    anchor = next(c[6] for c in cv if "anchor" in c[6])
+    assert (
+        anchor[anchor.index("--n_sketches") + 1] == "32"
+        and anchor[anchor.index("--n_hyperplanes") + 1] == "6"
+    )
+    assert all(c[3] == "gallery.json" and c[4] == tmp_path / "cache" for c in judged)
+    runs = stored["runs"]["frozen | mean"]
+    assert set(runs) == {"fingerprint", "cv fold 0 seed 0", "cv fold 2 seed 0", "gallery seed 0"}
+    verdict = stored["summary"]["frozen"]["verdict"]
+    assert verdict["best_temde_by_val"] == "T-EMDE concat anchor" and verdict["gallery_paired_gain"][
+        "per_seed"
+    ] == [10.0]
+    assert "test_paired_gain" not in verdict and verdict["met"]
+    section = _generated(tmp_path / "RESULTS.md", "quality_6k")
+    assert "--run-folds 0 2 --seeds 0" in section and "--scale" not in section
+    assert "| frozen | T-EMDE concat anchor | 310.0 ± 0.0 | 310.0 ± 0.0 |" in section
+    assert "all 800 Flickr8k-800 photos (4,000 captions)" in section and "unseen gallery RSUM" in section
+    assert "## Quality ablation at 6,090 photos" in (tmp_path / "RESULTS.md").read_text()
+    assert not (tmp_path / "README.md").exists()  # the 6k ablation writes RESULTS.md only
+    assert output.with_suffix(".png").stat().st_size > 1000
+
+    calls.clear()
+    assert quality.main(argv)["summary"] == stored["summary"] and not calls  # resumed: nothing retrained
+    quality.main([*argv[:-6], "--run-folds", "0", "1", "2", *argv[-6:]])
+    assert sorted(c[2][-1] for c in calls) == ["1"] * 4  # only the new fold: 2 settings x 2 heads
+
+
+def test_quality_run_folds_outside_the_split_is_one_clear_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        _load("quality").main(["--folds", "5", "--run-folds", "5"])
+    assert "--run-folds must be in 0 .. 4" in capsys.readouterr().err
+
+
 def test_holdout_estimate_table_has_every_seed_and_the_mean_of_each_gallery_and_stage() -> None:
     estimate = _load("holdout_estimate")
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")

@@ -242,15 +242,22 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
         slow=True,
     ) for recipe in ("demo", "text2-mean")},
     "python benchmarks/quality.py --settings frozen --heads mean 'transformer layer + mean' 'tower pooler' "
-    "'T-EMDE concat soft_dlsh' 'T-EMDE concat anchor' 'T-EMDE replace soft_dlsh' --folds 5 --seeds 0 1": Smoke(
+    "'T-EMDE concat soft_dlsh' 'T-EMDE concat anchor' 'T-EMDE replace soft_dlsh' --folds 5 --seeds 0": Smoke(
         (("script", BENCH / "quality.py",
           ["--smoke", "--settings", "frozen", "--heads", "mean", "T-EMDE concat soft_dlsh", "--folds", "2",
+           "--run-folds", "0", "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/quality_6k.json"]),),
+        slow=True,
+    ),
+    "python benchmarks/quality.py --scale 800 --settings frozen --heads mean 'transformer layer + mean' 'tower pooler' "
+    "'T-EMDE concat soft_dlsh' 'T-EMDE concat anchor' 'T-EMDE replace soft_dlsh' --folds 5 --seeds 0 1": Smoke(
+        (("script", BENCH / "quality.py",
+          ["--smoke", "--scale", "800", "--settings", "frozen", "--heads", "mean", "T-EMDE concat soft_dlsh", "--folds", "2",
            "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/quality.json"]),),
         slow=True,
     ),
-    "python benchmarks/quality.py --settings text --heads mean 'T-EMDE concat soft_dlsh' --folds 3 --seeds 0 1": Smoke(
+    "python benchmarks/quality.py --scale 800 --settings text --heads mean 'T-EMDE concat soft_dlsh' --folds 3 --seeds 0 1": Smoke(
         (("script", BENCH / "quality.py",
-          ["--smoke", "--settings", "text", "--heads", "mean", "T-EMDE concat soft_dlsh", "--folds", "2",
+          ["--smoke", "--scale", "800", "--settings", "text", "--heads", "mean", "T-EMDE concat soft_dlsh", "--folds", "2",
            "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/quality.json",
            ]),),
         slow=True,
