@@ -113,7 +113,7 @@ SCALES = {
         # the sketch size of the 6k search's T-EMDE candidates (and `temde_question.py`'s default one)
         ["--n_sketches", "32", "--n_hyperplanes", "6"],
         DATASETS["flickr8k-6k"].eval_steps, "gallery", "unseen gallery", ("frozen",), (0,),
-        REPO / "benchmarks" / "results" / "quality_6k.json", "quality_6k", None,
+        REPO / "benchmarks" / "results" / "quality_6k.json", "quality_6k", "quality_6k_summary",
         "Quality ablation at 6,090 photos",
     ),
     "800": Scale(

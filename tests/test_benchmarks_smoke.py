@@ -211,6 +211,7 @@ def test_quality_sections_are_what_the_script_renders_from_the_stored_json() -> 
         else quality.pending("6k")
     )
     assert _generated(BENCHMARKS / "RESULTS.md", "quality_6k") == expected.strip()
+    assert _generated(REPO / "README.md", "quality_6k_summary") == expected.strip()
     text = (BENCHMARKS / "RESULTS.md").read_text()  # right after the 800-photo section
     assert (
         text.index("<!-- END quality -->")
@@ -281,7 +282,7 @@ def test_quality_6k_cross_validates_on_the_6k_recipes_and_judges_on_the_unseen_g
     assert "| frozen | T-EMDE concat anchor | 310.0 ± 0.0 | 310.0 ± 0.0 |" in section
     assert "all 800 Flickr8k-800 photos (4,000 captions)" in section and "unseen gallery RSUM" in section
     assert "## Quality ablation at 6,090 photos" in (tmp_path / "RESULTS.md").read_text()
-    assert not (tmp_path / "README.md").exists()  # the 6k ablation writes RESULTS.md only
+    assert _generated(tmp_path / "README.md", "quality_6k_summary") == section  # and its README summary
     assert output.with_suffix(".png").stat().st_size > 1000
 
     calls.clear()
