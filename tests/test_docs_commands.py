@@ -241,8 +241,8 @@ SMOKE: dict[str, Smoke | Covered | Excluded] = {
            "--output", "{tmp}/holdout_estimate.json"]),),
         slow=True,
     ) for recipe in ("demo", "text2-mean")},
-    "python benchmarks/quality.py --settings frozen --heads mean 'transformer layer + mean' 'tower pooler' "
-    "'T-EMDE concat soft_dlsh' 'T-EMDE concat anchor' 'T-EMDE replace soft_dlsh' --folds 5 --seeds 0": Smoke(
+    "python benchmarks/quality.py --settings frozen --heads mean 'transformer layer + mean' "
+    "'T-EMDE concat soft_dlsh' 'T-EMDE replace soft_dlsh' --folds 5 --run-folds 0 1 2 --seeds 0": Smoke(
         (("script", BENCH / "quality.py",
           ["--smoke", "--settings", "frozen", "--heads", "mean", "T-EMDE concat soft_dlsh", "--folds", "2",
            "--run-folds", "0", "--seeds", "0", "--work-dir", "{tmp}/work", "--output", "{tmp}/quality_6k.json"]),),
