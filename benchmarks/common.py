@@ -361,9 +361,8 @@ def shown_path(path: str | Path, repo: Path = REPO) -> str:
 def stored_path(path: str | Path, repo: Path = REPO) -> str:
     """`path` as a results JSON records it: relative to the repository root (``..`` allowed), so the
     stored run names no machine's folders and reads the same wherever the clone lives."""
-    return os.path.relpath(
-        os.path.abspath(path), repo
-    )  # abspath, not resolve: a linked ../shared stays ../shared
+    # abspath, not resolve: a linked ../shared stays ../shared
+    return os.path.relpath(os.path.abspath(path), repo)
 
 
 def load_report(output: str | Path) -> dict[str, Any]:
